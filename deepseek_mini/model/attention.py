@@ -1,0 +1,198 @@
+"""Attention: Multi-head Latent Attention (DeepSeek-V2) and the MHA / GQA / MQA baselines.
+
+MLA in one paragraph. Keys and values are not projected per head from the hidden state; instead every
+token is squeezed into one small latent c_KV (kv_lora_rank wide, RMS-normalised) from which per-head
+keys and values are re-expanded by kv_b_proj. Position goes through a separate, small, *shared* key
+k_R (qk_rope_head_dim wide) that is rotated by RoPE. A cache therefore only needs
+[c_KV ; k_R] = kv_lora_rank + qk_rope_head_dim values per token per layer.
+
+Two ways to attend over that cache:
+* naive: rebuild K and V for every cached token from c_KV, then ordinary attention. Cheap in FLOPs,
+  used for training and for prefill (no past tokens to rebuild).
+* absorbed: fold W_UK into the query (q~ = W_UK^T q_nope, kv_lora_rank wide) and W_UV into the output,
+  so scores are taken directly against the cached latents and the per-head K/V never exist. This is
+  MQA with one 576-wide shared key (for V2), and it is what makes decoding memory-cheap.
+
+Weight layouts follow the released checkpoints: q rows per head are [nope ; rope], kv_b_proj rows per
+head are [k_nope ; v], kv_a_proj_with_mqa rows are [latent ; rope key].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.model.layers import RMSNorm
+from deepseek_mini.model.rope import RotaryEmbedding
+
+
+@dataclass
+class LatentCache:
+    """MLA cache for one layer: [c_KV ; k_R] per token, in one tensor so a decode step reads it once."""
+
+    kv: torch.Tensor  # [B, max_len, kv_lora_rank + qk_rope_head_dim]
+
+    def numel_per_token(self) -> int:
+        return self.kv.shape[-1]
+
+
+@dataclass
+class KVCache:
+    """Standard cache for one layer of the baselines: per-KV-head keys and values."""
+
+    k: torch.Tensor  # [B, n_kv_heads, max_len, head_dim]
+    v: torch.Tensor
+
+    def numel_per_token(self) -> int:
+        return 2 * self.k.shape[1] * self.k.shape[-1]
+
+
+def attend(q, k, v, scale, is_causal, mask=None, pad_v=False):
+    """SDPA over [B, H, T, D] tensors. q/k and v may differ in width (MLA: 96 vs 64 in `small`).
+
+    PyTorch's flash kernel needs equal widths, so on CUDA we zero-pad v to q's width and slice the
+    output back (exact: the padded columns stay zero), which lets SDPA pick flash instead of the slower
+    memory-efficient kernel.
+    """
+    dv = v.shape[-1]
+    if pad_v and dv != q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    enable_gqa = k.shape[1] != q.shape[1]
+    # SDPA's is_causal aligns to the top-left, so it is only right when queries and keys are the same
+    # tokens; a decode step (1 query, S keys) passes neither a mask nor is_causal: it sees everything.
+    is_causal = is_causal and mask is None and q.shape[-2] == k.shape[-2]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                         scale=scale, enable_gqa=enable_gqa)
+    return out[..., :dv]
+
+
+def decode_mask(t: int, start_pos: int, device) -> torch.Tensor | None:
+    """Boolean mask [t, start_pos + t]: query i (at position start_pos + i) sees keys 0..start_pos + i."""
+    if t == 1:
+        return None  # one new token sees every cached one
+    q_pos = torch.arange(t, device=device)[:, None] + start_pos
+    k_pos = torch.arange(start_pos + t, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.num_attention_heads, cfg.hidden_size
+        self.n_heads = h
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # eps as released (not rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, h * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=False)
+        self.rotary = RotaryEmbedding(self.rope_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.scale = cfg.softmax_scale()
+        self.decode_mode = "absorb"  # or "naive": rebuild K/V from the latents at every step
+        self.pad_v = True
+
+    def new_cache(self, batch_size, max_len, device, dtype) -> LatentCache:
+        return LatentCache(torch.zeros(batch_size, max_len, self.rank + self.rope_dim, device=device, dtype=dtype))
+
+    def forward(self, x, positions, cache: LatentCache | None = None, start_pos: int = 0):
+        B, T, _ = x.shape
+        if self.cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.nope + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        q_pe = self.rotary(q_pe, positions)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = self.rotary(k_pe.unsqueeze(2), positions)  # [B, T, 1, rope]: one key shared by all heads
+
+        if cache is not None:
+            cache.kv[:B, start_pos:start_pos + T] = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype)
+        if cache is None or start_pos == 0:
+            # training / prefill: nothing cached before these tokens, rebuild K/V for them only
+            o = self._naive(q_nope, q_pe, c_kv, k_pe, mask=None)
+        else:
+            past = cache.kv[:B, :start_pos + T]
+            mask = decode_mask(T, start_pos, x.device)
+            if self.decode_mode == "absorb":
+                o = self._absorbed(q_nope, q_pe, past, mask)
+            else:
+                c_past, kpe_past = past.to(x.dtype).split([self.rank, self.rope_dim], dim=-1)
+                o = self._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
+        return self.o_proj(o.reshape(B, T, self.n_heads * self.v_dim))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+        B, S, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale,
+                   is_causal=True, mask=mask, pad_v=self.pad_v and q.is_cuda)
+        return o.transpose(1, 2)  # [B, T, H, v_dim]
+
+    def _absorbed(self, q_nope, q_pe, past, mask):
+        """Attend in latent space: scores = (W_UK^T q_nope).c + q_pe.k_pe; out = W_UV (p . c)."""
+        B, T, H, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [H, nope, rank], [H, v, rank]
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        q_full = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, -1)  # [B, T*H, rank + rope]
+        kv = past.to(q_full.dtype)
+        scores = torch.bmm(q_full, kv.transpose(1, 2)).float() * self.scale  # [B, T*H, S]
+        if mask is not None:
+            scores = scores.view(B, T, H, -1).masked_fill(~mask[None, :, None, :], float("-inf")).view(B, T * H, -1)
+        p = scores.softmax(-1).to(kv.dtype)
+        o_lat = torch.bmm(p, kv[..., :self.rank]).view(B, T, H, self.rank)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
+
+
+class GroupedQueryAttention(nn.Module):
+    """MHA (kv heads = heads), GQA (kv heads divide heads) and MQA (one kv head) with RoPE on the whole head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, self.n_heads, self.n_kv, self.hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=False)
+        self.rotary = RotaryEmbedding(self.hd, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.scale = cfg.softmax_scale()
+
+    def new_cache(self, batch_size, max_len, device, dtype) -> KVCache:
+        shape = (batch_size, self.n_kv, max_len, self.hd)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward(self, x, positions, cache: KVCache | None = None, start_pos: int = 0):
+        B, T, _ = x.shape
+        q = self.rotary(self.q_proj(x).view(B, T, self.n_heads, self.hd), positions).transpose(1, 2)
+        k = self.rotary(self.k_proj(x).view(B, T, self.n_kv, self.hd), positions).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        mask = None
+        if cache is not None:
+            cache.k[:B, :, start_pos:start_pos + T] = k.to(cache.k.dtype)
+            cache.v[:B, :, start_pos:start_pos + T] = v.to(cache.v.dtype)
+            if start_pos > 0:
+                k = cache.k[:B, :, :start_pos + T].to(q.dtype)
+                v = cache.v[:B, :, :start_pos + T].to(q.dtype)
+                mask = decode_mask(T, start_pos, x.device)
+        o = attend(q, k, v, self.scale, is_causal=start_pos == 0, mask=mask)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return MLA(cfg) if cfg.attention == "mla" else GroupedQueryAttention(cfg)

@@ -1,0 +1,213 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts, a DeepSeek router, and load balancing.
+
+    out = shared(x) + sum_{i in topk(x)} g_i(x) * expert_i(x)
+
+Router (all in fp32): affinity s = softmax(x e^T) (V2) or sigmoid(x e^T) (V3). The top-k experts are
+chosen on s (+ a balancing bias when the auxiliary-loss-free method is on), optionally only among the
+`topk_group` best of `n_group` expert groups (V2's device-limited routing). Gate values come from the
+unbiased s, optionally renormalised (norm_topk_prob, always for sigmoid), times routed_scaling_factor.
+
+Experts run dropless as grouped matmuls: the T*K (token, expert) assignments are sorted by expert and
+every expert's rows are multiplied in one `grouped_mm` call with cumulative offsets. All shapes are
+static (T*K rows whatever the routing), so there is no host sync and no per-expert Python loop, and
+every expert stays in the autograd graph even with zero rows (DDP sees no unused parameters).
+
+Balancing, each switchable from the config:
+* expert-level loss      alpha1 * sum_i f_i P_i, per sequence (seq_aux) or over the batch
+* device / comm losses   alpha2, alpha3 with the n_group expert groups standing in for devices
+* bias balancing (V3)    per-expert bias for selection only, nudged by gamma after each optimizer step
+* token dropping         per-expert capacity while training; lowest-affinity assignments dropped first
+The losses are returned, never hidden in backward: the trainer adds them to the loss itself.
+
+Shape suffixes: T tokens (B*S flattened), D hidden, E routed experts, K experts per token,
+G expert groups, N = T*K assignments, I expert width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.model.layers import SwiGLU
+
+
+def grouped_mm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows of x (sorted by expert, expert e owns rows offsets[e-1]:offsets[e]) times w[e]^T.
+
+    w is stored nn.Linear-style [E, out, in]; the kernel wants [E, in, out], and a transposed view is
+    the column-major operand the CUDA kernel prefers. On CUDA the bf16 CUTLASS kernel is the fast path
+    (no host sync), so operands are cast to the autocast dtype; on CPU it runs exactly in x's dtype.
+    """
+    if x_ND.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        x_ND, w_EOI = x_ND.to(dtype), w_EOI.to(dtype)
+    else:
+        w_EOI = w_EOI.to(x_ND.dtype)
+    return F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offsets_E)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored stacked: gate_up_proj [E, 2I, D] (gate rows first), down_proj [E, D, I]."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        gate_NI, up_NI = grouped_mm(x_ND, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate_NI) * up_NI, self.down_proj, offsets_E)
+
+
+class Router(nn.Module):
+    """Scores, selection and gate values. `weight` is the hub's `mlp.gate.weight` [E, D]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        if cfg.bias_update_speed > 0:
+            # V3's aux-loss-free balancing: a selection-only bias, not trained by gradients (HF: this name).
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
+            # Assignments per expert since the last bias update; reset after each optimizer step, when
+            # checkpoints are taken, so it need not be saved.
+            self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x_TD: torch.Tensor):
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.cfg.scoring_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+        else:
+            scores_TE = logits_TE.sigmoid()
+        select_TE = scores_TE.detach()
+        if self.e_score_correction_bias is not None:
+            select_TE = select_TE + self.e_score_correction_bias
+        if self.cfg.topk_method == "group_limited_greedy":
+            select_TE = self._limit_to_groups(select_TE)
+        topk_idx_TK = select_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        weights_TK = scores_TE.gather(1, topk_idx_TK)
+        if self.cfg.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        weights_TK = weights_TK * self.cfg.routed_scaling_factor
+        return scores_TE, topk_idx_TK, weights_TK
+
+    def _limit_to_groups(self, select_TE: torch.Tensor) -> torch.Tensor:
+        """Keep the topk_group groups with the highest best-expert score; mask the rest out."""
+        T, G = select_TE.shape[0], self.cfg.n_group
+        group_scores_TG = select_TE.view(T, G, -1).amax(dim=-1)
+        top_groups_TM = group_scores_TG.topk(self.cfg.topk_group, dim=-1, sorted=False).indices
+        keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TM, True)
+        keep_TE = keep_TG.repeat_interleave(self.n_experts // G, dim=1)
+        return select_TE.masked_fill(~keep_TE, float("-inf"))
+
+    @torch.no_grad()
+    def update_bias(self, all_reduce=None) -> None:
+        """b_i += gamma * sign(mean load - load_i), zero-centred, from the counts since the last update."""
+        if self.e_score_correction_bias is None:
+            return
+        counts_E = self.tokens_per_expert
+        if all_reduce is not None:
+            all_reduce(counts_E)
+        delta_E = self.cfg.bias_update_speed * torch.sign(counts_E.mean() - counts_E)
+        self.e_score_correction_bias += delta_E - delta_E.mean()
+        counts_E.zero_()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(self.n_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x_BSD: torch.Tensor):
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        T, K, E = B * S, self.top_k, self.n_experts
+        scores_TE, topk_idx_TK, weights_TK = self.gate(x_TD)
+
+        # one-hot routing map; its column sums are the per-expert loads (no bincount: no host sync)
+        routed_TE = torch.zeros(T, E, device=x_TD.device, dtype=torch.float32)
+        routed_TE.scatter_(1, topk_idx_TK, 1.0)
+        counts_E = routed_TE.sum(dim=0)
+        if self.training and self.gate.e_score_correction_bias is not None:
+            self.gate.tokens_per_expert += counts_E
+
+        # sort the N = T*K assignments by expert; with dropping, by descending affinity within an expert
+        expert_N = topk_idx_TK.reshape(-1)
+        weights_N = weights_TK.reshape(-1)
+        drop = self.training and self.cfg.capacity_factor is not None
+        if drop:
+            by_affinity_N = torch.argsort(weights_N.detach(), descending=True, stable=True)
+            order_N = by_affinity_N[torch.argsort(expert_N[by_affinity_N], stable=True)]
+        else:
+            order_N = torch.argsort(expert_N, stable=True)
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        token_N = order_N // K
+        y_ND = self.experts(x_TD[token_N], offsets_E)
+
+        gate_N = weights_N[order_N]
+        dropped_fraction = x_TD.new_zeros((), dtype=torch.float32)
+        if drop:
+            # a dropped assignment is still computed (shapes stay static) but contributes nothing
+            capacity = math.ceil(self.cfg.capacity_factor * T * K / E)
+            expert_sorted_N = expert_N[order_N]
+            start_E = offsets_E - counts_E.to(torch.int32)
+            rank_in_expert_N = torch.arange(T * K, device=x_TD.device) - start_E[expert_sorted_N]
+            keep_N = rank_in_expert_N < capacity
+            gate_N = torch.where(keep_N, gate_N, torch.zeros_like(gate_N))
+            dropped_fraction = 1.0 - keep_N.float().mean()
+
+        # weight in fp32, un-sort back to (token, k) order and sum over k: no atomics, deterministic
+        y_ND = (y_ND.float() * gate_N[:, None]).to(x_TD.dtype)
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(T * K, device=x_TD.device)
+        out_TD = y_ND[inverse_N].view(T, K, D).sum(dim=1)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+
+        aux = self.balance_losses(scores_TE, routed_TE, B, S) if self.training else {}
+        stats = {"tokens_per_expert": counts_E.detach(), "dropped_fraction": dropped_fraction.detach()}
+        return out_TD.view(B, S, D), aux, stats
+
+    def balance_losses(self, scores_TE, routed_TE, B, S) -> dict[str, torch.Tensor]:
+        """DeepSeek-V2 eqs 23-31, per sequence when seq_aux (as released), else over the whole batch.
+
+        f counts are hard (no gradient); gradients reach the router through the mean scores P. Each
+        loss equals its alpha at perfect balance.
+        """
+        cfg, E, K, G = self.cfg, self.n_experts, self.top_k, self.cfg.n_group
+        if cfg.scoring_func == "sigmoid":  # V3's complementary loss normalises sigmoid scores to sum 1
+            scores_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        if cfg.seq_aux:
+            scores_BSE, routed_BSE = scores_TE.view(B, S, E), routed_TE.view(B, S, E)
+        else:
+            scores_BSE, routed_BSE = scores_TE.view(1, B * S, E), routed_TE.view(1, B * S, E)
+        n_tok = scores_BSE.shape[1]
+        f_BE = routed_BSE.sum(dim=1) * (E / (K * n_tok))
+        P_BE = scores_BSE.mean(dim=1)
+        losses = {}
+        if cfg.aux_loss_alpha > 0:
+            losses["expert_balance"] = cfg.aux_loss_alpha * (f_BE * P_BE).sum(-1).mean()
+        if cfg.device_aux_loss_alpha > 0 or cfg.comm_aux_loss_alpha > 0:
+            P_BG = P_BE.view(-1, G, E // G).sum(-1)
+            if cfg.device_aux_loss_alpha > 0:
+                f_BG = f_BE.view(-1, G, E // G).mean(-1)
+                losses["device_balance"] = cfg.device_aux_loss_alpha * (f_BG * P_BG).sum(-1).mean()
+            if cfg.comm_aux_loss_alpha > 0:
+                # M = devices a token may be sent to: topk_group when routing is group-limited
+                M = cfg.topk_group if cfg.topk_method == "group_limited_greedy" else min(K, G)
+                sent_BSG = routed_BSE.view(routed_BSE.shape[0], n_tok, G, E // G).amax(-1)
+                f_comm_BG = sent_BSG.sum(dim=1) * (G / (M * n_tok))
+                losses["comm_balance"] = cfg.comm_aux_loss_alpha * (f_comm_BG * P_BG).sum(-1).mean()
+        return losses

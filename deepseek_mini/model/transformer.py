@@ -1,0 +1,196 @@
+"""The DeepSeek-V2 language model: embedding, pre-norm blocks (attention + dense MLP or MoE), head.
+
+    h = x + Attn(RMSNorm(x));  out = h + FFN(RMSNorm(h))
+
+FFN is a dense SwiGLU for the first `first_k_dense_replace` layers (DeepSeekMoE found routing in the
+first layer balances slowly) and DeepSeekMoE afterwards. Module names mirror the Hugging Face hub
+checkpoints (`model.layers.3.self_attn.kv_b_proj`, `model.layers.3.mlp.gate`, `lm_head`, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.model.attention import MLA, build_attention
+from deepseek_mini.model.layers import RMSNorm, SwiGLU
+from deepseek_mini.model.moe import MoE, GroupedExperts, Router
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # sum of aux_losses; the trainer adds it to `loss` itself
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    router_stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = build_attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, positions, cache=None, start_pos: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache, start_pos)
+        if self.is_moe:
+            h, aux, stats = self.mlp(self.post_attention_layernorm(x))
+            return x + h, aux, stats
+        return x + self.mlp(self.post_attention_layernorm(x)), {}, None
+
+
+class Backbone(nn.Module):
+    """Named `model` inside DeepSeekV2 so parameter names match the hub's `model.*`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepSeekV2(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, initializer_range) everywhere; projections that write into the residual stream (o_proj,
+        down_proj, the experts' down projections) get std / sqrt(2 * layers), GPT-2 style, so the
+        residual's variance does not grow with depth. Norm weights start at 1."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, out_std if residual_out else std)
+            elif isinstance(module, GroupedExperts):
+                nn.init.normal_(module.gate_up_proj, 0.0, std)
+                nn.init.normal_(module.down_proj, 0.0, out_std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache=None,
+                start_pos: int = 0, return_logits: bool = True) -> ModelOutput:
+        B, T = input_ids.shape
+        if start_pos + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        aux_losses: dict[str, torch.Tensor] = {}
+        router_stats = []
+        for i, layer in enumerate(self.model.layers):
+            x, aux, stats = layer(x, positions, None if cache is None else cache[i], start_pos)
+            for k, v in aux.items():
+                aux_losses[k] = aux_losses[k] + v if k in aux_losses else v
+            if stats is not None:
+                router_stats.append(stats)
+        x = self.model.norm(x)
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        aux_loss = sum(aux_losses.values()) if aux_losses else logits.new_zeros((), dtype=torch.float32)
+        return ModelOutput(logits=logits if return_logits else None, loss=loss, aux_loss=aux_loss,
+                           aux_losses=aux_losses, router_stats=router_stats)
+
+    # ------------------------------------------------------------------ balancing / modes
+    def update_expert_bias(self, all_reduce=None) -> None:
+        """Aux-loss-free balancing step (DeepSeek-V3); call after each optimizer step."""
+        for module in self.modules():
+            if isinstance(module, Router):
+                module.update_bias(all_reduce)
+
+    def set_mla_decode(self, mode: str) -> None:
+        if mode not in ("absorb", "naive"):
+            raise ValueError(f"MLA decode mode must be 'absorb' or 'naive', got {mode!r}")
+        for module in self.modules():
+            if isinstance(module, MLA):
+                module.decode_mode = mode
+
+    # ------------------------------------------------------------------ inference
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
+        """A preallocated (static) cache per layer: latents for MLA, K/V for the baselines."""
+        ref = self.lm_head.weight
+        device = device or ref.device
+        dtype = dtype or ref.dtype
+        return [layer.self_attn.new_cache(batch_size, max_len, device, dtype) for layer in self.model.layers]
+
+    @torch.no_grad()
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yields the next token [B] at each step: prefill once, then one cached decode step per token."""
+        B, T = input_ids.shape
+        max_len = T + max_new_tokens
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        cache = self.new_cache(B, max_len, device=input_ids.device)
+        logits = self(input_ids, cache=cache, start_pos=0).logits[:, -1]
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+                finished |= token == eos_token_id
+            yield token
+            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+                return
+            logits = self(token[:, None], cache=cache, start_pos=T + i).logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Returns [B, T + new] token ids. temperature=0 means greedy."""
+        was_training = self.training
+        self.eval()
+        try:
+            new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p,
+                                            eos_token_id, generator))
+        finally:
+            self.train(was_training)
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token from [B, V] logits: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
