@@ -136,6 +136,9 @@ class ModelConfig:
             fail("n_shared_experts", "must be an integer >= 0")
         if not isinstance(self.first_k_dense_replace, int) or self.first_k_dense_replace < 0:
             fail("first_k_dense_replace", "must be an integer >= 0")
+        for name in ("hidden_size", "moe_intermediate_size"):
+            if getattr(self, name) % 8:
+                fail(name, "must be a multiple of 8 for an MoE model (grouped_mm needs 16-byte aligned bf16 rows)")
         if self.num_experts_per_tok > self.n_routed_experts:
             fail("num_experts_per_tok", f"must be <= n_routed_experts={self.n_routed_experts}")
         if self.n_routed_experts % self.n_group:

@@ -15,8 +15,9 @@ import logging
 import os
 import sysconfig
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,8 +45,8 @@ class DataError(ValueError):
 class Corpus:
     """Train/val documents (datasets with a "text" column) and what they were made from."""
 
-    train: "datasets.Dataset"  # noqa: F821
-    val: "datasets.Dataset"  # noqa: F821
+    train: Any  # datasets.Dataset (imported lazily)
+    val: Any  # datasets.Dataset
     description: str  # human-readable source spec, also stored in the token cache's meta.json
     train_hash: str  # sha256 over the train documents' text (in order)
     val_hash: str
@@ -95,7 +96,9 @@ def expand_files(spec: str | os.PathLike | Sequence[str | os.PathLike], what: st
             bad = [m for m in matches if _suffix(m) is None]
             matches = [m for m in matches if _suffix(m) is not None]
             if not matches:
-                raise DataError(f"glob {os.fspath(s)!r} matched no supported files {SUPPORTED_SUFFIXES} (e.g. {bad[0]})")
+                raise DataError(
+                    f"glob {os.fspath(s)!r} matched no supported files {SUPPORTED_SUFFIXES} (e.g. {bad[0]})"
+                )
             out.extend(matches)
         elif os.path.isdir(p):
             matches = sorted(
@@ -165,9 +168,11 @@ def split_large_text(text: str, doc_chars: int = DOC_CHARS) -> list[str]:
         start = 0
         while len(piece) - start > doc_chars:
             cut = piece.find("\n\n", start + doc_chars)
-            if cut < 0:
+            if cut >= 0:
+                cut += 2  # keep the blank line with the previous document
+            else:
                 cut = piece.find("\n", start + doc_chars)
-            cut = start + doc_chars if cut < 0 else cut + 1
+                cut = start + doc_chars if cut < 0 else cut + 1
             docs.append(piece[start:cut])
             start = cut
         docs.append(piece[start:])
@@ -291,7 +296,7 @@ def _load_json_or_parquet(path: str, text_field: str, hf_cache: str):
         raise DataError(f"empty file: {path}")
     try:
         ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=hf_cache)
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; we want one clear line
+    except Exception as e:  # datasets raises many types; we want one clear line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"could not read {path} as {builder}: {msg}") from e
     if text_field not in ds.column_names:
@@ -305,9 +310,11 @@ def _load_json_or_parquet(path: str, text_field: str, hf_cache: str):
     ds = ds.select_columns([text_field])
     if text_field != "text":
         ds = ds.rename_column(text_field, "text")
-    if ds.features["text"].dtype not in ("string", "large_string"):
+    dtype = getattr(ds.features["text"], "dtype", None)
+    if dtype not in ("string", "large_string"):
         raise DataError(f"{path}: {text_field!r} is not a string {'column' if builder == 'parquet' else 'field'}")
-    return ds.cast(datasets.Features({"text": datasets.Value("string")}))
+    # same feature type everywhere so files of different kinds can be concatenated
+    return ds if dtype == "string" else ds.cast(datasets.Features({"text": datasets.Value("string")}))
 
 
 def _read_files(files: list[str], text_field: str, hf_cache: str) -> tuple[list, int]:
@@ -366,7 +373,7 @@ def _load_hub(hub_name: str, hub_config: str | None, split: str, text_field: str
             ds = datasets.load_dataset(_resolve(hub_name), hub_config, split=split, cache_dir=hf_cache)
         else:
             ds = datasets.load_dataset(hub_name, hub_config, split=split)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if local:
             raise DataError(f"could not load local dataset {_resolve(hub_name)} (split {split!r}): {first}") from e
@@ -496,9 +503,9 @@ def iter_texts(ds, max_chars: int | None = None, batch_size: int = 1000) -> Iter
 
 
 __all__ = [
+    "EOS_TOKEN",
     "Corpus",
     "DataError",
-    "EOS_TOKEN",
     "expand_files",
     "iter_texts",
     "load_corpus",

@@ -116,7 +116,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise DataError(f"tokenizer file not found: {path}")
     try:
         tok = Tokenizer.from_file(path)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"could not load tokenizer {path}: {str(e).splitlines()[0] if str(e) else e!r}") from e
     eos_id(tok, path)
     return tok

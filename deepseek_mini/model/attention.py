@@ -152,7 +152,9 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
         q_full = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, -1)  # [B, T*H, rank + rope]
         kv = past.to(q_full.dtype)
-        scores = torch.bmm(q_full, kv.transpose(1, 2)).float() * self.scale  # [B, T*H, S]
+        # softmax in >= fp32 (fp64 stays fp64, or absorbed and naive decode differ at 1e-7)
+        scores = torch.bmm(q_full, kv.transpose(1, 2))
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.scale  # [B, T*H, S]
         if mask is not None:
             scores = scores.view(B, T, H, -1).masked_fill(~mask[None, :, None, :], float("-inf")).view(B, T * H, -1)
         p = scores.softmax(-1).to(kv.dtype)

@@ -8,7 +8,7 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) computed in fp32, cast back, then scaled (DeepSeek's / HF's order)."""
+    """x * rsqrt(mean(x^2) + eps) computed in (at least) fp32, cast back, then scaled (DeepSeek's / HF's order)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -16,7 +16,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        # upcast, never downcast: bf16 is normalised in fp32, an fp64 model (exactness tests) stays fp64
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 

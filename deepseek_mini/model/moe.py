@@ -47,7 +47,51 @@ def grouped_mm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor)
         x_ND, w_EOI = x_ND.to(dtype), w_EOI.to(dtype)
     else:
         w_EOI = w_EOI.to(x_ND.dtype)
+    if x_ND.dtype == torch.float64:
+        # F.grouped_mm takes fp32/bf16/fp16 only, so an fp64 model (the exactness tests) runs expert by
+        # expert. Reading the offsets is a host sync, acceptable on this reference-precision path only;
+        # an expert with no rows still multiplies a [0, in] slice, so its weights get a zero gradient.
+        out, start = [], 0
+        for e, end in enumerate(offsets_E.tolist()):
+            out.append(x_ND[start:end] @ w_EOI[e].transpose(0, 1))
+            start = end
+        return torch.cat(out)
     return F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offsets_E)
+
+
+class _DispatchRows(torch.autograd.Function):
+    """x_TD -> rows sorted by expert, x_sorted[n] = x[order[n] // K].
+
+    Autograd would turn the gather's backward into a scatter-add with atomics. Each (token, k) slot is
+    hit exactly once, so the backward is itself a gather with the inverse permutation, followed by a
+    sum over the K copies of each token: no atomics, deterministic, and much faster on the GPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, order_N, inverse_N, k: int):
+        ctx.save_for_backward(inverse_N)
+        ctx.k = k
+        return x_TD[order_N // k]
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (inverse_N,) = ctx.saved_tensors
+        grad_TKD = grad_ND[inverse_N].view(-1, ctx.k, grad_ND.shape[-1])
+        return grad_TKD.sum(dim=1), None, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """Rows sorted by expert -> (token, k) order, y[n] = y_sorted[inverse[n]]; backward gathers by `order`."""
+
+    @staticmethod
+    def forward(ctx, y_ND, order_N, inverse_N):
+        ctx.save_for_backward(order_N)
+        return y_ND[inverse_N]
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (order_N,) = ctx.saved_tensors
+        return grad_ND[order_N], None, None
 
 
 class GroupedExperts(nn.Module):
@@ -81,7 +125,8 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x_TD: torch.Tensor):
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)  # >= fp32: an fp64 model routes in fp64
+        logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
         if self.cfg.scoring_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:
@@ -153,26 +198,28 @@ class MoE(nn.Module):
         else:
             order_N = torch.argsort(expert_N, stable=True)
         offsets_E = counts_E.cumsum(0).to(torch.int32)
-        token_N = order_N // K
-        y_ND = self.experts(x_TD[token_N], offsets_E)
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(T * K, device=x_TD.device)
+        x_in = x_TD
+        if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):  # move K copies of bf16, not of fp32
+            x_in = x_TD.to(torch.get_autocast_dtype("cuda"))
+        y_ND = self.experts(_DispatchRows.apply(x_in, order_N, inverse_N, K), offsets_E)
 
-        gate_N = weights_N[order_N]
+        gate_TK = weights_TK
         dropped_fraction = x_TD.new_zeros((), dtype=torch.float32)
         if drop:
             # a dropped assignment is still computed (shapes stay static) but contributes nothing
             capacity = math.ceil(self.cfg.capacity_factor * T * K / E)
-            expert_sorted_N = expert_N[order_N]
             start_E = offsets_E - counts_E.to(torch.int32)
-            rank_in_expert_N = torch.arange(T * K, device=x_TD.device) - start_E[expert_sorted_N]
-            keep_N = rank_in_expert_N < capacity
-            gate_N = torch.where(keep_N, gate_N, torch.zeros_like(gate_N))
-            dropped_fraction = 1.0 - keep_N.float().mean()
+            rank_in_expert_N = torch.arange(T * K, device=x_TD.device) - start_E[expert_N[order_N]]
+            keep_TK = (rank_in_expert_N < capacity)[inverse_N].view(T, K)
+            gate_TK = torch.where(keep_TK, gate_TK, torch.zeros_like(gate_TK))
+            dropped_fraction = 1.0 - keep_TK.float().mean()
 
-        # weight in fp32, un-sort back to (token, k) order and sum over k: no atomics, deterministic
-        y_ND = (y_ND.float() * gate_N[:, None]).to(x_TD.dtype)
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(T * K, device=x_TD.device)
-        out_TD = y_ND[inverse_N].view(T, K, D).sum(dim=1)
+        # back to (token, k) order with a gather (no atomics, deterministic), weight in the router's
+        # >= fp32 dtype, sum over the K experts of each token
+        y_TKD = _CombineRows.apply(y_ND, order_N, inverse_N).view(T, K, D)
+        out_TD = (y_TKD.to(gate_TK.dtype) * gate_TK[..., None]).sum(dim=1).to(x_TD.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
 

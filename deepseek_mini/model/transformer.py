@@ -20,7 +20,7 @@ from torch import nn
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model.attention import MLA, build_attention
 from deepseek_mini.model.layers import RMSNorm, SwiGLU
-from deepseek_mini.model.moe import MoE, GroupedExperts, Router
+from deepseek_mini.model.moe import GroupedExperts, MoE, Router
 
 
 @dataclass
@@ -114,6 +114,20 @@ class DeepSeekV2(nn.Module):
         aux_loss = sum(aux_losses.values()) if aux_losses else logits.new_zeros((), dtype=torch.float32)
         return ModelOutput(logits=logits if return_logits else None, loss=loss, aux_loss=aux_loss,
                            aux_losses=aux_losses, router_stats=router_stats)
+
+    # ------------------------------------------------------------------ Hugging Face interop
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> DeepSeekV2:
+        """Load a Hugging Face DeepseekV2 directory (config.json + safetensors); see deepseek_mini.hf."""
+        from deepseek_mini.hf import load_hf_directory
+
+        return load_hf_directory(path, dtype=dtype)
+
+    def save_pretrained(self, out_dir, tokenizer=None) -> list:
+        """Write a directory transformers' AutoModelForCausalLM loads with no custom code; see deepseek_mini.hf."""
+        from deepseek_mini.hf import export_hf
+
+        return export_hf(self, out_dir, tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ balancing / modes
     def update_expert_bias(self, all_reduce=None) -> None:

@@ -1,0 +1,217 @@
+"""Training throughput: deepseek-mini against transformers' DeepseekV2ForCausalLM, same shape, same GPU.
+
+    python scripts/bench_train.py                       # every variant below, `small` shape, 16 x 1024
+    python scripts/bench_train.py --variants ours,hf_grouped_bf16_compile --steps 30
+
+Each variant runs in a fresh subprocess (its own memory peak and compile cache). Warm-up steps
+(compilation included) are excluded; the timed window ends with a device synchronisation. MFU counts
+6 x active parameters + the attention term (deepseek_mini.flops_per_token), the same formula for
+every variant, against --peak-tflops (798: the measured bf16 matmul ceiling of our H100).
+
+Variants
+  ours                 the real thing: Lightning Trainer + TextDataModule on --data (Gutenberg),
+                       bf16-mixed with fp32 master weights, torch.compile, fused AdamW
+  ours_raw             the same model and optimizer in a plain PyTorch loop on random tokens
+  ours_raw_eager       ... without torch.compile
+  ours_dense, ours_mha the dense-FFN and MHA baselines at matched active parameters (plain loop, compiled)
+  hf_eager_fp32        transformers, experts loop, fp32 weights + bf16 autocast
+  hf_grouped_fp32      transformers, grouped_mm experts, fp32 weights + bf16 autocast
+  hf_grouped_bf16      transformers, grouped_mm experts, bf16 weights
+  hf_grouped_bf16_compile   ... and torch.compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OURS = ["ours", "ours_raw", "ours_raw_eager", "ours_dense", "ours_mha"]
+PEER = ["hf_eager_fp32", "hf_grouped_fp32", "hf_grouped_bf16", "hf_grouped_bf16_compile"]
+
+
+def small_config(variant: str):
+    from deepseek_mini import ModelConfig
+
+    name = {"ours_dense": "small_dense", "ours_mha": "small_mha"}.get(variant, "small")
+    return ModelConfig.preset(name)
+
+
+def hf_model(variant: str, cfg):
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    hf_cfg = DeepseekV2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=cfg.moe_intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
+        q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, n_routed_experts=cfg.n_routed_experts,
+        n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+        first_k_dense_replace=cfg.first_k_dense_replace, topk_method="greedy", n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=False, attn_implementation="sdpa")
+    hf_cfg._experts_implementation = "eager" if variant == "hf_eager_fp32" else "grouped_mm"
+    model = DeepseekV2ForCausalLM(hf_cfg)
+    if "bf16" in variant:
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def run_plain_loop(variant: str, args) -> dict:
+    """Plain PyTorch training loop on random tokens (ours_raw*, baselines and the transformers peer)."""
+    import torch
+
+    from deepseek_mini import DeepSeekV2, flops_per_token
+
+    torch.manual_seed(0)
+    cfg = small_config(variant)
+    dev = torch.device("cuda")
+    if args.sdpa != "auto":  # restrict SDPA to one kernel family, to compare them
+        torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "cudnn")
+        torch.backends.cuda.enable_flash_sdp(args.sdpa == "flash")
+        torch.backends.cuda.enable_mem_efficient_sdp(args.sdpa == "efficient")
+    if variant.startswith("hf_"):
+        model = hf_model(variant, cfg).to(dev)
+    else:
+        model = DeepSeekV2(cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    compiled = variant in ("ours_raw", "ours_dense", "ours_mha", "hf_grouped_bf16_compile")
+    fwd = torch.compile(model) if compiled else model
+    autocast = not variant.endswith("bf16") and not variant.endswith("bf16_compile")
+    B, T = args.batch_size, args.seq_len
+    data = torch.randint(0, cfg.vocab_size, (8, B, T + 1), device=dev)
+
+    def step(i):
+        batch = data[i % data.shape[0]]
+        x, y = batch[:, :-1], batch[:, 1:]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            if variant.startswith("hf_"):
+                loss = fwd(input_ids=x, labels=None).logits.float()
+                loss = torch.nn.functional.cross_entropy(loss.view(-1, loss.shape[-1]), y.reshape(-1))
+            else:
+                out = fwd(x, labels=y, return_logits=False)
+                loss = out.loss + out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        loss = step(i)
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(i)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    tps = args.steps * B * T / elapsed
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(3):
+                step(i)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        (Path(args.profile) / f"profile_{variant}.txt").write_text(table)
+    return {"variant": variant, "tokens_per_sec": tps, "step_ms": 1000 * elapsed / args.steps,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s,
+            "flops_per_token": flops_per_token(cfg, T), "final_loss": float(loss)}
+
+
+def run_lightning(variant: str, args) -> dict:
+    """The project's own training step: Lightning Trainer + TextDataModule on real text."""
+    import torch
+
+    from deepseek_mini import flops_per_token
+    from deepseek_mini.training.bench import lightning_throughput
+
+    cfg = small_config(variant)
+    res = lightning_throughput(cfg, data_files=args.data, val_files=args.val_data, batch_size=args.batch_size,
+                               seq_len=args.seq_len, warmup=args.warmup, steps=args.steps,
+                               cache_dir=args.cache_dir)
+    res.update(variant=variant, flops_per_token=flops_per_token(cfg, args.seq_len),
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    return res
+
+
+def child(variant: str, args) -> None:
+    res = run_lightning(variant, args) if variant == "ours" else run_plain_loop(variant, args)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(OURS + PEER))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--peak-tflops", type=float, default=798.0)
+    p.add_argument("--data", default=".data/gutenberg_classics_train.txt.gz")
+    p.add_argument("--val-data", default=".data/gutenberg_classics_valid.txt")
+    p.add_argument("--cache-dir", default=".cache/deepseek_mini")
+    p.add_argument("--out", default=None, help="write all results as JSON here")
+    p.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "flash", "efficient"])
+    p.add_argument("--profile", default=None, help="folder for a torch.profiler table per plain-loop variant")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args.child, args)
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    print(f"device: {device}; torch {torch.__version__}; batch {args.batch_size} x {args.seq_len}", flush=True)
+    results = []
+    for variant in args.variants.split(","):
+        passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                  if v is not None and k not in ("variants", "child", "out")]
+        cmd = [sys.executable, __file__, "--child", variant, *passed]
+        start = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            print(f"[{variant}] FAILED (rc {proc.returncode}) after {time.time() - start:.0f}s:\n{tail}", flush=True)
+            results.append({"variant": variant, "error": tail[-500:]})
+            continue
+        res = json.loads(line[len("RESULT "):])
+        res["mfu"] = res["flops_per_token"] * res["tokens_per_sec"] / (args.peak_tflops * 1e12)
+        results.append(res)
+        print(f"[{variant}] {res['tokens_per_sec']:,.0f} tok/s  MFU {100 * res['mfu']:.1f}%  "
+              f"peak {res['peak_gib']:.1f} GiB  ({time.time() - start:.0f}s)", flush=True)
+    ok = [r for r in results if "error" not in r]
+    peers = [r for r in ok if r["variant"].startswith("hf_")]
+    best_peer = max(peers, key=lambda r: r["tokens_per_sec"]) if peers else None
+    print(f"\n| variant | tokens/s | MFU (of {args.peak_tflops:.0f} TFLOP/s) | peak GiB | vs best peer |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['variant']} | failed | | | |")
+            continue
+        ratio = f"{r['tokens_per_sec'] / best_peer['tokens_per_sec']:.2f}x" if best_peer else "-"
+        print(f"| {r['variant']} | {r['tokens_per_sec']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {ratio} |")
+    if best_peer:
+        print(f"\nbest peer: {best_peer['variant']} ({best_peer['tokens_per_sec']:,.0f} tok/s, "
+              f"{best_peer['peak_gib']:.1f} GiB)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": device, "torch": torch.__version__, "args": vars(args),
+                                              "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

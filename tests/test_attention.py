@@ -1,0 +1,260 @@
+"""RoPE, MLA (naive vs absorbed decode, latent cache) and the MHA / GQA / MQA baselines.
+
+Exactness checks run in float64 so that "equal" can mean 1e-10, not "close in fp32".
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.model import DeepSeekV2
+from deepseek_mini.model.attention import MLA, GroupedQueryAttention, KVCache, LatentCache
+from deepseek_mini.model.rope import RotaryEmbedding
+
+# Tensors here are tiny: intra-op threads only add contention on a shared 2-core box (measured: the
+# 60-step training test takes 0.3 s on one thread, over 10 s on two under load).
+torch.set_num_threads(1)
+
+BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=16,
+            qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+            max_position_embeddings=64)
+YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+def cfg_of(**kw) -> ModelConfig:
+    return ModelConfig(**{**BASE, **kw})
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> DeepSeekV2:
+    torch.manual_seed(seed)
+    model = DeepSeekV2(cfg).double().eval()
+    # larger-than-default weights so attention is far from uniform and differences show up in the logits
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in name:
+                p.mul_(5.0)
+    return model
+
+
+# ---------------------------------------------------------------------- RoPE
+def complex_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Independent reference: adjacent pairs (2i, 2i+1) as complex numbers times e^{i pos theta_i}."""
+    dim = x.shape[-1]
+    theta = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = positions.double()[:, None] * theta[None]  # [T, dim/2]
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], dim // 2, 2).contiguous())
+    rot = torch.polar(torch.ones_like(angles), angles)[None, :, None, :]  # [1, T, 1, dim/2]
+    return torch.view_as_real(xc * rot).flatten(-2)
+
+
+def test_rope_matches_complex_reference():
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(16, 128, base=10000.0)
+    x = torch.randn(2, 7, 3, 16, dtype=torch.float64)
+    positions = torch.tensor([0, 1, 5, 17, 63, 100, 127])
+    out = rope(x, positions)
+    assert out.dtype == x.dtype
+    torch.testing.assert_close(out, complex_rope(x, positions), atol=1e-5, rtol=0)
+    # NeoX pairing (i, i + dim/2) is a different function: the test would notice a convention swap
+    neox = torch.cat([x[..., 8:], x[..., :8]], -1)
+    assert (complex_rope(neox, positions) - torch.cat([out[..., 8:], out[..., :8]], -1)).abs().max() > 1e-2
+
+
+def test_rope_keeps_fp64_and_bf16_rotates_in_fp32():
+    rope = RotaryEmbedding(8, 16)
+    pos = torch.arange(16)
+    cos, sin = rope.cos.double()[None, :, None], rope.sin.double()[None, :, None]
+
+    def manual(x):
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2)
+
+    x = torch.randn(1, 16, 2, 8, dtype=torch.float64)
+    # same tables, so an fp64 input must be rotated in fp64: exact to rounding, not to fp32's 1e-7
+    torch.testing.assert_close(rope(x, pos), manual(x), atol=1e-14, rtol=0)
+    xb = x.bfloat16()
+    out = rope(xb, pos)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, manual(xb.double()).bfloat16(), atol=0, rtol=0)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(1)
+    rope = RotaryEmbedding(16, 64)
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+
+    def score(m, n):
+        qm = rope(q, torch.tensor([m]))
+        kn = rope(k, torch.tensor([n]))
+        return (qm * kn).sum().item()
+
+    assert score(5, 3) == pytest.approx(score(2, 0), abs=1e-5)
+    assert score(5, 3) == pytest.approx(score(40, 38), abs=1e-5)
+    assert score(9, 9) == pytest.approx(score(0, 0), abs=1e-5)
+    assert abs(score(5, 3) - score(5, 4)) > 1e-3  # and it does depend on the offset
+    assert abs(score(5, 3) - score(3, 5)) > 1e-3
+
+
+def test_yarn_frequencies():
+    # V2's YaRN on a 64-dim rope: dims below low=10 keep theta_i, dims from high=23 on are divided by 40
+    # (architecture.md §1.4), the ramp in between; cos/sin keep unit norm (mscale ratio is 1).
+    rope = RotaryEmbedding(64, 8, base=10000.0, scaling=YARN)
+    inv = torch.atan2(rope.sin[1].double(), rope.cos[1].double())  # angle at position 1 = inv_freq
+    theta = 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    torch.testing.assert_close(inv[:10], theta[:10], rtol=1e-6, atol=0)
+    torch.testing.assert_close(inv[23:], theta[23:] / 40, rtol=1e-6, atol=0)
+    assert bool(((inv[10:23] < theta[10:23]) & (inv[10:23] > theta[10:23] / 40)).all())
+    torch.testing.assert_close(rope.cos ** 2 + rope.sin ** 2, torch.ones_like(rope.cos), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------- MLA against the paper's formulas
+def reference_mla(attn: MLA, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """architecture.md §1.1, written out: per-head K/V from the latent, shared roped key, causal softmax."""
+    B, T, _ = x.shape
+    H, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    pos = torch.arange(T)
+    if cfg.q_lora_rank is None:
+        q = x @ attn.q_proj.weight.T
+    else:
+        q = attn.q_b_proj(attn.q_a_layernorm(x @ attn.q_a_proj.weight.T))
+    q = q.view(B, T, H, dn + dr)
+    q_c, q_r = q[..., :dn], attn.rotary(q[..., dn:], pos)
+    a = x @ attn.kv_a_proj_with_mqa.weight.T
+    c_kv = attn.kv_a_layernorm(a[..., :cfg.kv_lora_rank])
+    k_r = attn.rotary(a[..., cfg.kv_lora_rank:].unsqueeze(2), pos)  # [B, T, 1, dr]
+    kv = (c_kv @ attn.kv_b_proj.weight.T).view(B, T, H, dn + dv)
+    k_c, v = kv[..., :dn], kv[..., dn:]
+    scores = torch.einsum("bthd,bshd->bhts", q_c, k_c) + torch.einsum("bthd,bsd->bhts", q_r, k_r[:, :, 0])
+    scores = scores * cfg.softmax_scale()
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    o = torch.einsum("bhts,bshd->bthd", p, v).reshape(B, T, H * dv)
+    return o @ attn.o_proj.weight.T
+
+
+MLA_VARIANTS = {"lite": {}, "q_lora": dict(q_lora_rank=12), "yarn": dict(rope_scaling=YARN),
+                "q_lora_yarn": dict(q_lora_rank=12, rope_scaling=YARN)}
+
+
+@pytest.mark.parametrize("changes", MLA_VARIANTS.values(), ids=list(MLA_VARIANTS))
+def test_mla_forward_matches_formulas(changes):
+    cfg = cfg_of(**changes)
+    torch.manual_seed(0)
+    attn = MLA(cfg).double()
+    for p in attn.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.3)
+    assert attn.scale == pytest.approx(cfg.softmax_scale())
+    x = torch.randn(2, 9, cfg.hidden_size, dtype=torch.float64)
+    out = attn(x, torch.arange(9))
+    torch.testing.assert_close(out, reference_mla(attn, cfg, x), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("attention,kv_heads", [("mha", 4), ("gqa", 2), ("mqa", 1)])
+def test_baseline_attention_matches_formulas(attention, kv_heads):
+    cfg = cfg_of(attention=attention, num_key_value_heads=kv_heads, head_dim=8)
+    torch.manual_seed(0)
+    attn = GroupedQueryAttention(cfg).double()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    B, T, H, hd = 2, 7, 4, 8
+    x = torch.randn(B, T, cfg.hidden_size, dtype=torch.float64)
+    pos = torch.arange(T)
+    q = complex_rope((x @ attn.q_proj.weight.T).view(B, T, H, hd), pos)
+    k = complex_rope((x @ attn.k_proj.weight.T).view(B, T, kv_heads, hd), pos)
+    v = (x @ attn.v_proj.weight.T).view(B, T, kv_heads, hd)
+    group = H // kv_heads  # query head h reads kv head h // group
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(hd)
+    p = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    ref = torch.einsum("bhts,bshd->bthd", p, v).reshape(B, T, H * hd) @ attn.o_proj.weight.T
+    # rope tables are fp32, so the model's rotation is exact to ~1e-7 relative, not 1e-15
+    torch.testing.assert_close(attn(x, pos), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- MLA decode: naive vs absorbed
+def cached_logits(model: DeepSeekV2, ids: torch.Tensor, prefill: int, chunks: list[int]) -> torch.Tensor:
+    """Prefill `prefill` tokens, then feed the rest in chunks of the given sizes; logits of every position."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    out = [model(ids[:, :prefill], cache=cache, start_pos=0).logits]
+    pos = prefill
+    for n in chunks:
+        out.append(model(ids[:, pos:pos + n], cache=cache, start_pos=pos).logits)
+        pos += n
+    assert pos == ids.shape[1]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("changes", MLA_VARIANTS.values(), ids=list(MLA_VARIANTS))
+def test_mla_absorbed_decode_equals_naive_and_full_forward(changes):
+    model = build(cfg_of(**changes))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        model.set_mla_decode("naive")
+        naive = cached_logits(model, ids, 5, [1, 3, 1, 2])
+        model.set_mla_decode("absorb")
+        absorbed = cached_logits(model, ids, 5, [1, 3, 1, 2])
+        # the decode steps must really read the cache: without it, the same tokens give other logits
+        no_cache = model(ids[:, 5:6]).logits
+    assert (absorbed - naive).abs().max() < 1e-10
+    assert (absorbed - full).abs().max() < 1e-10
+    assert (naive - full).abs().max() < 1e-10
+    assert (no_cache[:, 0] - full[:, 5]).abs().max() > 1e-3
+
+
+def test_set_mla_decode_switches_every_layer_and_rejects_unknown():
+    model = build(cfg_of())
+    model.set_mla_decode("naive")
+    assert all(layer.self_attn.decode_mode == "naive" for layer in model.model.layers)
+    with pytest.raises(ValueError):
+        model.set_mla_decode("flash")
+
+
+# ---------------------------------------------------------------------- what is cached
+def test_mla_cache_holds_latent_and_roped_key_only():
+    cfg = cfg_of(num_hidden_layers=3, rope_scaling=YARN)
+    model = build(cfg)
+    cache = model.new_cache(2, 10)
+    assert len(cache) == 3
+    for c in cache:
+        assert isinstance(c, LatentCache)
+        assert c.kv.shape == (2, 10, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        assert c.numel_per_token() == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert cfg.kv_cache_elements_per_token() == sum(c.kv.shape[-1] for c in cache)
+
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(ids, cache=cache)
+        # layer 0's cache must be [RMSNorm(c_KV) ; RoPE(k_R)] of its own input (architecture.md §1.5)
+        attn = model.model.layers[0].self_attn
+        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        a = attn.kv_a_proj_with_mqa(h)
+        c_kv = attn.kv_a_layernorm(a[..., :cfg.kv_lora_rank])
+        k_r = attn.rotary(a[..., cfg.kv_lora_rank:].unsqueeze(2), torch.arange(6)).squeeze(2)
+    torch.testing.assert_close(cache[0].kv[:, :6], torch.cat([c_kv, k_r], -1), atol=1e-12, rtol=0)
+    assert bool((cache[0].kv[:, 6:] == 0).all())  # positions not yet written stay empty
+
+
+@pytest.mark.parametrize("attention,kv_heads", [("mha", 4), ("gqa", 2), ("mqa", 1)])
+def test_baseline_cache_size(attention, kv_heads):
+    cfg = cfg_of(attention=attention, num_key_value_heads=kv_heads, head_dim=12)
+    model = build(cfg)
+    cache = model.new_cache(1, 8)
+    for c in cache:
+        assert isinstance(c, KVCache)
+        assert c.k.shape == c.v.shape == (1, kv_heads, 8, 12)
+        assert c.numel_per_token() == 2 * kv_heads * 12
+    assert cfg.kv_cache_elements_per_token() == 2 * kv_heads * 12 * cfg.num_hidden_layers
+
+
+def test_mla_cache_much_smaller_than_mha_at_v2_scale():
+    v2 = ModelConfig.preset("v2")
+    ratio = v2.kv_cache_elements_per_token() / v2.replace(attention="mha").kv_cache_elements_per_token()
+    assert ratio == pytest.approx(576 / (2 * 128 * 128))

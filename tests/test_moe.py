@@ -1,0 +1,326 @@
+"""DeepSeekMoE: grouped experts vs a per-expert loop, routing rules, balance losses, bias balancing, dropping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.model import DeepSeekV2
+from deepseek_mini.model.moe import MoE
+
+# Tensors here are tiny: intra-op threads only add contention on a shared 2-core box (measured: the
+# 60-step training test takes 0.3 s on one thread, over 10 s on two under load).
+torch.set_num_threads(1)
+
+BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=16,
+            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+            max_position_embeddings=64)
+
+
+def cfg_of(**kw) -> ModelConfig:
+    return ModelConfig(**{**BASE, **kw})
+
+
+def make_moe(cfg: ModelConfig, dtype=torch.float64, seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.3)
+    return moe.to(dtype)
+
+
+def reference_moe(moe: MoE, cfg: ModelConfig, x_BSD: torch.Tensor, keep_TK: torch.Tensor | None = None):
+    """Loop reference: route with the formulas of architecture.md §2.2, then for each expert e run the
+    rows routed to e through SwiGLU with e's own weights. keep_TK masks out dropped assignments."""
+    B, S, D = x_BSD.shape
+    x = x_BSD.reshape(B * S, D)
+    inter = cfg.moe_intermediate_size
+    logits = x @ moe.gate.weight.T
+    scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+    idx = scores.topk(cfg.num_experts_per_tok, dim=-1).indices
+    w = scores.gather(1, idx)
+    if cfg.norm_topk_prob:
+        w = w / w.sum(-1, keepdim=True)
+    w = w * cfg.routed_scaling_factor
+    if keep_TK is not None:
+        w = w * keep_TK
+    out = torch.zeros_like(x)
+    for e in range(cfg.n_routed_experts):
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        gate_up, down = moe.experts.gate_up_proj[e], moe.experts.down_proj[e]
+        h = x[tok]
+        y = (F.silu(h @ gate_up[:inter].T) * (h @ gate_up[inter:].T)) @ down.T
+        out = out.index_add(0, tok, y * w[tok, slot, None])
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(x)
+    return out.view(B, S, D), idx, w
+
+
+# ---------------------------------------------------------------------- grouped experts vs loop
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)], ids=["fp64", "fp32"])
+def test_grouped_experts_match_loop_reference_incl_idle_experts(dtype, tol):
+    # fp32 runs the real F.grouped_mm kernel; fp64 the exact expert-by-expert fallback
+    cfg = cfg_of()
+    moe = make_moe(cfg, dtype)
+    ref_moe = make_moe(cfg, dtype)  # same seed: same weights, separate graph for separate grads
+    with torch.no_grad():
+        # experts 6 and 7 get no tokens: positive inputs, and their router rows point the other way
+        for m in (moe, ref_moe):
+            m.gate.weight[6:] = -m.gate.weight[6:].abs() - 0.5
+            m.gate.weight[:6] = m.gate.weight[:6].abs()
+    x = torch.rand(2, 16, cfg.hidden_size, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    moe.train()
+    out, _, stats = moe(x1)
+    ref, idx, _ = reference_moe(ref_moe, cfg, x2)
+    assert stats["tokens_per_expert"][6:].sum() == 0 and stats["tokens_per_expert"].sum() == 2 * 16 * 2
+    torch.testing.assert_close(stats["tokens_per_expert"], torch.bincount(idx.flatten(), minlength=8).float())
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+    probe = torch.randn_like(out)
+    (out * probe).sum().backward()
+    (ref * probe).sum().backward()
+    pairs = [(moe.experts.gate_up_proj, ref_moe.experts.gate_up_proj),
+             (moe.experts.down_proj, ref_moe.experts.down_proj), (moe.gate.weight, ref_moe.gate.weight), (x1, x2),
+             (moe.shared_experts.down_proj.weight, ref_moe.shared_experts.down_proj.weight)]
+    for got, want in pairs:
+        assert got.grad is not None
+        torch.testing.assert_close(got.grad, want.grad, atol=tol, rtol=tol)
+    # idle experts are still in the graph: gradient present, exactly zero
+    assert bool((moe.experts.gate_up_proj.grad[6:] == 0).all()) and bool((moe.experts.down_proj.grad[6:] == 0).all())
+    assert moe.experts.gate_up_proj.grad[:6].abs().sum() > 0
+
+
+def test_sigmoid_norm_topk_gates_sum_to_scaling_factor():
+    cfg = cfg_of(scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5, num_experts_per_tok=3)
+    moe = make_moe(cfg)
+    x = torch.randn(40, cfg.hidden_size, dtype=torch.float64)
+    scores, idx, w = moe.gate(x)
+    torch.testing.assert_close(w.sum(-1), torch.full((40,), 2.5, dtype=torch.float64))
+    sel = scores.gather(1, idx)
+    torch.testing.assert_close(w, 2.5 * sel / sel.sum(-1, keepdim=True))
+    torch.testing.assert_close(scores, torch.sigmoid(x @ moe.gate.weight.T))
+    # the full layer with sigmoid scoring still equals the loop reference
+    out, _, _ = moe.eval()(x.view(4, 10, -1))
+    torch.testing.assert_close(out, reference_moe(moe, cfg, x.view(4, 10, -1))[0], atol=1e-12, rtol=0)
+
+
+def test_softmax_gates_are_unnormalised_scores_times_scaling():
+    # V2: no renormalisation, gate = s_i * routed_scaling_factor, so the gates sum to less than the factor
+    cfg = cfg_of(routed_scaling_factor=16.0)
+    moe = make_moe(cfg)
+    x = torch.randn(30, cfg.hidden_size, dtype=torch.float64)
+    scores, idx, w = moe.gate(x)
+    torch.testing.assert_close(scores.sum(-1), torch.ones(30, dtype=torch.float64))
+    torch.testing.assert_close(w, 16.0 * scores.gather(1, idx))
+    assert bool((w.sum(-1) < 16.0).all())
+    # selected experts are the top-k scores
+    torch.testing.assert_close(w.sort(-1).values, 16.0 * scores.topk(2, -1).values.sort(-1).values)
+
+
+def test_group_limited_routing_stays_in_best_groups():
+    cfg = cfg_of(n_routed_experts=16, num_experts_per_tok=4, topk_method="group_limited_greedy", n_group=4,
+                 topk_group=2)
+    moe = make_moe(cfg)
+    x = torch.randn(2000, cfg.hidden_size, dtype=torch.float64)
+    scores, idx, _ = moe.gate(x)
+    group_of = idx // 4  # 4 experts per group, contiguous
+    group_max = scores.view(-1, 4, 4).amax(-1)  # [T, G]
+    best_groups = group_max.topk(2, dim=-1).indices
+    escaped = 0
+    for t in range(x.shape[0]):
+        used = set(group_of[t].tolist())
+        assert len(used) <= 2
+        assert used <= set(best_groups[t].tolist())
+        # and within those groups the choice is plain top-k
+        allowed = torch.cat([torch.arange(4 * g, 4 * g + 4) for g in best_groups[t].tolist()])
+        want = allowed[scores[t, allowed].topk(4).indices]
+        assert set(idx[t].tolist()) == set(want.tolist())
+        escaped += len(set((scores[t].topk(4).indices // 4).tolist())) > 2
+    assert escaped > 100  # unrestricted top-k would have spanned more groups: the limit did something
+
+
+# ---------------------------------------------------------------------- balance losses
+def test_expert_loss_hand_computed():
+    cfg = cfg_of(n_routed_experts=4, num_experts_per_tok=1, aux_loss_alpha=0.1)
+    moe = make_moe(cfg)
+    scores = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.2, 0.2, 0.5, 0.1]])
+    routed = F.one_hot(torch.tensor([0, 0, 1, 2]), 4).float()
+    # f = E/(K T) * counts = [2, 1, 1, 0]; P = column means = [0.35, 0.325, 0.225, 0.1]
+    expected = 0.1 * (2 * 0.35 + 1 * 0.325 + 1 * 0.225 + 0 * 0.1)
+    losses = moe.balance_losses(scores, routed, 1, 4)
+    assert losses["expert_balance"].item() == pytest.approx(expected)
+
+
+def test_expert_loss_is_alpha_at_balance_and_grows_under_collapse():
+    cfg = cfg_of(aux_loss_alpha=0.01)
+    moe = make_moe(cfg).train()
+    # hand-built balanced routing (every expert twice, K=2, 8 tokens) with arbitrary scores: sum f.P = sum P = 1
+    scores = torch.rand(8, 8, dtype=torch.float64).softmax(-1)
+    idx = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [0, 7], [1, 6], [2, 5], [3, 4]])
+    routed = torch.zeros(8, 8).scatter_(1, idx, 1.0)
+    assert moe.balance_losses(scores, routed, 1, 8)["expert_balance"].item() == pytest.approx(0.01)
+
+    # zero router: uniform scores, P_i = 1/E, so the loss is alpha whatever the tie-breaking picks
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+    x = torch.randn(2, 16, cfg.hidden_size, dtype=torch.float64)
+    assert moe(x)[1]["expert_balance"].item() == pytest.approx(0.01)
+
+    # collapse: every token's router prefers expert 0 (positive inputs, big positive row 0)
+    with torch.no_grad():
+        moe.gate.weight[0] = 5.0
+    _, aux, stats = moe(x.abs())
+    assert stats["tokens_per_expert"][0] == 32
+    # f_0 = E / K = 4 and P_0 ~ 1, so the loss approaches alpha * E / K
+    assert aux["expert_balance"].item() > 3.5 * 0.01
+
+
+def test_device_and_comm_losses_are_alpha_at_balance():
+    cfg = cfg_of(n_routed_experts=4, num_experts_per_tok=2, topk_method="group_limited_greedy", n_group=2,
+                 topk_group=1, aux_loss_alpha=0.003, device_aux_loss_alpha=0.05, comm_aux_loss_alpha=0.02)
+    moe = make_moe(cfg)
+    scores = torch.rand(4, 4, dtype=torch.float64).softmax(-1)
+    # tokens 0, 1 go to device 0 (experts 0, 1), tokens 2, 3 to device 1 (experts 2, 3): all balanced
+    routed = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.float32)
+    losses = moe.balance_losses(scores, routed, 1, 4)
+    assert losses["expert_balance"].item() == pytest.approx(0.003)
+    assert losses["device_balance"].item() == pytest.approx(0.05)
+    assert losses["comm_balance"].item() == pytest.approx(0.02)
+
+    # everything on device 0 and the scores agree: both device-level losses exceed their alpha
+    skew_scores = torch.tensor([[0.45, 0.45, 0.05, 0.05]] * 4, dtype=torch.float64)
+    skew = torch.tensor([[1, 1, 0, 0]] * 4, dtype=torch.float32)
+    losses = moe.balance_losses(skew_scores, skew, 1, 4)
+    # f'_0 = mean(f_0, f_1) = 2, P'_0 = 0.9: 0.05 * 1.8; f''_0 = G / (M T) * 4 = 2: 0.02 * 1.8
+    assert losses["device_balance"].item() == pytest.approx(0.05 * 1.8)
+    assert losses["comm_balance"].item() == pytest.approx(0.02 * 1.8)
+
+
+def test_sequence_wise_and_batch_wise_losses_differ():
+    # each sequence is lopsided, the batch as a whole is balanced
+    scores = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]], dtype=torch.float64)
+    routed = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.float32)
+    kw = dict(n_routed_experts=2, num_experts_per_tok=1, aux_loss_alpha=1.0)
+    seq = make_moe(cfg_of(seq_aux=True, **kw)).balance_losses(scores, routed, 2, 2)["expert_balance"]
+    batch = make_moe(cfg_of(seq_aux=False, **kw)).balance_losses(scores, routed, 2, 2)["expert_balance"]
+    assert batch.item() == pytest.approx(1.0)  # f = [1, 1], P = [0.5, 0.5]
+    assert seq.item() == pytest.approx(1.8)  # per sequence f = [2, 0], P = [0.9, 0.1]
+
+
+def test_balance_loss_in_forward_matches_recomputation_and_trains_router_only_through_P():
+    cfg = cfg_of(aux_loss_alpha=0.01, device_aux_loss_alpha=0.0)
+    moe = make_moe(cfg).train()
+    x = torch.randn(3, 10, cfg.hidden_size, dtype=torch.float64)
+    _, aux, _ = moe(x)
+    assert set(aux) == {"expert_balance"}
+    scores, idx, _ = moe.gate(x.view(30, -1))
+    routed = torch.zeros(30, 8, dtype=torch.float64).scatter_(1, idx, 1.0).view(3, 10, 8)
+    f = routed.sum(1) * 8 / (2 * 10)
+    expected = 0.01 * (f * scores.view(3, 10, 8).mean(1)).sum(-1).mean()
+    assert aux["expert_balance"].item() == pytest.approx(expected.item())
+    aux["expert_balance"].backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
+    assert moe.experts.gate_up_proj.grad is None  # the loss reaches only the router
+    moe.eval()
+    assert moe(x)[1] == {}  # no balance losses outside training
+
+
+# ---------------------------------------------------------------------- bias balancing (V3)
+def test_bias_balancing_reduces_imbalance():
+    cfg = cfg_of(bias_update_speed=0.005, aux_loss_alpha=0.0)
+    moe = make_moe(cfg).train()
+    with torch.no_grad():
+        moe.gate.weight.mul_(0.1)
+        moe.gate.weight[0] += 0.03  # with positive inputs every token picks expert 0: max/mean load = E/K = 4
+    x = torch.rand(4, 64, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    imbalance = []
+    for _ in range(30):
+        load = moe(x)[2]["tokens_per_expert"]
+        imbalance.append((load.max() / load.mean()).item())
+        moe.gate.update_bias()  # what model.update_expert_bias() calls on every router
+    assert imbalance[0] > 3.5
+    # the sign rule oscillates around balance once there, so judge the average of the last steps
+    assert sum(imbalance[-4:]) / 4 < 2.0
+    bias = moe.gate.e_score_correction_bias
+    assert bias[0] < 0 and bias.sum().abs() < 1e-5  # the favoured expert is pushed down; zero-centred
+    # the bias only selects: gate values are still the unbiased scores of the selected experts
+    scores, idx, w = moe.gate(x.view(-1, cfg.hidden_size))
+    torch.testing.assert_close(w, scores.gather(1, idx))
+    assert (idx == 0).any(-1).float().mean() < 0.9
+
+
+def test_model_update_expert_bias_reaches_every_router():
+    cfg = cfg_of(num_hidden_layers=3, bias_update_speed=0.01)
+    model = DeepSeekV2(cfg).train()
+    assert not any("e_score_correction_bias" in n for n, _ in model.named_parameters())  # a buffer, not trained
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(ids)
+    gates = [layer.mlp.gate for layer in model.model.layers[1:]]
+    assert all(g.tokens_per_expert.sum() == 2 * 8 * 2 for g in gates)
+    seen = []
+    model.update_expert_bias(all_reduce=lambda t: seen.append(t.clone()) or t.mul_(2))
+    assert len(seen) == 2
+    for g in gates:
+        assert g.e_score_correction_bias.abs().sum() > 0
+        assert bool((g.tokens_per_expert == 0).all())
+
+
+def test_bias_update_follows_sign_rule():
+    cfg = cfg_of(bias_update_speed=0.1)
+    moe = make_moe(cfg, torch.float32)
+    moe.gate.tokens_per_expert.copy_(torch.tensor([10.0, 0, 2, 4, 4, 4, 4, 4]))  # mean 4
+    moe.gate.update_bias()
+    delta = 0.1 * torch.tensor([-1.0, 1, 1, 0, 0, 0, 0, 0])
+    torch.testing.assert_close(moe.gate.e_score_correction_bias, delta - delta.mean())
+    assert bool((moe.gate.tokens_per_expert == 0).all())
+    # eval forwards do not count toward the next update
+    moe.eval()(torch.randn(1, 4, cfg.hidden_size))
+    assert bool((moe.gate.tokens_per_expert == 0).all())
+
+
+# ---------------------------------------------------------------------- token dropping
+def test_token_dropping_only_in_training_keeps_highest_affinity():
+    cfg = cfg_of(capacity_factor=1.0)
+    moe = make_moe(cfg)
+    dropless = make_moe(cfg.replace(capacity_factor=None))
+    with torch.no_grad():
+        moe.gate.weight[0] += 1.0  # skew: expert 0 (positive inputs) is over capacity
+        dropless.gate.weight.copy_(moe.gate.weight)
+    x = torch.rand(2, 16, cfg.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    T, K, E = 32, 2, 8
+
+    # eval: no dropping, output equals the dropless layer
+    out_eval, _, stats = moe.eval()(x)
+    torch.testing.assert_close(out_eval, dropless.eval()(x)[0], atol=1e-12, rtol=0)
+    assert stats["dropped_fraction"].item() == 0.0
+
+    # train: per expert keep the `capacity` assignments with the highest gate weight
+    out_train, _, stats = moe.train()(x)
+    _, idx, w = reference_moe(moe, cfg, x)
+    capacity = math.ceil(1.0 * T * K / E)
+    keep = torch.zeros(T, K, dtype=torch.float64)
+    for e in range(E):
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        best = w[tok, slot].argsort(descending=True)[:capacity]
+        keep[tok[best], slot[best]] = 1.0
+    assert stats["dropped_fraction"].item() > 0
+    assert stats["dropped_fraction"].item() == pytest.approx(1 - keep.mean().item())
+    assert int(torch.bincount(idx.flatten(), minlength=E).max()) > capacity
+    torch.testing.assert_close(out_train, reference_moe(moe, cfg, x, keep)[0], atol=1e-12, rtol=0)
+    assert (out_train - out_eval).abs().max() > 1e-3
+
+
+def test_no_dropping_under_capacity():
+    cfg = cfg_of(capacity_factor=100.0)
+    moe = make_moe(cfg).train()
+    x = torch.randn(2, 8, cfg.hidden_size, dtype=torch.float64)
+    out, _, stats = moe(x)
+    assert stats["dropped_fraction"].item() == 0.0
+    torch.testing.assert_close(out, reference_moe(moe, cfg, x)[0], atol=1e-12, rtol=0)
