@@ -1,0 +1,484 @@
+"""Decode benchmark: MLA (absorbed), MLA (naive: K/V rebuilt from the latents every step) and MHA at the `small`
+shape, bf16, random weights, on one GPU.
+
+    python scripts/bench_decode.py --out bench_decode.json                 # batch 1, 32 x context 1K, 8K, 32K
+    python scripts/bench_decode.py --peer                                  # + transformers DeepseekV2 generate
+    python scripts/bench_decode.py --device cpu --tiny --steps 2           # CPU smoke test (tests/)
+
+For each (variant, batch, context): a static cache of batch x (context + steps) tokens is allocated and its first
+`context` positions are filled with random latents / K / V (no 32K prefill through the naive path), then decode
+steps run at positions context, context + 1, ... and are timed with CUDA events after warm-up. Two ways to run a
+step:
+* eager   model(tok[:, None], cache=cache, start_pos=pos): the model's own decode (the cache slice grows).
+* graph   a static-shape step written here (attend over the whole preallocated cache with a position mask, cache
+          writes by index_copy_ at a device-side position), captured once in a CUDA graph and replayed.
+          Same math as the model's decode; checked against eager in the CPU smoke test.
+Each row reports step latency, tokens/s (= batch / step), the KV cache (formula), the bytes a step must read (active
+weights + the cache up to the current position), the bandwidth floor (those bytes at --bandwidth, the measured
+3.0 TB/s device copy), the achieved GB/s and step / floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from deepseek_mini.config import ModelConfig, count_parameters  # noqa: E402
+from deepseek_mini.model import DeepSeekV2  # noqa: E402
+from deepseek_mini.model.attention import MLA, attend  # noqa: E402
+
+VARIANTS = {  # name -> (preset suffix, MLA decode mode)
+    "mla_absorb": ("", "absorb"),
+    "mla_naive": ("", "naive"),
+    "mha": ("_mha", None),
+}
+
+
+# ---------------------------------------------------------------------- models and caches
+def variant_config(variant: str, shape: str, max_len: int) -> ModelConfig:
+    suffix, _ = VARIANTS[variant]
+    base = ModelConfig.preset(shape + suffix)
+    return base.replace(max_position_embeddings=max(base.max_position_embeddings, max_len))
+
+
+def build_model(variant: str, cfg: ModelConfig, device, dtype, seed: int = 0) -> DeepSeekV2:
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = DeepSeekV2(cfg)
+    model = model.to(dtype).eval()
+    mode = VARIANTS[variant][1]
+    if mode is not None:
+        model.set_mla_decode(mode)
+    return model
+
+
+@torch.no_grad()
+def fill_cache(cache, ctx: int, seed: int = 0) -> None:
+    """Random values in positions [0, ctx) of every layer (unit-scale, like RMS-normalised latents / roped keys)."""
+    g = torch.Generator(device=_tensors(cache[0])[0].device).manual_seed(seed)
+    for layer in cache:
+        for t in _tensors(layer):
+            view = t[:, :ctx] if t.dim() == 3 else t[:, :, :ctx]  # LatentCache [B,L,C]; KVCache [B,H,L,D]
+            view.normal_(generator=g)
+
+
+def _tensors(layer_cache) -> list[torch.Tensor]:
+    return [v for v in vars(layer_cache).values() if isinstance(v, torch.Tensor)]
+
+
+# ---------------------------------------------------------------------- one decode step, two ways
+def eager_step(model, tok: torch.Tensor, cache, pos: int) -> torch.Tensor:
+    logits = model(tok[:, None], cache=cache, start_pos=pos).logits[:, -1]
+    return logits.argmax(-1)
+
+
+def _static_attention(attn, x, pos_t, cache, mask):
+    """The model's attention for one new token at device position pos_t [1], over the full preallocated cache."""
+    B = x.shape[0]
+    if isinstance(attn, MLA):
+        if attn.cfg.q_lora_rank is None:
+            q = attn.q_proj(x)
+        else:
+            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+        q = q.view(B, 1, attn.n_heads, attn.nope + attn.rope_dim)
+        q_nope, q_pe = q.split([attn.nope, attn.rope_dim], dim=-1)
+        q_pe = attn.rotary(q_pe, pos_t)
+        c_kv, k_pe = attn.kv_a_proj_with_mqa(x).split([attn.rank, attn.rope_dim], dim=-1)
+        c_kv = attn.kv_a_layernorm(c_kv)
+        k_pe = attn.rotary(k_pe.unsqueeze(2), pos_t)
+        cache.kv.index_copy_(1, pos_t, torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype))
+        if attn.decode_mode == "absorb":
+            o = attn._absorbed(q_nope, q_pe, cache.kv, mask)
+        else:
+            c_past, kpe_past = cache.kv.to(x.dtype).split([attn.rank, attn.rope_dim], dim=-1)
+            o = attn._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
+        return attn.o_proj(o.reshape(B, 1, attn.n_heads * attn.v_dim))
+    q = attn.rotary(attn.q_proj(x).view(B, 1, attn.n_heads, attn.hd), pos_t).transpose(1, 2)
+    k = attn.rotary(attn.k_proj(x).view(B, 1, attn.n_kv, attn.hd), pos_t).transpose(1, 2)
+    v = attn.v_proj(x).view(B, 1, attn.n_kv, attn.hd).transpose(1, 2)
+    cache.k.index_copy_(2, pos_t, k.to(cache.k.dtype))
+    cache.v.index_copy_(2, pos_t, v.to(cache.v.dtype))
+    o = attend(q, cache.k.to(q.dtype), cache.v.to(q.dtype), attn.scale, is_causal=False, mask=mask)
+    return attn.o_proj(o.transpose(1, 2).reshape(B, 1, attn.n_heads * attn.hd))
+
+
+def static_logits(model, tok: torch.Tensor, pos_t: torch.Tensor, cache, key_pos: torch.Tensor) -> torch.Tensor:
+    """Static-shape decode step (no host sync, no shape change between steps): CUDA-graph capturable."""
+    mask = (key_pos <= pos_t)[None, :]  # [1, L]: keys up to and including the new token
+    x = model.model.embed_tokens(tok[:, None])
+    for layer, layer_cache in zip(model.model.layers, cache):
+        x = x + _static_attention(layer.self_attn, layer.input_layernorm(x), pos_t, layer_cache, mask)
+        h = layer.mlp(layer.post_attention_layernorm(x))
+        x = x + (h[0] if layer.is_moe else h)
+    return model.lm_head(model.model.norm(x))[:, -1]
+
+
+def static_step(model, tok, pos_t, cache, key_pos) -> torch.Tensor:
+    return static_logits(model, tok, pos_t, cache, key_pos).argmax(-1)
+
+
+# ---------------------------------------------------------------------- bytes and floors
+def weight_bytes_per_step(cfg: ModelConfig, batch: int, bytes_per_param: int = 2) -> float:
+    """Weights a decode step must read: everything active except the embedding table (only `batch` rows), with the
+    routed experts counted as the expected number of distinct experts `batch` tokens touch under uniform routing."""
+    pc = count_parameters(cfg)
+    dense = pc.total - pc.routed_experts - pc.embedding + batch * cfg.hidden_size
+    experts = 0.0
+    if cfg.is_moe:
+        E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+        touched = E * (1 - (1 - K / E) ** batch)
+        experts = cfg.num_moe_layers * touched * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return (dense + experts) * bytes_per_param
+
+
+def kv_bytes_read(cfg: ModelConfig, batch: int, tokens: float, elem: int = 2) -> float:
+    return cfg.kv_cache_bytes_per_token(elem) * batch * tokens
+
+
+# ---------------------------------------------------------------------- timing
+class Timer:
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.ms = self.start.elapsed_time(self.end)
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1e3
+
+
+@torch.no_grad()
+def time_eager(model, cache, batch, ctx, steps, warmup, device) -> float:
+    tok = torch.randint(0, model.config.vocab_size, (batch,), device=device)
+    pos = ctx
+    for _ in range(warmup):
+        tok = eager_step(model, tok, cache, pos)
+        pos += 1
+    with Timer(device) as t:
+        for _ in range(steps):
+            tok = eager_step(model, tok, cache, pos)
+            pos += 1
+    return t.ms / steps
+
+
+@torch.no_grad()
+def time_graph(model, cache, batch, ctx, steps, warmup, device, max_len) -> float:
+    """Capture static_step once in a CUDA graph (after warm-up on a side stream) and time replays."""
+    tok = torch.randint(0, model.config.vocab_size, (batch,), device=device)
+    pos_t = torch.full((1,), ctx, dtype=torch.long, device=device)
+    key_pos = torch.arange(max_len, device=device)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(max(2, warmup)):
+            tok.copy_(static_step(model, tok, pos_t, cache, key_pos))
+            pos_t.add_(1)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = static_step(model, tok, pos_t, cache, key_pos)
+        tok.copy_(out)
+        pos_t.add_(1)
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    if int(pos_t) + steps > max_len:
+        raise RuntimeError("cache too short for the timed graph steps")
+    with Timer(device) as t:
+        for _ in range(steps):
+            graph.replay()
+    del graph
+    return t.ms / steps
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_point(model, variant, batch, ctx, args, mode) -> dict:
+    cfg = model.config
+    device = args.device
+    max_len = -(-(ctx + args.warmup + args.steps + 8) // 64) * 64  # 64-aligned: SDPA mask rows stay aligned
+    row = {"variant": variant, "mode": mode, "batch": batch, "context": ctx}
+    elem = 2 if args.dtype == "bf16" else 4
+    kv_total = cfg.kv_cache_bytes_per_token(elem) * batch * max_len
+    row["kv_bytes"] = int(kv_total)
+    cache = None
+    try:
+        cache = model.new_cache(batch, max_len, device=device)
+        fill_cache(cache, ctx + args.warmup + 4)
+        if mode == "eager":
+            ms = time_eager(model, cache, batch, ctx, args.steps, args.warmup, device)
+        else:
+            ms = time_graph(model, cache, batch, ctx, args.steps, args.warmup, device, max_len)
+    except torch.OutOfMemoryError:
+        row["status"] = "OOM"
+        return row
+    except Exception as e:  # a graph that fails to capture: record it and go on with the other points
+        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        return row
+    finally:
+        del cache
+        free_memory()
+    # bytes a step reads: weights + the cache up to the mean timed position (absorbed MLA reads the latents;
+    # the naive path also reads them once but then writes and reads the rebuilt K/V: it is not at its floor)
+    mean_pos = ctx + args.warmup + (args.steps + 1) / 2
+    w = weight_bytes_per_step(cfg, batch, elem)
+    kv = kv_bytes_read(cfg, batch, mean_pos, elem)
+    floor_ms = (w + kv) / (args.bandwidth * 1e12) * 1e3
+    row.update(status="ok", step_ms=ms, tokens_per_s=batch / ms * 1e3, weight_bytes=int(w), kv_read_bytes=int(kv),
+               floor_ms=floor_ms, achieved_gbps=(w + kv) / (ms * 1e-3) / 1e9, step_over_floor=ms / floor_ms)
+    return row
+
+
+# ---------------------------------------------------------------------- capacity
+def capacity(models: dict, args) -> list[dict]:
+    """Largest batch x context that fits: free memory after the weights / KV bytes per token, for MLA and MHA;
+    one point (batch 32) verified by allocating 90% of it and running a decode step."""
+    out = []
+    for variant in ("mla_absorb", "mha"):
+        model = models.get(variant)
+        if model is None:
+            continue
+        free_memory()
+        cfg = model.config
+        per_token = cfg.kv_cache_bytes_per_token(2 if args.dtype == "bf16" else 4)
+        if torch.device(args.device).type == "cuda":
+            free = torch.cuda.mem_get_info()[0] - args.reserve_gib * 2**30
+        else:
+            free = 2**30  # CPU smoke: pretend 1 GiB
+        tokens = int(free // per_token)
+        row = {"variant": variant, "kv_bytes_per_token": per_token, "free_bytes": int(free), "max_tokens": tokens}
+        batch = 32
+        ctx = int(0.9 * tokens / batch) // 256 * 256
+        row["verify_batch"], row["verify_context"] = batch, ctx
+        cache = None
+        try:
+            # allocating is the test of fitting; the decode step runs at the last position the rope table covers
+            cache = model.new_cache(batch, ctx + 1, device=args.device)
+            pos = min(ctx, cfg.max_position_embeddings - 1)
+            eager_step(model, torch.zeros(batch, dtype=torch.long, device=args.device), cache, pos)
+            if torch.device(args.device).type == "cuda":
+                torch.cuda.synchronize()
+            row["verified"] = f"allocated + 1 decode step at position {pos:,}"
+        except torch.OutOfMemoryError:
+            row["verified"] = "OOM"
+        finally:
+            del cache
+            free_memory()
+        out.append(row)
+    if len(out) == 2:
+        out[0]["vs_mha"] = out[0]["max_tokens"] / max(1, out[1]["max_tokens"])
+    return out
+
+
+# ---------------------------------------------------------------------- transformers peer
+def peer_bench(cfg: ModelConfig, args) -> list[dict]:
+    """transformers DeepseekV2ForCausalLM (bf16, grouped_mm experts, sdpa), greedy generate after a 1K prompt."""
+    rows = []
+    try:
+        from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    except ImportError as e:
+        return [{"variant": "hf_peer", "status": f"error: {e}"}]
+    prompt_len = min(1024, cfg.max_position_embeddings // 2)
+    hf_cfg = DeepseekV2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=cfg.moe_intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
+        q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, n_routed_experts=cfg.n_routed_experts,
+        n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+        first_k_dense_replace=cfg.first_k_dense_replace, topk_method="greedy", n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=prompt_len + 64,
+        tie_word_embeddings=False, attn_implementation="sdpa")
+    hf_cfg._experts_implementation = "grouped_mm"
+    with torch.device(args.device):
+        model = DeepseekV2ForCausalLM(hf_cfg)
+    model = model.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32).eval()
+    for batch in args.batches:
+        row = {"variant": "hf_peer", "mode": "generate", "batch": batch, "context": prompt_len}
+        try:
+            ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=args.device)
+            kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+                times = {}
+                for n in (1, 1 + args.peer_tokens):  # prefill + first token, then the decode steps by difference
+                    with Timer(args.device) as t:
+                        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+                    times[n] = t.ms
+            ms = (times[1 + args.peer_tokens] - times[1]) / args.peer_tokens
+            row.update(status="ok", step_ms=ms, tokens_per_s=batch / ms * 1e3)
+        except torch.OutOfMemoryError:
+            row["status"] = "OOM"
+        except Exception as e:
+            row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        free_memory()
+        rows.append(row)
+    del model
+    free_memory()
+    return rows
+
+
+# ---------------------------------------------------------------------- report
+def gb(x) -> str:
+    return f"{x / 1e9:.2f}" if x is not None else ""
+
+
+def markdown(rows: list[dict], cap: list[dict], args) -> str:
+    lines = [f"| variant | mode | batch | context | step ms | tokens/s | KV GB | read/step GB | floor ms "
+             f"(@{args.bandwidth:.1f} TB/s) | achieved GB/s | step / floor |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['variant']} | {r.get('mode', '')} | {r['batch']} | {r['context']} | "
+                         f"{r.get('status')} | | {gb(r.get('kv_bytes'))} | | | | |")
+            continue
+        if "floor_ms" not in r:  # peer: latency only
+            lines.append(f"| {r['variant']} | {r['mode']} | {r['batch']} | {r['context']} | {r['step_ms']:.3f} | "
+                         f"{r['tokens_per_s']:,.0f} | | | | | |")
+            continue
+        lines.append(f"| {r['variant']} | {r['mode']} | {r['batch']} | {r['context']} | {r['step_ms']:.3f} | "
+                     f"{r['tokens_per_s']:,.0f} | {gb(r['kv_bytes'])} | {gb(r['weight_bytes'] + r['kv_read_bytes'])} | "
+                     f"{r['floor_ms']:.3f} | {r['achieved_gbps']:,.0f} | {r['step_over_floor']:.2f} |")
+    # headline comparisons: best mode per (variant, batch, context)
+    best = {}
+    for r in rows:
+        if r.get("status") == "ok" and "floor_ms" in r:
+            key = (r["variant"], r["batch"], r["context"])
+            if key not in best or r["step_ms"] < best[key]["step_ms"]:
+                best[key] = r
+    lines += ["", "| batch | context | MLA absorb tok/s | MLA naive tok/s | MHA tok/s | absorb vs MHA | "
+              "absorb step / floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for batch in args.batches:
+        for ctx in args.contexts:
+            a, n, m = (best.get((v, batch, ctx)) for v in ("mla_absorb", "mla_naive", "mha"))
+            tps = lambda r: f"{r['tokens_per_s']:,.0f} ({r['mode']})" if r else "-"  # noqa: E731
+            speed = f"{m['step_ms'] / a['step_ms']:.2f}x" if a and m else "-"
+            lines.append(f"| {batch} | {ctx} | {tps(a)} | {tps(n)} | {tps(m)} | {speed} | "
+                         f"{a['step_over_floor']:.2f} |" if a else f"| {batch} | {ctx} | - | {tps(n)} | {tps(m)} | - | - |")
+    if cap:
+        lines += ["", "| variant | KV B/token | free GB for cache | max batch x context tokens | verified (batch 32) |",
+                  "|---|---:|---:|---:|---|"]
+        for c in cap:
+            lines.append(f"| {c['variant']} | {c['kv_bytes_per_token']:,.0f} | {gb(c['free_bytes'])} | "
+                         f"{c['max_tokens']:,} | {c['verify_batch']} x {c['verify_context']:,}: {c.get('verified')} |")
+        if "vs_mha" in cap[0]:
+            lines.append(f"\nMLA fits {cap[0]['vs_mha']:.2f}x MHA's batch x context.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="small")
+    ap.add_argument("--tiny", action="store_true", help="smoke mode: tiny shape, contexts 16/32, batches 1/2")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192, 32768])
+    ap.add_argument("--steps", type=int, default=20, help="timed decode steps per point")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--modes", nargs="+", default=None, choices=["eager", "graph"],
+                    help="default: eager and graph on CUDA, eager on CPU")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--bandwidth", type=float, default=3.0, help="TB/s for the floor (measured device copy)")
+    ap.add_argument("--reserve-gib", type=float, default=4.0, help="memory kept back from the capacity estimate")
+    ap.add_argument("--no-capacity", action="store_true")
+    ap.add_argument("--peer", action="store_true", help="also time transformers DeepseekV2 generate (greedy)")
+    ap.add_argument("--peer-tokens", type=int, default=8)
+    ap.add_argument("--check", action="store_true", help="check graph-step math against eager (first point)")
+    ap.add_argument("--out", default=None, help="JSON results")
+    args = ap.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.modes = args.modes or (["eager", "graph"] if cuda else ["eager"])
+    if "graph" in args.modes and not cuda:
+        print("error: --modes graph needs CUDA", file=sys.stderr)
+        return 2
+    if args.tiny:
+        args.shape = "tiny"
+        if args.contexts == [1024, 8192, 32768]:
+            args.contexts = [16, 32]
+        if args.batches == [1, 32]:
+            args.batches = [1, 2]
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    max_len = max(args.contexts) + args.warmup + args.steps + 72
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"# decode benchmark: {args.shape} shape, {args.dtype}, {device_name}, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+
+    models, rows = {}, []
+    for variant in args.variants:
+        cfg = variant_config(variant, args.shape, max_len)
+        models[variant] = model = build_model(variant, cfg, args.device, dtype)
+        wb = weight_bytes_per_step(cfg, 1, 2 if args.dtype == "bf16" else 4)
+        print(f"{variant}: {count_parameters(cfg).total / 1e6:.1f}M params, KV {cfg.kv_cache_bytes_per_token(2):,.0f}"
+              f" B/token (bf16), weights read per step at batch 1: {wb / 1e6:.0f} MB", flush=True)
+        if args.check:
+            err = check_static_matches_eager(model, args.device)
+            print(f"  static step vs eager logits: max abs diff {err:.3g}", flush=True)
+        for batch in args.batches:
+            for ctx in args.contexts:
+                for mode in args.modes:
+                    row = bench_point(model, variant, batch, ctx, args, mode)
+                    rows.append(row)
+                    status = (f"{row['step_ms']:.3f} ms/step, {row['tokens_per_s']:,.0f} tok/s, "
+                              f"{row['step_over_floor']:.2f}x floor") if row.get("status") == "ok" else row["status"]
+                    print(f"  {variant} {mode} batch {batch} context {ctx}: {status}", flush=True)
+        if variant != "mla_absorb" and variant != "mha":
+            del models[variant]
+        del model
+        free_memory()
+
+    cap = [] if args.no_capacity else capacity(models, args)
+    models.clear()
+    free_memory()
+    if args.peer:
+        rows += peer_bench(variant_config("mla_absorb", args.shape, max_len), args)
+    table = markdown(rows, cap, args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": device_name, "torch": torch.__version__,
+                                             "date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv,
+                                             "args": vars(args), "rows": rows, "capacity": cap}, indent=1))
+    print("\n" + table)
+    return 0
+
+
+@torch.no_grad()
+def check_static_matches_eager(model, device, batch: int = 2, ctx: int = 8) -> float:
+    """Max |logits| difference between the static step and the model's eager decode step at the same position."""
+    max_len = ctx + 4
+    caches = [model.new_cache(batch, max_len, device=device) for _ in range(2)]
+    for c in caches:
+        fill_cache(c, ctx, seed=1)
+    tok = torch.randint(0, model.config.vocab_size, (batch,), device=device)
+    eager = model(tok[:, None], cache=caches[0], start_pos=ctx).logits[:, -1].float()
+    static = static_logits(model, tok, torch.tensor([ctx], device=device), caches[1],
+                           torch.arange(max_len, device=device)).float()
+    return float((eager - static).abs().max()) if math.isfinite(float(eager.abs().max())) else math.inf
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""KV-cache report: MHA vs GQA vs MQA vs MLA at the same model shape (the DeepSeek-V2 paper's Table 1).
+
+    python scripts/kv_cache_report.py                       # tiny, small, lite, v2 -> reports/kv_cache/{.md,.png}
+    python scripts/kv_cache_report.py --ckpt logs/train/multiruns/<sweep>/0/checkpoints/last.ckpt --ckpt ...
+    python scripts/kv_cache_report.py --measure --device cuda   # allocate caches, measured vs formula
+
+GQA groups (defaults): 8 for v2 (the paper's Table 1), 4 for lite (16 heads), 2 for tiny and small (the
+`*_gqa` ablation presets: 4 -> 2 and 12 -> 2 heads). Change them with --gqa-groups shape=n.
+For each --ckpt: its attention type, KV bytes/token and val loss (results.json in the run directory
+<run>/checkpoints/../results.json, else the ModelCheckpoint best score stored in the checkpoint, else n/a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from deepseek_mini.config import ConfigError, ModelConfig  # noqa: E402
+from deepseek_mini.inference import (  # noqa: E402
+    DEFAULT_SHAPES,
+    equivalent_gqa_groups,
+    format_table,
+    human_bytes,
+    kv_cache_table,
+    measure_kv_bytes,
+    paper_comparison,
+    plot_kv_cache,
+    shape_variants,
+)
+
+
+def checkpoint_val_loss(path: Path, ckpt: dict | None) -> tuple[float | None, str]:
+    """val_loss from <run_dir>/results.json (checkpoint in <run_dir>/checkpoints/), else the checkpoint's
+    ModelCheckpoint best_model_score, else None."""
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    for candidate in (run_dir / "results.json", path.parent / "results.json"):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            for key in ("val_loss", "val/loss"):
+                if isinstance(data.get(key), (int, float)):
+                    return float(data[key]), str(candidate)
+    for key, state in ((ckpt or {}).get("callbacks") or {}).items():
+        if "ModelCheckpoint" in str(key) and isinstance(state, dict) and state.get("best_model_score") is not None:
+            return float(state["best_model_score"]), f"{path.name}: ModelCheckpoint best_model_score"
+    return None, "n/a"
+
+
+def checkpoint_rows(paths: list[str], context: int) -> list[dict]:
+    """Config and val loss of each checkpoint, without building the model (reads config + callbacks only)."""
+    from deepseek_mini.checkpoint import CheckpointError, read_lightning_checkpoint
+
+    rows = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir() and (path / "config.json").is_file():
+            from deepseek_mini.hf import load_hf_directory
+
+            cfg, ckpt = load_hf_directory(path).config, None
+        else:
+            ckpt = read_lightning_checkpoint(path)
+            ckpt.pop("state_dict", None)
+            mc = (ckpt.get("hyper_parameters") or {}).get("model_config")
+            if mc is None and (path.parent / "model_config.json").is_file():
+                mc = json.loads((path.parent / "model_config.json").read_text())
+            if mc is None:
+                raise CheckpointError(f"{path} has no model_config")
+            cfg = ModelConfig.from_dict(dict(mc))
+        loss, source = checkpoint_val_loss(path, ckpt)
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        row = kv_cache_table({f"{run_dir.name}/{cfg.attention}": cfg}, context)[0]
+        row.update(label=f"{run_dir.name}/{path.name}", val_loss=loss, val_loss_source=source, path=str(path))
+        rows.append(row)
+    return rows
+
+
+def measure(shapes: list[str], device: str, batch: int, max_len: int) -> str:
+    """Allocate a bf16 cache (batch x max_len) per attention type of each preset shape; measured vs formula."""
+    import torch
+
+    from deepseek_mini.model import DeepSeekV2
+
+    lines = [f"Measured KV cache allocation ({device}, bf16, batch {batch} x {max_len} tokens)", "",
+             "| model | attention | measured bytes | formula bytes | measured / formula | source |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, cfg in shape_variants(shapes).items():
+        with torch.device("meta"):
+            model = DeepSeekV2(cfg)  # no weights needed: new_cache only reads the config and the head's dtype
+        try:
+            r = measure_kv_bytes(model, batch, max_len, device=device, dtype=torch.bfloat16)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            lines.append(f"| {name.split('/')[0]} | {cfg.attention.upper()} | OOM | "
+                         f"{int(cfg.kv_cache_bytes_per_token(2) * batch * max_len):,} | | |")
+            continue
+        lines.append(f"| {name.split('/')[0]} | {cfg.attention.upper()} | {r['measured_bytes']:,} | "
+                     f"{r['formula_bytes']:,} | {r['ratio']:.4f} | {r['source']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="preset shapes (default: %(default)s)")
+    ap.add_argument("--gqa-groups", nargs="*", default=[], metavar="SHAPE=N", help="GQA groups per shape")
+    ap.add_argument("--context", type=int, default=131072, help="context length for the bytes column (128K)")
+    ap.add_argument("--ckpt", action="append", default=[], help="checkpoint(s) to list with their val loss")
+    ap.add_argument("--out-dir", default="reports/kv_cache", help="where kv_cache_report.md / .png / .json go")
+    ap.add_argument("--png", default=None, help="chart path (default: <out-dir>/kv_cache.png)")
+    ap.add_argument("--no-files", action="store_true", help="print only")
+    ap.add_argument("--measure", action="store_true", help="allocate each cache and print measured vs formula")
+    ap.add_argument("--device", default="auto", help="device for --measure (auto: cuda if available)")
+    ap.add_argument("--measure-shapes", nargs="+", default=["tiny", "small", "lite"],
+                    help="shapes to allocate for --measure (v2 MHA at 4 x 4K tokens would need 64 GB)")
+    ap.add_argument("--measure-batch", type=int, default=4)
+    ap.add_argument("--measure-len", type=int, default=4096)
+    args = ap.parse_args(argv)
+
+    try:
+        groups = {k: int(v) for k, v in (g.split("=", 1) for g in args.gqa_groups)}
+        configs = shape_variants(args.shapes, groups)
+        rows = kv_cache_table(configs, args.context)
+        ck_rows = checkpoint_rows(args.ckpt, args.context) if args.ckpt else []
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    parts = ["# KV cache per token: MHA, GQA, MQA and MLA at the same model shape", "",
+             f"Elements are per token over all layers; bytes in bf16; the context column is {args.context:,} tokens. "
+             "'= GQA groups' is MLA's cache as a GQA group count, (kv_lora_rank + qk_rope_head_dim) / (2 x head_dim). "
+             "GQA groups: " + ", ".join(f"{s} {configs[f'{s}/gqa'].num_key_value_heads}" for s in args.shapes) + ".",
+             "", format_table(rows), ""]
+    for s in args.shapes:
+        cfg = configs[f"{s}/mla"]
+        mha = configs[f"{s}/mha"]
+        parts.append(f"- {s}: MLA {cfg.kv_cache_elements_per_token():,} elements/token = "
+                     f"{equivalent_gqa_groups(cfg):.3g} GQA groups of head_dim {cfg.head_dim}; "
+                     f"{mha.kv_cache_elements_per_token() / cfg.kv_cache_elements_per_token():.1f}x smaller than MHA")
+    parts += ["", paper_comparison()]
+    if ck_rows:
+        parts += ["", "## Checkpoints: val loss beside cache size", "", format_table(ck_rows), ""]
+        parts += [f"- {r['label']}: val loss from {r['val_loss_source']}" for r in ck_rows]
+    if args.measure:
+        import torch
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        parts += ["", measure(args.measure_shapes, device, args.measure_batch, args.measure_len)]
+    text = "\n".join(parts)
+
+    if not args.no_files:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        png = Path(args.png) if args.png else out / "kv_cache.png"
+        plot_kv_cache(rows, png)
+        (out / "kv_cache_report.md").write_text(text + f"\n\n![KV cache per token]({png.resolve()})\n")
+        (out / "kv_cache_report.json").write_text(json.dumps({"rows": rows, "checkpoints": ck_rows}, indent=1))
+        text += f"\n\nwrote {out / 'kv_cache_report.md'}, {out / 'kv_cache_report.json'} and {png} " \
+                f"({human_bytes(png.stat().st_size)})"
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

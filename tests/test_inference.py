@@ -1,0 +1,167 @@
+"""Inference side: generate.py end to end, the KV-cache report, cache measurement, the decode benchmark's smoke mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.inference import (
+    equivalent_gqa_groups,
+    format_table,
+    kv_cache_table,
+    measure_kv_bytes,
+    paper_comparison,
+    paper_comparison_numbers,
+    plot_kv_cache,
+    shape_variants,
+)
+from deepseek_mini.model import DeepSeekV2
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _run(script: str, *args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A hand-made Lightning-style checkpoint of a tiny MLA model + a ByteLevel BPE tokenizer.json beside it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Once upon a time there was a model.",
+                             "It decoded one token at a time."] * 5, trainer)
+    cfg = ModelConfig.preset("tiny", vocab_size=320, max_position_embeddings=64, hidden_size=64,
+                             num_hidden_layers=2, intermediate_size=128)
+    torch.manual_seed(0)
+    model = DeepSeekV2(cfg).eval()
+    ckpt_dir = tmp_path_factory.mktemp("run") / "checkpoints"
+    ckpt_dir.mkdir()
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model_config": cfg.to_dict()}}, ckpt_dir / "last.ckpt")
+    tok.save(str(ckpt_dir / "tokenizer.json"))
+    return ckpt_dir / "last.ckpt", model, tok
+
+
+def test_generate_cli_greedy_matches_model_generate(tiny_ckpt, tmp_path):
+    path, model, tok = tiny_ckpt
+    prompt = "Once upon a time"
+    proc = _run("generate.py", f"ckpt_path={path}", f"prompt={prompt}", "max_new_tokens=12", "temperature=0",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = tok.encode(prompt).ids
+    eos = tok.token_to_id("<|endoftext|>")
+    out = model.generate(torch.tensor([ids]), 12, temperature=0, eos_token_id=eos)[0, len(ids):].tolist()
+    if eos in out:
+        out = out[:out.index(eos)]
+    expected = prompt + tok.decode(out, skip_special_tokens=False)
+    *text_lines, last = proc.stdout.rstrip("\n").split("\n")
+    assert "\n".join(text_lines) == expected
+    assert "tokens/s" in last and "KV cache" in last and "MLA latent cache, absorb decode" in last
+    assert list(tmp_path.iterdir()) == []  # no outputs/ or .hydra/ or log file left behind
+
+
+def test_generate_cli_streams_sampled_text(tiny_ckpt, tmp_path):
+    path, _, _ = tiny_ckpt
+    proc = _run("generate.py", f"ckpt_path={path}", "prompt=The quick", "max_new_tokens=6", "temperature=0.9",
+                "top_k=20", "top_p=0.9", "mla_decode=naive", "stop_at_eos=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("The quick") and "6 new tokens" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ckpt_path=does/not/exist.ckpt"], "checkpoint not found"),
+    ([], "ckpt_path is required"),
+    (["prompt=x", "max_new_tokens=100"], "exceeds the model's max_position_embeddings=64"),
+])
+def test_generate_cli_errors(tiny_ckpt, tmp_path, args, message):
+    if args and args[0] == "prompt=x":
+        args = [f"ckpt_path={tiny_ckpt[0]}", *args]
+    proc = _run("generate.py", *args, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_generate_cli_no_tokenizer(tiny_ckpt, tmp_path):
+    lone = tmp_path / "a" / "b" / "last.ckpt"
+    lone.parent.mkdir(parents=True)
+    lone.write_bytes(tiny_ckpt[0].read_bytes())
+    proc = _run("generate.py", f"ckpt_path={lone}", cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: no tokenizer.json")
+
+
+def test_kv_cache_numbers():
+    rows = {r["name"]: r for r in kv_cache_table(shape_variants(), context=131072)}
+    assert rows["v2/mla"]["elements_per_token"] == 34_560
+    assert rows["lite/mla"]["elements_per_token"] == 15_552
+    assert rows["v2/mha"]["elements_per_token"] == 1_966_080
+    assert rows["v2/gqa"]["elements_per_token"] == 122_880 and rows["lite/gqa"]["elements_per_token"] == 27_648
+    assert rows["v2/mqa"]["elements_per_token"] == 15_360
+    assert rows["v2/mla"]["bytes_per_token_bf16"] == 69_120
+    assert rows["v2/mla"]["bytes_context_bf16"] == 69_120 * 131072
+    assert equivalent_gqa_groups(ModelConfig.preset("v2")) == 2.25
+    assert equivalent_gqa_groups(ModelConfig.preset("small")) == 2.25
+    n = paper_comparison_numbers()
+    assert n["ds67b_elements"] == 194_560
+    assert abs(100 * n["reduction_quantized"] - 93.3) < 0.1
+    assert abs(100 * n["reduction_bf16"] - 82.2) < 0.1
+    assert "93.3%" in paper_comparison() and "82.2%" in paper_comparison()
+    table = format_table(list(rows.values()))
+    assert "34,560" in table and "| v2 | MLA |" in table
+
+
+def test_kv_cache_report_cli_and_png(tiny_ckpt, tmp_path):
+    path, _, _ = tiny_ckpt
+    (path.parent.parent / "results.json").write_text('{"val_loss": 3.25}')
+    proc = _run("kv_cache_report.py", "--out-dir", str(tmp_path / "rep"), "--ckpt", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "34,560" in proc.stdout and "15,552" in proc.stdout and "93.3%" in proc.stdout
+    assert "3.2500" in proc.stdout
+    png = tmp_path / "rep" / "kv_cache.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "rep" / "kv_cache_report.md").is_file()
+
+
+def test_plot_kv_cache(tmp_path):
+    out = plot_kv_cache(kv_cache_table(shape_variants(["tiny"])), tmp_path / "x.png")
+    assert out.stat().st_size > 5_000
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_measure_kv_bytes_cpu(attention):
+    cfg = ModelConfig.preset("tiny" if attention == "mla" else "tiny_gqa", vocab_size=64, num_hidden_layers=2)
+    model = DeepSeekV2(cfg)
+    r = measure_kv_bytes(model, batch=3, max_len=40)
+    assert r["measured_bytes"] == r["formula_bytes"] == cfg.kv_cache_bytes_per_token(4) * 3 * 40
+    r16 = measure_kv_bytes(model, batch=2, max_len=8, dtype=torch.bfloat16)
+    assert r16["measured_bytes"] == cfg.kv_cache_bytes_per_token(2) * 2 * 8
+
+
+def test_bench_decode_cpu_smoke(tmp_path):
+    import json
+
+    proc = _run("bench_decode.py", "--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--check",
+                "--out", str(tmp_path / "b.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert len(data["rows"]) == 3 * 2 * 2 and all(r["status"] == "ok" for r in data["rows"])
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in proc.stdout.splitlines() if "max abs diff" in line]
+    assert len(diffs) == 3 and max(diffs) < 1e-4  # the graph-mode step computes what the model's decode does
+    assert data["capacity"][0]["vs_mha"] == pytest.approx(4096 / 768)
+    assert proc.stdout.rstrip().endswith("MLA fits 5.33x MHA's batch x context.")
