@@ -97,7 +97,7 @@ def _static_attention(attn, x, pos_t, cache, mask):
         k_pe = attn.rotary(k_pe.unsqueeze(2), pos_t)
         cache.kv.index_copy_(1, pos_t, torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype))
         if attn.decode_mode == "absorb":
-            o = attn._absorbed(q_nope, q_pe, cache.kv, mask)
+            o = attn._absorbed(q_nope, q_pe, cache.kv, None, kv_len=pos_t + 1)
         else:
             c_past, kpe_past = cache.kv.to(x.dtype).split([attn.rank, attn.rope_dim], dim=-1)
             o = attn._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
@@ -438,6 +438,9 @@ def main(argv=None) -> int:
         if args.check:
             err = check_static_matches_eager(model, args.device)
             print(f"  static step vs eager logits: max abs diff {err:.3g}", flush=True)
+            if variant == "mla_absorb":
+                err = check_fused_kernel(model, args.device)
+                print(f"  fused Triton decode vs PyTorch absorbed decode: max rel diff {err:.3g}", flush=True)
         for batch in args.batches:
             for ctx in args.contexts:
                 for mode in args.modes:
@@ -478,6 +481,24 @@ def check_static_matches_eager(model, device, batch: int = 2, ctx: int = 8) -> f
     static = static_logits(model, tok, torch.tensor([ctx], device=device), caches[1],
                            torch.arange(max_len, device=device)).float()
     return float((eager - static).abs().max()) if math.isfinite(float(eager.abs().max())) else math.inf
+
+
+@torch.no_grad()
+def check_fused_kernel(model, device, batch: int = 3, ctx: int = 1000) -> float:
+    """Relative max difference of the attention output: fused Triton kernel vs the PyTorch absorbed path."""
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = attn.kv_b_proj.weight.dtype
+    q_nope = torch.randn(batch, 1, attn.n_heads, attn.nope, device=device, generator=g).to(dtype)
+    q_pe = torch.randn(batch, 1, attn.n_heads, attn.rope_dim, device=device, generator=g).to(dtype)
+    kv = torch.randn(batch, ctx + 37, attn.rank + attn.rope_dim, device=device, generator=g).to(dtype)
+    kv_len = torch.tensor([ctx], device=device)
+    attn.fused_decode = True
+    fused = attn._absorbed(q_nope, q_pe, kv, None, kv_len=kv_len).float()
+    attn.fused_decode = False
+    ref = attn._absorbed(q_nope, q_pe, kv[:, :ctx], None).float()
+    attn.fused_decode = True
+    return float((fused - ref).abs().max() / ref.abs().max())
 
 
 if __name__ == "__main__":

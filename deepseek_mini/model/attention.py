@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mini.config import ModelConfig
+from deepseek_mini.model import mla_kernel
 from deepseek_mini.model.layers import RMSNorm
 from deepseek_mini.model.rope import RotaryEmbedding
 
@@ -100,6 +101,7 @@ class MLA(nn.Module):
         self.rotary = RotaryEmbedding(self.rope_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.scale = cfg.softmax_scale()
         self.decode_mode = "absorb"  # or "naive": rebuild K/V from the latents at every step
+        self.fused_decode = True  # absorbed single-token decode through the Triton kernel on CUDA
         self.pad_v = True
 
     def new_cache(self, batch_size, max_len, device, dtype) -> LatentCache:
@@ -144,12 +146,26 @@ class MLA(nn.Module):
                    is_causal=True, mask=mask, pad_v=self.pad_v and q.is_cuda)
         return o.transpose(1, 2)  # [B, T, H, v_dim]
 
-    def _absorbed(self, q_nope, q_pe, past, mask):
-        """Attend in latent space: scores = (W_UK^T q_nope).c + q_pe.k_pe; out = W_UV (p . c)."""
+    def _absorbed(self, q_nope, q_pe, past, mask, kv_len=None):
+        """Attend in latent space: scores = (W_UK^T q_nope).c + q_pe.k_pe; out = W_UV (p . c).
+
+        `kv_len` (int tensor [B] or [1], optional) bounds the valid cache positions instead of a mask, so a
+        caller can pass the whole static cache (CUDA graphs). Single-token decode on CUDA in bf16/fp16
+        runs the fused Triton kernel (mla_kernel.py), which reads each cached latent exactly once.
+        """
         B, T, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [H, nope, rank], [H, v, rank]
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        if T == 1 and self.fused_decode and mla_kernel.available(past):
+            if kv_len is None:
+                kv_len = torch.full((B,), past.shape[1], dtype=torch.int32, device=past.device)
+            kv_len = kv_len.to(torch.int32).expand(B).contiguous()
+            o_lat = mla_kernel.mla_decode_attention(q_lat[:, 0], q_pe[:, 0], past, kv_len, self.scale)[:, None]
+            return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
+        if kv_len is not None:
+            valid = torch.arange(past.shape[1], device=past.device) < kv_len.reshape(-1)[0]
+            mask = valid[None, :] if mask is None else mask & valid[None, :]
         q_full = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, -1)  # [B, T*H, rank + rope]
         kv = past.to(q_full.dtype)
         # softmax in >= fp32 (fp64 stays fp64, or absorbed and naive decode differ at 1e-7)
