@@ -77,9 +77,15 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tens
                          scale: float) -> torch.Tensor:
     """q_lat [B, H, C], q_pe [B, H, R], kv [B, L, C + R] (cache; positions >= kv_len ignored),
     kv_len int32 [B] -> latent attention output [B, H, C] (before W_UV), in q_lat's dtype."""
+    return torch.ops.deepseek_mini.mla_decode(q_lat, q_pe, kv, kv_len, scale)
+
+
+def _mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv_len: torch.Tensor,
+                scale: float) -> torch.Tensor:
     B, H, C = q_lat.shape
     R = q_pe.shape[-1]
     L = kv.shape[1]
+    out_dtype = q_lat.dtype
     q_lat, q_pe = q_lat.to(kv.dtype).contiguous(), q_pe.to(kv.dtype).contiguous()
     BLOCK_H = max(16, triton.next_power_of_2(H))
     BLOCK_C, BLOCK_R = triton.next_power_of_2(C), max(16, triton.next_power_of_2(R))
@@ -100,4 +106,13 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tens
     m_all = m.amax(dim=1, keepdim=True)
     w = torch.exp(m - m_all).nan_to_num(0.0)  # [B, splits, BLOCK_H]
     out = (acc * w[..., None]).sum(1) / (lsum * w).sum(1)[..., None]
-    return out[:, :H, :C].to(q_lat.dtype)
+    return out[:, :H, :C].to(out_dtype).contiguous()
+
+
+if triton is not None:
+    # An opaque custom op, so torch.compile can fuse the code around it without a graph break.
+    torch.library.custom_op("deepseek_mini::mla_decode", _mla_decode, mutates_args=())
+
+    @torch.library.register_fake("deepseek_mini::mla_decode")
+    def _mla_decode_fake(q_lat, q_pe, kv, kv_len, scale):
+        return q_lat.new_empty(q_lat.shape)  # contiguous, like the real op's result
