@@ -1,0 +1,26 @@
+"""Console entry points `deepseek-train` and `deepseek-eval` (same as `python train.py` / `python eval.py`).
+
+They read the configs from the source checkout's configs/ directory, so use them from an editable install
+(`pip install -e .`).
+"""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from deepseek_mini.training.run import cli_errors, evaluate, train
+
+CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="train")
+@cli_errors
+def train_main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIGS, config_name="eval")
+@cli_errors
+def eval_main(cfg: DictConfig) -> None:
+    evaluate(cfg)

@@ -1,0 +1,5 @@
+"""Lightning + Hydra training stack: LitDeepSeek, callbacks, and the train()/evaluate() tasks."""
+
+from .module import LitDeepSeek
+
+__all__ = ["LitDeepSeek"]

@@ -1,0 +1,199 @@
+"""Callbacks: throughput + MFU, expert-load heatmaps, sample generations, checkpoint-dir describer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from deepseek_mini.config import flops_per_token
+
+log = logging.getLogger(__name__)
+
+# Measured bf16 dense matmul ceiling of an H100 (FLOPs/s); the default peak for MFU on a GPU.
+DEFAULT_GPU_PEAK_FLOPS = 798e12
+
+
+def _wandb(trainer: L.Trainer) -> WandbLogger | None:
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ThroughputMonitor(L.Callback):
+    """tokens/s and MFU over windows of `window` optimizer steps, excluding validation time.
+
+    The only device synchronisation is at the end of each window. MFU = analytic training FLOPs per
+    token (6 x active matmul params + attention term, `deepseek_mini.config.flops_per_token`) x tokens/s
+    / `peak_flops` per device. Also keeps the run totals for results.json (`tokens_seen`, `tokens_per_sec`).
+    """
+
+    def __init__(self, window: int = 10, peak_flops: float | None = None):
+        self.window = max(1, int(window))
+        self.peak_flops = peak_flops
+        self.tokens_seen = 0
+        self.train_time = 0.0
+        self._t0: float | None = None
+        self._tokens_in_window = 0
+        self._flops_per_token = 0.0
+
+    def _tokens_per_step(self, trainer, pl_module, batch) -> int:
+        x = batch[0]
+        return int(x.numel()) * trainer.world_size
+
+    def on_train_start(self, trainer, pl_module):
+        seq_len = trainer.datamodule.seq_len if trainer.datamodule is not None else 256
+        self._flops_per_token = flops_per_token(pl_module.config, seq_len)
+        if self.peak_flops is None and pl_module.device.type == "cuda":
+            self.peak_flops = DEFAULT_GPU_PEAK_FLOPS
+        self._t0 = None  # started at the first training batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._tokens_in_window += self._tokens_per_step(trainer, pl_module, batch)
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        if trainer.global_step % self.window == 0 and self._t0 is not None:
+            _sync(pl_module.device)
+            now = time.perf_counter()
+            dt = max(1e-9, now - self._t0)
+            tps = self._tokens_in_window / dt
+            self.train_time += dt
+            self.tokens_seen += self._tokens_in_window
+            metrics = {"train/tokens_per_sec": tps, "train/tokens_seen": float(self.tokens_seen)}
+            if self.peak_flops:
+                metrics["train/mfu"] = self._flops_per_token * tps / trainer.world_size / float(self.peak_flops)
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=trainer.global_step)
+            self._tokens_in_window, self._t0 = 0, now
+
+    def _pause(self, pl_module):
+        if self._t0 is not None:
+            _sync(pl_module.device)
+            self.train_time += time.perf_counter() - self._t0
+            self.tokens_seen += self._tokens_in_window
+            self._tokens_in_window, self._t0 = 0, None
+
+    def on_validation_start(self, trainer, pl_module):
+        self._pause(pl_module)  # validation time is not training time
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._t0 is None:  # resume timing after a validation (and its checkpointing / sampling hooks)
+            _sync(pl_module.device)
+            self._t0 = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self._pause(pl_module)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens_seen / self.train_time if self.train_time else 0.0
+
+
+def expert_heatmap_figure(load: torch.Tensor, first_layer: int, title: str):
+    """Tokens per expert, one row per MoE layer, normalised by the row mean (1.0 = perfectly balanced)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rel = (load / load.mean(dim=1, keepdim=True).clamp_min(1e-9)).numpy()
+    fig, ax = plt.subplots(figsize=(max(4, 0.25 * rel.shape[1] + 2), max(2, 0.35 * rel.shape[0] + 1.2)))
+    im = ax.imshow(rel, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(rel.shape[0]), [str(first_layer + i) for i in range(rel.shape[0])])
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="load / mean")
+    fig.tight_layout()
+    return fig
+
+
+class ExpertLoadHeatmap(L.Callback):
+    """After each validation: a tokens-per-expert heatmap (wandb image, and <run dir>/expert_load.png)."""
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module):
+        load = getattr(pl_module, "val_expert_load", None)
+        if load is None or trainer.sanity_checking:
+            return
+        import matplotlib.pyplot as plt
+
+        fig = expert_heatmap_figure(load, pl_module.config.first_k_dense_replace,
+                                    f"expert load, validation at step {trainer.global_step}")
+        out = Path(trainer.default_root_dir) / "expert_load.png"
+        fig.savefig(out, dpi=100)
+        wb = _wandb(trainer)
+        if wb is not None:
+            import wandb
+
+            wb.experiment.log({"val/expert_load_heatmap": wandb.Image(fig), "trainer/global_step": trainer.global_step})
+        plt.close(fig)
+
+
+class SampleGenerations(L.Callback):
+    """After each validation: continue a few prompts; a growing wandb table (step, prompt, sample)."""
+
+    def __init__(self, prompts=("def ",), max_new_tokens: int = 48, temperature: float = 0.8, top_k: int | None = 50,
+                 seed: int = 0):
+        self.prompts = list(prompts)
+        self.max_new_tokens, self.temperature, self.top_k, self.seed = max_new_tokens, temperature, top_k, seed
+        self.rows: list[list[Any]] = []
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module):
+        dm = trainer.datamodule
+        tok = getattr(dm, "tokenizer", None)
+        if tok is None or trainer.sanity_checking or not self.prompts:
+            return
+        model = pl_module.model
+        limit = model.config.max_position_embeddings
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        for prompt in self.prompts:
+            ids = tok.encode(prompt).ids[-(limit - self.max_new_tokens):] or [dm.eos_token_id]
+            x = torch.tensor([ids], device=pl_module.device)
+            with torch.autocast(pl_module.device.type, dtype=torch.bfloat16, enabled=pl_module.device.type == "cuda"):
+                out = model.generate(x, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                                     generator=g)
+            text = tok.decode(out[0, len(ids):].tolist())
+            self.rows.append([trainer.global_step, prompt, text])
+            log.info("sample @ step %d: %r -> %r", trainer.global_step, prompt, text[:200])
+        wb = _wandb(trainer)
+        if wb is not None:
+            wb.log_text("val/samples", columns=["step", "prompt", "sample"], data=self.rows, step=trainer.global_step)
+
+
+class CheckpointDirDescriber(L.Callback):
+    """Makes the checkpoint dir self-describing: model_config.json, tokenizer.json and config.yaml."""
+
+    def __init__(self, dirpath: str | os.PathLike, resolved_config: dict | None = None):
+        self.dirpath = Path(dirpath)
+        self.resolved_config = resolved_config
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module):
+        describe_checkpoint_dir(self.dirpath, pl_module.config.to_dict(),
+                                getattr(trainer.datamodule, "tokenizer_path", None), self.resolved_config)
+
+
+def describe_checkpoint_dir(dirpath: Path, model_config: dict, tokenizer_path: str | None,
+                            resolved_config: dict | None = None) -> None:
+    dirpath.mkdir(parents=True, exist_ok=True)
+    (dirpath / "model_config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, dirpath / "tokenizer.json")
+    if resolved_config is not None:
+        import yaml
+
+        (dirpath / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))

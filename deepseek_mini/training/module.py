@@ -1,0 +1,222 @@
+"""LitDeepSeek: the LightningModule around DeepSeekV2.
+
+* loss = next-token cross-entropy + the model's auxiliary balance losses, added here explicitly;
+* AdamW (decay on >=2-D parameters only) with warmup + cosine / DeepSeek's step schedule;
+* the auxiliary-loss-free bias update after every optimizer step (summed over ranks under DDP);
+* optional torch.compile of the inner model, kept out of the state dict (keys stay "model.*").
+
+Logging stays free of extra host syncs on the GPU: per-step values are logged as tensors (Lightning
+reads them only every `log_every_n_steps`), and the router statistics and gradient norm are computed
+only on those logging steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.model import DeepSeekV2
+
+
+def expert_load_stats(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:
+    """max/mean and min/mean load and normalised routing entropy (1 = perfectly even) of one layer."""
+    tpe = tokens_per_expert.float()
+    mean = tpe.mean().clamp_min(1e-9)
+    p = tpe / tpe.sum().clamp_min(1e-9)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum() / math.log(max(2, tpe.numel()))
+    return {"max_load": tpe.max() / mean, "min_load": tpe.min() / mean, "entropy": entropy}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (>=2-D: linear and embedding weights, expert stacks), not on vectors."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(schedule: dict, max_steps: int):
+    """Multiplier of the base lr at optimizer step `step` (0-based)."""
+    name = schedule.get("name", "warmup_cosine")
+    warmup = max(0, int(schedule.get("warmup_steps", 0)))
+    total = max(1, int(max_steps))
+
+    def warm(step: int) -> float | None:
+        return (step + 1) / warmup if step < warmup else None
+
+    if name == "warmup_cosine":
+        min_ratio = float(schedule.get("min_lr_ratio", 0.1))
+
+        def fn(step):
+            w = warm(step)
+            if w is not None:
+                return w
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif name == "step":
+        milestones = [float(m) * total for m in schedule.get("milestones", [0.8, 0.9])]
+        gamma = float(schedule.get("gamma", 0.316))
+
+        def fn(step):
+            w = warm(step)
+            return w if w is not None else gamma ** sum(step >= m for m in milestones)
+    elif name == "constant":
+        def fn(step):
+            w = warm(step)
+            return 1.0 if w is None else w
+    else:
+        raise ValueError(f"unknown scheduler {name!r}; use warmup_cosine, step or constant")
+    return fn
+
+
+class LitDeepSeek(L.LightningModule):
+    def __init__(self, model_config: dict[str, Any], optim: dict[str, Any] | None = None,
+                 scheduler: dict[str, Any] | None = None, compile: bool = False, max_steps: int = 1000,
+                 log_every_n_steps: int = 10):
+        super().__init__()
+        # plain dicts only, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters()
+        self.model = DeepSeekV2(ModelConfig.from_dict(model_config))
+        self.optim_cfg = dict(optim or {})
+        self.sched_cfg = dict(scheduler or {"name": "constant", "warmup_steps": 0})
+        self.compile = compile
+        self.max_steps = max_steps
+        self.log_every = max(1, int(log_every_n_steps))
+        self._forward = self.model  # replaced by the compiled module in configure_model (not registered)
+        self._val_tpe: list[torch.Tensor] | None = None
+        self._val_dropped: list[torch.Tensor] | None = None
+        self.val_expert_load: torch.Tensor | None = None  # [moe layers, experts] tokens at the last validation
+        self.val_history: list[tuple[int, float]] = []  # (global_step, val loss)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def configure_model(self) -> None:
+        if self.compile and self._forward is self.model:
+            # keep the compiled wrapper out of the module tree: state_dict keys stay "model.*"
+            # dynamic=False: batches are packed to a fixed length; a different shape (a short last val
+            # batch) gets its own static graph instead of turning the training graph dynamic
+            object.__setattr__(self, "_forward", torch.compile(self.model, dynamic=False))
+
+    def __setattr__(self, name, value):
+        if name == "_forward":  # never register the (possibly compiled) alias as a submodule
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        return self._forward(input_ids, labels=labels, return_logits=False)
+
+    # ------------------------------------------------------------------ steps
+    def _log_router(self, prefix: str, router_stats: list[dict]) -> None:
+        for i, stats in enumerate(router_stats):
+            layer = self.config.first_k_dense_replace + i * self.config.moe_layer_freq
+            for k, v in expert_load_stats(stats["tokens_per_expert"]).items():
+                self.log(f"{prefix}/moe/layer{layer}/{k}", v)
+            self.log(f"{prefix}/moe/layer{layer}/dropped_fraction", stats["dropped_fraction"])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x, y)
+        loss = out.loss + out.aux_loss
+        lm = out.loss.detach()
+        self.log("train/loss", lm, prog_bar=True)
+        self.log("train/perplexity", torch.exp(lm))
+        self.log("train/aux_loss", out.aux_loss.detach())
+        for name, value in out.aux_losses.items():
+            self.log(f"train/{name}", value.detach())
+        if self.global_step % self.log_every == 0:
+            self._log_router("train", out.router_stats)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.global_step % self.log_every == 0:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads:  # before clipping (Lightning clips after this hook)
+                self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning refuses to clip for a fused AdamW under any AMP precision, because with fp16 a
+        # GradScaler would still have to unscale the gradients. bf16 has no scaler, so the gradients are
+        # already true gradients and plain norm clipping is exact; only fp16 goes through Lightning.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # aux-loss-free balancing (DeepSeek-V3): nudge router biases from this step's expert counts
+        all_reduce = None
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            def all_reduce(t):
+                torch.distributed.all_reduce(t)
+                return t
+        self.model.update_expert_bias(all_reduce)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_tpe, self._val_dropped = None, None
+        self._val_loss_sum, self._val_batches, self._val_samples = None, 0, 0
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x, y)
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True)
+        loss = out.loss.detach().float() * x.shape[0]  # sample-weighted, like Lightning's epoch mean
+        self._val_loss_sum = loss if self._val_loss_sum is None else self._val_loss_sum + loss
+        self._val_batches += 1
+        self._val_samples += x.shape[0]
+        self.log("val/aux_loss", out.aux_loss, sync_dist=True)
+        for name, value in out.aux_losses.items():
+            self.log(f"val/{name}", value, sync_dist=True)
+        if out.router_stats:
+            tpe = [s["tokens_per_expert"].float() for s in out.router_stats]
+            dropped = [s["dropped_fraction"].float() for s in out.router_stats]
+            if self._val_tpe is None:
+                self._val_tpe, self._val_dropped = tpe, dropped
+            else:
+                self._val_tpe = [a + b for a, b in zip(self._val_tpe, tpe)]
+                self._val_dropped = [a + b for a, b in zip(self._val_dropped, dropped)]
+        return out.loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_batches == 0:
+            return
+        n = self._val_batches
+        loss = self._val_loss_sum / self._val_samples  # this rank's mean; Lightning reduces val/loss over ranks
+        self.log("val/perplexity", torch.exp(loss), sync_dist=True)
+        self.val_history.append((int(self.global_step), float(loss)))
+        if self._val_tpe is not None:
+            tpe = torch.stack(self._val_tpe)
+            if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(tpe)
+            self.val_expert_load = tpe.detach().cpu()
+            for i, (row, dropped) in enumerate(zip(tpe, self._val_dropped)):
+                layer = self.config.first_k_dense_replace + i * self.config.moe_layer_freq
+                for k, v in expert_load_stats(row).items():
+                    self.log(f"val/moe/layer{layer}/{k}", v)
+                self.log(f"val/moe/layer{layer}/dropped_fraction", dropped / n)
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        fused = o.get("fused", "auto")
+        if fused == "auto":
+            fused = torch.cuda.is_available() and self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, float(o.get("weight_decay", 0.1))),
+            lr=float(o.get("lr", 3e-3)),
+            betas=tuple(o.get("betas", (0.9, 0.95))),
+            eps=float(o.get("eps", 1e-8)),
+            fused=bool(fused) or None,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.sched_cfg, self.max_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

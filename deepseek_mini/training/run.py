@@ -1,0 +1,394 @@
+"""train(cfg) and evaluate(cfg): what train.py and eval.py run, given a composed Hydra config.
+
+Both are wrapped by `task_wrapper`: whatever happens, the wandb run is finished (exit code 1 on error),
+so each job of a multirun gets its own wandb run, and memory is released between jobs. `cli_errors`
+turns the user's mistakes (bad model config, missing data, unreadable checkpoint) into a one-line
+message and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from deepseek_mini.checkpoint import CheckpointError
+from deepseek_mini.config import ConfigError, ModelConfig, count_parameters
+
+log = logging.getLogger(__name__)
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError)
+try:  # the data package may be absent in a partial checkout; its errors are user errors too
+    from deepseek_mini.data import DataError
+
+    USER_ERRORS = (*USER_ERRORS, DataError)
+except ImportError:  # pragma: no cover
+    pass
+
+
+# ---------------------------------------------------------------------- wrappers
+def _finish_wandb(exit_code: int) -> None:
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        log.info("closing wandb run %s", wandb.run.id)
+        wandb.finish(exit_code=exit_code)
+
+
+def task_wrapper(fn):
+    """Always finish wandb (so the next multirun job starts a new run) and free memory; re-raise errors."""
+
+    @functools.wraps(fn)
+    def wrapped(cfg: DictConfig):
+        failed = True
+        try:
+            out = fn(cfg)
+            failed = False
+            return out
+        except USER_ERRORS as e:
+            log.error("%s: %s", type(e).__name__, e)
+            raise
+        except Exception:
+            log.exception("run failed")
+            raise
+        finally:
+            _finish_wandb(1 if failed else 0)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+
+    return wrapped
+
+
+def cli_errors(fn):
+    """For the entry points: a user error prints `error: <message>` and exits with status 2."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapped
+
+
+# ---------------------------------------------------------------------- helpers
+def _container(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+def model_config_from(cfg: DictConfig) -> ModelConfig:
+    """cfg.model -> validated ModelConfig (raises ConfigError before any data is prepared)."""
+    if "model" not in cfg or cfg.model is None:
+        raise ConfigError("no model config: choose one with model=<preset>")
+    return ModelConfig.from_dict(_container(cfg.model))
+
+
+def resolve_precision(trainer_cfg: dict) -> str:
+    precision = str(trainer_cfg.get("precision", "auto"))
+    if precision != "auto":
+        return precision
+    accel = str(trainer_cfg.get("accelerator", "auto"))
+    gpu = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def _hydra_info() -> dict:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except Exception:
+        return {}
+    info = {"overrides": list(hc.overrides.task), "mode": str(hc.mode)}
+    if "MULTIRUN" in info["mode"]:
+        info["sweep_dir"] = hc.sweep.dir
+        info["job_num"] = hc.job.num
+    return info
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except Exception:
+        return False
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
+    import hydra
+
+    loggers = []
+    node = cfg.get("logger")
+    if not node:
+        return loggers
+    hinfo = _hydra_info()
+    for name, lg_cfg in node.items():
+        if lg_cfg is None or "_target_" not in lg_cfg:
+            continue
+        kwargs = {}
+        if "WandbLogger" in lg_cfg._target_:
+            if not lg_cfg.get("offline", True) and not _has_wandb_key():
+                warnings.warn("logger.wandb.offline=false but no wandb API key found (wandb login / WANDB_API_KEY); "
+                              "logging offline instead (upload later with `wandb sync`)", stacklevel=2)
+                kwargs["offline"] = True
+            if lg_cfg.get("name") is None:
+                kwargs["name"] = (f"{Path(hinfo['sweep_dir']).name}/{hinfo['job_num']}" if "sweep_dir" in hinfo
+                                  else output_dir.name)
+            if lg_cfg.get("group") in (None, cfg.get("task_name")) and "sweep_dir" in hinfo:
+                kwargs["group"] = f"{cfg.get('task_name')}-{Path(hinfo['sweep_dir']).name}"  # one group per sweep
+            os.makedirs(lg_cfg.get("save_dir") or output_dir, exist_ok=True)
+        loggers.append(hydra.utils.instantiate(lg_cfg, **kwargs))
+        log.info("logger %s: %s", name, type(loggers[-1]).__name__)
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    import hydra
+
+    out = []
+    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if cb_cfg is None or "_target_" not in cb_cfg:
+            continue
+        out.append(hydra.utils.instantiate(cb_cfg))
+        log.debug("callback %s: %s", name, type(out[-1]).__name__)
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def model_stats(model_cfg: ModelConfig) -> dict:
+    counts = count_parameters(model_cfg)
+    return {"params_total": counts.total, "params_active": counts.active,
+            "kv_cache_bytes_per_token": model_cfg.kv_cache_bytes_per_token(2)}  # bf16 cache
+
+
+# ---------------------------------------------------------------------- train
+@task_wrapper
+def train(cfg: DictConfig) -> dict:
+    import hydra
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from deepseek_mini.training.callbacks import CheckpointDirDescriber, ThroughputMonitor
+    from deepseek_mini.training.module import LitDeepSeek
+
+    t_start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_cfg = model_config_from(cfg)  # validate before the (slow) data preparation
+    L.seed_everything(cfg.seed, workers=True)
+
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    if dm.vocab_size != model_cfg.vocab_size:
+        log.warning("tokenizer has %d tokens, model.vocab_size=%d: using the tokenizer's size",
+                    dm.vocab_size, model_cfg.vocab_size)
+        model_cfg = model_cfg.replace(vocab_size=dm.vocab_size)
+    if dm.seq_len > model_cfg.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={dm.seq_len} exceeds model.max_position_embeddings="
+                          f"{model_cfg.max_position_embeddings}")
+    stats = model_stats(model_cfg)
+    log.info("model: %s attention, %.2fM parameters (%.2fM active), %d KV-cache bytes/token",
+             model_cfg.attention, stats["params_total"] / 1e6, stats["params_active"] / 1e6,
+             stats["kv_cache_bytes_per_token"])
+
+    trainer_kwargs = _container(cfg.trainer)
+    trainer_kwargs.pop("_target_", None)
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs)
+    module = LitDeepSeek(model_cfg.to_dict(), optim=_container(cfg.optim), scheduler=_container(cfg.scheduler),
+                         compile=bool(cfg.get("compile", False)), max_steps=int(trainer_kwargs["max_steps"]),
+                         log_every_n_steps=int(trainer_kwargs.get("log_every_n_steps", 10)))
+
+    callbacks = build_callbacks(cfg)
+    ckpt_cb = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    ckpt_dir = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else output_dir / "checkpoints"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["model"] = model_cfg.to_dict()
+    callbacks.append(CheckpointDirDescriber(ckpt_dir, resolved))
+    throughput = next((c for c in callbacks if isinstance(c, ThroughputMonitor)), None)
+    loggers = build_loggers(cfg, output_dir)
+    if not loggers:  # LearningRateMonitor refuses to run without a logger; train/lr is logged anyway
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+
+    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)
+    hinfo = _hydra_info()
+    for lg in loggers:
+        lg.log_hyperparams({**resolved, "model_stats": stats, "hydra": hinfo})
+        lg.log_metrics({f"model/{k}": float(v) for k, v in stats.items()}, step=0)
+
+    fast = bool(trainer_kwargs.get("fast_dev_run"))
+    val_loss_start = None
+    if cfg.get("val_before_fit", True) and not cfg.get("ckpt_path") and not fast:
+        val_loss_start = float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"])
+        log.info("val loss before training: %.4f", val_loss_start)
+
+    t_fit = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    fit_time = time.perf_counter() - t_fit
+
+    checkpoint = best = None
+    if not fast:
+        if not module.val_history or module.val_history[-1][0] != trainer.global_step:
+            trainer.validate(module, datamodule=dm, verbose=False)  # make val_loss describe the final weights
+        if ckpt_cb is None or getattr(ckpt_cb, "_last_global_step_saved", -1) != trainer.global_step:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+        checkpoint = str((ckpt_dir / "last.ckpt").resolve())
+        best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
+    val_loss = module.val_history[-1][1] if module.val_history and not fast else None
+
+    train_loss = trainer.callback_metrics.get("train/loss")
+    tokens_per_step = dm.batch_size * dm.seq_len * trainer.accumulate_grad_batches * trainer.world_size
+    tokens_seen = (throughput.tokens_seen if throughput and throughput.tokens_seen
+                   else trainer.global_step * tokens_per_step)
+    tps = throughput.tokens_per_sec if throughput and throughput.train_time else tokens_seen / max(fit_time, 1e-9)
+    results = {
+        "run_dir": str(output_dir.resolve()),
+        "val_loss": val_loss,
+        "val_loss_start": val_loss_start,
+        "val_perplexity": math.exp(val_loss) if val_loss is not None and val_loss < 50 else None,
+        "train_loss": float(train_loss) if train_loss is not None else None,
+        "global_step": int(trainer.global_step),
+        "tokens_seen": int(tokens_seen),
+        "tokens_per_sec": float(tps),
+        **stats,
+        "checkpoint": checkpoint,
+        "best_checkpoint": best,
+        "fit_time_sec": round(fit_time, 2),
+        "wall_time_sec": round(time.perf_counter() - t_start, 2),
+        "val_history": module.val_history,
+        "config": model_cfg.to_dict(),
+        "data": {k: v for k, v in dm.describe().items() if k != "token_cache"},
+        "overrides": hinfo.get("overrides", []),
+    }
+    if trainer.is_global_zero:
+        _write_json(output_dir / "results.json", results)
+        for lg in loggers:
+            if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
+                lg.experiment.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
+        print(f"val loss {val_loss_start} -> {val_loss}; results: {output_dir / 'results.json'}")
+        print(f"run dir: {output_dir.resolve()}")
+    return results
+
+
+# ---------------------------------------------------------------------- evaluate
+@task_wrapper
+def evaluate(cfg: DictConfig) -> dict:
+    import hydra
+
+    from deepseek_mini.checkpoint import load_checkpoint
+    from deepseek_mini.training.module import expert_load_stats
+
+    if cfg.get("ckpt_path") in (None, "", "???"):
+        raise CheckpointError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
+    device = cfg.get("device", "auto")
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
+    torch.manual_seed(cfg.seed)
+
+    loaded = load_checkpoint(ckpt_path, map_location=device)
+    model, mcfg = loaded.model.eval(), loaded.config
+    folder = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
+    tok_path = next((p for p in (folder / "tokenizer.json", folder.parent / "tokenizer.json") if p.is_file()), None)
+    if tok_path is None:
+        raise CheckpointError(f"no tokenizer.json beside {ckpt_path}: cannot tokenize text for this model")
+
+    dm = hydra.utils.instantiate(cfg.data, tokenizer_path=str(tok_path), vocab_size=mcfg.vocab_size)
+    dm.prepare()
+    if dm.vocab_size > mcfg.vocab_size:
+        raise CheckpointError(f"tokenizer {tok_path} has {dm.vocab_size} tokens but the model only {mcfg.vocab_size}")
+    seq_len = min(dm.seq_len, mcfg.max_position_embeddings)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    limit = cfg.get("limit_batches")
+    total_loss, n_batches, tpe = 0.0, 0, None
+    with torch.no_grad(), autocast:
+        for i, (x, y) in enumerate(dm.val_dataloader()):
+            if limit is not None and i >= limit:
+                break
+            x, y = x[:, :seq_len].to(device), y[:, :seq_len].to(device)
+            out = model(x, labels=y, return_logits=False)
+            total_loss += float(out.loss)
+            n_batches += 1
+            if out.router_stats:
+                batch_tpe = torch.stack([s["tokens_per_expert"].float() for s in out.router_stats])
+                tpe = batch_tpe if tpe is None else tpe + batch_tpe
+    loss = total_loss / max(1, n_batches)
+
+    expert_load = []
+    if tpe is not None:
+        for i, row in enumerate(tpe.cpu()):
+            layer = mcfg.first_k_dense_replace + i * mcfg.moe_layer_freq
+            expert_load.append({"layer": layer, **{k: round(float(v), 4) for k, v in expert_load_stats(row).items()},
+                                "tokens_per_expert": [int(v) for v in row.tolist()]})
+
+    kv = {"computed_bf16": mcfg.kv_cache_bytes_per_token(2), "computed_fp32": mcfg.kv_cache_bytes_per_token(4)}
+    if device.type == "cuda":  # measured: allocate the cache of one long generation and read the allocator
+        n_tok = min(4096, mcfg.max_position_embeddings)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        cache = model.new_cache(1, n_tok, device=device, dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        kv["measured_bf16"] = (torch.cuda.memory_allocated() - before) / n_tok
+        del cache
+
+    tok = dm.tokenizer
+    prompt = str(cfg.get("prompt", ""))
+    ids = tok.encode(prompt).ids or [dm.eos_token_id]
+    g = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    max_new = min(int(cfg.max_new_tokens), mcfg.max_position_embeddings - len(ids))
+    with autocast:
+        gen = model.generate(torch.tensor([ids], device=device), max_new, temperature=float(cfg.temperature),
+                             top_k=cfg.get("top_k"), generator=g)
+    continuation = tok.decode(gen[0, len(ids):].tolist())
+
+    result = {
+        "run_dir": str(output_dir.resolve()),
+        "checkpoint": str(ckpt_path),
+        "tokenizer": str(tok_path),
+        "data": dm.describe().get("source"),
+        "val_batches": n_batches,
+        "val_tokens": n_batches * dm.val_batch_size * seq_len,
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 50 else None,
+        "kv_cache_bytes_per_token": kv,
+        **{k: v for k, v in model_stats(mcfg).items() if k != "kv_cache_bytes_per_token"},
+        "expert_load": expert_load,
+        "prompt": prompt,
+        "sample": continuation,
+        "config": mcfg.to_dict(),
+        "device": str(device),
+    }
+    _write_json(output_dir / "eval.json", result)
+    print(f"loss {loss:.4f}  perplexity {result['perplexity']}  KV cache {kv['computed_bf16']} B/token (bf16)")
+    print(f"prompt {prompt!r} -> {continuation!r}")
+    print(f"run dir: {output_dir.resolve()}")
+    return result

@@ -1,0 +1,55 @@
+"""Shared test setup: offline everything, and a helper that runs train.py / eval.py as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# No network in tests or CI: wandb writes offline runs, datasets / hub never reach out.
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+# A model and data small enough that a CLI run takes seconds on a 2-core CPU.
+TINY_OVERRIDES = [
+    "model.vocab_size=512",
+    "model.max_position_embeddings=64",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "data.max_chars=200000",
+    "data.val_fraction=0.1",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=2",
+    "scheduler.warmup_steps=2",
+    "callbacks.samples.max_new_tokens=8",
+    "callbacks.progress_bar=null",
+    "trainer.enable_model_summary=false",
+]
+
+
+def run_cli(script: str, *args: str, cwd: Path = ROOT, check: bool = True, timeout: int = 300):
+    """`python <script> <args>` from the repo root, as in the README; returns the CompletedProcess."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One tokenizer / token cache shared by the CLI tests of a session (they reuse it, as users do)."""
+    return tmp_path_factory.mktemp("cache")

@@ -1,0 +1,117 @@
+"""Every config file composes; model YAMLs mirror the presets; bad model values fail early."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+from conftest import CONFIGS, run_cli
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from deepseek_mini.config import PRESETS, ConfigError, ModelConfig
+from deepseek_mini.training.run import model_config_from, resolve_precision
+
+GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name not in ("hydra", "local"))
+
+
+def _compose(name: str, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def _resolve(cfg) -> dict:
+    """Resolve everything but the hydra node (its job fields exist only inside a running job)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group_option", [f"{g}={o}" for g in GROUPS for o in _options(g)])
+def test_every_group_option_composes(group_option, tmp_path):
+    overrides = [group_option, f"paths.output_dir={tmp_path}"]
+    if group_option.startswith("data=") and group_option not in ("data=stdlib", "data=gutenberg"):
+        overrides.append("data.train_files=x.txt" if group_option == "data=text" else "data.hub_name=some/dataset")
+    cfg = _compose("train", overrides)
+    resolved = _resolve(cfg)
+    assert resolved["model"]["hidden_size"] > 0
+    model_config_from(cfg)  # every composed model config is valid
+
+
+@pytest.mark.parametrize("name", ["train", "eval"])
+def test_top_level_configs_compose(name, tmp_path):
+    overrides = [f"paths.output_dir={tmp_path}"] + (["ckpt_path=x.ckpt"] if name == "eval" else [])
+    cfg = _compose(name, overrides)
+    _resolve(cfg)
+    assert cfg.hydra.job.chdir is False
+    hydra_node = OmegaConf.to_container(cfg.hydra, resolve=False)
+    assert "%f" in hydra_node["run"]["dir"] and "%f" in hydra_node["sweep"]["dir"]  # microsecond timestamps
+    assert hydra_node["sweep"]["subdir"] == "${hydra.job.num}"
+
+
+def test_default_train_config_is_tiny_on_stdlib(tmp_path):
+    cfg = _compose("train", [f"paths.output_dir={tmp_path}"])
+    assert model_config_from(cfg) == ModelConfig.preset("tiny")
+    assert cfg.data.source == "stdlib"
+    assert cfg.trainer.use_distributed_sampler is False
+    assert set(cfg.logger) == {"wandb", "csv"} and cfg.logger.wandb.offline is True
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_yaml_matches_preset(name):
+    data = yaml.safe_load((CONFIGS / "model" / f"{name}.yaml").read_text())
+    assert set(data) == {f.name for f in dataclasses.fields(ModelConfig)}, "every field listed, flat"
+    assert ModelConfig.from_dict(data) == ModelConfig.preset(name)
+    assert ModelConfig.from_dict(data).to_dict() == ModelConfig.preset(name).to_dict()
+
+
+def test_every_preset_has_a_yaml():
+    assert {p.stem for p in (CONFIGS / "model").glob("*.yaml")} == set(PRESETS)
+
+
+def test_model_overrides_reach_model_config(tmp_path):
+    cfg = _compose("train", [f"paths.output_dir={tmp_path}", "model.kv_lora_rank=64", "model.n_routed_experts=16",
+                             "model.num_experts_per_tok=2", "model.attention=mha", "trainer.max_steps=7",
+                             "data.seq_len=64", "data.batch_size=3", "seed=5", "ckpt_path=a.ckpt"])
+    mc = model_config_from(cfg)
+    assert (mc.kv_lora_rank, mc.n_routed_experts, mc.num_experts_per_tok, mc.attention) == (64, 16, 2, "mha")
+    assert (cfg.trainer.max_steps, cfg.data.seq_len, cfg.data.batch_size, cfg.seed, cfg.ckpt_path) == (
+        7, 64, 3, 5, "a.ckpt")
+    assert cfg.data.vocab_size == mc.vocab_size  # the tokenizer is trained to the model's vocab
+
+
+@pytest.mark.parametrize("override", ["model.kv_lora_rank=0", "model.num_experts_per_tok=9",
+                                      "model.attention=flash", "model.qk_rope_head_dim=15"])
+def test_bad_model_value_is_config_error(override, tmp_path):
+    cfg = _compose("train", [f"paths.output_dir={tmp_path}", override])
+    with pytest.raises(ConfigError):
+        model_config_from(cfg)
+
+
+def test_precision_auto():
+    assert resolve_precision({"precision": "auto", "accelerator": "cpu"}) == "32-true"
+    assert resolve_precision({"precision": "16-mixed"}) == "16-mixed"
+
+
+def test_cli_bad_model_value_fails_cleanly_before_data(tmp_path):
+    proc = run_cli("train.py", "model.num_experts_per_tok=16", f"hydra.run.dir={tmp_path}/run",
+                   f"paths.cache_dir={tmp_path}/cache", check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: ModelConfig.num_experts_per_tok=16" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache").exists(), "validation must happen before any data preparation"
+
+
+def teardown_module():
+    GlobalHydra.instance().clear()

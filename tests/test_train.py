@@ -1,0 +1,115 @@
+"""End to end on CPU, through the command line: train.py, eval.py on its checkpoint, resume, a 2x2 sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_OVERRIDES, run_cli
+
+from deepseek_mini.checkpoint import load_checkpoint
+from deepseek_mini.config import ModelConfig
+
+pytestmark = pytest.mark.slow
+
+RESULT_KEYS = {"val_loss", "val_loss_start", "train_loss", "tokens_seen", "tokens_per_sec", "params_total",
+               "params_active", "kv_cache_bytes_per_token", "checkpoint", "config"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    proc = run_cli("train.py", *TINY_OVERRIDES, "model.kv_lora_rank=16", f"paths.cache_dir={cache_dir}",
+                   f"hydra.run.dir={run_dir}")
+    assert f"run dir: {run_dir.resolve()}" in proc.stdout
+    return run_dir
+
+
+def test_train_writes_results(trained):
+    res = json.loads((trained / "results.json").read_text())
+    assert RESULT_KEYS <= set(res)
+    assert res["global_step"] == 4 and res["tokens_seen"] == 4 * 4 * 32
+    assert math.isfinite(res["val_loss"]) and math.isfinite(res["val_loss_start"]) and math.isfinite(res["train_loss"])
+    assert res["val_loss"] < res["val_loss_start"], "even 4 steps lower the loss of a fresh model"
+    assert res["tokens_per_sec"] > 0
+    assert res["config"] == ModelConfig.from_dict(res["config"]).to_dict() and res["config"]["kv_lora_rank"] == 16
+    assert res["kv_cache_bytes_per_token"] == ModelConfig.from_dict(res["config"]).kv_cache_bytes_per_token(2)
+    assert res["params_active"] < res["params_total"]
+    assert Path(res["checkpoint"]).is_file()
+
+
+def test_checkpoint_dir_is_self_describing(trained):
+    ckpt_dir = trained / "checkpoints"
+    for name in ("last.ckpt", "model_config.json", "tokenizer.json", "config.yaml"):
+        assert (ckpt_dir / name).is_file(), name
+    assert list(ckpt_dir.glob("best-*.ckpt")), "best checkpoint by val/loss"
+    raw = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)  # plain hparams only
+    assert all(k.startswith("model.") and "_orig_mod" not in k for k in raw["state_dict"])
+    assert isinstance(raw["hyper_parameters"]["model_config"], dict)
+    loaded = load_checkpoint(ckpt_dir / "last.ckpt")
+    assert loaded.config.to_dict() == json.loads((ckpt_dir / "model_config.json").read_text())
+    assert loaded.tokenizer is not None and loaded.tokenizer.get_vocab_size() == loaded.config.vocab_size
+    out = loaded.model(torch.tensor([[1, 2, 3]]))
+    assert out.logits.shape == (1, 3, loaded.config.vocab_size)
+
+
+def test_loggers_wrote_wandb_and_csv(trained):
+    assert len(list((trained / "wandb").glob("offline-run-*"))) == 1
+    metrics = (trained / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("train/loss", "train/perplexity", "train/aux_loss", "train/grad_norm", "train/lr",
+                "train/tokens_per_sec", "val/loss", "val/perplexity", "model/params_total",
+                "train/moe/layer1/max_load", "val/moe/layer1/entropy", "val/moe/layer1/dropped_fraction"):
+        assert key in metrics, key
+    assert (trained / "expert_load.png").is_file()
+
+
+def test_eval_uses_the_checkpoint_config_and_tokenizer(trained, cache_dir, tmp_path):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    # data overrides only: the model comes from the checkpoint (kv_lora_rank=16 is not the tiny default)
+    proc = run_cli("eval.py", f"ckpt_path={ckpt}", "data.seq_len=32", "data.batch_size=4", "data.max_chars=200000",
+                   "data.val_fraction=0.1", f"paths.cache_dir={cache_dir}", "limit_batches=2", "max_new_tokens=8",
+                   f"hydra.run.dir={tmp_path / 'eval'}")
+    res = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert res["config"]["kv_lora_rank"] == 16
+    train_res = json.loads((trained / "results.json").read_text())
+    assert abs(res["loss"] - train_res["val_loss"]) < 0.5
+    assert math.isclose(res["perplexity"], math.exp(res["loss"]), rel_tol=1e-6)
+    assert res["kv_cache_bytes_per_token"]["computed_bf16"] == train_res["kv_cache_bytes_per_token"]
+    assert res["expert_load"] and {"max_load", "min_load", "entropy", "tokens_per_expert"} <= set(res["expert_load"][0])
+    assert isinstance(res["sample"], str)
+    assert "run dir:" in proc.stdout
+
+
+def test_eval_missing_checkpoint_fails_cleanly(tmp_path):
+    proc = run_cli("eval.py", f"ckpt_path={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path / 'eval'}", check=False)
+    assert proc.returncode == 2 and "error: checkpoint not found" in proc.stderr
+
+
+def test_resume_from_checkpoint(trained, cache_dir, tmp_path):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith("trainer.max_steps")]
+    run_cli("train.py", *overrides, "model.kv_lora_rank=16", "trainer.max_steps=6", f"ckpt_path={ckpt}",
+            "logger=csv", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    res = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert res["global_step"] == 6 and res["val_loss_start"] is None
+
+
+def test_multirun_2x2_gives_four_runs(cache_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli("train.py", "-m", "model.kv_lora_rank=8,16", "model.n_routed_experts=2,4", *TINY_OVERRIDES,
+            "trainer.max_steps=2", f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}", timeout=600)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.json").exists())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    combos = set()
+    run_ids = set()
+    for job in jobs:
+        res = json.loads((job / "results.json").read_text())
+        combos.add((res["config"]["kv_lora_rank"], res["config"]["n_routed_experts"]))
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, f"{job}: one wandb run per job, got {runs}"
+        run_ids.add(runs[0].name.rsplit("-", 1)[-1])
+    assert combos == {(8, 2), (8, 4), (16, 2), (16, 4)}
+    assert len(run_ids) == 4, "each job its own wandb run"
