@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from deepseek_mini.training.reliability import cli_entry
 from deepseek_mini.training.run import cli_errors, evaluate, train
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
@@ -16,11 +17,16 @@ CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="train")
 @cli_errors
-def train_main(cfg: DictConfig) -> None:
+def _train_main(cfg: DictConfig) -> None:
     train(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="eval")
 @cli_errors
-def eval_main(cfg: DictConfig) -> None:
+def _eval_main(cfg: DictConfig) -> None:
     evaluate(cfg)
+
+
+# one-line errors for bad overrides, and `ckpt_path=last` without hydra.run.dir (see reliability.cli_entry)
+train_main = cli_entry(_train_main, CONFIGS, "train")
+eval_main = cli_entry(_eval_main, CONFIGS, "eval")

@@ -157,6 +157,14 @@ class SampleGenerations(L.Callback):
         tok = getattr(dm, "tokenizer", None)
         if tok is None or trainer.sanity_checking or not self.prompts:
             return
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            # sharded parameters: a forward on rank 0 alone would wait forever for the other ranks' shards
+            if not getattr(self, "_warned_sharded", False):
+                log.warning("sample generation is skipped under FSDP; sample from a consolidated checkpoint")
+                self._warned_sharded = True
+            return
         model = pl_module.model
         limit = model.config.max_position_embeddings
         g = torch.Generator(device=pl_module.device).manual_seed(self.seed)

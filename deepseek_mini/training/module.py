@@ -74,6 +74,15 @@ def lr_lambda(schedule: dict, max_steps: int):
     return fn
 
 
+def _sharded_grads(trainer) -> bool:
+    """True under FSDP with sharding: p.grad is this rank's shard, so norms need a cross-rank sum."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    return (isinstance(strategy, FSDPStrategy) and trainer.world_size > 1
+            and getattr(strategy.sharding_strategy, "name", "") != "NO_SHARD")
+
+
 class LitDeepSeek(L.LightningModule):
     def __init__(self, model_config: dict[str, Any], optim: dict[str, Any] | None = None,
                  scheduler: dict[str, Any] | None = None, compile: bool = False, max_steps: int = 1000,
@@ -139,7 +148,11 @@ class LitDeepSeek(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.global_step % self.log_every == 0:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if grads:  # before clipping (Lightning clips after this hook)
+            if _sharded_grads(self.trainer):  # FSDP: each rank holds a shard; sum the squares over ranks
+                sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=self.device))
+                torch.distributed.all_reduce(sq)
+                self.log("train/grad_norm", sq.sqrt())
+            elif grads:  # before clipping (Lightning clips after this hook)
                 self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
@@ -147,7 +160,9 @@ class LitDeepSeek(L.LightningModule):
         # GradScaler would still have to unscale the gradients. bf16 has no scaler, so the gradients are
         # already true gradients and plain norm clipping is exact; only fp16 goes through Lightning.
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if gradient_clip_val and scaler is None and gradient_clip_algorithm in (None, "norm"):
+        if gradient_clip_val and _sharded_grads(self.trainer) and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # FSDP root: the norm over all shards
+        elif gradient_clip_val and scaler is None and gradient_clip_algorithm in (None, "norm"):
             torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -191,8 +206,14 @@ class LitDeepSeek(L.LightningModule):
         if self._val_batches == 0:
             return
         n = self._val_batches
-        loss = self._val_loss_sum / self._val_samples  # this rank's mean; Lightning reduces val/loss over ranks
-        self.log("val/perplexity", torch.exp(loss), sync_dist=True)
+        distributed = self.trainer.world_size > 1 and torch.distributed.is_initialized()
+        if distributed:  # the mean over all ranks' windows (val_history / results.json), not rank 0's shard
+            totals = torch.stack([self._val_loss_sum.reshape(()), self._val_loss_sum.new_tensor(self._val_samples)])
+            torch.distributed.all_reduce(totals)
+            loss = totals[0] / totals[1]
+        else:
+            loss = self._val_loss_sum / self._val_samples
+        self.log("val/perplexity", torch.exp(loss), sync_dist=True)  # same on all ranks
         self.val_history.append((int(self.global_step), float(loss)))
         if self._val_tpe is not None:
             tpe = torch.stack(self._val_tpe)
@@ -201,9 +222,9 @@ class LitDeepSeek(L.LightningModule):
             self.val_expert_load = tpe.detach().cpu()
             for i, (row, dropped) in enumerate(zip(tpe, self._val_dropped)):
                 layer = self.config.first_k_dense_replace + i * self.config.moe_layer_freq
-                for k, v in expert_load_stats(row).items():
-                    self.log(f"val/moe/layer{layer}/{k}", v)
-                self.log(f"val/moe/layer{layer}/dropped_fraction", dropped / n)
+                for k, v in expert_load_stats(row).items():  # row is summed over ranks already
+                    self.log(f"val/moe/layer{layer}/{k}", v, sync_dist=True)
+                self.log(f"val/moe/layer{layer}/dropped_fraction", dropped / n, sync_dist=True)
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepseek_mini.checkpoint import CheckpointError
 from deepseek_mini.config import ConfigError, ModelConfig, count_parameters
+from deepseek_mini.training.sizing import apply_sizing, wandb_sweep_fields
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +49,60 @@ def _finish_wandb(exit_code: int) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+def _log_to_files(level: int, msg: str) -> None:
+    """Record a message in train.log only (the console gets the one-line `error:` from cli_errors)."""
+    record = log.makeRecord(log.name, level, __file__, 0, msg, None, None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
+def _job_dir(cfg: DictConfig) -> Path | None:
+    try:
+        return Path(cfg.paths.output_dir)
+    except Exception:
+        return None
+
+
 def task_wrapper(fn):
-    """Always finish wandb (so the next multirun job starts a new run) and free memory; re-raise errors."""
+    """Always finish wandb (so the next multirun job starts a new run) and free memory.
+
+    Single run: errors are re-raised (cli_errors prints them in one line). Multirun job: any exception
+    (CUDA out of memory included) fails only this job: it is logged, recorded in the job's results.json
+    as `"status": "failed"` with the error, and the sweep goes on with the next job.
+    """
 
     @functools.wraps(fn)
     def wrapped(cfg: DictConfig):
+        from deepseek_mini.training.reliability import TrainingFault, fault_message, is_oom
+
         failed = True
+        multirun = "sweep_dir" in _hydra_info()
         try:
             out = fn(cfg)
             failed = False
             return out
-        except USER_ERRORS as e:
-            log.error("%s: %s", type(e).__name__, e)
-            raise
-        except Exception:
-            log.exception("run failed")
-            raise
+        except Exception as e:
+            expected = isinstance(e, (*USER_ERRORS, TrainingFault)) or is_oom(e)
+            msg = fault_message(e) if expected else f"{type(e).__name__}: {fault_message(e)}"
+            if not multirun:
+                if expected:
+                    _log_to_files(logging.ERROR, f"{type(e).__name__}: {msg}")
+                else:
+                    log.exception("run failed")
+                raise
+            job = _hydra_info().get("job_num")
+            if expected:
+                log.error("job %s failed: %s", job, msg)
+            else:
+                log.exception("job %s failed: %s", job, msg)
+            out_dir = _job_dir(cfg)
+            result = {"status": "failed", "error": msg, "error_type": type(e).__name__, "job_num": job,
+                      "overrides": _hydra_info().get("overrides", [])}
+            if out_dir is not None:
+                result["run_dir"] = str(out_dir.resolve())
+                _write_json(out_dir / "results.json", result)
+            return result  # not re-raised: Hydra's basic launcher would stop the whole sweep
         finally:
             _finish_wandb(1 if failed else 0)
             gc.collect()
@@ -75,15 +114,23 @@ def task_wrapper(fn):
 
 
 def cli_errors(fn):
-    """For the entry points: a user error prints `error: <message>` and exits with status 2."""
+    """For the entry points: a user error prints `error: <message>` and exits with status 2; a training
+    fault (non-finite loss, CUDA out of memory) prints `error: <message>` and exits with status 1."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
+        from deepseek_mini.training.reliability import TrainingFault, fault_message, is_oom
+
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except Exception as e:
+            if not (isinstance(e, TrainingFault) or is_oom(e)):
+                raise
+            print(f"error: {fault_message(e)}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     return wrapped
 
@@ -97,7 +144,8 @@ def model_config_from(cfg: DictConfig) -> ModelConfig:
     """cfg.model -> validated ModelConfig (raises ConfigError before any data is prepared)."""
     if "model" not in cfg or cfg.model is None:
         raise ConfigError("no model config: choose one with model=<preset>")
-    return ModelConfig.from_dict(_container(cfg.model))
+    # `sizing:` (sweep experiments): iso-FLOP expert widths etc., see deepseek_mini/training/sizing.py
+    return ModelConfig.from_dict(apply_sizing(_container(cfg.model), _container(cfg.get("sizing"))))
 
 
 def resolve_precision(trainer_cfg: dict) -> str:
@@ -134,8 +182,12 @@ def _has_wandb_key() -> bool:
         return False
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
+def build_loggers(cfg: DictConfig, output_dir: Path, resume_step: int | None = None) -> list:
+    """Instantiate cfg.logger.*. On resume (`resume_step` set) the CSV logger keeps the earlier rows and
+    wandb continues the run whose id is stored in <run dir>/wandb_run_id.txt."""
     import hydra
+
+    from deepseek_mini.training.reliability import read_wandb_run_id, wandb_online_problem
 
     loggers = []
     node = cfg.get("logger")
@@ -147,16 +199,26 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
             continue
         kwargs = {}
         if "WandbLogger" in lg_cfg._target_:
-            if not lg_cfg.get("offline", True) and not _has_wandb_key():
-                warnings.warn("logger.wandb.offline=false but no wandb API key found (wandb login / WANDB_API_KEY); "
-                              "logging offline instead (upload later with `wandb sync`)", stacklevel=2)
+            problem = None if lg_cfg.get("offline", True) else wandb_online_problem()
+            if problem:  # never let logging kill training
+                msg = (f"logger.wandb.offline=false but {problem}; logging offline instead "
+                       "(upload later with `wandb sync`)")
+                log.warning(msg)
+                warnings.warn(msg, stacklevel=2)
                 kwargs["offline"] = True
+            run_id = read_wandb_run_id(output_dir) if resume_step is not None else None
+            if run_id and lg_cfg.get("id") is None:
+                kwargs.update(id=run_id, resume="allow")
+                log.info("resuming wandb run %s", run_id)
             if lg_cfg.get("name") is None:
                 kwargs["name"] = (f"{Path(hinfo['sweep_dir']).name}/{hinfo['job_num']}" if "sweep_dir" in hinfo
                                   else output_dir.name)
             if lg_cfg.get("group") in (None, cfg.get("task_name")) and "sweep_dir" in hinfo:
                 kwargs["group"] = f"{cfg.get('task_name')}-{Path(hinfo['sweep_dir']).name}"  # one group per sweep
             os.makedirs(lg_cfg.get("save_dir") or output_dir, exist_ok=True)
+        if lg_cfg._target_ in ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger"):
+            lg_cfg = OmegaConf.merge(lg_cfg, {"_target_": "deepseek_mini.training.reliability.ResumableCSVLogger"})
+            kwargs["resume_step"] = resume_step
         loggers.append(hydra.utils.instantiate(lg_cfg, **kwargs))
         log.info("logger %s: %s", name, type(loggers[-1]).__name__)
     return loggers
@@ -196,11 +258,32 @@ def train(cfg: DictConfig) -> dict:
 
     from deepseek_mini.training.callbacks import CheckpointDirDescriber, ThroughputMonitor
     from deepseek_mini.training.module import LitDeepSeek
+    from deepseek_mini.training.reliability import (
+        AtomicCheckpointIO,
+        NonFiniteLossGuard,
+        RNGStateCallback,
+        check_config,
+        checkpoint_global_step,
+        fault_injector_from_env,
+        resolve_ckpt_path,
+        write_wandb_run_id,
+    )
+    from deepseek_mini.training.strategies import build_strategy, global_batch
 
     t_start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_cfg = model_config_from(cfg)  # validate before the (slow) data preparation
+    try:  # validate before the (slow) data preparation; name keys as the user writes them (model.x)
+        model_cfg = model_config_from(cfg)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("ModelConfig.", "model.").replace("ModelConfig:", "model:")) from None
+    check_config(cfg, model_cfg)
+    # ckpt_path=last / resume=true: <this run dir>/checkpoints/last.ckpt (cli_entry picks the latest run when
+    # no hydra.run.dir is given); any checkpoint is checked for truncation/corruption before data prep
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, resume=bool(cfg.get("resume", False)))
+    resume_step = checkpoint_global_step(ckpt_path) if ckpt_path is not None else None
+    if ckpt_path is not None:
+        log.info("resuming from %s (global step %s)", ckpt_path, resume_step)
     L.seed_everything(cfg.seed, workers=True)
 
     dm = hydra.utils.instantiate(cfg.data)
@@ -220,6 +303,7 @@ def train(cfg: DictConfig) -> dict:
     trainer_kwargs = _container(cfg.trainer)
     trainer_kwargs.pop("_target_", None)
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs)
+    build_strategy(trainer_kwargs)  # trainer.strategy may be a node with a _target_ (ddp, fsdp)
     module = LitDeepSeek(model_cfg.to_dict(), optim=_container(cfg.optim), scheduler=_container(cfg.scheduler),
                          compile=bool(cfg.get("compile", False)), max_steps=int(trainer_kwargs["max_steps"]),
                          log_every_n_steps=int(trainer_kwargs.get("log_every_n_steps", 10)))
@@ -230,25 +314,41 @@ def train(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["model"] = model_cfg.to_dict()
     callbacks.append(CheckpointDirDescriber(ckpt_dir, resolved))
+    callbacks += [RNGStateCallback(), NonFiniteLossGuard(ckpt_dir)]
+    injector = fault_injector_from_env(_hydra_info().get("job_num"))  # test hook (DSMINI_FAULT)
+    if injector is not None:
+        callbacks.append(injector)
     throughput = next((c for c in callbacks if isinstance(c, ThroughputMonitor)), None)
-    loggers = build_loggers(cfg, output_dir)
+    loggers = build_loggers(cfg, output_dir, resume_step=resume_step)
     if not loggers:  # LearningRateMonitor refuses to run without a logger; train/lr is logged anyway
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
 
-    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False)
+    plugins = trainer_kwargs.pop("plugins", None) or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(hasattr(p, "save_checkpoint") for p in plugins):
+        plugins.append(AtomicCheckpointIO())  # write elsewhere, fsync, rename: never a partial last.ckpt
+    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    batch = global_batch(dm.batch_size, dm.seq_len, trainer.world_size, trainer.accumulate_grad_batches)
+    log.info("global batch: %d sequences = %d tokens per optimizer step (data.batch_size=%d per device x %d ranks "
+             "x accumulate_grad_batches=%d)", batch["global_batch_size"], batch["global_batch_tokens"],
+             dm.batch_size, trainer.world_size, trainer.accumulate_grad_batches)
     hinfo = _hydra_info()
     for lg in loggers:
-        lg.log_hyperparams({**resolved, "model_stats": stats, "hydra": hinfo})
+        # swept values (kv_lora_rank, n_routed_experts, attention, ...) also as top-level keys for wandb grouping
+        lg.log_hyperparams({**wandb_sweep_fields(resolved["model"], hinfo.get("overrides")), **resolved,
+                            "model_stats": stats, "hydra": hinfo})
         lg.log_metrics({f"model/{k}": float(v) for k, v in stats.items()}, step=0)
+        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero and lg.version:
+            write_wandb_run_id(output_dir, str(lg.version))  # so ckpt_path=last continues this wandb run
 
     fast = bool(trainer_kwargs.get("fast_dev_run"))
     val_loss_start = None
-    if cfg.get("val_before_fit", True) and not cfg.get("ckpt_path") and not fast:
+    if cfg.get("val_before_fit", True) and ckpt_path is None and not fast:
         val_loss_start = float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"])
         log.info("val loss before training: %.4f", val_loss_start)
 
     t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
     fit_time = time.perf_counter() - t_fit
 
     checkpoint = best = None
@@ -263,12 +363,15 @@ def train(cfg: DictConfig) -> dict:
     val_loss = module.val_history[-1][1] if module.val_history and not fast else None
 
     train_loss = trainer.callback_metrics.get("train/loss")
-    tokens_per_step = dm.batch_size * dm.seq_len * trainer.accumulate_grad_batches * trainer.world_size
+    tokens_per_step = batch["global_batch_tokens"]
     tokens_seen = (throughput.tokens_seen if throughput and throughput.tokens_seen
                    else trainer.global_step * tokens_per_step)
     tps = throughput.tokens_per_sec if throughput and throughput.train_time else tokens_seen / max(fit_time, 1e-9)
     results = {
         "run_dir": str(output_dir.resolve()),
+        "status": "completed",
+        "resumed_from": str(ckpt_path) if ckpt_path is not None else None,
+        "resumed_at_step": resume_step,
         "val_loss": val_loss,
         "val_loss_start": val_loss_start,
         "val_perplexity": math.exp(val_loss) if val_loss is not None and val_loss < 50 else None,
@@ -276,6 +379,7 @@ def train(cfg: DictConfig) -> dict:
         "global_step": int(trainer.global_step),
         "tokens_seen": int(tokens_seen),
         "tokens_per_sec": float(tps),
+        **batch,  # global_batch_size, global_batch_tokens, world_size, per-device batch, accumulation
         **stats,
         "checkpoint": checkpoint,
         "best_checkpoint": best,

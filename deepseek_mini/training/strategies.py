@@ -1,0 +1,132 @@
+"""Multi-device training: strategy factories for `configs/trainer/{ddp,fsdp}.yaml`, batch arithmetic, helpers.
+
+Hydra YAML cannot express a set of classes (FSDP's `auto_wrap_policy={Block}`) or a torch dtype, so
+`trainer.strategy` may be a node with a `_target_`; `build_strategy` instantiates it (run.py calls it), and
+`fsdp_strategy` builds the FSDPStrategy from plain strings.
+
+Batch arithmetic: `data.batch_size` is per device, so one optimizer step sees
+    global batch = batch_size x world_size (devices x nodes) x accumulate_grad_batches  sequences
+and `seq_len` times that in tokens (`global_batch`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+def global_batch(batch_size: int, seq_len: int, world_size: int = 1, accumulate_grad_batches: int = 1) -> dict:
+    """Sequences and tokens per optimizer step over all ranks (`batch_size` is per device)."""
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size),
+                    ("accumulate_grad_batches", accumulate_grad_batches)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    samples = int(batch_size) * int(world_size) * int(accumulate_grad_batches)
+    return {"per_device_batch_size": int(batch_size), "world_size": int(world_size),
+            "accumulate_grad_batches": int(accumulate_grad_batches),
+            "global_batch_size": samples, "global_batch_tokens": samples * int(seq_len)}
+
+
+def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", state_dict_type: str = "sharded",
+                  param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32",
+                  buffer_dtype: str | None = "float32", activation_checkpointing: bool = False,
+                  cpu_offload: bool = False, **kwargs: Any):
+    """Lightning FSDPStrategy wrapping each transformer `Block` in its own FSDP unit.
+
+    Mixed precision is set here, not left to Lightning's `bf16-mixed` plugin: the plugin would also
+    cast *buffers* to bf16, and the router's `tokens_per_expert` counts (exact only up to 256 in bf16)
+    and its `e_score_correction_bias` must stay fp32. `param_dtype=None` lets the precision plugin
+    decide. `state_dict_type="sharded"` saves each checkpoint as a directory (one shard per rank plus
+    `meta.pt`), which resumes with `ckpt_path=<dir>`; "full" gathers a normal .ckpt file on rank 0.
+
+    GPUs only: Lightning refuses FSDP unless the accelerator is a GPU, and torch's FSDP itself raises
+    "FSDP needs a non-CPU accelerator device" on a CPU-only machine (checked with torch 2.13 + gloo).
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import MixedPrecision
+
+    from deepseek_mini.model.transformer import Block
+
+    mixed = None
+    if param_dtype is not None:
+        mixed = MixedPrecision(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype),
+                               buffer_dtype=_dtype(buffer_dtype))
+    return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
+               mixed_precision=mixed, activation_checkpointing_policy={Block} if activation_checkpointing else None,
+               cpu_offload=cpu_offload, **kwargs)
+
+
+def build_strategy(trainer_kwargs: dict) -> dict:
+    """Instantiate `trainer.strategy` when it is a config node with a `_target_` (in place; returns the dict)."""
+    strategy = trainer_kwargs.get("strategy")
+    if isinstance(strategy, dict) and "_target_" in strategy:
+        import hydra
+
+        trainer_kwargs["strategy"] = hydra.utils.instantiate(strategy)
+    return trainer_kwargs
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint directory written by FSDP with state_dict_type="sharded"."""
+    path = Path(path)
+    return path.is_dir() and (path / "meta.pt").is_file()
+
+
+def consolidate_checkpoint(path: str | os.PathLike, output_file: str | os.PathLike | None = None) -> Path:
+    """Sharded FSDP checkpoint directory -> one ordinary .ckpt that `load_checkpoint` / eval.py read.
+
+    Same as `python -m lightning.pytorch.utilities.consolidate_checkpoint <dir>`; runs in one process on
+    the CPU. The output defaults to `<dir>.consolidated` beside the directory, so `tokenizer.json` and
+    `model_config.json` of the checkpoint directory are still found next to it.
+    """
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise ValueError(f"{path} is not a sharded FSDP checkpoint directory (no meta.pt)")
+    out = Path(output_file) if output_file is not None else path.with_name(path.name + ".consolidated")
+    checkpoint = _format_checkpoint(_load_distributed_checkpoint(path))
+    torch.save(checkpoint, out)
+    return out
+
+
+class DumpWeights(L.Callback):
+    """Test aid: at the end of training every rank saves its full model state (parameters and buffers,
+    router biases included) to `<dirpath>/rank<r>.pt`, so a test can check that the ranks agree.
+
+    Enable from the command line: `+callbacks.dump_weights._target_=deepseek_mini.training.strategies.DumpWeights
+    +callbacks.dump_weights.dirpath=<dir>`. Under FSDP each rank dumps only its shards.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike):
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer, pl_module):
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
+        state["__global_step__"] = torch.tensor(trainer.global_step)
+        torch.save(state, self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+__all__ = ["DumpWeights", "build_strategy", "consolidate_checkpoint", "fsdp_strategy", "global_batch",
+           "is_sharded_checkpoint"]
