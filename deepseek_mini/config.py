@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ATTENTION_TYPES = ("mla", "mha", "gqa", "mqa")
@@ -282,10 +282,9 @@ class ParameterCount:
     routed_experts: int = 0
     shared_experts: int = 0
     router: int = 0
-    breakdown: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "breakdown"}
+        return dataclasses.asdict(self)
 
 
 def attention_parameters(cfg: ModelConfig) -> int:

@@ -305,19 +305,15 @@ def peer_bench(cfg: ModelConfig, args) -> list[dict]:
     rows = []
     try:
         from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+        from deepseek_mini.hf import config_to_hf
     except ImportError as e:
         return [{"variant": "hf_peer", "status": f"error: {e}"}]
     prompt_len = min(1024, cfg.max_position_embeddings // 2)
-    hf_cfg = DeepseekV2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        moe_intermediate_size=cfg.moe_intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
-        q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, n_routed_experts=cfg.n_routed_experts,
-        n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-        first_k_dense_replace=cfg.first_k_dense_replace, topk_method="greedy", n_group=1, topk_group=1,
-        routed_scaling_factor=1.0, norm_topk_prob=False, max_position_embeddings=prompt_len + 64,
-        tie_word_embeddings=False, attn_implementation="sdpa")
+    # the exact transformers equivalent of our config (deepseek_mini.hf, checked logit-for-logit in tests/test_hf.py)
+    hf_dict = config_to_hf(cfg)
+    hf_dict["max_position_embeddings"] = prompt_len + 64
+    hf_cfg = DeepseekV2Config.from_dict(hf_dict, attn_implementation="sdpa")
     hf_cfg._experts_implementation = "grouped_mm"
     with torch.device(args.device):
         model = DeepseekV2ForCausalLM(hf_cfg)
