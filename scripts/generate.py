@@ -162,4 +162,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from deepseek_mini.training.reliability import cli_entry  # one-line errors for bad overrides, as train.py
+
+    cli_entry(main, str(Path(__file__).resolve().parents[1] / "configs"), "generate")()

@@ -80,6 +80,10 @@ def test_eval_uses_the_checkpoint_config_and_tokenizer(trained, cache_dir, tmp_p
     assert res["kv_cache_bytes_per_token"]["computed_bf16"] == train_res["kv_cache_bytes_per_token"]
     assert res["expert_load"] and {"max_load", "min_load", "entropy", "tokens_per_expert"} <= set(res["expert_load"][0])
     assert isinstance(res["sample"], str)
+    kv_rows = {row["attention"].lower(): row for row in res["kv_cache_table"]}  # MHA/GQA/MQA/MLA at this shape
+    assert set(kv_rows) == {"mha", "gqa", "mqa", "mla"}
+    assert kv_rows["mla"]["bytes_per_token_bf16"] == res["kv_cache_bytes_per_token"]["computed_bf16"]
+    assert "| MLA |" in proc.stdout
     assert "run dir:" in proc.stdout
 
 

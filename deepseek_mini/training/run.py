@@ -491,8 +491,21 @@ def evaluate(cfg: DictConfig) -> dict:
         "config": mcfg.to_dict(),
         "device": str(device),
     }
+    # the paper's comparison at this checkpoint's shape: the same model with MHA, GQA, MQA and MLA caches
+    from deepseek_mini.inference import format_table, kv_cache_table, with_attention
+
+    heads = mcfg.num_attention_heads
+    groups = mcfg.num_key_value_heads if mcfg.attention == "gqa" else max(2, heads // 4)
+    groups = groups if heads % groups == 0 else 1
+    kv_rows = kv_cache_table({f"this shape/{a}": with_attention(mcfg, a, groups) for a in ("mha", "gqa", "mqa", "mla")})
+    result["kv_cache_table"] = kv_rows
     _write_json(output_dir / "eval.json", result)
-    print(f"loss {loss:.4f}  perplexity {result['perplexity']}  KV cache {kv['computed_bf16']} B/token (bf16)")
+    print(format_table(kv_rows))
+    for row in expert_load:
+        print(f"MoE layer {row['layer']}: max/mean load {row['max_load']:.2f}, min/mean {row['min_load']:.2f}, "
+              f"routing entropy {row['entropy']:.3f}")
+    ppl = f"{result['perplexity']:.2f}" if result["perplexity"] is not None else "inf"
+    print(f"loss {loss:.4f}  perplexity {ppl}  KV cache {kv['computed_bf16']} B/token (bf16)")
     print(f"prompt {prompt!r} -> {continuation!r}")
     print(f"run dir: {output_dir.resolve()}")
     return result
