@@ -85,16 +85,7 @@ def _static_attention(attn, x, pos_t, cache, mask):
     """The model's attention for one new token at device position pos_t [1], over the full preallocated cache."""
     B = x.shape[0]
     if isinstance(attn, MLA):
-        if attn.cfg.q_lora_rank is None:
-            q = attn.q_proj(x)
-        else:
-            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
-        q = q.view(B, 1, attn.n_heads, attn.nope + attn.rope_dim)
-        q_nope, q_pe = q.split([attn.nope, attn.rope_dim], dim=-1)
-        q_pe = attn.rotary(q_pe, pos_t)
-        c_kv, k_pe = attn.kv_a_proj_with_mqa(x).split([attn.rank, attn.rope_dim], dim=-1)
-        c_kv = attn.kv_a_layernorm(c_kv)
-        k_pe = attn.rotary(k_pe.unsqueeze(2), pos_t)
+        q_nope, q_pe, c_kv, k_pe = attn.project(x, pos_t)
         cache.kv.index_copy_(1, pos_t, torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype))
         if attn.decode_mode == "absorb":
             o = attn._absorbed(q_nope, q_pe, cache.kv, None, kv_len=pos_t + 1)
@@ -102,9 +93,7 @@ def _static_attention(attn, x, pos_t, cache, mask):
             c_past, kpe_past = cache.kv.to(x.dtype).split([attn.rank, attn.rope_dim], dim=-1)
             o = attn._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
         return attn.o_proj(o.reshape(B, 1, attn.n_heads * attn.v_dim))
-    q = attn.rotary(attn.q_proj(x).view(B, 1, attn.n_heads, attn.hd), pos_t).transpose(1, 2)
-    k = attn.rotary(attn.k_proj(x).view(B, 1, attn.n_kv, attn.hd), pos_t).transpose(1, 2)
-    v = attn.v_proj(x).view(B, 1, attn.n_kv, attn.hd).transpose(1, 2)
+    q, k, v = attn.project(x, pos_t)
     cache.k.index_copy_(2, pos_t, k.to(cache.k.dtype))
     cache.v.index_copy_(2, pos_t, v.to(cache.v.dtype))
     o = attend(q, cache.k.to(q.dtype), cache.v.to(q.dtype), attn.scale, is_causal=False, mask=mask)

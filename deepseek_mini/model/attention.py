@@ -107,7 +107,9 @@ class MLA(nn.Module):
     def new_cache(self, batch_size, max_len, device, dtype) -> LatentCache:
         return LatentCache(torch.zeros(batch_size, max_len, self.rank + self.rope_dim, device=device, dtype=dtype))
 
-    def forward(self, x, positions, cache: LatentCache | None = None, start_pos: int = 0):
+    def project(self, x, positions):
+        """x [B, T, d] -> q_nope [B, T, H, nope], roped q_pe [B, T, H, rope], normalised latent c_kv
+        [B, T, rank] and the roped shared key k_pe [B, T, 1, rope]: what the cache stores is (c_kv, k_pe)."""
         B, T, _ = x.shape
         if self.cfg.q_lora_rank is None:
             q = self.q_proj(x)
@@ -120,7 +122,11 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = self.rotary(k_pe.unsqueeze(2), positions)  # [B, T, 1, rope]: one key shared by all heads
+        return q_nope, q_pe, c_kv, k_pe
 
+    def forward(self, x, positions, cache: LatentCache | None = None, start_pos: int = 0):
+        B, T, _ = x.shape
+        q_nope, q_pe, c_kv, k_pe = self.project(x, positions)
         if cache is not None:
             cache.kv[:B, start_pos:start_pos + T] = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype)
         if cache is None or start_pos == 0:
@@ -195,11 +201,17 @@ class GroupedQueryAttention(nn.Module):
         shape = (batch_size, self.n_kv, max_len, self.hd)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
-    def forward(self, x, positions, cache: KVCache | None = None, start_pos: int = 0):
+    def project(self, x, positions):
+        """x [B, T, d] -> roped q [B, H, T, hd], roped k and v [B, kv heads, T, hd]."""
         B, T, _ = x.shape
         q = self.rotary(self.q_proj(x).view(B, T, self.n_heads, self.hd), positions).transpose(1, 2)
         k = self.rotary(self.k_proj(x).view(B, T, self.n_kv, self.hd), positions).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x, positions, cache: KVCache | None = None, start_pos: int = 0):
+        B, T, _ = x.shape
+        q, k, v = self.project(x, positions)
         mask = None
         if cache is not None:
             cache.k[:B, :, start_pos:start_pos + T] = k.to(cache.k.dtype)
