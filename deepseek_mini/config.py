@@ -181,8 +181,13 @@ class ModelConfig:
                 and layer_idx % self.moe_layer_freq == 0)
 
     @property
+    def moe_layer_indices(self) -> list[int]:
+        """Indices of the MoE layers, in order (router statistics come one per MoE layer, in this order)."""
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @property
     def num_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+        return len(self.moe_layer_indices)
 
     def kv_cache_elements_per_token(self) -> int:
         """Values cached per token over all layers for the configured attention."""

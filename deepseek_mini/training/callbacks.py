@@ -101,7 +101,7 @@ class ThroughputMonitor(L.Callback):
         return self.tokens_seen / self.train_time if self.train_time else 0.0
 
 
-def expert_heatmap_figure(load: torch.Tensor, first_layer: int, title: str):
+def expert_heatmap_figure(load: torch.Tensor, layers: list[int], title: str):
     """Tokens per expert, one row per MoE layer, normalised by the row mean (1.0 = perfectly balanced)."""
     import matplotlib
 
@@ -113,7 +113,7 @@ def expert_heatmap_figure(load: torch.Tensor, first_layer: int, title: str):
     im = ax.imshow(rel, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
-    ax.set_yticks(range(rel.shape[0]), [str(first_layer + i) for i in range(rel.shape[0])])
+    ax.set_yticks(range(rel.shape[0]), [str(layer) for layer in layers])
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="load / mean")
     fig.tight_layout()
@@ -130,7 +130,7 @@ class ExpertLoadHeatmap(L.Callback):
             return
         import matplotlib.pyplot as plt
 
-        fig = expert_heatmap_figure(load, pl_module.config.first_k_dense_replace,
+        fig = expert_heatmap_figure(load, pl_module.config.moe_layer_indices,
                                     f"expert load, validation at step {trainer.global_step}")
         out = Path(trainer.default_root_dir) / "expert_load.png"
         fig.savefig(out, dpi=100)

@@ -124,8 +124,7 @@ class LitDeepSeek(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _log_router(self, prefix: str, router_stats: list[dict]) -> None:
-        for i, stats in enumerate(router_stats):
-            layer = self.config.first_k_dense_replace + i * self.config.moe_layer_freq
+        for layer, stats in zip(self.config.moe_layer_indices, router_stats):
             for k, v in expert_load_stats(stats["tokens_per_expert"]).items():
                 self.log(f"{prefix}/moe/layer{layer}/{k}", v)
             self.log(f"{prefix}/moe/layer{layer}/dropped_fraction", stats["dropped_fraction"])
@@ -220,8 +219,7 @@ class LitDeepSeek(L.LightningModule):
             if self.trainer.world_size > 1 and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(tpe)
             self.val_expert_load = tpe.detach().cpu()
-            for i, (row, dropped) in enumerate(zip(tpe, self._val_dropped)):
-                layer = self.config.first_k_dense_replace + i * self.config.moe_layer_freq
+            for layer, row, dropped in zip(self.config.moe_layer_indices, tpe, self._val_dropped):
                 for k, v in expert_load_stats(row).items():  # row is summed over ranks already
                     self.log(f"val/moe/layer{layer}/{k}", v, sync_dist=True)
                 self.log(f"val/moe/layer{layer}/dropped_fraction", dropped / n, sync_dist=True)
