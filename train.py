@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from deepseek_mini.training.reliability import cli_entry
-from deepseek_mini.training.run import cli_errors, train
+from deepseek_mini.training.run import cli_errors, optimized_metric, train
 
 CONFIGS = str(Path(__file__).resolve().parent / "configs")
 
@@ -14,13 +14,7 @@ CONFIGS = str(Path(__file__).resolve().parent / "configs")
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 @cli_errors
 def main(cfg: DictConfig) -> float | None:
-    results = train(cfg)
-    # the Optuna sweeper (configs/hparams_search/) minimizes what the task returns: `optimized_metric`
-    metric = cfg.get("optimized_metric")
-    if not metric or not isinstance(results, dict):
-        return None
-    value = results.get(metric)
-    return float("inf") if value is None or value != value else float(value)  # NaN/None would crash Optuna
+    return optimized_metric(cfg, train(cfg))  # what an Optuna sweep (configs/hparams_search/) minimizes
 
 
 if __name__ == "__main__":

@@ -10,15 +10,15 @@ import hydra
 from omegaconf import DictConfig
 
 from deepseek_mini.training.reliability import cli_entry
-from deepseek_mini.training.run import cli_errors, evaluate, train
+from deepseek_mini.training.run import cli_errors, evaluate, optimized_metric, train
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="train")
 @cli_errors
-def _train_main(cfg: DictConfig) -> None:
-    train(cfg)
+def _train_main(cfg: DictConfig) -> float | None:
+    return optimized_metric(cfg, train(cfg))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="eval")

@@ -219,3 +219,15 @@ def test_cpu_multirun_2x2_then_report(tmp_path, cache_dir):
         png = sweep / PLOT_FILES[key]
         assert png.is_file() and png.stat().st_size > 5_000, key
         assert f"]({PLOT_FILES[key]})" in report
+
+
+def test_optimized_metric_for_the_sweeper():
+    from omegaconf import OmegaConf
+
+    from deepseek_mini.training.run import optimized_metric
+
+    cfg = OmegaConf.create({"optimized_metric": "val_loss"})
+    assert optimized_metric(cfg, {"val_loss": 3.5}) == 3.5
+    assert optimized_metric(cfg, {"val_loss": float("nan")}) == float("inf")  # NaN would crash Optuna
+    assert optimized_metric(cfg, {"status": "failed"}) == float("inf")
+    assert optimized_metric(OmegaConf.create({}), {"val_loss": 3.5}) is None

@@ -238,6 +238,15 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def optimized_metric(cfg: DictConfig, results: Any) -> float | None:
+    """The value a Hydra sweeper (Optuna) minimizes: results[cfg.optimized_metric], inf if missing or NaN."""
+    metric = cfg.get("optimized_metric")
+    if not metric or not isinstance(results, dict):
+        return None
+    value = results.get(metric)
+    return float("inf") if value is None or value != value else float(value)  # NaN/None would crash Optuna
+
+
 def model_stats(model_cfg: ModelConfig) -> dict:
     counts = count_parameters(model_cfg)
     return {"params_total": counts.total, "params_active": counts.active,
@@ -444,20 +453,17 @@ def evaluate(cfg: DictConfig) -> dict:
 
     expert_load = []
     if tpe is not None:
-        for i, row in enumerate(tpe.cpu()):
-            layer = mcfg.first_k_dense_replace + i * mcfg.moe_layer_freq
+        for layer, row in zip(mcfg.moe_layer_indices, tpe.cpu()):
             expert_load.append({"layer": layer, **{k: round(float(v), 4) for k, v in expert_load_stats(row).items()},
                                 "tokens_per_expert": [int(v) for v in row.tolist()]})
+
+    from deepseek_mini.inference import format_table, kv_cache_table, measure_kv_bytes, with_attention
 
     kv = {"computed_bf16": mcfg.kv_cache_bytes_per_token(2), "computed_fp32": mcfg.kv_cache_bytes_per_token(4)}
     if device.type == "cuda":  # measured: allocate the cache of one long generation and read the allocator
         n_tok = min(4096, mcfg.max_position_embeddings)
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        cache = model.new_cache(1, n_tok, device=device, dtype=torch.bfloat16)
-        torch.cuda.synchronize()
-        kv["measured_bf16"] = (torch.cuda.memory_allocated() - before) / n_tok
-        del cache
+        measured = measure_kv_bytes(model, 1, n_tok, device=device, dtype=torch.bfloat16)
+        kv["measured_bf16"] = measured["measured_bytes"] / n_tok
 
     tok = dm.tokenizer
     prompt = str(cfg.get("prompt", ""))
@@ -487,8 +493,6 @@ def evaluate(cfg: DictConfig) -> dict:
         "device": str(device),
     }
     # the paper's comparison at this checkpoint's shape: the same model with MHA, GQA, MQA and MLA caches
-    from deepseek_mini.inference import format_table, kv_cache_table, with_attention
-
     heads = mcfg.num_attention_heads
     groups = mcfg.num_key_value_heads if mcfg.attention == "gqa" else max(2, heads // 4)
     groups = groups if heads % groups == 0 else 1
