@@ -132,6 +132,8 @@ class DeepSeekV2(nn.Module):
     # ------------------------------------------------------------------ balancing / modes
     def update_expert_bias(self, all_reduce=None) -> None:
         """Aux-loss-free balancing step (DeepSeek-V3); call after each optimizer step."""
+        if not (self.config.is_moe and self.config.bias_update_speed > 0):
+            return  # no router has a bias: skip walking the module tree on every training step
         for module in self.modules():
             if isinstance(module, Router):
                 module.update_bias(all_reduce)
