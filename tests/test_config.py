@@ -9,22 +9,14 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
+from model_helpers import SMALL_MODEL
 
 from deepseek_mini.config import PRESETS, ConfigError, ModelConfig, count_parameters, flops_per_token
 from deepseek_mini.model import DeepSeekV2
 from deepseek_mini.model.layers import RMSNorm
 from deepseek_mini.model.moe import GroupedExperts
 
-# Tensors here are tiny: intra-op threads only add contention on a shared 2-core box (measured: the
-# 60-step training test takes 0.3 s on one thread, over 10 s on two under load).
-torch.set_num_threads(1)
-
-# small enough to build in milliseconds; dims multiples of 4 so fp32 grouped_mm strides are 16-byte aligned
-SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=16,
-             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48, moe_intermediate_size=16,
-             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
-             max_position_embeddings=64)
+SMALL = dict(SMALL_MODEL)
 
 
 def small(**kw) -> ModelConfig:
@@ -103,6 +95,7 @@ def test_moe_layer_rule():
     cfg = small(num_hidden_layers=6, first_k_dense_replace=1, moe_layer_freq=2)
     assert [cfg.is_moe_layer(i) for i in range(6)] == [False, False, True, False, True, False]
     assert cfg.num_moe_layers == 2
+    assert cfg.moe_layer_indices == [2, 4]  # not first_k_dense_replace + i * freq = [1, 3]
     assert small(n_routed_experts=None).num_moe_layers == 0
 
 

@@ -7,19 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import SMALL_MODEL
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import DeepSeekV2
 from deepseek_mini.model.moe import MoE
 
-# Tensors here are tiny: intra-op threads only add contention on a shared 2-core box (measured: the
-# 60-step training test takes 0.3 s on one thread, over 10 s on two under load).
-torch.set_num_threads(1)
-
-BASE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=16,
-            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48, moe_intermediate_size=16,
-            n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
-            max_position_embeddings=64)
+BASE = {**SMALL_MODEL, "num_hidden_layers": 2}
 
 
 def cfg_of(**kw) -> ModelConfig:
