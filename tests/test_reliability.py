@@ -103,6 +103,21 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, cache_dir):
     assert not list((b / "checkpoints").glob(".*tmp*")), "no temporary checkpoint files left behind"
 
 
+@pytest.mark.slow
+def test_rerun_in_the_same_run_dir_overwrites_last_ckpt(tmp_path, cache_dir, capsys, monkeypatch):
+    """A second, non-resumed run in the same dir: last.ckpt and results.json describe the new run (Lightning would
+    otherwise write last-v1.ckpt and leave ckpt_path=last pointing at the old weights)."""
+    run = tmp_path / "run"
+    for steps in (4, 6):
+        code, out = run_inprocess("train.py", [*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}",
+                                               "logger=none", f"trainer.max_steps={steps}"], capsys, monkeypatch)
+        assert code == 0, out[-3000:]
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))
+    res = json.loads((run / "results.json").read_text())
+    assert res["global_step"] == 6
+    assert torch.load(res["checkpoint"], weights_only=True)["global_step"] == 6
+
+
 def test_ckpt_path_last_without_run_dir_picks_latest_run(tmp_path):
     runs = tmp_path / "logs" / "train" / "runs"
     for i, name in enumerate(["2025-01-01_00-00-00-000001", "2025-01-02_00-00-00-000001"]):
@@ -203,6 +218,7 @@ BAD_CONFIGS = [
     (["ckpt_path=/does/not/exist.ckpt"], "/does/not/exist.ckpt"),
     (["ckpt_path=last"], "ckpt_path=last"),                                # this run dir has no checkpoint
     (["model=tiny_typo"], "model/tiny_typo"),                              # unknown group option
+    (["compile=fast"], "compile='fast'"),                                  # not a torch.compile mode
 ]
 
 
