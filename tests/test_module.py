@@ -9,7 +9,14 @@ import torch
 from omegaconf import OmegaConf
 
 from deepseek_mini.config import ModelConfig
-from deepseek_mini.training.module import LitDeepSeek, expert_load_stats, lr_lambda, param_groups
+from deepseek_mini.training.module import (
+    LitDeepSeek,
+    clip_in_fused_step,
+    compile_mode,
+    expert_load_stats,
+    lr_lambda,
+    param_groups,
+)
 from deepseek_mini.training.run import build_loggers
 
 TINY = ModelConfig.preset("tiny", vocab_size=300, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
@@ -55,6 +62,58 @@ def test_compiled_module_keeps_plain_state_dict_names():
     assert dict(module.hparams)["model_config"] == TINY and isinstance(module.hparams["model_config"], dict)
 
 
+@pytest.mark.parametrize(("value", "mode"), [(False, None), (None, None), ("false", None), (True, "default"),
+                                             ("true", "default"), ("reduce-overhead", "reduce-overhead"),
+                                             ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_compile_mode(value, mode):
+    assert compile_mode(value) == mode
+
+
+def test_compile_mode_rejects_unknown():
+    with pytest.raises(ValueError, match="compile='fast'.*reduce-overhead"):
+        compile_mode("fast")
+
+
+def test_cuda_graph_mode_keeps_logged_values_out_of_graph_buffers():
+    """Under reduce-overhead every value that outlives the step is a copy, never the forward's own output."""
+    module = LitDeepSeek(TINY, compile="reduce-overhead")
+    assert module._cudagraphs and not LitDeepSeek(TINY, compile=True)._cudagraphs
+    t = torch.ones(3)
+    kept = module._keep(t)
+    assert torch.equal(kept, t) and kept.data_ptr() != t.data_ptr()
+    plain = LitDeepSeek(TINY)._keep(t)
+    assert plain.data_ptr() == t.data_ptr()  # no copies when there are no CUDA graphs
+
+
+@pytest.mark.parametrize("grad_std", [5.0, 1e-3])  # clipped, and below max_norm (left alone)
+def test_clipping_folded_into_fused_adamw_matches_clip_grad_norm(grad_std):
+    torch.manual_seed(0)
+    ref = [torch.nn.Parameter(torch.randn(40, 24)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(24))]
+    new = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, fused=True)
+    opt_new = torch.optim.AdamW(new, lr=1e-2, fused=True)
+    for _ in range(3):
+        for p, q in zip(ref, new):
+            g = torch.randn_like(p) * grad_std
+            p.grad, q.grad = g.clone(), g.clone()
+        expected = torch.nn.utils.clip_grad_norm_(ref, 1.0, foreach=True)
+        opt_ref.step()
+        norm = clip_in_fused_step(opt_new, new, 1.0)
+        opt_new.step()
+        opt_new.grad_scale = None
+        assert torch.allclose(norm, expected)
+        for p, q in zip(ref, new):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+    assert (expected > 1.0) == (grad_std > 1), "the case is meant to clip (or not)"
+
+
+def test_clipping_not_folded_into_unfused_optimizer():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = torch.optim.AdamW([p], fused=False)
+    assert clip_in_fused_step(opt, [p], 1.0) is None and getattr(opt, "grad_scale", None) is None
+
+
 def test_loss_includes_aux_losses():
     module = LitDeepSeek(TINY)
     x = torch.randint(0, 300, (2, 16))
@@ -79,3 +138,28 @@ def test_wandb_online_without_key_falls_back_to_offline(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="logging offline"):
         (logger,) = build_loggers(cfg, tmp_path)
     assert logger._offline is True and logger._wandb_init["name"] == tmp_path.name
+
+
+def _fit_three_steps(fused: bool, clip: float) -> dict[str, torch.Tensor]:
+    import lightning as L
+
+    torch.manual_seed(0)
+    data = torch.randint(0, 300, (6, 2, 17))
+    loader = torch.utils.data.DataLoader([(b[:, :-1], b[:, 1:]) for b in data], batch_size=None)
+    module = LitDeepSeek(TINY, optim={"lr": 1e-2, "fused": fused}, max_steps=3)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, gradient_clip_val=clip, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    opt = trainer.optimizers[0]
+    assert getattr(opt, "grad_scale", None) is None, "the folded clip scale must not leak into the next step"
+    return {k: v.clone() for k, v in module.model.state_dict().items()}
+
+
+def test_trainer_clipping_through_fused_adamw_matches_plain_clipping():
+    """Through Lightning: fused AdamW with clipping folded into its step == unfused AdamW + clip_grad_norm_."""
+    fused, plain = _fit_three_steps(True, 0.05), _fit_three_steps(False, 0.05)
+    unclipped = _fit_three_steps(False, 0.0)
+    for k in plain:
+        torch.testing.assert_close(fused[k], plain[k], rtol=0, atol=1e-5)
+    assert any(not torch.allclose(plain[k], unclipped[k], atol=1e-4) for k in plain), "clipping must be active"

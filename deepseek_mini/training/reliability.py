@@ -172,6 +172,12 @@ def check_config(cfg: DictConfig, model_cfg) -> None:
             if key == "trainer.max_steps" and value == -1:
                 raise ConfigError("trainer.max_steps=-1: training is step-based, set a positive number of steps")
             raise ConfigError(f"{key}={value!r}: must be a positive integer")
+    from deepseek_mini.training.module import compile_mode
+
+    try:
+        compile_mode(cfg.get("compile", False))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     seq_len = _get(cfg, "data.seq_len")
     if seq_len is not None and seq_len > model_cfg.max_position_embeddings:
         raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_position_embeddings="
