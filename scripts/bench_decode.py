@@ -116,6 +116,9 @@ def static_step(model, tok, pos_t, cache, key_pos) -> torch.Tensor:
 
 
 COMPILED_STEP = torch.compile(static_step, dynamic=False)
+# every (variant, batch, cache length) point is its own static graph: allow them all, instead of dynamo silently
+# falling back to the uncompiled step after its default limit of 8
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
 
 
 # ---------------------------------------------------------------------- bytes and floors
@@ -199,8 +202,21 @@ def time_graph(model, cache, batch, ctx, steps, warmup, device, max_len, step_fn
     with Timer(device) as t:
         for _ in range(steps):
             graph.replay()
+    if PROFILE.get("steps"):  # where a replay's GPU time goes, by kernel category
+        from torch.profiler import ProfilerActivity, profile
+
+        from deepseek_mini.training.bench import kernel_breakdown
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(PROFILE["steps"]):
+                graph.replay()
+            torch.cuda.synchronize()
+        PROFILE["last"] = kernel_breakdown(prof, PROFILE["steps"])
     del graph
     return t.ms / steps
+
+
+PROFILE: dict = {}  # --profile N: profile N replays of every graph point (bench_point attaches the summary)
 
 
 def free_memory() -> None:
@@ -244,6 +260,8 @@ def bench_point(model, variant, batch, ctx, args, mode) -> dict:
     floor_ms = (w + kv) / (args.bandwidth * 1e12) * 1e3
     row.update(status="ok", step_ms=ms, tokens_per_s=batch / ms * 1e3, weight_bytes=int(w), kv_read_bytes=int(kv),
                floor_ms=floor_ms, achieved_gbps=(w + kv) / (ms * 1e-3) / 1e9, step_over_floor=ms / floor_ms)
+    if "last" in PROFILE:
+        row["profile"] = PROFILE.pop("last")
     return row
 
 
@@ -399,8 +417,11 @@ def main(argv=None) -> int:
     ap.add_argument("--peer", action="store_true", help="also time transformers DeepseekV2 generate (greedy)")
     ap.add_argument("--peer-tokens", type=int, default=8)
     ap.add_argument("--check", action="store_true", help="check graph-step math against eager (first point)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile N replays of each graph/compiled point; print GPU time by kernel category")
     ap.add_argument("--out", default=None, help="JSON results")
     args = ap.parse_args(argv)
+    PROFILE["steps"] = args.profile
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.modes = args.modes or (["eager", "graph"] if cuda else ["eager"])
@@ -440,6 +461,13 @@ def main(argv=None) -> int:
                     status = (f"{row['step_ms']:.3f} ms/step, {row['tokens_per_s']:,.0f} tok/s, "
                               f"{row['step_over_floor']:.2f}x floor") if row.get("status") == "ok" else row["status"]
                     print(f"  {variant} {mode} batch {batch} context {ctx}: {status}", flush=True)
+                    if "profile" in row:
+                        p = row["profile"]
+                        cats = ", ".join(f"{c} {ms:.2f}" for c, ms in p["by_category_ms"].items())
+                        print(f"    GPU kernels {p['gpu_ms_per_step']:.2f} ms/step: {cats}", flush=True)
+                        for k in p["top_kernels"][:8]:
+                            print(f"      {k['ms_per_step']:.3f} ms x{k['calls_per_step']:.0f} {k['name'][:100]}",
+                                  flush=True)
         if variant != "mla_absorb" and variant != "mha":
             del models[variant]
         del model

@@ -2,6 +2,10 @@
 
     python scripts/bench_train.py                       # every variant below, `small` shape, 16 x 1024
     python scripts/bench_train.py --variants ours,hf_grouped_bf16_compile --steps 30
+    python scripts/bench_train.py --variants ours@default,ours@reduce-overhead --profile-steps 3
+
+A variant may name a torch.compile mode after "@" (default, reduce-overhead = + CUDA graphs,
+max-autotune-no-cudagraphs, max-autotune); without one, --compile-mode applies to our compiled variants.
 
 Each variant runs in a fresh subprocess (its own memory peak and compile cache). Warm-up steps
 (compilation included) are excluded; the timed window ends with a device synchronisation. MFU counts
@@ -37,6 +41,12 @@ OURS = ["ours", "ours_raw", "ours_raw_eager", "ours_dense", "ours_mha"]
 PEER = ["hf_eager_fp32", "hf_grouped_fp32", "hf_grouped_bf16", "hf_grouped_bf16_compile"]
 
 
+def split_variant(name: str, default_mode: str) -> tuple[str, str]:
+    """"ours@reduce-overhead" -> ("ours", "reduce-overhead"); "ours" -> ("ours", default_mode)."""
+    base, _, mode = name.partition("@")
+    return base, mode or default_mode
+
+
 def small_config(variant: str):
     from deepseek_mini import ModelConfig
 
@@ -59,11 +69,13 @@ def hf_model(variant: str, cfg):
     return model
 
 
-def run_plain_loop(variant: str, args) -> dict:
+def run_plain_loop(variant: str, args, mode: str) -> dict:
     """Plain PyTorch training loop on random tokens (ours_raw*, baselines and the transformers peer)."""
     import torch
 
     from deepseek_mini import DeepSeekV2, flops_per_token
+    from deepseek_mini.training.bench import kernel_breakdown
+    from deepseek_mini.training.module import clip_in_fused_step
 
     torch.manual_seed(0)
     cfg = small_config(variant)
@@ -78,7 +90,10 @@ def run_plain_loop(variant: str, args) -> dict:
         model = DeepSeekV2(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     compiled = variant in ("ours_raw", "ours_dense", "ours_mha", "hf_grouped_bf16_compile")
-    fwd = torch.compile(model) if compiled else model
+    if variant.startswith("hf_"):
+        mode = "default"
+    fwd = torch.compile(model, mode=None if mode == "default" else mode) if compiled else model
+    cudagraphs = compiled and mode in ("reduce-overhead", "max-autotune")
     autocast = not variant.endswith("bf16") and not variant.endswith("bf16_compile")
     B, T = args.batch_size, args.seq_len
     data = torch.randint(0, cfg.vocab_size, (8, B, T + 1), device=dev)
@@ -86,6 +101,8 @@ def run_plain_loop(variant: str, args) -> dict:
     def step(i):
         batch = data[i % data.shape[0]]
         x, y = batch[:, :-1], batch[:, 1:]
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             if variant.startswith("hf_"):
                 loss = fwd(input_ids=x, labels=None).logits.float()
@@ -94,10 +111,13 @@ def run_plain_loop(variant: str, args) -> dict:
                 out = fwd(x, labels=y, return_logits=False)
                 loss = out.loss + out.aux_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        # ours: clipping folded into the fused AdamW step, as LitDeepSeek does; the peer clips the usual way
+        if variant.startswith("hf_") or clip_in_fused_step(opt, model.parameters(), 1.0) is None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        opt.grad_scale = None
         opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -111,22 +131,28 @@ def run_plain_loop(variant: str, args) -> dict:
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     tps = args.steps * B * T / elapsed
-    if args.profile:
+    res = {"tokens_per_sec": tps, "step_ms": 1000 * elapsed / args.steps,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s,
+           "flops_per_token": flops_per_token(cfg, T), "final_loss": float(loss)}
+    if args.profile_steps:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for i in range(3):
+            t0 = time.perf_counter()
+            for i in range(args.profile_steps):
                 step(i)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
-        (Path(args.profile) / f"profile_{variant}.txt").write_text(table)
-    return {"variant": variant, "tokens_per_sec": tps, "step_ms": 1000 * elapsed / args.steps,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s,
-            "flops_per_token": flops_per_token(cfg, T), "final_loss": float(loss)}
+            wall = time.perf_counter() - t0
+        res["profile"] = kernel_breakdown(prof, args.profile_steps)
+        res["profile"]["wall_ms_per_step_profiled"] = 1000 * wall / args.profile_steps
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60)
+            (Path(args.profile) / f"profile_{variant}_{mode}.txt").write_text(table)
+    return res
 
 
-def run_lightning(variant: str, args) -> dict:
+def run_lightning(variant: str, args, mode: str) -> dict:
     """The project's own training step: Lightning Trainer + TextDataModule on real text."""
     import torch
 
@@ -136,14 +162,16 @@ def run_lightning(variant: str, args) -> dict:
     cfg = small_config(variant)
     res = lightning_throughput(cfg, data_files=args.data, val_files=args.val_data, batch_size=args.batch_size,
                                seq_len=args.seq_len, warmup=args.warmup, steps=args.steps,
-                               cache_dir=args.cache_dir)
+                               cache_dir=args.cache_dir, compile=mode, profile_steps=args.profile_steps)
     res.update(variant=variant, flops_per_token=flops_per_token(cfg, args.seq_len),
                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
     return res
 
 
-def child(variant: str, args) -> None:
-    res = run_lightning(variant, args) if variant == "ours" else run_plain_loop(variant, args)
+def child(name: str, args) -> None:
+    variant, mode = split_variant(name, args.compile_mode)
+    res = run_lightning(variant, args, mode) if variant == "ours" else run_plain_loop(variant, args, mode)
+    res["variant"], res["compile_mode"] = name, mode
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -160,7 +188,13 @@ def main():
     p.add_argument("--cache-dir", default=".cache/deepseek_mini")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     p.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "flash", "efficient"])
-    p.add_argument("--profile", default=None, help="folder for a torch.profiler table per plain-loop variant")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+                   help="torch.compile mode of our compiled variants (a variant's @mode overrides it)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after timing, profile this many steps and print GPU time per step by kernel category")
+    p.add_argument("--profile", default=None, help="folder for the full torch.profiler table per variant")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per variant subprocess")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -176,7 +210,13 @@ def main():
                   if v is not None and k not in ("variants", "child", "out")]
         cmd = [sys.executable, __file__, "--child", variant, *passed]
         start = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"") + (e.stderr or b"")
+            proc = subprocess.CompletedProcess(cmd, -9, stdout="", stderr=out.decode(errors="replace")
+                                               if isinstance(out, bytes) else str(out))
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             tail = (proc.stdout + proc.stderr)[-3000:]
@@ -187,7 +227,17 @@ def main():
         res["mfu"] = res["flops_per_token"] * res["tokens_per_sec"] / (args.peak_tflops * 1e12)
         results.append(res)
         print(f"[{variant}] {res['tokens_per_sec']:,.0f} tok/s  MFU {100 * res['mfu']:.1f}%  "
-              f"peak {res['peak_gib']:.1f} GiB  ({time.time() - start:.0f}s)", flush=True)
+              f"peak {res['peak_gib']:.1f} GiB  loss {res.get('final_loss', float('nan')):.3f}  "
+              f"({time.time() - start:.0f}s)", flush=True)
+        if "profile" in res:
+            prof = res["profile"]
+            print(f"  profiled: {prof['wall_ms_per_step_profiled']:.1f} ms/step wall, "
+                  f"{prof['gpu_ms_per_step']:.1f} ms/step of GPU kernels", flush=True)
+            for cat, ms in prof["by_category_ms"].items():
+                print(f"    {cat:<26} {ms:7.2f} ms", flush=True)
+            for k in prof["top_kernels"][:12]:
+                print(f"    {k['ms_per_step']:7.2f} ms x{k['calls_per_step']:.0f} [{k['category']}] {k['name'][:90]}",
+                      flush=True)
     ok = [r for r in results if "error" not in r]
     peers = [r for r in ok if r["variant"].startswith("hf_")]
     best_peer = max(peers, key=lambda r: r["tokens_per_sec"]) if peers else None
