@@ -41,6 +41,20 @@ def test_train_writes_results(trained):
     assert Path(res["checkpoint"]).is_file()
 
 
+def test_run_throughput_leaves_out_the_first_window():
+    """The first window holds compilation / CUDA-graph recording; results.json's tokens/s is the steady rate."""
+    from deepseek_mini.training.callbacks import ThroughputMonitor
+
+    m = ThroughputMonitor()
+    for seconds in (10.0, 1.0, 1.0):  # a slow first window (compiling), then two steady ones
+        m._add(seconds, 1000)
+    assert m.tokens_seen == 3000 and m.train_time == 12.0
+    assert m.tokens_per_sec == 1000.0  # not 3000 / 12
+    single = ThroughputMonitor()
+    single._add(2.0, 1000)
+    assert single.tokens_per_sec == 500.0  # one window: nothing else to go by
+
+
 def test_checkpoint_dir_is_self_describing(trained):
     ckpt_dir = trained / "checkpoints"
     for name in ("last.ckpt", "model_config.json", "tokenizer.json", "config.yaml"):
