@@ -261,7 +261,7 @@ def train(cfg: DictConfig) -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from deepseek_mini.training.callbacks import CheckpointDirDescriber, ThroughputMonitor
-    from deepseek_mini.training.module import LitDeepSeek, compile_mode
+    from deepseek_mini.training.module import LitDeepSeek
     from deepseek_mini.training.reliability import (
         AtomicCheckpointIO,
         NonFiniteLossGuard,
@@ -309,7 +309,7 @@ def train(cfg: DictConfig) -> dict:
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs)
     build_strategy(trainer_kwargs)  # trainer.strategy may be a node with a _target_ (ddp, fsdp)
     module = LitDeepSeek(model_cfg.to_dict(), optim=_container(cfg.optim), scheduler=_container(cfg.scheduler),
-                         compile=compile_mode(cfg.get("compile", False)), max_steps=int(trainer_kwargs["max_steps"]),
+                         compile=cfg.get("compile", False), max_steps=int(trainer_kwargs["max_steps"]),
                          log_every_n_steps=int(trainer_kwargs.get("log_every_n_steps", 10)))
 
     callbacks = build_callbacks(cfg)
