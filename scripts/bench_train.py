@@ -14,7 +14,7 @@ every variant, against --peak-tflops (798: the measured bf16 matmul ceiling of o
 
 Variants
   ours                 the real thing: Lightning Trainer + TextDataModule on --data (Gutenberg),
-                       bf16-mixed with fp32 master weights, torch.compile, fused AdamW
+                       bf16-mixed with fp32 master weights, torch.compile, the Triton AdamW step (--fused)
   ours_raw             the same model and optimizer in a plain PyTorch loop on random tokens
   ours_raw_eager       ... without torch.compile
   ours_dense, ours_mha the dense-FFN and MHA baselines at matched active parameters (plain loop, compiled)
@@ -47,6 +47,11 @@ def split_variant(name: str, default_mode: str) -> tuple[str, str]:
     return base, mode or default_mode
 
 
+def parse_fused(value: str):
+    """--fused as LitDeepSeek's optim.fused takes it: auto, triton, true or false."""
+    return {"true": True, "false": False}.get(value, value)
+
+
 def small_config(variant: str):
     from deepseek_mini import ModelConfig
 
@@ -74,8 +79,9 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
     import torch
 
     from deepseek_mini import DeepSeekV2, flops_per_token
+    from deepseek_mini.training.adamw import TritonAdamW
     from deepseek_mini.training.bench import kernel_breakdown
-    from deepseek_mini.training.module import clip_in_fused_step
+    from deepseek_mini.training.module import adamw_kind, clip_in_fused_step
 
     torch.manual_seed(0)
     cfg = small_config(variant)
@@ -88,7 +94,9 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
         model = hf_model(variant, cfg).to(dev)
     else:
         model = DeepSeekV2(cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    kind = "fused" if variant.startswith("hf_") else adamw_kind(parse_fused(args.fused), on_cuda=True)  # ours: as LitDeepSeek
+    opt = (TritonAdamW if kind == "triton" else torch.optim.AdamW)(
+        model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, **({} if kind == "triton" else {"fused": True}))
     compiled = variant in ("ours_raw", "ours_dense", "ours_mha", "hf_grouped_bf16_compile")
     if variant.startswith("hf_"):
         mode = "default"
@@ -162,7 +170,8 @@ def run_lightning(variant: str, args, mode: str) -> dict:
     cfg = small_config(variant)
     res = lightning_throughput(cfg, data_files=args.data, val_files=args.val_data, batch_size=args.batch_size,
                                seq_len=args.seq_len, warmup=args.warmup, steps=args.steps,
-                               cache_dir=args.cache_dir, compile=mode, profile_steps=args.profile_steps)
+                               cache_dir=args.cache_dir, compile=mode, profile_steps=args.profile_steps,
+                               sync_debug=args.sync_debug, fused=parse_fused(args.fused))
     res.update(variant=variant, flops_per_token=flops_per_token(cfg, args.seq_len),
                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
     return res
@@ -194,6 +203,10 @@ def main():
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after timing, profile this many steps and print GPU time per step by kernel category")
     p.add_argument("--profile", default=None, help="folder for the full torch.profiler table per variant")
+    p.add_argument("--fused", default="auto", choices=["auto", "triton", "true", "false"],
+                   help="our AdamW step (optim.fused): auto = Triton on CUDA; true = torch's fused kernel")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="ours: record every host sync of one warm step (with the Python stack that caused it)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per variant subprocess")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -206,8 +219,8 @@ def main():
     print(f"device: {device}; torch {torch.__version__}; batch {args.batch_size} x {args.seq_len}", flush=True)
     results = []
     for variant in args.variants.split(","):
-        passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                  if v is not None and k not in ("variants", "child", "out")]
+        passed = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in vars(args).items()
+                  if v is not None and v is not False and k not in ("variants", "child", "out")]
         cmd = [sys.executable, __file__, "--child", variant, *passed]
         start = time.time()
         try:
@@ -238,6 +251,14 @@ def main():
             for k in prof["top_kernels"][:12]:
                 print(f"    {k['ms_per_step']:7.2f} ms x{k['calls_per_step']:.0f} [{k['category']}] {k['name'][:90]}",
                       flush=True)
+            if "gpu_idle_ms_per_step" in prof:
+                print(f"  GPU idle {prof['gpu_idle_ms_per_step']:.2f} ms/step of a {prof['gpu_span_ms_per_step']:.1f} ms "
+                      "span; longest gaps:", flush=True)
+                for g in prof["idle_gaps"][:8]:
+                    print(f"    {g['gap_ms']:6.2f} ms after {g['after'][:40]} before {g['before'][:40]}; host: "
+                          f"{', '.join(g['host'])[:150]}", flush=True)
+        for site, n in res.get("host_syncs", {}).items():
+            print(f"  host sync x{n}: {site}", flush=True)
     ok = [r for r in results if "error" not in r]
     peers = [r for r in ok if r["variant"].startswith("hf_")]
     best_peer = max(peers, key=lambda r: r["tokens_per_sec"]) if peers else None

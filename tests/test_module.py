@@ -163,3 +163,37 @@ def test_trainer_clipping_through_fused_adamw_matches_plain_clipping():
     for k in plain:
         torch.testing.assert_close(fused[k], plain[k], rtol=0, atol=1e-5)
     assert any(not torch.allclose(plain[k], unclipped[k], atol=1e-4) for k in plain), "clipping must be active"
+
+
+def test_progress_bar_shows_the_loss_without_a_per_step_conversion():
+    """train/loss is not a prog_bar metric (Lightning would .item() it after every batch, a host sync per
+    step on a GPU); callbacks.ProgressBar reads it from callback_metrics every `every_n_steps` instead."""
+    import lightning as L
+
+    from deepseek_mini.training.callbacks import ProgressBar
+
+    torch.manual_seed(0)
+    data = torch.randint(0, 300, (6, 2, 17))
+    loader = torch.utils.data.DataLoader([(b[:, :-1], b[:, 1:]) for b in data], batch_size=None)
+    seen = []
+
+    class Spy(ProgressBar):
+        def get_metrics(self, trainer, pl_module):
+            items = super().get_metrics(trainer, pl_module)
+            seen.append((trainer.global_step, items.get("train/loss")))
+            return items
+
+    def fit(every_n_steps):
+        seen.clear()
+        trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                            callbacks=[Spy(every_n_steps=every_n_steps)])
+        torch.manual_seed(0)
+        trainer.fit(LitDeepSeek(TINY, optim={"lr": 1e-2}, max_steps=6), train_dataloaders=loader)
+        assert not any(k.startswith("train/") for k in trainer.progress_bar_metrics), trainer.progress_bar_metrics
+        shown = [v for _, v in seen if v is not None]
+        assert shown and all(isinstance(v, float) for v in shown)
+        return len(set(shown))
+
+    assert fit(1) >= 5  # a new loss read after every batch
+    assert fit(3) <= 2  # read at most once every 3 steps

@@ -219,6 +219,7 @@ BAD_CONFIGS = [
     (["ckpt_path=last"], "ckpt_path=last"),                                # this run dir has no checkpoint
     (["model=tiny_typo"], "model/tiny_typo"),                              # unknown group option
     (["compile=fast"], "compile='fast'"),                                  # not a torch.compile mode
+    (["optim.fused=apex"], "optim.fused='apex'"),                          # not an AdamW step we have
 ]
 
 

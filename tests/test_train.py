@@ -109,10 +109,12 @@ def test_eval_missing_checkpoint_fails_cleanly(tmp_path):
 def test_resume_from_checkpoint(trained, cache_dir, tmp_path):
     ckpt = trained / "checkpoints" / "last.ckpt"
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("trainer.max_steps")]
-    run_cli("train.py", *overrides, "model.kv_lora_rank=16", "trainer.max_steps=6", f"ckpt_path={ckpt}",
+    run_cli("train.py", *overrides, "model.kv_lora_rank=16", "trainer.max_steps=7", f"ckpt_path={ckpt}",
             "logger=csv", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'resumed'}")
     res = json.loads((tmp_path / "resumed" / "results.json").read_text())
-    assert res["global_step"] == 6 and res["val_loss_start"] is None
+    assert res["global_step"] == 7 and res["val_loss_start"] is None
+    # step 7 is no validation step (every 2): the final validate() must not wipe the training loss from the results
+    assert res["val_history"][-1][0] == 7 and math.isfinite(res["train_loss"])
 
 
 def test_multirun_2x2_gives_four_runs(cache_dir, tmp_path):

@@ -1,7 +1,7 @@
 """Throughput of the project's own training step: Lightning Trainer + LitDeepSeek + TextDataModule.
 
 Used by scripts/bench_train.py. It is the same path `python train.py` takes on a GPU (bf16-mixed with
-fp32 master weights, fused AdamW, gradient clipping, torch.compile of the inner model, the real data
+fp32 master weights, the Triton AdamW step, gradient clipping, torch.compile of the inner model, the real data
 loader); only loggers, checkpoints and validation are off, so the number is the training step itself.
 """
 
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 import time
+import traceback
+import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -34,7 +37,7 @@ NOT_KERNELS = re.compile(r"^Optimizer\.|^ProfilerStep|#")  # profiler ranges tha
 
 
 def kernel_breakdown(prof, steps: int) -> dict:
-    """GPU kernel time per step by category, and the 25 most expensive kernels, from a torch.profiler run."""
+    """GPU kernel time per step by category, and the 40 most expensive kernels, from a torch.profiler run."""
     from torch.autograd import DeviceType
 
     cats: dict[str, float] = {}
@@ -50,23 +53,77 @@ def kernel_breakdown(prof, steps: int) -> dict:
         kernels.append((us, evt.count, cat, evt.key[:140]))
     kernels.sort(reverse=True)
     total = sum(cats.values())
-    return {"gpu_ms_per_step": total / 1e3 / steps,
+    return {"gpu_ms_per_step": total / 1e3 / steps, **idle_gaps(prof, steps),
             "by_category_ms": {c: round(v / 1e3 / steps, 3) for c, v in sorted(cats.items(), key=lambda kv: -kv[1])},
             "top_kernels": [{"ms_per_step": round(us / 1e3 / steps, 3), "calls_per_step": n / steps, "category": c,
-                             "name": k} for us, n, c, k in kernels[:25]]}
+                             "name": k} for us, n, c, k in kernels[:40]]}
+
+
+def idle_gaps(prof, steps: int, top: int = 12) -> dict:
+    """Where the GPU sits idle: the union of kernel intervals against the profiled span, and the longest gaps
+    between consecutive kernels with the kernels on either side and the host-side calls that overlap them
+    (a long cudaStreamSynchronize or aten::item there is a host sync; Python there is launch overhead)."""
+    from torch.autograd import DeviceType
+
+    kern, host = [], []
+    for evt in prof.events():
+        tr = evt.time_range
+        if getattr(evt, "device_type", None) == DeviceType.CUDA:
+            if not NOT_KERNELS.search(evt.name) and tr.end > tr.start:
+                kern.append((tr.start, tr.end, evt.name))
+        elif tr.end - tr.start > 200:  # host calls over 0.2 ms
+            host.append((tr.start, tr.end, evt.name))
+    if not kern:
+        return {}
+    kern.sort()
+    busy, gaps, cur_end, last = 0.0, [], kern[0][0], kern[0][2]
+    for start, end, name in kern:
+        if start > cur_end:
+            gaps.append((start - cur_end, cur_end, start, last, name))
+        if end > cur_end:
+            busy += end - max(start, cur_end)
+            cur_end, last = end, name
+    span = cur_end - kern[0][0]
+    gaps.sort(reverse=True)
+    out = []
+    for us, g0, g1, before, after in gaps[:top]:
+        during = sorted({n for s, e, n in host if s < g1 and e > g0})[:8]
+        out.append({"gap_ms": round(us / 1e3, 3), "after": before[:80], "before": after[:80], "host": during})
+    return {"gpu_busy_ms_per_step": busy / 1e3 / steps, "gpu_span_ms_per_step": span / 1e3 / steps,
+            "gpu_idle_ms_per_step": (span - busy) / 1e3 / steps, "idle_gaps": out}
 
 
 class StepTimer(L.Callback):
     """Wall time of optimizer steps [warmup, warmup + steps), synchronised at both ends only; then optionally
     `profile` more steps under torch.profiler (after the timed window, so it does not slow the timing)."""
 
-    def __init__(self, warmup: int, steps: int, profile: int = 0):
+    def __init__(self, warmup: int, steps: int, profile: int = 0, sync_debug: bool = False):
         self.warmup, self.steps, self.profile = warmup, steps, profile
+        # one warm step before the timed window under torch.cuda.set_sync_debug_mode("warn"): every host
+        # sync in the step is recorded with the Python stack that caused it
+        self.sync_debug = sync_debug and warmup >= 2
+        self.syncs: dict[str, int] = {}
+        self._showwarning = None
         self.t0 = self.t1 = None
         self.prof = None
         self.profile_wall_s = None
 
+    def _record_sync(self, message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return self._showwarning(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename][-6:]
+        site = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+        self.syncs[site] = self.syncs.get(site, 0) + 1
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.sync_debug and trainer.global_step == self.warmup - 1 and self._showwarning is None:
+            self._showwarning = warnings.showwarning
+            warnings.showwarning = self._record_sync
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        if self._showwarning is not None and trainer.global_step == self.warmup:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self._showwarning
         if trainer.global_step == self.warmup and self.t0 is None:
             torch.cuda.synchronize()
             self.t0 = time.perf_counter()
@@ -90,7 +147,7 @@ class StepTimer(L.Callback):
 
 def lightning_throughput(cfg: ModelConfig, data_files, val_files, batch_size: int, seq_len: int, warmup: int,
                          steps: int, cache_dir: str, num_workers: int = 4, compile: bool | str = True,
-                         profile_steps: int = 0) -> dict:
+                         profile_steps: int = 0, sync_debug: bool = False, fused: bool | str = "auto") -> dict:
     dm = TextDataModule(source="text", train_files=data_files, val_files=val_files, vocab_size=cfg.vocab_size,
                         seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, num_proc=8,
                         cache_dir=cache_dir)
@@ -100,10 +157,10 @@ def lightning_throughput(cfg: ModelConfig, data_files, val_files, batch_size: in
     model_cfg = cfg.to_dict()
     model_cfg["vocab_size"] = max(cfg.vocab_size, dm.vocab_size)
     total = warmup + steps + profile_steps
-    module = LitDeepSeek(model_cfg, optim={"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1, "fused": True},
+    module = LitDeepSeek(model_cfg, optim={"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1, "fused": fused},
                          scheduler={"name": "warmup_cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
                          compile=compile, max_steps=total, log_every_n_steps=50)
-    timer = StepTimer(warmup, steps, profile_steps)
+    timer = StepTimer(warmup, steps, profile_steps, sync_debug)
     trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=total,
                         gradient_clip_val=1.0, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -114,6 +171,8 @@ def lightning_throughput(cfg: ModelConfig, data_files, val_files, batch_size: in
     res = {"tokens_per_sec": steps * batch_size * seq_len / elapsed, "step_ms": 1000 * elapsed / steps,
            "data_prep_s": prep_s, "train_tokens": int(len(dm.train_tokens)),
            "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan")))}
+    if sync_debug:
+        res["host_syncs"] = timer.syncs
     if timer.prof is not None and timer.profile_wall_s is not None:
         res["profile"] = kernel_breakdown(timer.prof, profile_steps)
         res["profile"]["wall_ms_per_step_profiled"] = 1000 * timer.profile_wall_s / profile_steps

@@ -1,7 +1,8 @@
 """LitDeepSeek: the LightningModule around DeepSeekV2.
 
 * loss = next-token cross-entropy + the model's auxiliary balance losses, added here explicitly;
-* AdamW (decay on >=2-D parameters only) with warmup + cosine / DeepSeek's step schedule;
+* AdamW (decay on >=2-D parameters only; a Triton step on CUDA, adamw.py) with warmup + cosine /
+  DeepSeek's step schedule;
 * the auxiliary-loss-free bias update after every optimizer step (summed over ranks under DDP);
 * optional torch.compile of the inner model, kept out of the state dict (keys stay "model.*"); with
   `compile="reduce-overhead"` the compiled forward and backward are replayed as CUDA graphs.
@@ -21,6 +22,7 @@ import torch
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import DeepSeekV2
+from deepseek_mini.training import adamw
 
 
 def expert_load_stats(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -87,6 +89,18 @@ def compile_mode(value: bool | str | None) -> str | None:
     if value not in COMPILE_MODES:
         raise ValueError(f"compile={value!r}: use false, true or one of {', '.join(COMPILE_MODES)}")
     return value
+
+
+def adamw_kind(fused: bool | str, on_cuda: bool) -> str:
+    """optim.fused -> "triton" (adamw.TritonAdamW), "fused" (torch's fused kernel) or "plain".
+
+    auto = the fastest step the device has: Triton on CUDA (torch's fused kernel without Triton), plain on CPU.
+    """
+    if fused == "auto":
+        return ("triton" if adamw.available() else "fused") if on_cuda else "plain"
+    if fused == "triton" or fused is True or fused is False:
+        return {"triton": "triton", True: "fused", False: "plain"}[fused]
+    raise ValueError(f"optim.fused={fused!r}: use auto, true (torch's fused kernel), triton or false")
 
 
 def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor | None:
@@ -180,7 +194,9 @@ class LitDeepSeek(L.LightningModule):
         out = self(x, y)
         loss = out.loss + out.aux_loss
         lm = self._keep(out.loss)
-        self.log("train/loss", lm, prog_bar=True)
+        # not prog_bar=True: Lightning would turn it into a float after every batch, a host sync per step
+        # (callbacks.ProgressBar shows it at its refresh rate instead)
+        self.log("train/loss", lm)
         self.log("train/perplexity", torch.exp(lm))
         self.log("train/aux_loss", self._keep(out.aux_loss))
         for name, value in out.aux_losses.items():
@@ -278,15 +294,13 @@ class LitDeepSeek(L.LightningModule):
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         o = self.optim_cfg
-        fused = o.get("fused", "auto")
-        if fused == "auto":
-            fused = torch.cuda.is_available() and self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, float(o.get("weight_decay", 0.1))),
-            lr=float(o.get("lr", 3e-3)),
-            betas=tuple(o.get("betas", (0.9, 0.95))),
-            eps=float(o.get("eps", 1e-8)),
-            fused=bool(fused) or None,
-        )
+        kind = adamw_kind(o.get("fused", "auto"), torch.cuda.is_available() and self.device.type == "cuda")
+        groups = param_groups(self.model, float(o.get("weight_decay", 0.1)))
+        kwargs = {"lr": float(o.get("lr", 3e-3)), "betas": tuple(o.get("betas", (0.9, 0.95))),
+                  "eps": float(o.get("eps", 1e-8))}
+        if kind == "triton":
+            optimizer = adamw.TritonAdamW(groups, **kwargs)
+        else:
+            optimizer = torch.optim.AdamW(groups, **kwargs, fused=(kind == "fused") or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.sched_cfg, self.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

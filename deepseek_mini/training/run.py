@@ -354,6 +354,7 @@ def train(cfg: DictConfig) -> dict:
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
     fit_time = time.perf_counter() - t_fit
+    train_loss = trainer.callback_metrics.get("train/loss")  # before a final validate() replaces callback_metrics
 
     checkpoint = best = None
     if not fast:
@@ -366,7 +367,6 @@ def train(cfg: DictConfig) -> dict:
         best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     val_loss = module.val_history[-1][1] if module.val_history and not fast else None
 
-    train_loss = trainer.callback_metrics.get("train/loss")
     tokens_per_step = batch["global_batch_tokens"]
     tokens_seen = (throughput.tokens_seen if throughput and throughput.tokens_seen
                    else trainer.global_step * tokens_per_step)

@@ -1,0 +1,133 @@
+"""AdamW with a Triton step on CUDA: torch.optim.AdamW's update, state and checkpoints, 1.5 ms less per step.
+
+On the `small` MoE the optimizer step is the largest memory-bound kernel of a training step: 0.7B fp32
+master weights, each read and written with its gradient and two moments, 19.5 GB of traffic. torch's
+fused AdamW walks the tensors in 64K-element chunks through a multi-tensor launcher and reaches about
+2.2 TB/s on an H100 (8.7 ms); a plain elementwise Triton kernel over each whole tensor reaches about
+2.7 TB/s (7.2 ms). Nothing else changes:
+
+* the update is torch's fused AdamW (decoupled weight decay, bias corrections from the step count),
+  including `grad_scale`, which module.clip_in_fused_step uses to fold gradient clipping into the step;
+* the state is torch's (`step` as a float32 tensor on the parameter's device, `exp_avg`, `exp_avg_sq`),
+  so checkpoints load into torch.optim.AdamW and back, and LR schedulers work unchanged;
+* the step count stays on the device and the bias corrections are computed in the kernel: no host sync.
+
+Anything the kernel does not cover (CPU tensors, non-fp32 parameters, amsgrad, maximize, sparse or
+non-contiguous tensors, or no Triton) goes through torch's own fused step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs have no Triton: torch's step is used
+    triton = None
+
+BLOCK = 2048  # elements per program; 1024-4096 measured within 3% of each other on an H100
+# TRITON_INTERPRET=1 runs the kernel on CPU tensors (numpy), which is how the tests check it without a GPU
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+    @triton.jit
+    def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, n, lr, beta1, beta2, log2_beta1,
+                      log2_beta2, eps, decay, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(p_ptr + offs, mask=mask)
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask)
+        v = tl.load(v_ptr + offs, mask=mask)
+        if HAS_SCALE:
+            g = g / tl.load(scale_ptr)
+        step = tl.load(step_ptr)
+        bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)  # 1 - beta1^step
+        bias_correction2 = 1.0 - tl.exp2(step * log2_beta2)
+        p = p * decay
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        denom = tl.sqrt(v) / tl.sqrt(bias_correction2) + eps
+        p = p - (lr / bias_correction1) * m / denom
+        tl.store(p_ptr + offs, p, mask=mask)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+
+
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+class TritonAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW (fused flavour: device step counts, `grad_scale`) whose CUDA fp32 step is a Triton kernel."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        self.grad_scale: torch.Tensor | None = None  # set by clip_in_fused_step for one step
+
+    @staticmethod
+    def _kernel_takes(p: torch.Tensor) -> bool:
+        g = p.grad
+        return (triton is not None and (p.is_cuda or INTERPRET) and p.dtype == torch.float32 and p.is_contiguous()
+                and not g.is_sparse and g.is_contiguous() and g.dtype in (torch.float32, torch.bfloat16))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        rest: list[list[torch.Tensor]] = []  # per group: parameters for torch's fused step
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            simple = not (group["amsgrad"] or group["maximize"] or group.get("differentiable"))
+            mine = [p for p in params if simple and self._kernel_takes(p)]
+            rest.append([p for p in params if not (simple and self._kernel_takes(p))])
+            if mine:
+                self._triton_group(group, mine)
+        if any(rest):
+            # torch's step for what the kernel does not take: hide the other gradients from it for a moment
+            hidden = {}
+            for group, others in zip(self.param_groups, rest):
+                keep = {id(p) for p in others}
+                for p in group["params"]:
+                    if p.grad is not None and id(p) not in keep:
+                        hidden[p] = p.grad
+                        p.grad = None
+            try:
+                super().step()
+            finally:
+                for p, g in hidden.items():
+                    p.grad = g
+        return loss
+
+    def _triton_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+        steps = []
+        for p in params:
+            state = self.state[p]
+            if not state:  # as torch's fused AdamW lays it out
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif state["step"].device != p.device:  # e.g. a checkpoint of the unfused optimizer (CPU steps)
+                state["step"] = state["step"].to(p.device, torch.float32)
+            steps.append(state["step"])
+        torch._foreach_add_(steps, 1.0)
+        scale = self.grad_scale
+        if scale is not None:
+            scale = scale.to(device=params[0].device, dtype=torch.float32)
+        for p in params:
+            state = self.state[p]
+            n = p.numel()
+            _adamw_kernel[(triton.cdiv(n, BLOCK),)](
+                p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], p if scale is None else scale, n,
+                lr, beta1, beta2, math.log2(beta1) if beta1 > 0 else -math.inf,
+                math.log2(beta2) if beta2 > 0 else -math.inf, eps, 1.0 - lr * wd,
+                HAS_SCALE=scale is not None, BLOCK=BLOCK, num_warps=8)

@@ -1,0 +1,102 @@
+"""TritonAdamW == torch.optim.AdamW: the update (weight decay groups, grad_scale), the state, checkpoints.
+
+The kernel itself runs under Triton's CPU interpreter (TRITON_INTERPRET=1, in a subprocess: Triton reads it
+at import) when Triton is installed; the GPU run is in docs/benchmarks.md. Without Triton the optimizer
+falls back to torch's fused step, which the in-process test checks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepseek_mini.training.adamw import TritonAdamW
+from deepseek_mini.training.module import adamw_kind
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(3, 1000, generator=g)), torch.nn.Parameter(torch.randn(777, generator=g)),
+            torch.nn.Parameter(torch.randn(5, 7, generator=g))]
+
+
+def _groups(ps, wd):
+    return [{"params": ps[:2], "weight_decay": wd}, {"params": ps[2:], "weight_decay": 0.0}]
+
+
+def compare_with_torch(steps: int = 4) -> float:
+    """Largest difference to torch.optim.AdamW over `steps` steps, for each grad_scale / weight-decay case,
+    after a checkpoint round trip half way (TritonAdamW's state loaded into torch's AdamW and back)."""
+    worst = 0.0
+    for scale in (None, 2.5):
+        for wd in (0.0, 0.1):
+            mine, ref = _params(), _params()
+            opt = TritonAdamW(_groups(mine, wd), lr=1e-2, betas=(0.9, 0.95))
+            ref_opt = torch.optim.AdamW(_groups(ref, wd), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+            g = torch.Generator().manual_seed(1)
+            for step in range(steps):
+                grads = [torch.randn(p.shape, generator=g) for p in mine]
+                for p, gr in zip(mine, grads):
+                    p.grad = gr.clone()
+                for p, gr in zip(ref, grads):
+                    p.grad = gr / (scale or 1.0)  # what the folded clip scale stands for
+                opt.grad_scale = None if scale is None else torch.tensor(scale)
+                opt.step()
+                opt.grad_scale = None
+                ref_opt.step()
+                if step == steps // 2:  # checkpoint interchange: torch's AdamW reads it, and gives it back
+                    other = torch.optim.AdamW(_groups(mine, wd), lr=1e-2, betas=(0.9, 0.95), fused=True)
+                    other.load_state_dict(opt.state_dict())
+                    opt = TritonAdamW(_groups(mine, wd), lr=1e-2, betas=(0.9, 0.95))
+                    opt.load_state_dict(other.state_dict())
+            assert all(float(opt.state[p]["step"]) == steps for p in mine)
+            worst = max(worst, max(float((a - b).detach().abs().max()) for a, b in zip(mine, ref)))
+    return worst
+
+
+def test_fallback_step_matches_torch_adamw():
+    """No kernel for these tensors (CPU, no interpreter): torch's fused step, same numbers, same state."""
+    assert compare_with_torch() < 1e-6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU-only torch)")
+def test_triton_kernel_matches_torch_adamw_under_the_interpreter():
+    code = ("import sys; sys.path.insert(0, 'tests'); from deepseek_mini.training import adamw; "
+            "assert adamw.INTERPRET and adamw.triton is not None; "
+            "from test_adamw import compare_with_torch; print('MAXDIFF', compare_with_torch())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    diff = float(proc.stdout.split("MAXDIFF")[1])
+    assert diff < 1e-6, diff
+
+
+def test_kernel_takes_only_what_it_computes_exactly(monkeypatch):
+    from deepseek_mini.training import adamw
+
+    monkeypatch.setattr(adamw, "INTERPRET", True)
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    p.grad = torch.randn(4, 4)
+    assert TritonAdamW._kernel_takes(p) == (adamw.triton is not None)
+    q = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+    q.grad = torch.randn(4, 4, dtype=torch.float64)
+    r = torch.nn.Parameter(torch.randn(4, 4).t())  # not contiguous
+    r.grad = torch.randn(4, 4).t()
+    assert not TritonAdamW._kernel_takes(q) and not TritonAdamW._kernel_takes(r)
+
+
+def test_adamw_kind():
+    assert adamw_kind("auto", on_cuda=False) == "plain"
+    assert adamw_kind("auto", on_cuda=True) in ("triton", "fused")
+    assert adamw_kind(True, on_cuda=False) == "fused" and adamw_kind("triton", True) == "triton"
+    assert adamw_kind(False, on_cuda=True) == "plain"
+    with pytest.raises(ValueError, match="optim.fused='apex'"):
+        adamw_kind("apex", on_cuda=True)
