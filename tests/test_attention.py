@@ -252,3 +252,21 @@ def test_mla_cache_much_smaller_than_mha_at_v2_scale():
     v2 = ModelConfig.preset("v2")
     ratio = v2.kv_cache_elements_per_token() / v2.replace(attention="mha").kv_cache_elements_per_token()
     assert ratio == pytest.approx(576 / (2 * 128 * 128))
+
+
+def test_padding_v_to_the_query_width_is_exact():
+    """attend(pad_v=True), the path for SDPA's flash kernel, equals unpadded attention, output and gradients."""
+    from deepseek_mini.model.attention import attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 9, 12, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64)
+    outs = []
+    for pad in (False, True):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        o = attend(qq, kk, vv, scale=0.3, is_causal=True, pad_v=pad)
+        (o * torch.arange(o.numel()).view_as(o)).sum().backward()
+        outs.append((o, qq.grad, kk.grad, vv.grad))
+    assert outs[1][0].shape == (2, 3, 9, 8)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -55,9 +55,9 @@ class KVCache:
 def attend(q, k, v, scale, is_causal, mask=None, pad_v=False):
     """SDPA over [B, H, T, D] tensors. q/k and v may differ in width (MLA: 96 vs 64 in `small`).
 
-    PyTorch's flash kernel needs equal widths, so on CUDA we zero-pad v to q's width and slice the
-    output back (exact: the padded columns stay zero), which lets SDPA pick flash instead of the slower
-    memory-efficient kernel.
+    PyTorch's flash kernel needs equal widths; cuDNN's does not. Where flash would be SDPA's pick
+    (`pad_v`, see pad_v_for_flash), v is zero-padded to q's width and the output sliced back (exact:
+    the padded columns stay zero), rather than falling to the slower memory-efficient kernel.
     """
     dv = v.shape[-1]
     if pad_v and dv != q.shape[-1]:
@@ -69,6 +69,14 @@ def attend(q, k, v, scale, is_causal, mask=None, pad_v=False):
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                          scale=scale, enable_gqa=enable_gqa)
     return out[..., :dv]
+
+
+@torch.compiler.assume_constant_result
+def pad_v_for_flash(device_index: int) -> bool:
+    """Pad MLA's narrower v on this CUDA device? Not on Hopper and later with cuDNN attention on: SDPA picks
+    cuDNN there, which takes v as it is (bit-identical output, without the pad and slice copies); elsewhere
+    flash is SDPA's fused kernel."""
+    return not (torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device_index) >= (9, 0))
 
 
 def decode_mask(t: int, start_pos: int, device) -> torch.Tensor | None:
@@ -102,7 +110,7 @@ class MLA(nn.Module):
         self.scale = cfg.softmax_scale()
         self.decode_mode = "absorb"  # or "naive": rebuild K/V from the latents at every step
         self.fused_decode = True  # absorbed single-token decode through the Triton kernel on CUDA
-        self.pad_v = True
+        self.pad_v = "auto"  # zero-pad v to q's width for flash attention: "auto" (pad_v_for_flash), True, False
 
     def new_cache(self, batch_size, max_len, device, dtype) -> LatentCache:
         return LatentCache(torch.zeros(batch_size, max_len, self.rank + self.rope_dim, device=device, dtype=dtype))
@@ -149,8 +157,11 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale,
-                   is_causal=True, mask=mask, pad_v=self.pad_v and q.is_cuda)
+                   is_causal=True, mask=mask, pad_v=q.is_cuda and self._pad_v(q.device))
         return o.transpose(1, 2)  # [B, T, H, v_dim]
+
+    def _pad_v(self, device) -> bool:
+        return pad_v_for_flash(device.index or 0) if self.pad_v == "auto" else bool(self.pad_v)
 
     def _absorbed(self, q_nope, q_pe, past, mask, kv_len=None):
         """Attend in latent space: scores = (W_UK^T q_nope).c + q_pe.k_pe; out = W_UV (p . c).
