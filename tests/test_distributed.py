@@ -62,6 +62,9 @@ def test_ddp_config_builds_a_ddp_strategy():
     assert isinstance(strategy, DDPStrategy)
     assert strategy._ddp_kwargs["find_unused_parameters"] is False
     assert strategy._ddp_kwargs["gradient_as_bucket_view"] is True
+    # broadcast_buffers, the name every torch 2.x DDP takes (forward_sync_buffers exists only from 2.13 on:
+    # torch 2.11 on the GPU machine refused it)
+    assert strategy._ddp_kwargs["broadcast_buffers"] is False and "forward_sync_buffers" not in strategy._ddp_kwargs
 
 
 def test_fsdp_config_wraps_each_block_and_keeps_buffers_fp32():

@@ -259,6 +259,7 @@ def train(cfg: DictConfig) -> dict:
     import hydra
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import FSDPStrategy
 
     from deepseek_mini.training.callbacks import CheckpointDirDescriber, ThroughputMonitor
     from deepseek_mini.training.module import LitDeepSeek
@@ -346,8 +347,15 @@ def train(cfg: DictConfig) -> dict:
             write_wandb_run_id(output_dir, str(lg.version))  # so ckpt_path=last continues this wandb run
 
     fast = bool(trainer_kwargs.get("fast_dev_run"))
+    # Lightning's FSDP wraps the root module once per trainer entry point; a second entry (validate() before
+    # or after fit()) finds the Blocks already wrapped, leaves the root's parameters (embeddings, head) as
+    # flat shards and fails ("'weight' must be 2-D", seen on 2 H200s). Under FSDP all evaluation therefore
+    # happens inside fit(), at trainer.val_check_interval.
+    single_entry = isinstance(trainer.strategy, FSDPStrategy)
+    if single_entry:
+        log.info("FSDP: no validation before fit() or after it; val_loss is that of the last in-fit validation")
     val_loss_start = None
-    if cfg.get("val_before_fit", True) and ckpt_path is None and not fast:
+    if cfg.get("val_before_fit", True) and ckpt_path is None and not fast and not single_entry:
         val_loss_start = float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"])
         log.info("val loss before training: %.4f", val_loss_start)
 
@@ -358,7 +366,7 @@ def train(cfg: DictConfig) -> dict:
 
     checkpoint = best = None
     if not fast:
-        if not module.val_history or module.val_history[-1][0] != trainer.global_step:
+        if (not module.val_history or module.val_history[-1][0] != trainer.global_step) and not single_entry:
             trainer.validate(module, datamodule=dm, verbose=False)  # make val_loss describe the final weights
         if ckpt_cb is None or getattr(ckpt_cb, "_last_global_step_saved", -1) != trainer.global_step:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
