@@ -96,7 +96,8 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
         model = DeepSeekV2(cfg).to(dev)
     kind = "fused" if variant.startswith("hf_") else adamw_kind(parse_fused(args.fused), on_cuda=True)  # ours: as LitDeepSeek
     opt = (TritonAdamW if kind == "triton" else torch.optim.AdamW)(
-        model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, **({} if kind == "triton" else {"fused": True}))
+        model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+        **({} if kind == "triton" else {"fused": (kind == "fused") or None}))
     compiled = variant in ("ours_raw", "ours_dense", "ours_mha", "hf_grouped_bf16_compile")
     if variant.startswith("hf_"):
         mode = "default"

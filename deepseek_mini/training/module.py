@@ -195,7 +195,7 @@ class LitDeepSeek(L.LightningModule):
         loss = out.loss + out.aux_loss
         lm = self._keep(out.loss)
         # not prog_bar=True: Lightning would turn it into a float after every batch, a host sync per step
-        # (callbacks.ProgressBar shows it at its refresh rate instead)
+        # (callbacks.ProgressBar reads it every log_every_n_steps instead)
         self.log("train/loss", lm)
         self.log("train/perplexity", torch.exp(lm))
         self.log("train/aux_loss", self._keep(out.aux_loss))
