@@ -79,9 +79,8 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
     import torch
 
     from deepseek_mini import DeepSeekV2, flops_per_token
-    from deepseek_mini.training.adamw import TritonAdamW
     from deepseek_mini.training.bench import kernel_breakdown
-    from deepseek_mini.training.module import adamw_kind, clip_in_fused_step
+    from deepseek_mini.training.module import build_adamw, clip_in_fused_step
 
     torch.manual_seed(0)
     cfg = small_config(variant)
@@ -94,10 +93,9 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
         model = hf_model(variant, cfg).to(dev)
     else:
         model = DeepSeekV2(cfg).to(dev)
-    kind = "fused" if variant.startswith("hf_") else adamw_kind(parse_fused(args.fused), on_cuda=True)  # ours: as LitDeepSeek
-    opt = (TritonAdamW if kind == "triton" else torch.optim.AdamW)(
-        model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-        **({} if kind == "triton" else {"fused": (kind == "fused") or None}))
+    # ours: the AdamW LitDeepSeek builds for --fused; the peer: torch's fused kernel
+    fused = True if variant.startswith("hf_") else parse_fused(args.fused)
+    opt = build_adamw(model.parameters(), fused, on_cuda=True, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     compiled = variant in ("ours_raw", "ours_dense", "ours_mha", "hf_grouped_bf16_compile")
     if variant.startswith("hf_"):
         mode = "default"

@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
+    # the last one is not contiguous: the kernel leaves it to torch's step, so one step takes both paths
     return [torch.nn.Parameter(torch.randn(3, 1000, generator=g)), torch.nn.Parameter(torch.randn(777, generator=g)),
-            torch.nn.Parameter(torch.randn(5, 7, generator=g))]
+            torch.nn.Parameter(torch.randn(5, 7, generator=g)), torch.nn.Parameter(torch.randn(7, 5, generator=g).t())]
 
 
 def _groups(ps, wd):
@@ -44,10 +45,10 @@ def compare_with_torch(steps: int = 4) -> float:
             g = torch.Generator().manual_seed(1)
             for step in range(steps):
                 grads = [torch.randn(p.shape, generator=g) for p in mine]
-                for p, gr in zip(mine, grads):
-                    p.grad = gr.clone()
+                for p, gr in zip(mine, grads):  # laid out like the parameter, as autograd lays out gradients
+                    p.grad = torch.empty_like(p).copy_(gr)
                 for p, gr in zip(ref, grads):
-                    p.grad = gr / (scale or 1.0)  # what the folded clip scale stands for
+                    p.grad = torch.empty_like(p).copy_(gr / (scale or 1.0))  # what the folded clip scale stands for
                 opt.grad_scale = None if scale is None else torch.tensor(scale)
                 opt.step()
                 opt.grad_scale = None

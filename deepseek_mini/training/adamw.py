@@ -82,27 +82,27 @@ class TritonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rest: list[list[torch.Tensor]] = []  # per group: parameters for torch's fused step
+        done, rest = [], False  # parameters the kernel updated; whether any gradient is left for torch's step
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
             simple = not (group["amsgrad"] or group["maximize"] or group.get("differentiable"))
-            mine = [p for p in params if simple and self._kernel_takes(p)]
-            rest.append([p for p in params if not (simple and self._kernel_takes(p))])
+            mine = []
+            for p in group["params"]:
+                if p.grad is not None:
+                    if simple and self._kernel_takes(p):
+                        mine.append(p)
+                    else:
+                        rest = True
             if mine:
                 self._triton_group(group, mine)
-        if any(rest):
-            # torch's step for what the kernel does not take: hide the other gradients from it for a moment
-            hidden = {}
-            for group, others in zip(self.param_groups, rest):
-                keep = {id(p) for p in others}
-                for p in group["params"]:
-                    if p.grad is not None and id(p) not in keep:
-                        hidden[p] = p.grad
-                        p.grad = None
+                done += mine
+        if rest:  # torch's fused step for the others, with the gradients the kernel used hidden from it
+            grads = [p.grad for p in done]
+            for p in done:
+                p.grad = None
             try:
                 super().step()
             finally:
-                for p, g in hidden.items():
+                for p, g in zip(done, grads):
                     p.grad = g
         return loss
 

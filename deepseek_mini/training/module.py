@@ -103,6 +103,14 @@ def adamw_kind(fused: bool | str, on_cuda: bool) -> str:
     raise ValueError(f"optim.fused={fused!r}: use auto, true (torch's fused kernel), triton or false")
 
 
+def build_adamw(params, fused: bool | str, on_cuda: bool, **kwargs) -> torch.optim.AdamW:
+    """The AdamW that `optim.fused` names (adamw_kind); kwargs are AdamW's (lr, betas, eps, weight_decay)."""
+    kind = adamw_kind(fused, on_cuda)
+    if kind == "triton":
+        return adamw.TritonAdamW(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs, fused=(kind == "fused") or None)
+
+
 def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor | None:
     """Gradient-norm clipping folded into a fused Adam/AdamW step; returns the total norm, or None when the
     optimizer is not fused (then clip the usual way).
@@ -294,13 +302,9 @@ class LitDeepSeek(L.LightningModule):
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         o = self.optim_cfg
-        kind = adamw_kind(o.get("fused", "auto"), torch.cuda.is_available() and self.device.type == "cuda")
-        groups = param_groups(self.model, float(o.get("weight_decay", 0.1)))
-        kwargs = {"lr": float(o.get("lr", 3e-3)), "betas": tuple(o.get("betas", (0.9, 0.95))),
-                  "eps": float(o.get("eps", 1e-8))}
-        if kind == "triton":
-            optimizer = adamw.TritonAdamW(groups, **kwargs)
-        else:
-            optimizer = torch.optim.AdamW(groups, **kwargs, fused=(kind == "fused") or None)
+        optimizer = build_adamw(param_groups(self.model, float(o.get("weight_decay", 0.1))), o.get("fused", "auto"),
+                                torch.cuda.is_available() and self.device.type == "cuda",
+                                lr=float(o.get("lr", 3e-3)), betas=tuple(o.get("betas", (0.9, 0.95))),
+                                eps=float(o.get("eps", 1e-8)))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.sched_cfg, self.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
