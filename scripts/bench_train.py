@@ -14,7 +14,8 @@ every variant, against --peak-tflops (798: the measured bf16 matmul ceiling of o
 
 Variants
   ours                 the real thing: Lightning Trainer + TextDataModule on --data (Gutenberg),
-                       bf16-mixed with fp32 master weights, torch.compile, the Triton AdamW step (--fused)
+                       bf16-mixed with fp32 master weights, torch.compile, the Triton AdamW step (--fused),
+                       expert weights in bf16 with their fp32 masters in the optimizer (--bf16-experts)
   ours_raw             the same model and optimizer in a plain PyTorch loop on random tokens
   ours_raw_eager       ... without torch.compile
   ours_dense, ours_mha the dense-FFN and MHA baselines at matched active parameters (plain loop, compiled)
@@ -48,7 +49,7 @@ def split_variant(name: str, default_mode: str) -> tuple[str, str]:
 
 
 def parse_fused(value: str):
-    """--fused as LitDeepSeek's optim.fused takes it: auto, triton, true or false."""
+    """--fused / --bf16-experts as LitDeepSeek's optim config takes them: "true"/"false" -> bool, else as is."""
     return {"true": True, "false": False}.get(value, value)
 
 
@@ -80,7 +81,7 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
 
     from deepseek_mini import DeepSeekV2, flops_per_token
     from deepseek_mini.training.bench import kernel_breakdown
-    from deepseek_mini.training.module import build_adamw, clip_in_fused_step
+    from deepseek_mini.training.module import bf16_experts_on, build_adamw, clip_in_fused_step, expert_parameters
 
     torch.manual_seed(0)
     cfg = small_config(variant)
@@ -96,6 +97,9 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
     # ours: the AdamW LitDeepSeek builds for --fused; the peer: torch's fused kernel
     fused = True if variant.startswith("hf_") else parse_fused(args.fused)
     opt = build_adamw(model.parameters(), fused, on_cuda=True, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    if not variant.startswith("hf_") and bf16_experts_on(parse_fused(args.bf16_experts), opt, on_cuda=True,
+                                                         bf16_autocast=True, single_device=True):
+        opt.keep_fp32_masters(expert_parameters(model))  # as LitDeepSeek does on one GPU
     compiled = variant in ("ours_raw", "ours_dense", "ours_mha", "hf_grouped_bf16_compile")
     if variant.startswith("hf_"):
         mode = "default"
@@ -170,7 +174,8 @@ def run_lightning(variant: str, args, mode: str) -> dict:
     res = lightning_throughput(cfg, data_files=args.data, val_files=args.val_data, batch_size=args.batch_size,
                                seq_len=args.seq_len, warmup=args.warmup, steps=args.steps,
                                cache_dir=args.cache_dir, compile=mode, profile_steps=args.profile_steps,
-                               sync_debug=args.sync_debug, fused=parse_fused(args.fused))
+                               sync_debug=args.sync_debug, fused=parse_fused(args.fused),
+                               bf16_experts=parse_fused(args.bf16_experts))
     res.update(variant=variant, flops_per_token=flops_per_token(cfg, args.seq_len),
                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
     return res
@@ -204,6 +209,8 @@ def main():
     p.add_argument("--profile", default=None, help="folder for the full torch.profiler table per variant")
     p.add_argument("--fused", default="auto", choices=["auto", "triton", "true", "false"],
                    help="our AdamW step (optim.fused): auto = Triton on CUDA; true = torch's fused kernel")
+    p.add_argument("--bf16-experts", default="auto", choices=["auto", "true", "false"],
+                   help="ours: routed-expert weights in bf16 with fp32 masters in the AdamW (optim.bf16_experts)")
     p.add_argument("--sync-debug", action="store_true",
                    help="ours: record every host sync of one warm step (with the Python stack that caused it)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per variant subprocess")

@@ -63,6 +63,47 @@ def compare_with_torch(steps: int = 4) -> float:
     return worst
 
 
+def compare_masters_with_torch(steps: int = 4) -> float:
+    """fp32 masters (keep_fp32_masters): the bf16 parameters' update is torch.optim.AdamW's fp32 update with
+    the same (bf16) gradients, the bf16 parameter is the master rounded, and the moments stay fp32 through a
+    checkpoint exchange with torch's AdamW. Returns the largest master difference to torch."""
+    worst = 0.0
+    for scale in (None, 2.5):
+        mine, ref = _params()[:3], _params()[:3]
+        opt = TritonAdamW(_groups(mine, 0.1), lr=1e-2, betas=(0.9, 0.95))
+        opt.keep_fp32_masters(mine[:2])  # the third stays an fp32 parameter: one step takes both kinds
+        assert mine[0].dtype == torch.bfloat16 and mine[2].dtype == torch.float32
+        ref_opt = torch.optim.AdamW(_groups(ref, 0.1), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+        g = torch.Generator().manual_seed(1)
+        for step in range(steps):
+            grads = [torch.randn(p.shape, generator=g).to(p.dtype) for p in mine]  # autograd's: bf16 for bf16
+            for p, gr in zip(mine, grads):
+                p.grad = gr.clone()
+            for p, gr in zip(ref, grads):
+                p.grad = gr.float() / (scale or 1.0)
+            opt.grad_scale = None if scale is None else torch.tensor(scale)
+            opt.step()
+            opt.grad_scale = None
+            ref_opt.step()
+            for p, master in opt.masters.items():
+                assert torch.equal(p, master.to(torch.bfloat16))
+            if step == steps // 2:  # torch's AdamW on the fp32 values reads the state, and gives it back
+                fp32 = [opt.masters[p].clone() for p in mine[:2]] + [mine[2]]
+                other = torch.optim.AdamW(_groups(fp32, 0.1), lr=1e-2, betas=(0.9, 0.95), fused=True)
+                other.load_state_dict(opt.state_dict())
+                new = TritonAdamW(_groups(mine, 0.1), lr=1e-2, betas=(0.9, 0.95))
+                new.masters = opt.masters
+                new.load_state_dict(other.state_dict())
+                assert all(new.state[p]["exp_avg_sq"].dtype == torch.float32 for p in mine)
+                assert all(torch.equal(new.state[p]["exp_avg"], opt.state[p]["exp_avg"]) for p in mine)
+                opt = new
+        masters = [opt.masters[p] for p in mine[:2]] + [mine[2]]
+        worst = max(worst, max(float((a - b).abs().max()) for a, b in zip(masters, ref)))
+        opt.release_masters()
+        assert all(p.dtype == torch.float32 for p in mine) and torch.equal(mine[0], masters[0])
+    return worst
+
+
 def test_fallback_step_matches_torch_adamw():
     """No kernel for these tensors (CPU, no interpreter): torch's fused step, same numbers, same state."""
     assert compare_with_torch() < 1e-6
@@ -80,13 +121,43 @@ def test_triton_kernel_matches_torch_adamw_under_the_interpreter():
     assert diff < 1e-6, diff
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU-only torch)")
+def test_fp32_masters_of_bf16_parameters_under_the_interpreter():
+    code = ("import sys; sys.path.insert(0, 'tests'); "
+            "from test_adamw import compare_masters_with_torch; print('MAXDIFF', compare_masters_with_torch())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    diff = float(proc.stdout.split("MAXDIFF")[1])
+    assert diff < 1e-6, diff
+
+
+def test_masters_refuse_what_they_cannot_keep(monkeypatch):
+    from deepseek_mini.training import adamw
+
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = TritonAdamW([p])
+    if adamw.triton is None:
+        with pytest.raises(RuntimeError, match="Triton"):
+            opt.keep_fp32_masters([p])
+        return
+    monkeypatch.setattr(adamw, "INTERPRET", False)
+    with pytest.raises(ValueError, match="CUDA parameter"):  # CPU tensors have no kernel outside the interpreter
+        opt.keep_fp32_masters([p])
+    assert p.dtype == torch.float32 and not opt.masters
+
+
 def test_kernel_takes_only_what_it_computes_exactly(monkeypatch):
     from deepseek_mini.training import adamw
 
     monkeypatch.setattr(adamw, "INTERPRET", True)
+    monkeypatch.setattr(adamw, "MIN_NUMEL", 0)
     p = torch.nn.Parameter(torch.randn(4, 4))
     p.grad = torch.randn(4, 4)
     assert TritonAdamW._kernel_takes(p) == (adamw.triton is not None)
+    monkeypatch.setattr(adamw, "MIN_NUMEL", 17)  # small tensors: torch's multi-tensor step
+    assert not TritonAdamW._kernel_takes(p)
+    monkeypatch.setattr(adamw, "MIN_NUMEL", 0)
     q = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
     q.grad = torch.randn(4, 4, dtype=torch.float64)
     r = torch.nn.Parameter(torch.randn(4, 4).t())  # not contiguous

@@ -11,11 +11,13 @@ from omegaconf import OmegaConf
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.training.module import (
     LitDeepSeek,
+    bf16_experts_on,
     clip_in_fused_step,
     compile_mode,
     expert_load_stats,
     lr_lambda,
     param_groups,
+    total_norm,
 )
 from deepseek_mini.training.run import build_loggers
 
@@ -112,6 +114,65 @@ def test_clipping_not_folded_into_unfused_optimizer():
     p.grad = torch.ones(3)
     opt = torch.optim.AdamW([p], fused=False)
     assert clip_in_fused_step(opt, [p], 1.0) is None and getattr(opt, "grad_scale", None) is None
+
+
+def test_total_norm_is_fp32_over_mixed_dtypes():
+    torch.manual_seed(0)
+    grads = [torch.randn(300, 7), torch.randn(5000).bfloat16() * 3, torch.randn(11).bfloat16()]
+    expected = torch.cat([g.double().flatten() for g in grads]).norm()
+    norm = total_norm(grads)
+    assert norm.dtype == torch.float32
+    assert abs(float(norm) - float(expected)) < 1e-5 * float(expected)  # a bf16 norm would be ~4e-3 off
+
+
+def test_bf16_experts_only_where_the_masters_can_live():
+    from deepseek_mini.training.adamw import TritonAdamW
+
+    triton_opt = TritonAdamW([torch.nn.Parameter(torch.ones(2))])
+    where = dict(on_cuda=True, bf16_autocast=True, single_device=True)
+    assert bf16_experts_on("auto", triton_opt, **where) and bf16_experts_on(True, triton_opt, **where)
+    assert not bf16_experts_on(False, triton_opt, **where)
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
+    assert not bf16_experts_on("auto", plain, **where)
+    assert not bf16_experts_on("auto", triton_opt, **{**where, "single_device": False})  # DDP / FSDP
+    assert not bf16_experts_on("auto", triton_opt, **where, accumulate=4)  # bf16 sums over micro-batches
+    with pytest.raises(ValueError, match="needs a CUDA device, trainer.precision=bf16-mixed, "
+                                         "trainer.accumulate_grad_batches=1"):
+        bf16_experts_on(True, triton_opt, on_cuda=False, bf16_autocast=False, single_device=True, accumulate=2)
+    with pytest.raises(ValueError, match="optim.bf16_experts='yes'"):
+        bf16_experts_on("yes", triton_opt, **where)
+
+
+def test_bf16_experts_checkpoint_holds_the_fp32_masters(monkeypatch):
+    """During fit the expert stacks are bf16 copies; checkpoints get the fp32 masters, and after fit the
+    parameters are fp32 again with the master values. (The kernel itself: tests/test_adamw.py.)"""
+    from deepseek_mini.training import adamw
+    from deepseek_mini.training.module import expert_parameters
+
+    if adamw.triton is None:
+        pytest.skip("Triton is not installed (CPU-only torch)")
+    monkeypatch.setattr(adamw, "INTERPRET", True)  # lets CPU tensors take masters; no kernel runs here
+    module = LitDeepSeek(TINY)
+    experts = expert_parameters(module.model)
+    assert len(experts) == 2 * len(module.config.moe_layer_indices)
+    before = {id(p): p.detach().clone() for p in experts}
+    opt = adamw.TritonAdamW(module.parameters())
+    opt.keep_fp32_masters(experts)
+    module._master_opt = opt
+    with torch.no_grad():  # stands in for a few optimizer steps: the masters move, the bf16 copies follow
+        for p, master in opt.masters.items():
+            master.add_(1e-3)
+            p.copy_(master)
+    assert all(p.dtype == torch.bfloat16 for p in experts)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    names = {p: n for n, p in module.named_parameters()}
+    for p in experts:
+        saved = checkpoint["state_dict"][names[p]]
+        assert saved.dtype == torch.float32 and torch.equal(saved, before[id(p)] + 1e-3)
+    module.on_fit_end()
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[id(p)] + 1e-3) for p in experts)
+    assert not opt.masters and module._master_opt is None
 
 
 def test_loss_includes_aux_losses():

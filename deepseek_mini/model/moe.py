@@ -80,18 +80,32 @@ class _DispatchRows(torch.autograd.Function):
         return grad_TKD.sum(dim=1), None, None, None
 
 
-class _CombineRows(torch.autograd.Function):
-    """Rows sorted by expert -> (token, k) order, y[n] = y_sorted[inverse[n]]; backward gathers by `order`."""
+class _Combine(torch.autograd.Function):
+    """out[t] = sum_k gate[t, k] * y_sorted[inverse[t*K + k]]: the expert outputs back in token order, weighted.
+
+    Forward is a gather and a K-sum. The backward is written in the sorted (expert) order of y, where both
+    gradients read the same gathered rows of grad_out: grad_y[n] = gate[n] * grad_out[token n] and
+    grad_gate[n] = <y[n], grad_out[token n]>. Sharing that gather lets the compiler emit one kernel for both
+    (autograd's own backward takes two passes in two different orders). No atomics, deterministic.
+    """
 
     @staticmethod
-    def forward(ctx, y_ND, order_N, inverse_N):
-        ctx.save_for_backward(order_N)
-        return y_ND[inverse_N]
+    def forward(ctx, y_ND, gate_TK, order_N, inverse_N):
+        T, K = gate_TK.shape
+        ctx.save_for_backward(y_ND, gate_TK, order_N, inverse_N)
+        y_TKD = y_ND[inverse_N].view(T, K, -1)
+        return (y_TKD.to(gate_TK.dtype) * gate_TK[..., None]).sum(dim=1)  # in the router's >= fp32 dtype
 
     @staticmethod
-    def backward(ctx, grad_ND):
-        (order_N,) = ctx.saved_tensors
-        return grad_ND[order_N], None, None
+    def backward(ctx, grad_TD):
+        y_ND, gate_TK, order_N, inverse_N = ctx.saved_tensors
+        T, K = gate_TK.shape
+        # gathered in y's dtype (bf16 under autocast): the K-fold gather is the bulk of this pass's traffic,
+        # grad_y leaves in that dtype anyway, and the gate gradient is still summed in fp32
+        grad_ND = grad_TD.to(y_ND.dtype)[order_N // K].to(grad_TD.dtype)
+        grad_y_ND = (grad_ND * gate_TK.reshape(-1)[order_N, None]).to(y_ND.dtype)
+        grad_gate_N = (grad_ND * y_ND.to(grad_ND.dtype)).sum(dim=-1)
+        return grad_y_ND, grad_gate_N[inverse_N].view(T, K), None, None
 
 
 class GroupedExperts(nn.Module):
@@ -192,11 +206,13 @@ class MoE(nn.Module):
         expert_N = topk_idx_TK.reshape(-1)
         weights_N = weights_TK.reshape(-1)
         drop = self.training and self.cfg.capacity_factor is not None
+        # narrow sort keys: the GPU radix sort makes one pass per key byte, 2 for int16 instead of 8 for int64
+        key_N = expert_N.to(torch.int16 if E <= torch.iinfo(torch.int16).max else torch.int32)
         if drop:
             by_affinity_N = torch.argsort(weights_N.detach(), descending=True, stable=True)
-            order_N = by_affinity_N[torch.argsort(expert_N[by_affinity_N], stable=True)]
+            order_N = by_affinity_N[torch.argsort(key_N[by_affinity_N], stable=True)]
         else:
-            order_N = torch.argsort(expert_N, stable=True)
+            order_N = torch.argsort(key_N, stable=True)
         offsets_E = counts_E.cumsum(0).to(torch.int32)
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(T * K, device=x_TD.device)
@@ -216,10 +232,8 @@ class MoE(nn.Module):
             gate_TK = torch.where(keep_TK, gate_TK, torch.zeros_like(gate_TK))
             dropped_fraction = 1.0 - keep_TK.float().mean()
 
-        # back to (token, k) order with a gather (no atomics, deterministic), weight in the router's
-        # >= fp32 dtype, sum over the K experts of each token
-        y_TKD = _CombineRows.apply(y_ND, order_N, inverse_N).view(T, K, D)
-        out_TD = (y_TKD.to(gate_TK.dtype) * gate_TK[..., None]).sum(dim=1).to(x_TD.dtype)
+        # back to token order, weighted in the router's >= fp32 dtype and summed over each token's K experts
+        out_TD = _Combine.apply(y_ND, gate_TK, order_N, inverse_N).to(x_TD.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
 

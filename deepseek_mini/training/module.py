@@ -2,7 +2,8 @@
 
 * loss = next-token cross-entropy + the model's auxiliary balance losses, added here explicitly;
 * AdamW (decay on >=2-D parameters only; a Triton step on CUDA, adamw.py) with warmup + cosine /
-  DeepSeek's step schedule;
+  DeepSeek's step schedule; on one GPU under bf16-mixed the routed-expert weights are bf16 during fit,
+  with their fp32 masters in that optimizer (optim.bf16_experts; checkpoints hold the fp32 values);
 * the auxiliary-loss-free bias update after every optimizer step (summed over ranks under DDP);
 * optional torch.compile of the inner model, kept out of the state dict (keys stay "model.*"); with
   `compile="reduce-overhead"` the compiled forward and backward are replayed as CUDA graphs.
@@ -19,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import DeepSeekV2
@@ -111,6 +113,50 @@ def build_adamw(params, fused: bool | str, on_cuda: bool, **kwargs) -> torch.opt
     return torch.optim.AdamW(params, **kwargs, fused=(kind == "fused") or None)
 
 
+def check_bf16_experts(setting):
+    if setting not in ("auto", True, False):
+        raise ValueError(f"optim.bf16_experts={setting!r}: use auto, true or false")
+    return setting
+
+
+def bf16_experts_on(setting: bool | str, optimizer: torch.optim.Optimizer, *, on_cuda: bool, bf16_autocast: bool,
+                    single_device: bool, accumulate: int = 1) -> bool:
+    """optim.bf16_experts -> whether the routed-expert weights are kept in bf16 with fp32 masters in the optimizer.
+
+    auto = wherever it is possible: the Triton AdamW (it owns the masters) on one CUDA device under
+    bf16-mixed, without gradient accumulation. DDP and FSDP build their gradient buckets / flat parameters
+    before the optimizer exists, so they keep fp32 parameters; and bf16 gradients summed over micro-batches
+    would lose precision with every sum. true = the same, but an error names the condition that is not met.
+    """
+    if check_bf16_experts(setting) is False:
+        return False
+    missing = [why for ok, why in ((isinstance(optimizer, adamw.TritonAdamW), "the Triton AdamW (optim.fused=auto "
+                                    "or triton, with triton installed)"), (on_cuda, "a CUDA device"),
+                                   (bf16_autocast, "trainer.precision=bf16-mixed"),
+                                   (single_device, "a single-device strategy (not DDP or FSDP)"),
+                                   (accumulate == 1, "trainer.accumulate_grad_batches=1")) if not ok]
+    if missing and setting is True:
+        raise ValueError(f"optim.bf16_experts=true needs {', '.join(missing)}")
+    return not missing
+
+
+def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The stacked routed-expert weights (GroupedExperts): 90% of the `small` MoE's parameters."""
+    from deepseek_mini.model.moe import GroupedExperts
+
+    return [p for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()]
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients, accumulated and returned in fp32 whatever their dtypes (bf16 expert grads)."""
+    by_key: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        by_key.setdefault((g.device, g.dtype), []).append(g)
+    norms = [n for gs in by_key.values() for n in torch._foreach_norm(gs, 2.0, dtype=torch.float32)]
+    device = grads[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+
 def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor | None:
     """Gradient-norm clipping folded into a fused Adam/AdamW step; returns the total norm, or None when the
     optimizer is not fused (then clip the usual way).
@@ -126,7 +172,7 @@ def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True).float()
+    norm = total_norm(grads)
     optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # the same 1e-6 as clip_grad_norm_
     return norm
 
@@ -161,6 +207,7 @@ class LitDeepSeek(L.LightningModule):
         self._val_dropped: list[torch.Tensor] | None = None
         self.val_expert_load: torch.Tensor | None = None  # [moe layers, experts] tokens at the last validation
         self.val_history: list[tuple[int, float]] = []  # (global_step, val loss)
+        self._master_opt: adamw.TritonAdamW | None = None  # holds the experts' fp32 masters during fit (bf16_experts)
 
     @property
     def config(self) -> ModelConfig:
@@ -222,7 +269,7 @@ class LitDeepSeek(L.LightningModule):
                 torch.distributed.all_reduce(sq)
                 self.log("train/grad_norm", sq.sqrt())
             elif grads:  # before clipping (Lightning clips after this hook)
-                self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+                self.log("train/grad_norm", total_norm(grads))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Lightning refuses to clip for a fused AdamW under any AMP precision, because with fp16 a
@@ -306,5 +353,37 @@ class LitDeepSeek(L.LightningModule):
                                 torch.cuda.is_available() and self.device.type == "cuda",
                                 lr=float(o.get("lr", 3e-3)), betas=tuple(o.get("betas", (0.9, 0.95))),
                                 eps=float(o.get("eps", 1e-8)))
+        self._use_bf16_experts(optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.sched_cfg, self.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def _use_bf16_experts(self, optimizer) -> None:
+        """optim.bf16_experts: the expert weights in bf16 for this fit, their fp32 values in the optimizer."""
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        trainer = self._trainer  # None when configure_optimizers is called outside a Trainer
+        on = bf16_experts_on(
+            self.optim_cfg.get("bf16_experts", "auto"), optimizer, on_cuda=self.device.type == "cuda",
+            bf16_autocast=trainer is not None and str(trainer.precision) == "bf16-mixed",
+            single_device=trainer is not None and type(trainer.strategy) is SingleDeviceStrategy,
+            accumulate=trainer.accumulate_grad_batches if trainer is not None else 1)
+        if on:
+            experts = expert_parameters(self.model)
+            optimizer.keep_fp32_masters(experts)
+            self._master_opt = optimizer
+            rank_zero_info(f"optim.bf16_experts: {sum(p.numel() for p in experts) / 1e6:.0f}M routed-expert weights "
+                           "in bf16 for this fit, their fp32 masters in the optimizer (checkpoints hold fp32)")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints hold the fp32 masters, not the bf16 copies: the same file an fp32 run writes. (Like
+        # the state_dict's own entries these are the live tensors; the checkpoint IO serialises them at once.)
+        if self._master_opt is not None:
+            names = {p: name for name, p in self.named_parameters()}
+            for p, master in self._master_opt.masters.items():
+                checkpoint["state_dict"][names[p]] = master.detach()
+
+    def on_fit_end(self) -> None:
+        # outside fit() the model is fp32 again, holding the master values
+        if self._master_opt is not None:
+            self._master_opt.release_masters()
+            self._master_opt = None

@@ -172,11 +172,12 @@ def check_config(cfg: DictConfig, model_cfg) -> None:
             if key == "trainer.max_steps" and value == -1:
                 raise ConfigError("trainer.max_steps=-1: training is step-based, set a positive number of steps")
             raise ConfigError(f"{key}={value!r}: must be a positive integer")
-    from deepseek_mini.training.module import adamw_kind, compile_mode
+    from deepseek_mini.training.module import adamw_kind, check_bf16_experts, compile_mode
 
     try:
         compile_mode(cfg.get("compile", False))
         adamw_kind(_get(cfg, "optim.fused", "auto"), on_cuda=False)
+        check_bf16_experts(_get(cfg, "optim.bf16_experts", "auto"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     seq_len = _get(cfg, "data.seq_len")
