@@ -173,6 +173,12 @@ def test_bf16_experts_checkpoint_holds_the_fp32_masters(monkeypatch):
     module.on_fit_end()
     assert all(p.dtype == torch.float32 and torch.equal(p, before[id(p)] + 1e-3) for p in experts)
     assert not opt.masters and module._master_opt is None
+    # a fit that raised never reached on_fit_end: the next configure_optimizers starts from the masters
+    opt.keep_fp32_masters(experts)
+    module._master_opt = opt
+    module._use_bf16_experts(torch.optim.AdamW(module.parameters()))  # no Trainer, CPU: stays off
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[id(p)] + 1e-3) for p in experts)
+    assert module._master_opt is None
 
 
 def test_loss_includes_aux_losses():
