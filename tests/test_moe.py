@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,17 +325,79 @@ def test_no_dropping_under_capacity():
     torch.testing.assert_close(out, reference_moe(moe, cfg, x)[0], atol=1e-12, rtol=0)
 
 
-def test_combine_backward_is_the_gradient_of_its_forward():
-    """_Combine's hand-written backward (both gradients in expert order) against finite differences."""
-    from deepseek_mini.model.moe import _Combine
+@pytest.mark.parametrize("K", [1, 3])
+def test_dispatch_and_combine_backwards_are_the_gradients_of_their_forwards(K):
+    """The hand-written backwards (gathers with the inverse permutation, no scatter) against finite differences."""
+    from deepseek_mini.model.moe import _CombineRows, _DispatchRows
 
     g = torch.Generator().manual_seed(0)
-    T, K, D = 5, 3, 4
+    T, D = 5, 4
     order = torch.randperm(T * K, generator=g)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(T * K)
+    x = torch.randn(T, D, dtype=torch.float64, generator=g, requires_grad=True)
     y = torch.randn(T * K, D, dtype=torch.float64, generator=g, requires_grad=True)
-    gate = torch.rand(T, K, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda y, gate: _Combine.apply(y, gate, order, inverse), (y, gate))
-    want = (y[inverse].view(T, K, D) * gate[..., None]).sum(1)
-    torch.testing.assert_close(_Combine.apply(y, gate, order, inverse), want, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda x: _DispatchRows.apply(x, order, inverse, K), (x,))
+    assert torch.autograd.gradcheck(lambda y: _CombineRows.apply(y, order, inverse, K), (y,))
+    torch.testing.assert_close(_DispatchRows.apply(x, order, inverse, K), x.repeat_interleave(K, 0)[order], rtol=0, atol=0)
+    torch.testing.assert_close(_CombineRows.apply(y, order, inverse, K), y[inverse].view(T, K, D).sum(1), rtol=0, atol=0)
+
+
+def test_gated_swiglu_backward_is_the_gradient_of_its_forward():
+    """_GatedSwiGLU's hand-written backward (PyTorch form) against finite differences and against autograd."""
+    from deepseek_mini.model.moe import _GatedSwiGLU
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.rand(7, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_GatedSwiGLU.apply, (h, w))
+    gate, up = h.chunk(2, dim=-1)
+    torch.testing.assert_close(_GatedSwiGLU.apply(h, w), F.silu(gate) * up * w[:, None], rtol=0, atol=0)
+
+
+def compare_swiglu_kernel_with_pytorch() -> float:
+    """Largest difference, in bf16 ulps of each output's scale, between the Triton backward and the PyTorch one."""
+    from deepseek_mini.model import moe, swiglu_kernel
+
+    assert swiglu_kernel.INTERPRET and swiglu_kernel.triton is not None
+    worst = 0.0
+    for n, inter in ((37, 24), (130, 384)):  # rows not a multiple of the block, I not a power of two
+        g = torch.Generator().manual_seed(n)
+        h = torch.randn(n, 2 * inter, generator=g).bfloat16()
+        w = torch.rand(n, generator=g)
+        grad = torch.randn(n, inter, generator=g).bfloat16()
+        results = []
+        for use_kernel in (True, False):
+            swiglu_kernel.available = (lambda t: True) if use_kernel else (lambda t: False)
+            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+            moe._GatedSwiGLU.apply(hh, ww).backward(grad)
+            results.append((hh.grad, ww.grad))
+        (kh, kw), (th, tw) = results
+        assert kh.dtype == torch.bfloat16 and kw.dtype == torch.float32
+        worst = max(worst, float((kh.float() - th.float()).abs().max() / th.float().abs().max() * 128),
+                    float((kw - tw).abs().max() / tw.abs().max() * 128))
+    return worst
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU-only torch)")
+def test_swiglu_kernel_matches_pytorch_backward_under_the_interpreter():
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_moe import compare_swiglu_kernel_with_pytorch; "
+            "print('MAXDIFF', compare_swiglu_kernel_with_pytorch())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert float(proc.stdout.split("MAXDIFF")[1]) <= 1.0  # within one bf16 rounding of the largest value
+
+
+def test_counting_sort_is_the_stable_argsort_of_the_expert_ids():
+    from deepseek_mini.model.moe import sort_by_expert
+
+    T, K, E = 50, 3, 8
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(T, E, generator=g)
+    scores[:, 5] = -1.0  # expert 5 gets no tokens
+    idx = scores.topk(K, dim=-1, sorted=False).indices
+    routed = torch.zeros(T, E).scatter_(1, idx, 1.0)
+    order, inverse = sort_by_expert(idx, routed)
+    assert torch.equal(order, torch.argsort(idx.reshape(-1), stable=True))
+    assert torch.equal(inverse[order], torch.arange(T * K))

@@ -8,9 +8,11 @@ chosen on s (+ a balancing bias when the auxiliary-loss-free method is on), opti
 unbiased s, optionally renormalised (norm_topk_prob, always for sigmoid), times routed_scaling_factor.
 
 Experts run dropless as grouped matmuls: the T*K (token, expert) assignments are sorted by expert and
-every expert's rows are multiplied in one `grouped_mm` call with cumulative offsets. All shapes are
-static (T*K rows whatever the routing), so there is no host sync and no per-expert Python loop, and
-every expert stays in the autograd graph even with zero rows (DDP sees no unused parameters).
+every expert's rows are multiplied in one `grouped_mm` call with cumulative offsets. The gate values
+scale each row inside the expert, before the down projection, so the outputs combine by a plain sum.
+All shapes are static (T*K rows whatever the routing), so there is no host sync and no per-expert
+Python loop, and every expert stays in the autograd graph even with zero rows (DDP sees no unused
+parameters).
 
 Balancing, each switchable from the config:
 * expert-level loss      alpha1 * sum_i f_i P_i, per sequence (seq_aux) or over the batch
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mini.config import ModelConfig
+from deepseek_mini.model import swiglu_kernel
 from deepseek_mini.model.layers import SwiGLU
 
 
@@ -59,8 +62,35 @@ def grouped_mm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor)
     return F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offsets_E)
 
 
+def sort_by_expert(topk_idx_TK: torch.Tensor, routed_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The T*K assignments (flattened t*K + k) in expert order, by token within an expert, and the inverse.
+
+    A counting sort on the one-hot routing map: assignment (t, e) goes to position start[e] + (the number of
+    earlier tokens routed to e), a running count down each expert's column. It gives exactly the order of a
+    stable argsort of the expert ids, from two small scans instead of a radix sort of T*K keys.
+    """
+    T, K = topk_idx_TK.shape
+    routed_TE = routed_TE.to(torch.int32)
+    counts_E = routed_TE.sum(dim=0)
+    start_E = counts_E.cumsum(0) - counts_E
+    before_TE = routed_TE.cumsum(dim=0) - routed_TE  # earlier tokens with the same expert
+    inverse_N = (start_E + before_TE).gather(1, topk_idx_TK).reshape(-1).long()
+    order_N = torch.empty_like(inverse_N).scatter_(0, inverse_N, torch.arange(T * K, device=inverse_N.device))
+    return order_N, inverse_N
+
+
+def _copies(x_TD: torch.Tensor, order_N: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows sorted by expert: row n is a copy of token order[n] // K (K copies of every token)."""
+    return x_TD[order_N // k]
+
+
+def _sum_copies(x_ND: torch.Tensor, inverse_N: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The transpose of _copies: out[t] = sum_k x[inverse[t*K + k]], a gather plus a sum of K rows."""
+    return x_ND[inverse_N].view(-1, k, x_ND.shape[-1]).sum(dim=1, dtype=dtype)
+
+
 class _DispatchRows(torch.autograd.Function):
-    """x_TD -> rows sorted by expert, x_sorted[n] = x[order[n] // K].
+    """x_TD -> K copies of every token, sorted by expert.
 
     Autograd would turn the gather's backward into a scatter-add with atomics. Each (token, k) slot is
     hit exactly once, so the backward is itself a gather with the inverse permutation, followed by a
@@ -71,54 +101,81 @@ class _DispatchRows(torch.autograd.Function):
     def forward(ctx, x_TD, order_N, inverse_N, k: int):
         ctx.save_for_backward(inverse_N)
         ctx.k = k
-        return x_TD[order_N // k]
+        return _copies(x_TD, order_N, k)
 
     @staticmethod
     def backward(ctx, grad_ND):
         (inverse_N,) = ctx.saved_tensors
-        grad_TKD = grad_ND[inverse_N].view(-1, ctx.k, grad_ND.shape[-1])
-        return grad_TKD.sum(dim=1), None, None, None
+        return _sum_copies(grad_ND, inverse_N, ctx.k, grad_ND.dtype), None, None, None
 
 
-class _Combine(torch.autograd.Function):
-    """out[t] = sum_k gate[t, k] * y_sorted[inverse[t*K + k]]: the expert outputs back in token order, weighted.
+class _CombineRows(torch.autograd.Function):
+    """Expert outputs back to token order, out[t] = sum of its K rows, summed in >= fp32.
 
-    Forward is a gather and a K-sum. The backward is written in the sorted (expert) order of y, where both
-    gradients read the same gathered rows of grad_out: grad_y[n] = gate[n] * grad_out[token n] and
-    grad_gate[n] = <y[n], grad_out[token n]>. Sharing that gather lets the compiler emit one kernel for both
-    (autograd's own backward takes two passes in two different orders). No atomics, deterministic.
+    The transpose of _DispatchRows. The gates were already applied inside the experts, so combining is a
+    pure gather and sum, and its backward is a pure dispatch of the output gradient: one [T*K, D] copy in
+    y's dtype (bf16 under autocast). Nothing of the forward is saved but the permutation.
     """
 
     @staticmethod
-    def forward(ctx, y_ND, gate_TK, order_N, inverse_N):
-        T, K = gate_TK.shape
-        ctx.save_for_backward(y_ND, gate_TK, order_N, inverse_N)
-        y_TKD = y_ND[inverse_N].view(T, K, -1)
-        return (y_TKD.to(gate_TK.dtype) * gate_TK[..., None]).sum(dim=1)  # in the router's >= fp32 dtype
+    def forward(ctx, y_ND, order_N, inverse_N, k: int):
+        ctx.save_for_backward(order_N)
+        ctx.k, ctx.dtype = k, y_ND.dtype
+        return _sum_copies(y_ND, inverse_N, k, torch.promote_types(y_ND.dtype, torch.float32))
 
     @staticmethod
     def backward(ctx, grad_TD):
-        y_ND, gate_TK, order_N, inverse_N = ctx.saved_tensors
-        T, K = gate_TK.shape
-        # gathered in y's dtype (bf16 under autocast): the K-fold gather is the bulk of this pass's traffic,
-        # grad_y leaves in that dtype anyway, and the gate gradient is still summed in fp32
-        grad_ND = grad_TD.to(y_ND.dtype)[order_N // K].to(grad_TD.dtype)
-        grad_y_ND = (grad_ND * gate_TK.reshape(-1)[order_N, None]).to(y_ND.dtype)
-        grad_gate_N = (grad_ND * y_ND.to(grad_ND.dtype)).sum(dim=-1)
-        return grad_y_ND, grad_gate_N[inverse_N].view(T, K), None, None
+        (order_N,) = ctx.saved_tensors
+        return _copies(grad_TD.to(ctx.dtype), order_N, ctx.k), None, None, None
+
+
+class _GatedSwiGLU(torch.autograd.Function):
+    """a = silu(g) * u * w for h = [g | u]: the experts' activation, each row weighted by its gate value w.
+
+    The product is formed in >= fp32 and rounded once, to h's dtype. The backward is one pass over the rows
+    (swiglu_kernel on CUDA; the same formulas in PyTorch elsewhere): w's gradient <grad_a, silu(g) * u> is
+    computed while h is read for grad_h, instead of in a second pass over h.
+    """
+
+    @staticmethod
+    def forward(ctx, h_NH, w_N):
+        ctx.save_for_backward(h_NH, w_N)
+        g_NI, u_NI = h_NH.to(torch.promote_types(h_NH.dtype, w_N.dtype)).chunk(2, dim=-1)
+        return (F.silu(g_NI) * u_NI * w_N[:, None]).to(h_NH.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_NI):
+        h_NH, w_N = ctx.saved_tensors
+        if swiglu_kernel.available(h_NH):
+            return swiglu_kernel.swiglu_backward(grad_NI, h_NH, w_N)
+        dtype = torch.promote_types(h_NH.dtype, w_N.dtype)
+        g_NI, u_NI = h_NH.to(dtype).chunk(2, dim=-1)
+        grad_NI = grad_NI.to(dtype)
+        sig_NI = torch.sigmoid(g_NI)
+        silu_NI = g_NI * sig_NI
+        grad_w_N = (grad_NI * silu_NI * u_NI).sum(dim=-1)
+        grad_NI = grad_NI * w_N[:, None]
+        grad_g_NI = grad_NI * u_NI * sig_NI * (1 + g_NI * (1 - sig_NI))
+        return torch.cat([grad_g_NI, grad_NI * silu_NI], dim=-1).to(h_NH.dtype), grad_w_N.to(w_N.dtype)
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored stacked: gate_up_proj [E, 2I, D] (gate rows first), down_proj [E, D, I]."""
+    """E SwiGLU experts stored stacked: gate_up_proj [E, 2I, D] (gate rows first), down_proj [E, D, I].
+
+    Each row's gate value scales the activation before the down projection, g * (a W_down^T) =
+    (g * a) W_down^T. Applied there, the weighting fuses into the SwiGLU kernel, the gate's gradient
+    <a, grad(g a)> is an I-wide dot in the SwiGLU backward, and combining the expert outputs needs
+    neither the gates nor a saved copy of the [T*K, D] outputs.
+    """
 
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
-    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-        gate_NI, up_NI = grouped_mm(x_ND, self.gate_up_proj, offsets_E).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate_NI) * up_NI, self.down_proj, offsets_E)
+    def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor, weights_N: torch.Tensor) -> torch.Tensor:
+        h_NH = grouped_mm(x_ND, self.gate_up_proj, offsets_E)  # H = 2I: [gate | up]
+        return grouped_mm(_GatedSwiGLU.apply(h_NH, weights_N), self.down_proj, offsets_E)
 
 
 class Router(nn.Module):
@@ -150,7 +207,9 @@ class Router(nn.Module):
             select_TE = select_TE + self.e_score_correction_bias
         if self.cfg.topk_method == "group_limited_greedy":
             select_TE = self._limit_to_groups(select_TE)
-        topk_idx_TK = select_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        # a full sort of each row's E scores, not torch.topk: under torch.compile the sort becomes a bitonic
+        # network inside the routing kernel, where topk would be a separate ATen radix-select pass
+        topk_idx_TK = select_TE.sort(dim=-1, descending=True, stable=True).indices[:, : self.top_k]
         weights_TK = scores_TE.gather(1, topk_idx_TK)
         if self.cfg.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
@@ -202,38 +261,36 @@ class MoE(nn.Module):
         if self.training and self.gate.e_score_correction_bias is not None:
             self.gate.tokens_per_expert += counts_E
 
-        # sort the N = T*K assignments by expert; with dropping, by descending affinity within an expert
-        expert_N = topk_idx_TK.reshape(-1)
-        weights_N = weights_TK.reshape(-1)
+        # sort the N = T*K assignments by expert (order), and where each one went (inverse)
         drop = self.training and self.cfg.capacity_factor is not None
-        # narrow sort keys: the GPU radix sort makes one pass per key byte, 2 for int16 instead of 8 for int64
-        key_N = expert_N.to(torch.int16 if E <= torch.iinfo(torch.int16).max else torch.int32)
-        if drop:
-            by_affinity_N = torch.argsort(weights_N.detach(), descending=True, stable=True)
-            order_N = by_affinity_N[torch.argsort(key_N[by_affinity_N], stable=True)]
+        if drop:  # by descending affinity within an expert, so the capacity keeps the best assignments
+            by_affinity_N = torch.argsort(weights_TK.detach().reshape(-1), descending=True, stable=True)
+            order_N = by_affinity_N[torch.argsort(topk_idx_TK.reshape(-1)[by_affinity_N], stable=True)]
+            inverse_N = torch.empty_like(order_N)
+            inverse_N[order_N] = torch.arange(T * K, device=x_TD.device)
         else:
-            order_N = torch.argsort(key_N, stable=True)
+            order_N, inverse_N = sort_by_expert(topk_idx_TK, routed_TE)
         offsets_E = counts_E.cumsum(0).to(torch.int32)
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(T * K, device=x_TD.device)
-        x_in = x_TD
-        if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):  # move K copies of bf16, not of fp32
-            x_in = x_TD.to(torch.get_autocast_dtype("cuda"))
-        y_ND = self.experts(_DispatchRows.apply(x_in, order_N, inverse_N, K), offsets_E)
-
         gate_TK = weights_TK
         dropped_fraction = x_TD.new_zeros((), dtype=torch.float32)
         if drop:
             # a dropped assignment is still computed (shapes stay static) but contributes nothing
             capacity = math.ceil(self.cfg.capacity_factor * T * K / E)
             start_E = offsets_E - counts_E.to(torch.int32)
-            rank_in_expert_N = torch.arange(T * K, device=x_TD.device) - start_E[expert_N[order_N]]
+            rank_in_expert_N = torch.arange(T * K, device=x_TD.device) - start_E[topk_idx_TK.reshape(-1)[order_N]]
             keep_TK = (rank_in_expert_N < capacity)[inverse_N].view(T, K)
             gate_TK = torch.where(keep_TK, gate_TK, torch.zeros_like(gate_TK))
             dropped_fraction = 1.0 - keep_TK.float().mean()
 
-        # back to token order, weighted in the router's >= fp32 dtype and summed over each token's K experts
-        out_TD = _Combine.apply(y_ND, gate_TK, order_N, inverse_N).to(x_TD.dtype)
+        x_in = x_TD
+        if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):  # move K copies of bf16, not of fp32
+            x_in = x_TD.to(torch.get_autocast_dtype("cuda"))
+        x_ND = _DispatchRows.apply(x_in, order_N, inverse_N, K)
+        # each assignment's gate in expert order: the [T*K, 1] gates dispatched with one copy each
+        gate_N = _DispatchRows.apply(gate_TK.reshape(-1, 1), order_N, inverse_N, 1).view(-1)
+        y_ND = self.experts(x_ND, offsets_E, gate_N)
+        # back to token order, summed over each token's K (already weighted) expert outputs
+        out_TD = _CombineRows.apply(y_ND, order_N, inverse_N, K).to(x_TD.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
 

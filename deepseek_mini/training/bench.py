@@ -29,7 +29,7 @@ KERNEL_CATEGORIES = [
     ("grouped expert GEMMs", r"[Gg]rouped|GroupProblemShape|^triton_tem.*grouped"),
     ("attention", r"cudnn|flash|fmha|attention|sdpa|mha"),
     ("GEMMs", r"gemm|Gemm|GEMM|sm90_xmma|nvjet|cutlass|cublas|ampere_|sm80_"),
-    ("fused Triton glue (inductor)", r"^triton_"),
+    ("fused Triton glue", r"^triton_|^_swiglu_backward"),  # inductor's kernels and the experts' SwiGLU backward
     ("sort / scan / index", r"sort|Sort|scan|Scan|radix|index|Index|gather|scatter|cub::"),
     ("memcpy / memset", r"[Mm]emcpy|[Mm]emset"),
 ]
