@@ -59,6 +59,8 @@ def _swiglu_backward_op(grad_a: torch.Tensor, h: torch.Tensor, w: torch.Tensor) 
     h, grad_a, w = h.contiguous(), grad_a.contiguous(), w.contiguous()
     grad_h = torch.empty_like(h)
     grad_w = torch.empty(n, device=h.device, dtype=torch.float32)
+    if n == 0:  # no rows, no programs (a grid of 0 is not a valid launch)
+        return grad_h, grad_w.to(w.dtype)
     BLOCK_I = triton.next_power_of_2(width)
     BLOCK_N = max(1, 4096 // BLOCK_I)  # ~4K values of each operand per program
     _swiglu_backward[(triton.cdiv(n, BLOCK_N),)](h, grad_a, w, grad_h, grad_w, n, WIDTH=width, BLOCK_N=BLOCK_N,
