@@ -360,22 +360,25 @@ def compare_swiglu_kernel_with_pytorch() -> float:
     from deepseek_mini.model import moe, swiglu_kernel
 
     assert swiglu_kernel.INTERPRET and swiglu_kernel.triton is not None
-    worst = 0.0
-    for n, inter in ((37, 24), (130, 384)):  # rows not a multiple of the block, I not a power of two
-        g = torch.Generator().manual_seed(n)
-        h = torch.randn(n, 2 * inter, generator=g).bfloat16()
-        w = torch.rand(n, generator=g)
-        grad = torch.randn(n, inter, generator=g).bfloat16()
-        results = []
-        for use_kernel in (True, False):
-            swiglu_kernel.available = (lambda t: True) if use_kernel else (lambda t: False)
-            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-            moe._GatedSwiGLU.apply(hh, ww).backward(grad)
-            results.append((hh.grad, ww.grad))
-        (kh, kw), (th, tw) = results
-        assert kh.dtype == torch.bfloat16 and kw.dtype == torch.float32
-        worst = max(worst, float((kh.float() - th.float()).abs().max() / th.float().abs().max() * 128),
-                    float((kw - tw).abs().max() / tw.abs().max() * 128))
+    available, worst = swiglu_kernel.available, 0.0
+    try:
+        for n, inter in ((37, 24), (130, 384)):  # rows not a multiple of the block, I not a power of two
+            g = torch.Generator().manual_seed(n)
+            h = torch.randn(n, 2 * inter, generator=g).bfloat16()
+            w = torch.rand(n, generator=g)
+            grad = torch.randn(n, inter, generator=g).bfloat16()
+            results = []
+            for use_kernel in (True, False):
+                swiglu_kernel.available = (lambda t: True) if use_kernel else (lambda t: False)
+                hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+                moe._GatedSwiGLU.apply(hh, ww).backward(grad)
+                results.append((hh.grad, ww.grad))
+            (kh, kw), (th, tw) = results
+            assert kh.dtype == torch.bfloat16 and kw.dtype == torch.float32
+            worst = max(worst, float((kh.float() - th.float()).abs().max() / th.float().abs().max() * 128),
+                        float((kw - tw).abs().max() / tw.abs().max() * 128))
+    finally:
+        swiglu_kernel.available = available
     return worst
 
 
@@ -398,6 +401,7 @@ def test_counting_sort_is_the_stable_argsort_of_the_expert_ids():
     scores[:, 5] = -1.0  # expert 5 gets no tokens
     idx = scores.topk(K, dim=-1, sorted=False).indices
     routed = torch.zeros(T, E).scatter_(1, idx, 1.0)
-    order, inverse = sort_by_expert(idx, routed)
+    counts = routed.sum(0).to(torch.int32)
+    order, inverse = sort_by_expert(idx, routed, counts.cumsum(0) - counts)
     assert torch.equal(order, torch.argsort(idx.reshape(-1), stable=True))
     assert torch.equal(inverse[order], torch.arange(T * K))

@@ -62,17 +62,17 @@ def grouped_mm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor)
     return F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offsets_E)
 
 
-def sort_by_expert(topk_idx_TK: torch.Tensor, routed_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_expert(topk_idx_TK: torch.Tensor, routed_TE: torch.Tensor,
+                   start_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The T*K assignments (flattened t*K + k) in expert order, by token within an expert, and the inverse.
 
-    A counting sort on the one-hot routing map: assignment (t, e) goes to position start[e] + (the number of
-    earlier tokens routed to e), a running count down each expert's column. It gives exactly the order of a
-    stable argsort of the expert ids, from two small scans instead of a radix sort of T*K keys.
+    A counting sort on the one-hot routing map: assignment (t, e) goes to position start[e] (the rows of the
+    experts before e) + the number of earlier tokens routed to e, a running count down each expert's column.
+    It gives exactly the order of a stable argsort of the expert ids, from a scan instead of a radix sort of
+    T*K keys.
     """
     T, K = topk_idx_TK.shape
     routed_TE = routed_TE.to(torch.int32)
-    counts_E = routed_TE.sum(dim=0)
-    start_E = counts_E.cumsum(0) - counts_E
     before_TE = routed_TE.cumsum(dim=0) - routed_TE  # earlier tokens with the same expert
     inverse_N = (start_E + before_TE).gather(1, topk_idx_TK).reshape(-1).long()
     order_N = torch.empty_like(inverse_N).scatter_(0, inverse_N, torch.arange(T * K, device=inverse_N.device))
@@ -132,7 +132,8 @@ class _CombineRows(torch.autograd.Function):
 class _GatedSwiGLU(torch.autograd.Function):
     """a = silu(g) * u * w for h = [g | u]: the experts' activation, each row weighted by its gate value w.
 
-    The product is formed in >= fp32 and rounded once, to h's dtype. The backward is one pass over the rows
+    The gate multiplies in its >= fp32 dtype and the result is rounded to h's dtype (torch.compile computes
+    the whole row in fp32 and rounds once). The backward is one pass over the rows
     (swiglu_kernel on CUDA; the same formulas in PyTorch elsewhere): w's gradient <grad_a, silu(g) * u> is
     computed while h is read for grad_h, instead of in a second pass over h.
     """
@@ -140,7 +141,7 @@ class _GatedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_NH, w_N):
         ctx.save_for_backward(h_NH, w_N)
-        g_NI, u_NI = h_NH.to(torch.promote_types(h_NH.dtype, w_N.dtype)).chunk(2, dim=-1)
+        g_NI, u_NI = h_NH.chunk(2, dim=-1)
         return (F.silu(g_NI) * u_NI * w_N[:, None]).to(h_NH.dtype)
 
     @staticmethod
@@ -261,26 +262,26 @@ class MoE(nn.Module):
         if self.training and self.gate.e_score_correction_bias is not None:
             self.gate.tokens_per_expert += counts_E
 
-        # sort the N = T*K assignments by expert (order), and where each one went (inverse)
+        # expert e owns rows start[e]:offsets[e] of the N = T*K assignments sorted by expert
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        start_E = offsets_E - counts_E.to(torch.int32)
+        # sort the assignments by expert (order), and where each one went (inverse)
         drop = self.training and self.cfg.capacity_factor is not None
+        gate_TK = weights_TK
+        dropped_fraction = x_TD.new_zeros((), dtype=torch.float32)
         if drop:  # by descending affinity within an expert, so the capacity keeps the best assignments
             by_affinity_N = torch.argsort(weights_TK.detach().reshape(-1), descending=True, stable=True)
             order_N = by_affinity_N[torch.argsort(topk_idx_TK.reshape(-1)[by_affinity_N], stable=True)]
             inverse_N = torch.empty_like(order_N)
             inverse_N[order_N] = torch.arange(T * K, device=x_TD.device)
-        else:
-            order_N, inverse_N = sort_by_expert(topk_idx_TK, routed_TE)
-        offsets_E = counts_E.cumsum(0).to(torch.int32)
-        gate_TK = weights_TK
-        dropped_fraction = x_TD.new_zeros((), dtype=torch.float32)
-        if drop:
             # a dropped assignment is still computed (shapes stay static) but contributes nothing
             capacity = math.ceil(self.cfg.capacity_factor * T * K / E)
-            start_E = offsets_E - counts_E.to(torch.int32)
             rank_in_expert_N = torch.arange(T * K, device=x_TD.device) - start_E[topk_idx_TK.reshape(-1)[order_N]]
             keep_TK = (rank_in_expert_N < capacity)[inverse_N].view(T, K)
             gate_TK = torch.where(keep_TK, gate_TK, torch.zeros_like(gate_TK))
             dropped_fraction = 1.0 - keep_TK.float().mean()
+        else:
+            order_N, inverse_N = sort_by_expert(topk_idx_TK, routed_TE, start_E)
 
         x_in = x_TD
         if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):  # move K copies of bf16, not of fp32
