@@ -15,7 +15,8 @@ every variant, against --peak-tflops (798: the measured bf16 matmul ceiling of o
 Variants
   ours                 the real thing: Lightning Trainer + TextDataModule on --data (Gutenberg),
                        bf16-mixed with fp32 master weights, torch.compile, the Triton AdamW step (--fused),
-                       expert weights in bf16 with their fp32 masters in the optimizer (--bf16-experts)
+                       expert weights in bf16 with their fp32 masters in the optimizer (--bf16-experts),
+                       AdamW moments stored as --moments-dtype
   ours_raw             the same model and optimizer in a plain PyTorch loop on random tokens
   ours_raw_eager       ... without torch.compile
   ours_dense, ours_mha the dense-FFN and MHA baselines at matched active parameters (plain loop, compiled)
@@ -96,7 +97,8 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
         model = DeepSeekV2(cfg).to(dev)
     # ours: the AdamW LitDeepSeek builds for --fused; the peer: torch's fused kernel
     fused = True if variant.startswith("hf_") else parse_fused(args.fused)
-    opt = build_adamw(model.parameters(), fused, on_cuda=True, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = build_adamw(model.parameters(), fused, on_cuda=True, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                      moments="float32" if variant.startswith("hf_") else args.moments_dtype)
     if not variant.startswith("hf_") and bf16_experts_on(parse_fused(args.bf16_experts), opt, on_cuda=True,
                                                          bf16_autocast=True, single_device=True):
         opt.keep_fp32_masters(expert_parameters(model))  # as LitDeepSeek does on one GPU
@@ -175,7 +177,7 @@ def run_lightning(variant: str, args, mode: str) -> dict:
                                seq_len=args.seq_len, warmup=args.warmup, steps=args.steps,
                                cache_dir=args.cache_dir, compile=mode, profile_steps=args.profile_steps,
                                sync_debug=args.sync_debug, fused=parse_fused(args.fused),
-                               bf16_experts=parse_fused(args.bf16_experts))
+                               bf16_experts=parse_fused(args.bf16_experts), moments_dtype=args.moments_dtype)
     res.update(variant=variant, flops_per_token=flops_per_token(cfg, args.seq_len),
                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
     return res
@@ -211,6 +213,8 @@ def main():
                    help="our AdamW step (optim.fused): auto = Triton on CUDA; true = torch's fused kernel")
     p.add_argument("--bf16-experts", default="auto", choices=["auto", "true", "false"],
                    help="ours: routed-expert weights in bf16 with fp32 masters in the AdamW (optim.bf16_experts)")
+    p.add_argument("--moments-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="ours: storage of the AdamW moments (optim.moments_dtype); auto = bfloat16 with the Triton step")
     p.add_argument("--sync-debug", action="store_true",
                    help="ours: record every host sync of one warm step (with the Python stack that caused it)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per variant subprocess")

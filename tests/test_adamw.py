@@ -8,6 +8,7 @@ falls back to torch's fused step, which the in-process test checks.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -104,15 +105,59 @@ def compare_masters_with_torch(steps: int = 4) -> float:
     return worst
 
 
+def reference_bf16_moments(params, grads_per_step, lr, betas, eps, wd):
+    """AdamW in fp32 whose moments are rounded to bf16 (nearest even) after every step: what the kernel stores."""
+    beta1, beta2 = betas
+    m = [torch.zeros_like(p, dtype=torch.bfloat16) for p in params]
+    v = [torch.zeros_like(p, dtype=torch.bfloat16) for p in params]
+    for step, grads in enumerate(grads_per_step, start=1):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            mi = beta1 * m[i].float() + (1 - beta1) * g
+            vi = beta2 * v[i].float() + (1 - beta2) * g * g
+            p.mul_(1 - lr * wd)
+            denom = vi.sqrt() / math.sqrt(1 - beta2 ** step) + eps
+            p.sub_(lr / (1 - beta1 ** step) * mi / denom)
+            m[i], v[i] = mi.to(torch.bfloat16), vi.to(torch.bfloat16)
+    return m, v
+
+
+def compare_bf16_moments(steps: int = 6) -> float:
+    """moments_dtype=bfloat16: the parameters follow the bf16-moment reference, the moments are stored bf16 and
+    equal the reference's bit for bit, and a checkpoint round trip through torch's AdamW (fp32 moments) comes
+    back as bf16 without changing the trajectory. Returns the largest parameter difference to the reference."""
+    mine, ref = _params()[:3], [p.detach().clone() for p in _params()[:3]]
+    opt = TritonAdamW([{"params": mine, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95),
+                      moments_dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    grads_per_step = [[torch.randn(p.shape, generator=g) for p in mine] for _ in range(steps)]
+    for step, grads in enumerate(grads_per_step):
+        for p, gr in zip(mine, grads):
+            p.grad = gr.clone()
+        opt.step()
+        if step == steps // 2:
+            other = torch.optim.AdamW(mine, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+            other.load_state_dict(opt.state_dict())
+            assert all(other.state[p]["exp_avg"].dtype == torch.float32 for p in mine)  # torch casts to fp32
+            opt = TritonAdamW([{"params": mine, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95),
+                              moments_dtype=torch.bfloat16)
+            opt.load_state_dict(other.state_dict())
+    m, v = reference_bf16_moments(ref, grads_per_step, 1e-2, (0.9, 0.95), 1e-8, 0.1)
+    for p, mr, vr in zip(mine, m, v):
+        assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+        assert torch.equal(opt.state[p]["exp_avg"], mr) and torch.equal(opt.state[p]["exp_avg_sq"], vr)
+    return max(float((a - b).detach().abs().max()) for a, b in zip(mine, ref))
+
+
 def test_fallback_step_matches_torch_adamw():
     """No kernel for these tensors (CPU, no interpreter): torch's fused step, same numbers, same state."""
     assert compare_with_torch() < 1e-6
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU-only torch)")
-@pytest.mark.parametrize("compare", ["compare_with_torch", "compare_masters_with_torch"])
+@pytest.mark.parametrize("compare", ["compare_with_torch", "compare_masters_with_torch", "compare_bf16_moments"])
 def test_triton_kernel_matches_torch_adamw_under_the_interpreter(compare):
-    """The kernel on fp32 parameters, and on bf16 parameters with fp32 masters, against torch's AdamW."""
+    """The kernel on fp32 parameters, on bf16 parameters with fp32 masters, and with bf16 moments, against
+    torch's AdamW (or, for bf16 moments, the same update with its moments rounded every step)."""
     code = ("import sys; sys.path.insert(0, 'tests'); from deepseek_mini.training import adamw; "
             "assert adamw.INTERPRET and adamw.triton is not None and adamw.MIN_NUMEL == 0; "
             f"from test_adamw import {compare}; print('MAXDIFF', {compare}())")
@@ -163,3 +208,35 @@ def test_adamw_kind():
     assert adamw_kind(False, on_cuda=True) == "plain"
     with pytest.raises(ValueError, match="optim.fused='apex'"):
         adamw_kind("apex", on_cuda=True)
+
+
+def test_moments_dtype_setting():
+    from deepseek_mini.training.module import moments_dtype
+
+    assert moments_dtype("auto", "triton", (0.9, 0.95)) == torch.bfloat16
+    assert moments_dtype("auto", "triton", (0.9, 0.999)) == torch.float32  # auto: only where bf16 is safe
+    assert moments_dtype("auto", "plain", (0.9, 0.95)) == torch.float32
+    assert moments_dtype("float32", "triton", (0.9, 0.95)) == torch.float32
+    with pytest.raises(ValueError, match=r"optim.moments_dtype=bfloat16 needs optim.betas of at most 0.99"):
+        moments_dtype("bfloat16", "triton", (0.9, 0.999))
+    with pytest.raises(ValueError, match=r"optim.moments_dtype=bfloat16 needs the Triton AdamW"):
+        moments_dtype("bfloat16", "fused", (0.9, 0.95))
+    with pytest.raises(ValueError, match=r"optim.moments_dtype='fp8'"):
+        moments_dtype("fp8", "triton", (0.9, 0.95))
+    with pytest.raises(ValueError, match=r"at most 0.99"):
+        TritonAdamW([torch.nn.Parameter(torch.zeros(2))], betas=(0.9, 0.999), moments_dtype=torch.bfloat16)
+
+
+def test_bf16_moments_leave_small_tensors_to_torch():
+    """Tensors the kernel does not take (here: all of them, no interpreter) keep fp32 moments in torch's step,
+    even when a checkpoint brought bf16 ones."""
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = TritonAdamW([p], lr=1e-2, betas=(0.9, 0.95), moments_dtype=torch.bfloat16)
+    p.grad = torch.randn(8, 8)
+    opt.step()
+    if not TritonAdamW._kernel_takes(p):
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+        opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].bfloat16()
+        opt.state[p]["exp_avg_sq"] = opt.state[p]["exp_avg_sq"].bfloat16()
+        opt.step()
+        assert opt.state[p]["exp_avg_sq"].dtype == torch.float32

@@ -69,6 +69,45 @@ def test_forward_outputs_and_loss():
     assert len(out.router_stats) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, "bf16-autocast"])
+def test_fused_head_loss_equals_cross_entropy_of_the_logits(dtype):
+    """The training step's loss (head and cross-entropy fused, loss.py) against F.cross_entropy of the head's
+    logits: the loss and the gradients of every parameter, with ignored labels and an upstream gradient
+    that is not 1 (a scaled loss)."""
+    cfg = cfg_of(num_hidden_layers=2)
+    autocast = dtype == "bf16-autocast"
+    models = [build(cfg, dtype=torch.float32 if autocast else dtype).train() for _ in range(2)]
+    ids, labels = ids_of(2, 10), ids_of(2, 10, seed=1)
+    labels[0, :4] = -100
+    grads = []
+    for model, return_logits in zip(models, (False, True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, labels=labels, return_logits=return_logits)
+        assert (out.logits is None) == (not return_logits)
+        (2.5 * out.loss).backward()
+        grads.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (fused_loss, fused), (ref_loss, ref) = grads
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused_loss, ref_loss, **tol)
+    assert fused.keys() == ref.keys() and fused["lm_head.weight"].abs().sum() > 0
+    for name in ref:
+        torch.testing.assert_close(fused[name], ref[name], **tol, msg=name)
+
+
+def test_fused_head_loss_ignores_unlabelled_rows():
+    from deepseek_mini.model.loss import linear_cross_entropy
+
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([3, -100, 0, 6, -100, 2])
+    torch.autograd.gradcheck(lambda x, w: linear_cross_entropy(x, w, labels), (x, w))
+    loss = linear_cross_entropy(x, w, labels)
+    torch.testing.assert_close(loss, F.cross_entropy(x @ w.t(), labels))
+    loss.backward()
+    assert x.grad[1].abs().max() == 0 and x.grad[4].abs().max() == 0  # ignored rows get no gradient
+    assert linear_cross_entropy(x, w, torch.full((6,), -100)).item() == 0  # nothing labelled: 0, not nan
+
+
 def test_dense_model_has_no_router_outputs():
     model = build(cfg_of(n_routed_experts=None)).train()
     out = model(ids_of(2, 6), labels=ids_of(2, 6, seed=1))

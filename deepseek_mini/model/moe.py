@@ -2,10 +2,12 @@
 
     out = shared(x) + sum_{i in topk(x)} g_i(x) * expert_i(x)
 
-Router (all in fp32): affinity s = softmax(x e^T) (V2) or sigmoid(x e^T) (V3). The top-k experts are
-chosen on s (+ a balancing bias when the auxiliary-loss-free method is on), optionally only among the
-`topk_group` best of `n_group` expert groups (V2's device-limited routing). Gate values come from the
-unbiased s, optionally renormalised (norm_topk_prob, always for sigmoid), times routed_scaling_factor.
+Router (scores and gates in fp32; under bf16 autocast its GEMM is bf16, as every GEMM is): affinity
+s = softmax(x e^T) (V2) or sigmoid(x e^T) (V3). The top-k experts are chosen on s (+ a balancing bias
+when the auxiliary-loss-free method is on), optionally only among the `topk_group` best of `n_group`
+expert groups (V2's device-limited routing). Gate values come from the unbiased s, optionally
+renormalised (norm_topk_prob, always for sigmoid), times routed_scaling_factor. Where the shared experts
+read the same x, one GEMM computes the router's logits with their gate and up projections (MoE.forward).
 
 Experts run dropless as grouped matmuls: the T*K (token, expert) assignments are sorted by expert and
 every expert's rows are multiplied in one `grouped_mm` call with cumulative offsets. The gate values
@@ -72,8 +74,10 @@ def sort_by_expert(topk_idx_TK: torch.Tensor, routed_TE: torch.Tensor,
     T*K keys.
     """
     T, K = topk_idx_TK.shape
-    routed_TE = routed_TE.to(torch.int32)
-    before_TE = routed_TE.cumsum(dim=0) - routed_TE  # earlier tokens with the same expert
+    routed_ET = routed_TE.t().to(torch.int32)
+    # earlier tokens with the same expert; scanned along rows of the transposed map, which the GPU scans in
+    # one pass per row (down the columns it took a multi-block scan, 1.4x slower)
+    before_TE = (routed_ET.cumsum(dim=1) - routed_ET).t()
     inverse_N = (start_E + before_TE).gather(1, topk_idx_TK).reshape(-1).long()
     order_N = torch.empty_like(inverse_N).scatter_(0, inverse_N, torch.arange(T * K, device=inverse_N.device))
     return order_N, inverse_N
@@ -198,7 +202,11 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor):
         dtype = torch.promote_types(x_TD.dtype, torch.float32)  # >= fp32: an fp64 model routes in fp64
-        logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+        return self.route(F.linear(x_TD.to(dtype), self.weight.to(dtype)))
+
+    def route(self, logits_TE: torch.Tensor):
+        """Router logits -> (scores, top-k expert ids, gate values); scores and gates in >= fp32."""
+        logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
         if self.cfg.scoring_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
         else:
@@ -253,7 +261,21 @@ class MoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         T, K, E = B * S, self.top_k, self.n_experts
-        scores_TE, topk_idx_TK, weights_TK = self.gate(x_TD)
+        shared_TD = None
+        if self.shared_experts is not None and T > 1 and (
+                torch.is_autocast_enabled(x_TD.device.type) or x_TD.dtype in (torch.float32, torch.float64)):
+            # The router and the shared experts' gate and up projections all read x: one GEMM computes them.
+            # The router's own GEMM is narrow (E = 64 outputs in `small`) and its backward two more small GEMMs
+            # and another [T, D] gradient to add. Only where the router's dtype is the shared experts' (autocast,
+            # or an fp32 / fp64 model): a bf16 model routes in fp32 through Router.forward.
+            shared = self.shared_experts
+            w = torch.cat([self.gate.weight, shared.gate_proj.weight, shared.up_proj.weight])
+            logits_TE, gate_TI, up_TI = F.linear(x_TD, w).split(
+                [E, shared.gate_proj.out_features, shared.up_proj.out_features], dim=-1)
+            shared_TD = shared.down_proj(F.silu(gate_TI) * up_TI)
+            scores_TE, topk_idx_TK, weights_TK = self.gate.route(logits_TE)
+        else:
+            scores_TE, topk_idx_TK, weights_TK = self.gate(x_TD)
 
         # one-hot routing map; its column sums are the per-expert loads (no bincount: no host sync)
         routed_TE = torch.zeros(T, E, device=x_TD.device, dtype=torch.float32)
@@ -293,7 +315,7 @@ class MoE(nn.Module):
         # back to token order, summed over each token's K (already weighted) expert outputs
         out_TD = _CombineRows.apply(y_ND, order_N, inverse_N, K).to(x_TD.dtype)
         if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+            out_TD = out_TD + (self.shared_experts(x_TD) if shared_TD is None else shared_TD)
 
         aux = self.balance_losses(scores_TE, routed_TE, B, S) if self.training else {}
         stats = {"tokens_per_expert": counts_E.detach(), "dropped_fraction": dropped_fraction.detach()}

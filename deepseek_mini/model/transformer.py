@@ -20,6 +20,7 @@ from torch import nn
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model.attention import MLA, build_attention
 from deepseek_mini.model.layers import RMSNorm, SwiGLU
+from deepseek_mini.model.loss import linear_cross_entropy
 from deepseek_mini.model.moe import GroupedExperts, MoE, Router
 
 
@@ -107,13 +108,20 @@ class DeepSeekV2(nn.Module):
             if stats is not None:
                 router_stats.append(stats)
         x = self.model.norm(x)
-        logits = self.lm_head(x)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        aux_loss = sum(aux_losses.values()) if aux_losses else logits.new_zeros((), dtype=torch.float32)
-        return ModelOutput(logits=logits if return_logits else None, loss=loss, aux_loss=aux_loss,
-                           aux_losses=aux_losses, router_stats=router_stats)
+        logits = loss = None
+        if labels is not None and not return_logits and torch.is_grad_enabled():
+            # the training step: the head and its loss fused, the logits' gradient written with the loss (loss.py)
+            loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, labels.reshape(-1))
+        else:
+            logits = self.lm_head(x)
+            if labels is not None:
+                logits_f = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= fp32
+                loss = F.cross_entropy(logits_f.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            if not return_logits:
+                logits = None
+        aux_loss = sum(aux_losses.values()) if aux_losses else x.new_zeros((), dtype=torch.float32)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, aux_losses=aux_losses,
+                           router_stats=router_stats)
 
     # ------------------------------------------------------------------ Hugging Face interop
     @classmethod

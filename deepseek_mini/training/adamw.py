@@ -12,6 +12,12 @@ reaches about 2.8 TB/s (6.9 ms). Nothing else changes:
   so checkpoints load into torch.optim.AdamW and back, and LR schedulers work unchanged;
 * the step count stays on the device and the bias corrections are computed in the kernel: no host sync.
 
+bf16 moments (`moments_dtype=torch.bfloat16`, DeepSeek-V3's "low-precision optimizer states"): exp_avg and
+exp_avg_sq are stored in bf16 and updated in fp32 inside the kernel, which rounds them to nearest once per step.
+The optimizer's traffic drops from 28 to 20 bytes per parameter. It needs betas of at most 0.99 (check_moments).
+Tensors that go through torch's step keep fp32 moments. Checkpoints load either way: torch's AdamW casts
+bf16 moments to the parameter's dtype, and this optimizer converts fp32 ones at its next step.
+
 Anything the kernel does not cover (CPU tensors, non-fp32 parameters, amsgrad, maximize, sparse or
 non-contiguous tensors, tensors under MIN_NUMEL elements, or no Triton) goes through torch's own fused step.
 
@@ -49,15 +55,23 @@ MIN_NUMEL = 0 if INTERPRET else 1 << 20
 
 if triton is not None:
     @triton.jit
+    def _round_bf16(x):
+        """fp32 -> bf16, round to nearest even in integer arithmetic: the same bits on the GPU and the interpreter."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
     def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, copy_ptr, n, lr, beta1, beta2, log2_beta1,
-                      log2_beta2, eps, decay, HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
+                      log2_beta2, eps, decay, HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr,
+                      BF16_MOMENTS: tl.constexpr, BLOCK: tl.constexpr):
         # p_ptr: the fp32 values (the parameter itself, or its master); copy_ptr: the bf16 parameter of a master
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         p = tl.load(p_ptr + offs, mask=mask)
         g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask)
-        v = tl.load(v_ptr + offs, mask=mask)
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)  # the update is fp32 whatever the moments' storage
+        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
         if HAS_SCALE:
             g = g / tl.load(scale_ptr)
         step = tl.load(step_ptr)
@@ -69,12 +83,32 @@ if triton is not None:
         denom = tl.sqrt(v) / tl.sqrt(bias_correction2) + eps
         p = p - (lr / bias_correction1) * m / denom
         tl.store(p_ptr + offs, p, mask=mask)
-        if HAS_COPY:  # round to nearest even in integer arithmetic: the same bits on the GPU and the interpreter
-            bits = p.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            tl.store(copy_ptr + offs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
+        if HAS_COPY:
+            tl.store(copy_ptr + offs, _round_bf16(p), mask=mask)
+        if BF16_MOMENTS:
+            tl.store(m_ptr + offs, _round_bf16(m), mask=mask)
+            tl.store(v_ptr + offs, _round_bf16(v), mask=mask)
+        else:
+            tl.store(m_ptr + offs, m, mask=mask)
+            tl.store(v_ptr + offs, v, mask=mask)
+
+
+MOMENTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# A bf16 moment rounded to nearest moves only by more than half its spacing, 0.2-0.4% of its value; with a beta
+# of 0.999 the decay term (0.1%) would round away and the moment stop decaying. 0.99 moves it by 1% a step.
+MAX_BF16_BETA = 0.99
+
+
+def check_moments(dtype: torch.dtype, betas_per_group) -> None:
+    """Bad moments_dtype / betas combinations fail at construction, naming the field and the rule."""
+    if dtype not in MOMENTS_DTYPES.values():
+        raise ValueError(f"optim.moments_dtype={dtype}: use float32 or bfloat16")
+    if dtype == torch.bfloat16:
+        for betas in betas_per_group:
+            if max(betas) > MAX_BF16_BETA:
+                raise ValueError(f"optim.moments_dtype=bfloat16 needs optim.betas of at most {MAX_BF16_BETA}, got "
+                                 f"{list(betas)}: a bf16 moment rounded to nearest cannot move by less than about "
+                                 "0.4% of itself per step, so with beta 0.999 it would stop decaying (use float32)")
 
 
 def available() -> bool:
@@ -84,10 +118,13 @@ def available() -> bool:
 class TritonAdamW(torch.optim.AdamW):
     """torch.optim.AdamW (fused flavour: device step counts, `grad_scale`) whose CUDA fp32 step is a Triton kernel."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 moments_dtype: torch.dtype = torch.float32):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         self.grad_scale: torch.Tensor | None = None  # set by clip_in_fused_step for one step
         self.masters: dict[torch.Tensor, torch.Tensor] = {}  # low-precision parameter -> its fp32 value
+        check_moments(moments_dtype, [g["betas"] for g in self.param_groups])
+        self.moments_dtype = moments_dtype
 
     @staticmethod
     def _kernel_takes(p: torch.Tensor) -> bool:
@@ -153,6 +190,9 @@ class TritonAdamW(torch.optim.AdamW):
                         mine.append(p)
                     else:
                         rest = True
+                        state = self.state.get(p)
+                        if state and state["exp_avg"].dtype != p.dtype:  # torch's step keeps moments in p's dtype
+                            state["exp_avg"], state["exp_avg_sq"] = (state[k].to(p.dtype) for k in ("exp_avg", "exp_avg_sq"))
             if mine:
                 self._triton_group(group, mine)
                 done += mine
@@ -173,13 +213,18 @@ class TritonAdamW(torch.optim.AdamW):
         steps = []
         for p in params:
             state = self.state[p]
-            if not state:  # as torch's fused AdamW lays it out (for a master's parameter: fp32, like the master)
+            if not state:  # as torch's fused AdamW lays it out, the moments in moments_dtype
                 fp32 = self.masters.get(p, p)
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(fp32, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(fp32, memory_format=torch.preserve_format)
-            elif state["step"].device != p.device:  # e.g. a checkpoint of the unfused optimizer (CPU steps)
-                state["step"] = state["step"].to(p.device, torch.float32)
+                state["exp_avg"] = torch.zeros_like(fp32, dtype=self.moments_dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(fp32, dtype=self.moments_dtype,
+                                                       memory_format=torch.preserve_format)
+            else:
+                if state["step"].device != p.device:  # e.g. a checkpoint of the unfused optimizer (CPU steps)
+                    state["step"] = state["step"].to(p.device, torch.float32)
+                for key in ("exp_avg", "exp_avg_sq"):  # a checkpoint loaded with the other storage: convert once
+                    if state[key].dtype != self.moments_dtype:
+                        state[key] = state[key].to(self.moments_dtype)
             steps.append(state["step"])
         torch._foreach_add_(steps, 1.0)
         scale = self.grad_scale
@@ -194,4 +239,5 @@ class TritonAdamW(torch.optim.AdamW):
                 p if master is None else master, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
                 p if scale is None else scale, p, n, lr, beta1, beta2,
                 math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf, eps,
-                1.0 - lr * wd, HAS_SCALE=scale is not None, HAS_COPY=master is not None, BLOCK=BLOCK, num_warps=8)
+                1.0 - lr * wd, HAS_SCALE=scale is not None, HAS_COPY=master is not None,
+                BF16_MOMENTS=state["exp_avg"].dtype == torch.bfloat16, BLOCK=BLOCK, num_warps=8)

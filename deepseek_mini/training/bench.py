@@ -148,7 +148,7 @@ class StepTimer(L.Callback):
 def lightning_throughput(cfg: ModelConfig, data_files, val_files, batch_size: int, seq_len: int, warmup: int,
                          steps: int, cache_dir: str, num_workers: int = 4, compile: bool | str = True,
                          profile_steps: int = 0, sync_debug: bool = False, fused: bool | str = "auto",
-                         bf16_experts: bool | str = "auto") -> dict:
+                         bf16_experts: bool | str = "auto", moments_dtype: str = "auto") -> dict:
     dm = TextDataModule(source="text", train_files=data_files, val_files=val_files, vocab_size=cfg.vocab_size,
                         seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, num_proc=8,
                         cache_dir=cache_dir)
@@ -159,7 +159,7 @@ def lightning_throughput(cfg: ModelConfig, data_files, val_files, batch_size: in
     model_cfg["vocab_size"] = max(cfg.vocab_size, dm.vocab_size)
     total = warmup + steps + profile_steps
     module = LitDeepSeek(model_cfg, optim={"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1, "fused": fused,
-                                                 "bf16_experts": bf16_experts},
+                                                 "bf16_experts": bf16_experts, "moments_dtype": moments_dtype},
                          scheduler={"name": "warmup_cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
                          compile=compile, max_steps=total, log_every_n_steps=50)
     timer = StepTimer(warmup, steps, profile_steps, sync_debug)

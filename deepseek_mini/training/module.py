@@ -105,11 +105,30 @@ def adamw_kind(fused: bool | str, on_cuda: bool) -> str:
     raise ValueError(f"optim.fused={fused!r}: use auto, true (torch's fused kernel), triton or false")
 
 
-def build_adamw(params, fused: bool | str, on_cuda: bool, **kwargs) -> torch.optim.AdamW:
-    """The AdamW that `optim.fused` names (adamw_kind); kwargs are AdamW's (lr, betas, eps, weight_decay)."""
+def moments_dtype(setting: str, kind: str, betas) -> torch.dtype:
+    """optim.moments_dtype -> the storage of AdamW's two moments (the update itself is always fp32).
+
+    auto = bfloat16 where it is safe (DeepSeek-V3's optimizer states): the Triton step, with betas of at most
+    adamw.MAX_BF16_BETA; float32 elsewhere. bfloat16 = the same, but an error says what is missing.
+    """
+    if setting not in ("auto", *adamw.MOMENTS_DTYPES):
+        raise ValueError(f"optim.moments_dtype={setting!r}: use auto, float32 or bfloat16")
+    if setting == "float32" or setting == "auto" and (kind != "triton" or max(betas) > adamw.MAX_BF16_BETA):
+        return torch.float32
+    if kind != "triton":
+        raise ValueError(f"optim.moments_dtype=bfloat16 needs the Triton AdamW (optim.fused=auto or triton on a "
+                         f"CUDA device, with triton installed); this run uses the {kind} one")
+    adamw.check_moments(torch.bfloat16, [betas])
+    return torch.bfloat16
+
+
+def build_adamw(params, fused: bool | str, on_cuda: bool, moments: str = "float32", **kwargs) -> torch.optim.AdamW:
+    """The AdamW that `optim.fused` names (adamw_kind), its moments stored as `optim.moments_dtype` says;
+    kwargs are AdamW's (lr, betas, eps, weight_decay)."""
     kind = adamw_kind(fused, on_cuda)
+    dtype = moments_dtype(moments, kind, kwargs.get("betas", (0.9, 0.999)))
     if kind == "triton":
-        return adamw.TritonAdamW(params, **kwargs)
+        return adamw.TritonAdamW(params, **kwargs, moments_dtype=dtype)
     return torch.optim.AdamW(params, **kwargs, fused=(kind == "fused") or None)
 
 
@@ -350,10 +369,13 @@ class LitDeepSeek(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim_cfg
         optimizer = build_adamw(param_groups(self.model, float(o.get("weight_decay", 0.1))), o.get("fused", "auto"),
-                                torch.cuda.is_available() and self.device.type == "cuda",
+                                torch.cuda.is_available() and self.device.type == "cuda", o.get("moments_dtype", "auto"),
                                 lr=float(o.get("lr", 3e-3)), betas=tuple(o.get("betas", (0.9, 0.95))),
                                 eps=float(o.get("eps", 1e-8)))
         self._use_bf16_experts(optimizer)
+        if getattr(optimizer, "moments_dtype", torch.float32) == torch.bfloat16:
+            rank_zero_info("optim.moments_dtype: AdamW moments stored in bf16 (updated in fp32; DeepSeek-V3's optimizer "
+                           "states); optim.moments_dtype=float32 keeps them fp32")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.sched_cfg, self.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
