@@ -27,7 +27,7 @@ from torch import nn
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import mla_kernel
-from deepseek_mini.model.layers import RMSNorm
+from deepseek_mini.model.layers import RMSNorm, fused_linears
 from deepseek_mini.model.rope import RotaryEmbedding
 
 
@@ -119,15 +119,9 @@ class MLA(nn.Module):
         """x [B, T, d] -> q_nope [B, T, H, nope], roped q_pe [B, T, H, rope], normalised latent c_kv
         [B, T, rank] and the roped shared key k_pe [B, T, 1, rope]: what the cache stores is (c_kv, k_pe)."""
         B, T, _ = x.shape
+        # both projections of x in one GEMM, as DeepSeek-V3's own code fuses wq_a and wkv_a
         w_q = self.q_proj.weight if self.cfg.q_lora_rank is None else self.q_a_proj.weight
-        w_kv = self.kv_a_proj_with_mqa.weight
-        if T > 1:
-            # both projections of x in one GEMM (as DeepSeek-V3's own code fuses wq_a and wkv_a): x is read once,
-            # the narrow outputs (384 and 288 wide in `small`) fill the GPU better as one, and the backward is
-            # one GEMM per gradient. A decode step keeps two: concatenating would copy the weights every token.
-            q, kv = F.linear(x, torch.cat([w_q, w_kv])).split([w_q.shape[0], w_kv.shape[0]], dim=-1)
-        else:
-            q, kv = F.linear(x, w_q), F.linear(x, w_kv)
+        q, kv = fused_linears(x, w_q, self.kv_a_proj_with_mqa.weight)
         if self.cfg.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, T, self.n_heads, self.nope + self.rope_dim)

@@ -1,4 +1,4 @@
-"""Small building blocks shared by attention, MoE and the transformer: RMSNorm and the SwiGLU MLP."""
+"""Small building blocks shared by attention, MoE and the transformer: RMSNorm, fused projections, SwiGLU."""
 
 from __future__ import annotations
 
@@ -22,6 +22,19 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def fused_linears(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x W_1^T, x W_2^T, ... for projections that read the same x, as one GEMM over the concatenated weights.
+
+    One GEMM reads x once, narrow outputs (MLA's 384- and 288-wide down-projections in `small`) fill the GPU
+    better together, and the backward is one dgrad and one wgrad GEMM instead of one pair per weight plus the
+    add of their input gradients. A single token (a decode step) keeps separate GEMMs: concatenating would
+    copy the weights for every token.
+    """
+    if x.shape[:-1].numel() > 1:
+        return F.linear(x, torch.cat(weights)).split([w.shape[0] for w in weights], dim=-1)
+    return tuple(F.linear(x, w) for w in weights)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): the dense FFN, and the fused shared experts of an MoE layer."""
 
@@ -32,8 +45,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() > 1:  # gate and up in one GEMM (x read once); see MLA.project for the decode case
-            gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down(*fused_linears(x, self.gate_proj.weight, self.up_proj.weight))
+
+    def down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The output from the gate and up projections (MoE computes those with its router's logits)."""
         return self.down_proj(F.silu(gate) * up)

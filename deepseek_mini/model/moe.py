@@ -37,7 +37,7 @@ from torch import nn
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import swiglu_kernel
-from deepseek_mini.model.layers import SwiGLU
+from deepseek_mini.model.layers import SwiGLU, fused_linears
 
 
 def grouped_mm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -262,17 +262,16 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         T, K, E = B * S, self.top_k, self.n_experts
         shared_TD = None
-        if self.shared_experts is not None and T > 1 and (
+        if self.shared_experts is not None and (
                 torch.is_autocast_enabled(x_TD.device.type) or x_TD.dtype in (torch.float32, torch.float64)):
-            # The router and the shared experts' gate and up projections all read x: one GEMM computes them.
-            # The router's own GEMM is narrow (E = 64 outputs in `small`) and its backward two more small GEMMs
-            # and another [T, D] gradient to add. Only where the router's dtype is the shared experts' (autocast,
-            # or an fp32 / fp64 model): a bf16 model routes in fp32 through Router.forward.
+            # The router and the shared experts' gate and up projections all read x: one GEMM computes them
+            # (layers.fused_linears). The router's own GEMM is narrow (E = 64 outputs in `small`), its backward
+            # two more small GEMMs and another [T, D] gradient to add. Only where the router's dtype is the
+            # shared experts' (autocast, or an fp32 / fp64 model): a bf16 model routes in fp32 (Router.forward).
             shared = self.shared_experts
-            w = torch.cat([self.gate.weight, shared.gate_proj.weight, shared.up_proj.weight])
-            logits_TE, gate_TI, up_TI = F.linear(x_TD, w).split(
-                [E, shared.gate_proj.out_features, shared.up_proj.out_features], dim=-1)
-            shared_TD = shared.down_proj(F.silu(gate_TI) * up_TI)
+            logits_TE, gate_TI, up_TI = fused_linears(x_TD, self.gate.weight, shared.gate_proj.weight,
+                                                      shared.up_proj.weight)
+            shared_TD = shared.down(gate_TI, up_TI)
             scores_TE, topk_idx_TK, weights_TK = self.gate.route(logits_TE)
         else:
             scores_TE, topk_idx_TK, weights_TK = self.gate(x_TD)
