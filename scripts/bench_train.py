@@ -15,7 +15,7 @@ every variant, against --peak-tflops (798: the measured bf16 matmul ceiling of o
 Variants
   ours                 the real thing: Lightning Trainer + TextDataModule on --data (Gutenberg),
                        bf16-mixed with fp32 master weights, torch.compile, the Triton AdamW step (--fused),
-                       expert weights in bf16 with their fp32 masters in the optimizer (--bf16-experts),
+                       weight matrices in bf16 with their fp32 masters in the optimizer (--bf16-weights),
                        AdamW moments stored as --moments-dtype
   ours_raw             the same model and optimizer in a plain PyTorch loop on random tokens
   ours_raw_eager       ... without torch.compile
@@ -50,7 +50,7 @@ def split_variant(name: str, default_mode: str) -> tuple[str, str]:
 
 
 def parse_fused(value: str):
-    """--fused / --bf16-experts as LitDeepSeek's optim config takes them: "true"/"false" -> bool, else as is."""
+    """--fused / --bf16-weights as LitDeepSeek's optim config takes them: "true"/"false" -> bool, else as is."""
     return {"true": True, "false": False}.get(value, value)
 
 
@@ -82,7 +82,7 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
 
     from deepseek_mini import DeepSeekV2, flops_per_token
     from deepseek_mini.training.bench import kernel_breakdown
-    from deepseek_mini.training.module import bf16_experts_on, build_adamw, clip_in_fused_step, expert_parameters
+    from deepseek_mini.training.module import bf16_weight_parameters, bf16_weights_on, build_adamw, clip_in_fused_step
 
     torch.manual_seed(0)
     cfg = small_config(variant)
@@ -99,9 +99,9 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
     fused = True if variant.startswith("hf_") else parse_fused(args.fused)
     opt = build_adamw(model.parameters(), fused, on_cuda=True, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
                       moments="float32" if variant.startswith("hf_") else args.moments_dtype)
-    if not variant.startswith("hf_") and bf16_experts_on(parse_fused(args.bf16_experts), opt, on_cuda=True,
+    if not variant.startswith("hf_") and bf16_weights_on(parse_fused(args.bf16_weights), opt, on_cuda=True,
                                                          bf16_autocast=True, single_device=True):
-        opt.keep_fp32_masters(expert_parameters(model))  # as LitDeepSeek does on one GPU
+        opt.keep_fp32_masters(bf16_weight_parameters(model))  # as LitDeepSeek does on one GPU
     compiled = variant in ("ours_raw", "ours_dense", "ours_mha", "hf_grouped_bf16_compile")
     if variant.startswith("hf_"):
         mode = "default"
@@ -177,7 +177,7 @@ def run_lightning(variant: str, args, mode: str) -> dict:
                                seq_len=args.seq_len, warmup=args.warmup, steps=args.steps,
                                cache_dir=args.cache_dir, compile=mode, profile_steps=args.profile_steps,
                                sync_debug=args.sync_debug, fused=parse_fused(args.fused),
-                               bf16_experts=parse_fused(args.bf16_experts), moments_dtype=args.moments_dtype)
+                               bf16_weights=parse_fused(args.bf16_weights), moments_dtype=args.moments_dtype)
     res.update(variant=variant, flops_per_token=flops_per_token(cfg, args.seq_len),
                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
     return res
@@ -211,8 +211,8 @@ def main():
     p.add_argument("--profile", default=None, help="folder for the full torch.profiler table per variant")
     p.add_argument("--fused", default="auto", choices=["auto", "triton", "true", "false"],
                    help="our AdamW step (optim.fused): auto = Triton on CUDA; true = torch's fused kernel")
-    p.add_argument("--bf16-experts", default="auto", choices=["auto", "true", "false"],
-                   help="ours: routed-expert weights in bf16 with fp32 masters in the AdamW (optim.bf16_experts)")
+    p.add_argument("--bf16-weights", default="auto", choices=["auto", "true", "false"],
+                   help="ours: weight matrices in bf16 with fp32 masters in the AdamW (optim.bf16_weights)")
     p.add_argument("--moments-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="ours: storage of the AdamW moments (optim.moments_dtype); auto = bfloat16 with the Triton step")
     p.add_argument("--sync-debug", action="store_true",
@@ -263,7 +263,9 @@ def main():
                       flush=True)
             if "gpu_idle_ms_per_step" in prof:
                 print(f"  GPU idle {prof['gpu_idle_ms_per_step']:.2f} ms/step of a {prof['gpu_span_ms_per_step']:.1f} ms "
-                      "span; longest gaps:", flush=True)
+                      f"span ({prof.get('kernels_per_step', 0):.0f} kernels per step; "
+                      f"{prof.get('idle_in_short_gaps_ms_per_step', 0):.2f} ms in gaps under 10 us); longest gaps:",
+                      flush=True)
                 for g in prof["idle_gaps"][:8]:
                     print(f"    {g['gap_ms']:6.2f} ms after {g['after'][:40]} before {g['before'][:40]}; host: "
                           f"{', '.join(g['host'])[:150]}", flush=True)

@@ -46,12 +46,19 @@ def compare_with_torch(steps: int = 4) -> float:
             g = torch.Generator().manual_seed(1)
             for step in range(steps):
                 grads = [torch.randn(p.shape, generator=g) for p in mine]
+                in_place = step % 2 == 1  # the gradients where they were: the kernel's tensor table is reused
+                tables = dict(opt._tables)
                 for p, gr in zip(mine, grads):  # laid out like the parameter, as autograd lays out gradients
-                    p.grad = torch.empty_like(p).copy_(gr)
+                    if in_place:
+                        p.grad.copy_(gr)
+                    else:
+                        p.grad = torch.empty_like(p).copy_(gr)
                 for p, gr in zip(ref, grads):
                     p.grad = torch.empty_like(p).copy_(gr / (scale or 1.0))  # what the folded clip scale stands for
                 opt.grad_scale = None if scale is None else torch.tensor(scale)
                 opt.step()
+                if in_place and tables:
+                    assert all(opt._tables[k][1] is entry[1] for k, entry in tables.items())
                 opt.grad_scale = None
                 ref_opt.step()
                 if step == steps // 2:  # checkpoint interchange: torch's AdamW reads it, and gives it back
@@ -148,18 +155,38 @@ def compare_bf16_moments(steps: int = 6) -> float:
     return max(float((a - b).detach().abs().max()) for a, b in zip(mine, ref))
 
 
+def compare_grad_norm() -> float:
+    """TritonAdamW.grad_norm (the kernel for contiguous fp32 / bf16 gradients, torch's norm for the rest) against
+    the fp64 norm of everything, twice: the second call reuses the cached tables. Returns the relative error."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, 1000, generator=g), torch.randn(5000, generator=g).bfloat16() * 3,
+             torch.randn(11, generator=g).bfloat16(), torch.randn(7, 5, generator=g).t(),  # not contiguous
+             torch.randn(4096, generator=g) * 1e-3]  # exactly two blocks: no masked one
+    opt = TritonAdamW([torch.nn.Parameter(torch.zeros(1))])
+    expected = float(torch.cat([t.double().flatten() for t in grads]).norm())
+    worst = 0.0
+    for _ in range(2):
+        norm = opt.grad_norm(grads)
+        assert norm.dtype == torch.float32 and norm.shape == ()
+        worst = max(worst, abs(float(norm) - expected) / expected)
+    assert len([k for k in opt._tables if k[0] == "norm"]) == 2  # one launch each for fp32 and bf16
+    return worst
+
+
 def test_fallback_step_matches_torch_adamw():
     """No kernel for these tensors (CPU, no interpreter): torch's fused step, same numbers, same state."""
     assert compare_with_torch() < 1e-6
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU-only torch)")
-@pytest.mark.parametrize("compare", ["compare_with_torch", "compare_masters_with_torch", "compare_bf16_moments"])
+@pytest.mark.parametrize("compare", ["compare_with_torch", "compare_masters_with_torch", "compare_bf16_moments",
+                                     "compare_grad_norm"])
 def test_triton_kernel_matches_torch_adamw_under_the_interpreter(compare):
     """The kernel on fp32 parameters, on bf16 parameters with fp32 masters, and with bf16 moments, against
-    torch's AdamW (or, for bf16 moments, the same update with its moments rounded every step)."""
+    torch's AdamW (or, for bf16 moments, the same update with its moments rounded every step); and the
+    gradient-norm kernel against the fp64 norm."""
     code = ("import sys; sys.path.insert(0, 'tests'); from deepseek_mini.training import adamw; "
-            "assert adamw.INTERPRET and adamw.triton is not None and adamw.MIN_NUMEL == 0; "
+            "assert adamw.INTERPRET and adamw.triton is not None; "
             f"from test_adamw import {compare}; print('MAXDIFF', {compare}())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
@@ -187,13 +214,9 @@ def test_kernel_takes_only_what_it_computes_exactly(monkeypatch):
     from deepseek_mini.training import adamw
 
     monkeypatch.setattr(adamw, "INTERPRET", True)
-    monkeypatch.setattr(adamw, "MIN_NUMEL", 0)
     p = torch.nn.Parameter(torch.randn(4, 4))
     p.grad = torch.randn(4, 4)
     assert TritonAdamW._kernel_takes(p) == (adamw.triton is not None)
-    monkeypatch.setattr(adamw, "MIN_NUMEL", 17)  # small tensors: torch's multi-tensor step
-    assert not TritonAdamW._kernel_takes(p)
-    monkeypatch.setattr(adamw, "MIN_NUMEL", 0)
     q = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
     q.grad = torch.randn(4, 4, dtype=torch.float64)
     r = torch.nn.Parameter(torch.randn(4, 4).t())  # not contiguous
@@ -227,7 +250,7 @@ def test_moments_dtype_setting():
         TritonAdamW([torch.nn.Parameter(torch.zeros(2))], betas=(0.9, 0.999), moments_dtype=torch.bfloat16)
 
 
-def test_bf16_moments_leave_small_tensors_to_torch():
+def test_bf16_moments_only_in_the_kernel():
     """Tensors the kernel does not take (here: all of them, no interpreter) keep fp32 moments in torch's step,
     even when a checkpoint brought bf16 ones."""
     p = torch.nn.Parameter(torch.randn(8, 8))
@@ -240,3 +263,12 @@ def test_bf16_moments_leave_small_tensors_to_torch():
         opt.state[p]["exp_avg_sq"] = opt.state[p]["exp_avg_sq"].bfloat16()
         opt.step()
         assert opt.state[p]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_grad_norm_without_the_kernel_is_torchs():
+    """CPU gradients outside the interpreter: the same fp32 norm through torch's multi-tensor norm."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(300, 7, generator=g), torch.randn(5000, generator=g).bfloat16() * 3]
+    expected = float(torch.cat([t.double().flatten() for t in grads]).norm())
+    norm = TritonAdamW([torch.nn.Parameter(torch.zeros(1))]).grad_norm(grads)
+    assert norm.dtype == torch.float32 and abs(float(norm) - expected) < 1e-5 * expected

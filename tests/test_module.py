@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.training.module import (
     LitDeepSeek,
-    bf16_experts_on,
+    bf16_weights_on,
     clip_in_fused_step,
     compile_mode,
     expert_load_stats,
@@ -125,36 +125,50 @@ def test_total_norm_is_fp32_over_mixed_dtypes():
     assert abs(float(norm) - float(expected)) < 1e-5 * float(expected)  # a bf16 norm would be ~4e-3 off
 
 
-def test_bf16_experts_only_where_the_masters_can_live():
+def test_bf16_weights_only_where_the_masters_can_live():
     from deepseek_mini.training.adamw import TritonAdamW
 
     triton_opt = TritonAdamW([torch.nn.Parameter(torch.ones(2))])
     where = dict(on_cuda=True, bf16_autocast=True, single_device=True)
-    assert bf16_experts_on("auto", triton_opt, **where) and bf16_experts_on(True, triton_opt, **where)
-    assert not bf16_experts_on(False, triton_opt, **where)
+    assert bf16_weights_on("auto", triton_opt, **where) and bf16_weights_on(True, triton_opt, **where)
+    assert not bf16_weights_on(False, triton_opt, **where)
     plain = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
-    assert not bf16_experts_on("auto", plain, **where)
-    assert not bf16_experts_on("auto", triton_opt, **{**where, "single_device": False})  # DDP / FSDP
-    assert not bf16_experts_on("auto", triton_opt, **where, accumulate=4)  # bf16 sums over micro-batches
+    assert not bf16_weights_on("auto", plain, **where)
+    assert not bf16_weights_on("auto", triton_opt, **{**where, "single_device": False})  # DDP / FSDP
+    assert not bf16_weights_on("auto", triton_opt, **where, accumulate=4)  # bf16 sums over micro-batches
     with pytest.raises(ValueError, match="needs a CUDA device, trainer.precision=bf16-mixed, "
                                          "trainer.accumulate_grad_batches=1"):
-        bf16_experts_on(True, triton_opt, on_cuda=False, bf16_autocast=False, single_device=True, accumulate=2)
-    with pytest.raises(ValueError, match="optim.bf16_experts='yes'"):
-        bf16_experts_on("yes", triton_opt, **where)
+        bf16_weights_on(True, triton_opt, on_cuda=False, bf16_autocast=False, single_device=True, accumulate=2)
+    with pytest.raises(ValueError, match="optim.bf16_weights='yes'"):
+        bf16_weights_on("yes", triton_opt, **where)
 
 
-def test_bf16_experts_checkpoint_holds_the_fp32_masters(monkeypatch):
-    """During fit the expert stacks are bf16 copies; checkpoints get the fp32 masters, and after fit the
+def test_bf16_weights_are_the_matrices_but_the_embedding():
+    from deepseek_mini.training.module import bf16_weight_parameters
+
+    for tie in (False, True):
+        model = LitDeepSeek({**TINY, "tie_word_embeddings": tie}).model
+        chosen = {id(p) for p in bf16_weight_parameters(model)}
+        names = {n for n, p in model.named_parameters() if id(p) in chosen}
+        expected = {n for n, p in model.named_parameters() if p.ndim >= 2} - {"model.embed_tokens.weight"}
+        if tie:
+            expected.discard("lm_head.weight")  # it is the embedding: stays fp32
+        assert names == expected, names ^ expected
+        assert any(".experts." in n for n in names) and any(n.endswith("gate.weight") for n in names)
+        assert len(chosen) == len(bf16_weight_parameters(model))  # no parameter twice
+
+
+def test_bf16_weights_checkpoint_holds_the_fp32_masters(monkeypatch):
+    """During fit the weight matrices are bf16 copies; checkpoints get the fp32 masters, and after fit the
     parameters are fp32 again with the master values. (The kernel itself: tests/test_adamw.py.)"""
     from deepseek_mini.training import adamw
-    from deepseek_mini.training.module import expert_parameters
+    from deepseek_mini.training.module import bf16_weight_parameters
 
     if adamw.triton is None:
         pytest.skip("Triton is not installed (CPU-only torch)")
     monkeypatch.setattr(adamw, "INTERPRET", True)  # lets CPU tensors take masters; no kernel runs here
     module = LitDeepSeek(TINY)
-    experts = expert_parameters(module.model)
-    assert len(experts) == 2 * len(module.config.moe_layer_indices)
+    experts = bf16_weight_parameters(module.model)
     before = {id(p): p.detach().clone() for p in experts}
     opt = adamw.TritonAdamW(module.parameters())
     opt.keep_fp32_masters(experts)
@@ -176,7 +190,7 @@ def test_bf16_experts_checkpoint_holds_the_fp32_masters(monkeypatch):
     # a fit that raised never reached on_fit_end: the next configure_optimizers starts from the masters
     opt.keep_fp32_masters(experts)
     module._master_opt = opt
-    module._use_bf16_experts(torch.optim.AdamW(module.parameters()))  # no Trainer, CPU: stays off
+    module._use_bf16_weights(torch.optim.AdamW(module.parameters()))  # no Trainer, CPU: stays off
     assert all(p.dtype == torch.float32 and torch.equal(p, before[id(p)] + 1e-3) for p in experts)
     assert module._master_opt is None
 

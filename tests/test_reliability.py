@@ -220,7 +220,7 @@ BAD_CONFIGS = [
     (["model=tiny_typo"], "model/tiny_typo"),                              # unknown group option
     (["compile=fast"], "compile='fast'"),                                  # not a torch.compile mode
     (["optim.fused=apex"], "optim.fused='apex'"),                          # not an AdamW step we have
-    (["optim.bf16_experts=fp8"], "optim.bf16_experts='fp8'"),              # not a setting
+    (["optim.bf16_weights=fp8"], "optim.bf16_weights='fp8'"),              # not a setting
 ]
 
 

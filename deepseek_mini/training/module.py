@@ -2,8 +2,8 @@
 
 * loss = next-token cross-entropy + the model's auxiliary balance losses, added here explicitly;
 * AdamW (decay on >=2-D parameters only; a Triton step on CUDA, adamw.py) with warmup + cosine /
-  DeepSeek's step schedule; on one GPU under bf16-mixed the routed-expert weights are bf16 during fit,
-  with their fp32 masters in that optimizer (optim.bf16_experts; checkpoints hold the fp32 values);
+  DeepSeek's step schedule; on one GPU under bf16-mixed the weight matrices are bf16 during fit, with
+  their fp32 masters in that optimizer (optim.bf16_weights; checkpoints hold the fp32 values);
 * the auxiliary-loss-free bias update after every optimizer step (summed over ranks under DDP);
 * optional torch.compile of the inner model, kept out of the state dict (keys stay "model.*"); with
   `compile="reduce-overhead"` the compiled forward and backward are replayed as CUDA graphs.
@@ -132,22 +132,22 @@ def build_adamw(params, fused: bool | str, on_cuda: bool, moments: str = "float3
     return torch.optim.AdamW(params, **kwargs, fused=(kind == "fused") or None)
 
 
-def check_bf16_experts(setting):
+def check_bf16_weights(setting):
     if setting not in ("auto", True, False):
-        raise ValueError(f"optim.bf16_experts={setting!r}: use auto, true or false")
+        raise ValueError(f"optim.bf16_weights={setting!r}: use auto, true or false")
     return setting
 
 
-def bf16_experts_on(setting: bool | str, optimizer: torch.optim.Optimizer, *, on_cuda: bool, bf16_autocast: bool,
+def bf16_weights_on(setting: bool | str, optimizer: torch.optim.Optimizer, *, on_cuda: bool, bf16_autocast: bool,
                     single_device: bool, accumulate: int = 1) -> bool:
-    """optim.bf16_experts -> whether the routed-expert weights are kept in bf16 with fp32 masters in the optimizer.
+    """optim.bf16_weights -> whether the weight matrices are kept in bf16 with fp32 masters in the optimizer.
 
     auto = wherever it is possible: the Triton AdamW (it owns the masters) on one CUDA device under
     bf16-mixed, without gradient accumulation. DDP and FSDP build their gradient buckets / flat parameters
     before the optimizer exists, so they keep fp32 parameters; and bf16 gradients summed over micro-batches
     would lose precision with every sum. true = the same, but an error names the condition that is not met.
     """
-    if check_bf16_experts(setting) is False:
+    if check_bf16_weights(setting) is False:
         return False
     missing = [why for ok, why in ((isinstance(optimizer, adamw.TritonAdamW), "the Triton AdamW (optim.fused=auto "
                                     "or triton, with triton installed)"), (on_cuda, "a CUDA device"),
@@ -155,25 +155,33 @@ def bf16_experts_on(setting: bool | str, optimizer: torch.optim.Optimizer, *, on
                                    (single_device, "a single-device strategy (not DDP or FSDP)"),
                                    (accumulate == 1, "trainer.accumulate_grad_batches=1")) if not ok]
     if missing and setting is True:
-        raise ValueError(f"optim.bf16_experts=true needs {', '.join(missing)}")
+        raise ValueError(f"optim.bf16_weights=true needs {', '.join(missing)}")
     return not missing
 
 
-def expert_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The stacked routed-expert weights (GroupedExperts): 90% of the `small` MoE's parameters."""
-    from deepseek_mini.model.moe import GroupedExperts
+def bf16_weight_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights that only GEMMs read, which bf16-mixed runs in bf16 anyway: the routed-expert stacks, the
+    routers and every nn.Linear (attention, MLPs, shared experts, LM head). Not the token embedding (a lookup,
+    whose gradient sums many rows: it stays fp32, and so does an LM head tied to it) nor the norm weights."""
+    from deepseek_mini.model.moe import GroupedExperts, Router
 
-    return [p for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    out, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, GroupedExperts):
+            ps = list(m.parameters())
+        elif isinstance(m, (torch.nn.Linear, Router)):
+            ps = [m.weight]
+        else:
+            continue
+        for p in ps:
+            if id(p) not in embeddings and id(p) not in seen and p.requires_grad:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
-def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all gradients, accumulated and returned in fp32 whatever their dtypes (bf16 expert grads)."""
-    by_key: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        by_key.setdefault((g.device, g.dtype), []).append(g)
-    norms = [n for gs in by_key.values() for n in torch._foreach_norm(gs, 2.0, dtype=torch.float32)]
-    device = grads[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+total_norm = adamw.total_norm  # the 2-norm of gradients of any dtypes, in fp32 (torch's multi-tensor norm)
 
 
 def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor | None:
@@ -191,7 +199,7 @@ def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
-    norm = total_norm(grads)
+    norm = optimizer.grad_norm(grads) if isinstance(optimizer, adamw.TritonAdamW) else total_norm(grads)
     optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # the same 1e-6 as clip_grad_norm_
     return norm
 
@@ -226,7 +234,7 @@ class LitDeepSeek(L.LightningModule):
         self._val_dropped: list[torch.Tensor] | None = None
         self.val_expert_load: torch.Tensor | None = None  # [moe layers, experts] tokens at the last validation
         self.val_history: list[tuple[int, float]] = []  # (global_step, val loss)
-        self._master_opt: adamw.TritonAdamW | None = None  # holds the experts' fp32 masters during fit (bf16_experts)
+        self._master_opt: adamw.TritonAdamW | None = None  # holds the fp32 masters during fit (bf16_weights)
 
     @property
     def config(self) -> ModelConfig:
@@ -372,32 +380,33 @@ class LitDeepSeek(L.LightningModule):
                                 torch.cuda.is_available() and self.device.type == "cuda", o.get("moments_dtype", "auto"),
                                 lr=float(o.get("lr", 3e-3)), betas=tuple(o.get("betas", (0.9, 0.95))),
                                 eps=float(o.get("eps", 1e-8)))
-        self._use_bf16_experts(optimizer)
+        self._use_bf16_weights(optimizer)
         if getattr(optimizer, "moments_dtype", torch.float32) == torch.bfloat16:
             rank_zero_info("optim.moments_dtype: AdamW moments stored in bf16 (updated in fp32; DeepSeek-V3's optimizer "
                            "states); optim.moments_dtype=float32 keeps them fp32")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.sched_cfg, self.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
-    def _use_bf16_experts(self, optimizer) -> None:
-        """optim.bf16_experts: the expert weights in bf16 for this fit, their fp32 values in the optimizer."""
+    def _use_bf16_weights(self, optimizer) -> None:
+        """optim.bf16_weights: the weight matrices in bf16 for this fit, their fp32 values in the optimizer."""
         from lightning.pytorch.strategies import SingleDeviceStrategy
 
         if self._master_opt is not None:  # a fit that raised never reached on_fit_end: its masters are the truth
             self._master_opt.release_masters()
             self._master_opt = None
         trainer = self._trainer  # None when configure_optimizers is called outside a Trainer
-        on = bf16_experts_on(
-            self.optim_cfg.get("bf16_experts", "auto"), optimizer, on_cuda=self.device.type == "cuda",
+        on = bf16_weights_on(
+            self.optim_cfg.get("bf16_weights", "auto"), optimizer, on_cuda=self.device.type == "cuda",
             bf16_autocast=trainer is not None and str(trainer.precision) == "bf16-mixed",
             single_device=trainer is not None and type(trainer.strategy) is SingleDeviceStrategy,
             accumulate=trainer.accumulate_grad_batches if trainer is not None else 1)
         if on:
-            experts = expert_parameters(self.model)
-            optimizer.keep_fp32_masters(experts)
+            weights = bf16_weight_parameters(self.model)
+            optimizer.keep_fp32_masters(weights)
             self._master_opt = optimizer
-            rank_zero_info(f"optim.bf16_experts: {sum(p.numel() for p in experts) / 1e6:.0f}M routed-expert weights "
-                           "in bf16 for this fit, their fp32 masters in the optimizer (checkpoints hold fp32)")
+            rank_zero_info(f"optim.bf16_weights: {sum(p.numel() for p in weights) / 1e6:.0f}M weights (the matrices "
+                           "but the embedding) in bf16 for this fit, their fp32 masters in the optimizer (checkpoints "
+                           "hold fp32)")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints hold the fp32 masters, not the bf16 copies: the same file an fp32 run writes. (Like

@@ -172,12 +172,12 @@ def check_config(cfg: DictConfig, model_cfg) -> None:
             if key == "trainer.max_steps" and value == -1:
                 raise ConfigError("trainer.max_steps=-1: training is step-based, set a positive number of steps")
             raise ConfigError(f"{key}={value!r}: must be a positive integer")
-    from deepseek_mini.training.module import adamw_kind, check_bf16_experts, compile_mode, moments_dtype
+    from deepseek_mini.training.module import adamw_kind, check_bf16_weights, compile_mode, moments_dtype
 
     try:
         compile_mode(cfg.get("compile", False))
         adamw_kind(_get(cfg, "optim.fused", "auto"), on_cuda=False)
-        check_bf16_experts(_get(cfg, "optim.bf16_experts", "auto"))
+        check_bf16_weights(_get(cfg, "optim.bf16_weights", "auto"))
         # as on a GPU with the Triton step: a bad value or betas fail here, before data preparation
         moments_dtype(_get(cfg, "optim.moments_dtype", "auto"), "triton", tuple(_get(cfg, "optim.betas", (0.9, 0.95))))
     except ValueError as e:
