@@ -185,10 +185,14 @@ class TritonAdamW(torch.optim.AdamW):
         self._tables: dict[tuple, tuple] = {}  # the kernel's tensor tables, per group and kind (see _tensor_table)
 
     @staticmethod
+    def _kernel_reads(g: torch.Tensor) -> bool:
+        """A gradient the kernels read as it is: contiguous fp32 or bf16, on CUDA (or under the interpreter)."""
+        return (triton is not None and (g.is_cuda or INTERPRET) and not g.is_sparse and g.is_contiguous()
+                and g.dtype in (torch.float32, torch.bfloat16))
+
+    @staticmethod
     def _kernel_takes(p: torch.Tensor) -> bool:
-        g = p.grad
-        return (triton is not None and (p.is_cuda or INTERPRET) and p.dtype == torch.float32 and p.is_contiguous()
-                and not g.is_sparse and g.is_contiguous() and g.dtype in (torch.float32, torch.bfloat16))
+        return p.dtype == torch.float32 and p.is_contiguous() and TritonAdamW._kernel_reads(p.grad)
 
     @torch.no_grad()
     def keep_fp32_masters(self, params) -> None:
@@ -320,8 +324,7 @@ class TritonAdamW(torch.optim.AdamW):
         kinds: dict[tuple, list[torch.Tensor]] = {}
         rest = []
         for g in grads:
-            if (triton is not None and (g.is_cuda or INTERPRET) and not g.is_sparse and g.is_contiguous()
-                    and g.dtype in (torch.float32, torch.bfloat16)):
+            if self._kernel_reads(g):
                 kinds.setdefault((g.device, g.dtype), []).append(g)
             else:
                 rest.append(g)

@@ -184,6 +184,12 @@ def bf16_weight_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 total_norm = adamw.total_norm  # the 2-norm of gradients of any dtypes, in fp32 (torch's multi-tensor norm)
 
 
+def grad_norm(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> torch.Tensor:
+    """total_norm(grads), through the Triton AdamW's one-launch-per-dtype norm where the optimizer has it."""
+    optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
+    return optimizer.grad_norm(grads) if isinstance(optimizer, adamw.TritonAdamW) else total_norm(grads)
+
+
 def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor | None:
     """Gradient-norm clipping folded into a fused Adam/AdamW step; returns the total norm, or None when the
     optimizer is not fused (then clip the usual way).
@@ -199,7 +205,7 @@ def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
-    norm = optimizer.grad_norm(grads) if isinstance(optimizer, adamw.TritonAdamW) else total_norm(grads)
+    norm = grad_norm(optimizer, grads)
     optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # the same 1e-6 as clip_grad_norm_
     return norm
 
@@ -296,7 +302,7 @@ class LitDeepSeek(L.LightningModule):
                 torch.distributed.all_reduce(sq)
                 self.log("train/grad_norm", sq.sqrt())
             elif grads:  # before clipping (Lightning clips after this hook)
-                self.log("train/grad_norm", total_norm(grads))
+                self.log("train/grad_norm", grad_norm(optimizer, grads))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Lightning refuses to clip for a fused AdamW under any AMP precision, because with fp16 a
