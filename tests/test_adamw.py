@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepseek_mini.training.adamw import TritonAdamW
-from deepseek_mini.training.module import adamw_kind
+from deepseek_mini.kernels import runtime
+from deepseek_mini.optim.adamw import TritonAdamW
+from deepseek_mini.optim.policy import adamw_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,8 +186,8 @@ def test_triton_kernel_matches_torch_adamw_under_the_interpreter(compare):
     """The kernel on fp32 parameters, on bf16 parameters with fp32 masters, and with bf16 moments, against
     torch's AdamW (or, for bf16 moments, the same update with its moments rounded every step); and the
     gradient-norm kernel against the fp64 norm."""
-    code = ("import sys; sys.path.insert(0, 'tests'); from deepseek_mini.training import adamw; "
-            "assert adamw.INTERPRET and adamw.triton is not None; "
+    code = ("import sys; sys.path.insert(0, 'tests'); from deepseek_mini.kernels import runtime; "
+            "assert runtime.INTERPRET and runtime.triton is not None; "
             f"from test_adamw import {compare}; print('MAXDIFF', {compare}())")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
@@ -196,27 +197,23 @@ def test_triton_kernel_matches_torch_adamw_under_the_interpreter(compare):
 
 
 def test_masters_refuse_what_they_cannot_keep(monkeypatch):
-    from deepseek_mini.training import adamw
-
     p = torch.nn.Parameter(torch.randn(4, 4))
     opt = TritonAdamW([p])
-    if adamw.triton is None:
+    if runtime.triton is None:
         with pytest.raises(RuntimeError, match="Triton"):
             opt.keep_fp32_masters([p])
         return
-    monkeypatch.setattr(adamw, "INTERPRET", False)
+    monkeypatch.setattr(runtime, "INTERPRET", False)
     with pytest.raises(ValueError, match="CUDA parameter"):  # CPU tensors have no kernel outside the interpreter
         opt.keep_fp32_masters([p])
     assert p.dtype == torch.float32 and not opt.masters
 
 
 def test_kernel_takes_only_what_it_computes_exactly(monkeypatch):
-    from deepseek_mini.training import adamw
-
-    monkeypatch.setattr(adamw, "INTERPRET", True)
+    monkeypatch.setattr(runtime, "INTERPRET", True)
     p = torch.nn.Parameter(torch.randn(4, 4))
     p.grad = torch.randn(4, 4)
-    assert TritonAdamW._kernel_takes(p) == (adamw.triton is not None)
+    assert TritonAdamW._kernel_takes(p) == (runtime.triton is not None)
     q = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
     q.grad = torch.randn(4, 4, dtype=torch.float64)
     r = torch.nn.Parameter(torch.randn(4, 4).t())  # not contiguous
@@ -234,7 +231,7 @@ def test_adamw_kind():
 
 
 def test_moments_dtype_setting():
-    from deepseek_mini.training.module import moments_dtype
+    from deepseek_mini.optim.policy import moments_dtype
 
     assert moments_dtype("auto", "triton", (0.9, 0.95)) == torch.bfloat16
     assert moments_dtype("auto", "triton", (0.9, 0.999)) == torch.float32  # auto: only where bf16 is safe

@@ -9,16 +9,12 @@ import torch
 from omegaconf import OmegaConf
 
 from deepseek_mini.config import ModelConfig
-from deepseek_mini.training.module import (
-    LitDeepSeek,
-    bf16_weights_on,
-    clip_in_fused_step,
-    compile_mode,
-    expert_load_stats,
-    lr_lambda,
-    param_groups,
-    total_norm,
-)
+from deepseek_mini.optim.adamw import total_norm
+from deepseek_mini.optim.clip import clip_in_fused_step
+from deepseek_mini.optim.policy import param_groups
+from deepseek_mini.optim.precision import bf16_weights_on
+from deepseek_mini.optim.schedule import lr_lambda
+from deepseek_mini.training.module import LitDeepSeek, compile_mode, expert_load_stats
 from deepseek_mini.training.run import build_loggers
 
 TINY = ModelConfig.preset("tiny", vocab_size=300, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
@@ -126,7 +122,7 @@ def test_total_norm_is_fp32_over_mixed_dtypes():
 
 
 def test_bf16_weights_only_where_the_masters_can_live():
-    from deepseek_mini.training.adamw import TritonAdamW
+    from deepseek_mini.optim.adamw import TritonAdamW
 
     triton_opt = TritonAdamW([torch.nn.Parameter(torch.ones(2))])
     where = dict(on_cuda=True, bf16_autocast=True, single_device=True)
@@ -144,7 +140,7 @@ def test_bf16_weights_only_where_the_masters_can_live():
 
 
 def test_bf16_weights_are_the_matrices_but_the_embedding():
-    from deepseek_mini.training.module import bf16_weight_parameters
+    from deepseek_mini.optim.precision import bf16_weight_parameters
 
     for tie in (False, True):
         model = LitDeepSeek({**TINY, "tie_word_embeddings": tie}).model
@@ -161,12 +157,13 @@ def test_bf16_weights_are_the_matrices_but_the_embedding():
 def test_bf16_weights_checkpoint_holds_the_fp32_masters(monkeypatch):
     """During fit the weight matrices are bf16 copies; checkpoints get the fp32 masters, and after fit the
     parameters are fp32 again with the master values. (The kernel itself: tests/test_adamw.py.)"""
-    from deepseek_mini.training import adamw
-    from deepseek_mini.training.module import bf16_weight_parameters
+    from deepseek_mini.kernels import runtime
+    from deepseek_mini.optim import adamw
+    from deepseek_mini.optim.precision import bf16_weight_parameters
 
-    if adamw.triton is None:
+    if runtime.triton is None:
         pytest.skip("Triton is not installed (CPU-only torch)")
-    monkeypatch.setattr(adamw, "INTERPRET", True)  # lets CPU tensors take masters; no kernel runs here
+    monkeypatch.setattr(runtime, "INTERPRET", True)  # lets CPU tensors take masters; no kernel runs here
     module = LitDeepSeek(TINY)
     experts = bf16_weight_parameters(module.model)
     before = {id(p): p.detach().clone() for p in experts}

@@ -357,9 +357,11 @@ def test_gated_swiglu_backward_is_the_gradient_of_its_forward():
 
 def compare_swiglu_kernel_with_pytorch() -> float:
     """Largest difference, in bf16 ulps of each output's scale, between the Triton backward and the PyTorch one."""
-    from deepseek_mini.model import moe, swiglu_kernel
+    from deepseek_mini.kernels import runtime
+    from deepseek_mini.kernels import swiglu as swiglu_kernel
+    from deepseek_mini.model import moe
 
-    assert swiglu_kernel.INTERPRET and swiglu_kernel.triton is not None
+    assert runtime.INTERPRET and runtime.triton is not None
     available, worst = swiglu_kernel.available, 0.0
     try:
         for n, inter in ((37, 24), (130, 384)):  # rows not a multiple of the block, I not a power of two

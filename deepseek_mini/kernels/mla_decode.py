@@ -18,12 +18,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the PyTorch path is used
-    triton = None
-
+from deepseek_mini.kernels.runtime import tl, triton
 
 if triton is not None:
 

@@ -13,18 +13,10 @@ grad_h and grad_w. Everything is computed in fp32 registers and rounded once.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the PyTorch backward is used
-    triton = None
-
-# TRITON_INTERPRET=1 runs the kernel on CPU tensors, which is how the tests check it without a GPU
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from deepseek_mini.kernels import runtime
+from deepseek_mini.kernels.runtime import tl, triton
 
 if triton is not None:
 
@@ -51,7 +43,7 @@ if triton is not None:
 
 def available(h: torch.Tensor) -> bool:
     """The kernel serves the mixed-precision path: 16-bit activations, on CUDA (or under the interpreter)."""
-    return triton is not None and (h.is_cuda or INTERPRET) and h.dtype in (torch.bfloat16, torch.float16)
+    return runtime.runs_on(h) and h.dtype in (torch.bfloat16, torch.float16)
 
 
 def _swiglu_backward_op(grad_a: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

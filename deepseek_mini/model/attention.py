@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mini.config import ModelConfig
-from deepseek_mini.model import mla_kernel
+from deepseek_mini.kernels import mla_decode
 from deepseek_mini.model.layers import RMSNorm, fused_linears
 from deepseek_mini.model.rope import RotaryEmbedding
 
@@ -169,17 +169,17 @@ class MLA(nn.Module):
 
         `kv_len` (int tensor [B] or [1], optional) bounds the valid cache positions instead of a mask, so a
         caller can pass the whole static cache (CUDA graphs). Single-token decode on CUDA in bf16/fp16
-        runs the fused Triton kernel (mla_kernel.py), which reads each cached latent exactly once.
+        runs the fused Triton kernel (kernels/mla_decode.py), which reads each cached latent exactly once.
         """
         B, T, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [H, nope, rank], [H, v, rank]
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-        if T == 1 and self.fused_decode and mla_kernel.available(past):
+        if T == 1 and self.fused_decode and mla_decode.available(past):
             if kv_len is None:
                 kv_len = torch.full((B,), past.shape[1], dtype=torch.int32, device=past.device)
             kv_len = kv_len.to(torch.int32).expand(B).contiguous()
-            o_lat = mla_kernel.mla_decode_attention(q_lat[:, 0], q_pe[:, 0], past, kv_len, self.scale)[:, None]
+            o_lat = mla_decode.mla_decode_attention(q_lat[:, 0], q_pe[:, 0], past, kv_len, self.scale)[:, None]
             return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
         if kv_len is not None:
             valid = torch.arange(past.shape[1], device=past.device) < kv_len.reshape(-1)[0]

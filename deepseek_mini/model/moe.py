@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mini.config import ModelConfig
-from deepseek_mini.model import swiglu_kernel
+from deepseek_mini.kernels import swiglu as swiglu_kernel
 from deepseek_mini.model.layers import SwiGLU, fused_linears
 
 
@@ -138,7 +138,7 @@ class _GatedSwiGLU(torch.autograd.Function):
 
     The gate multiplies in its >= fp32 dtype and the result is rounded to h's dtype (torch.compile computes
     the whole row in fp32 and rounds once). The backward is one pass over the rows
-    (swiglu_kernel on CUDA; the same formulas in PyTorch elsewhere): w's gradient <grad_a, silu(g) * u> is
+    (kernels/swiglu.py on CUDA; the same formulas in PyTorch elsewhere): w's gradient <grad_a, silu(g) * u> is
     computed while h is read for grad_h, instead of in a second pass over h.
     """
 

@@ -1,7 +1,7 @@
 """LitDeepSeek: the LightningModule around DeepSeekV2.
 
 * loss = next-token cross-entropy + the model's auxiliary balance losses, added here explicitly;
-* AdamW (decay on >=2-D parameters only; a Triton step on CUDA, adamw.py) with warmup + cosine /
+* AdamW (decay on >=2-D parameters only; a Triton step on CUDA; deepseek_mini/optim/) with warmup + cosine /
   DeepSeek's step schedule; on one GPU under bf16-mixed the weight matrices are bf16 during fit, with
   their fp32 masters in that optimizer (optim.bf16_weights; checkpoints hold the fp32 values);
 * the auxiliary-loss-free bias update after every optimizer step (summed over ranks under DDP);
@@ -24,7 +24,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import DeepSeekV2
-from deepseek_mini.training import adamw
+from deepseek_mini.optim.adamw import TritonAdamW
+from deepseek_mini.optim.clip import clip_in_fused_step, grad_norm
+from deepseek_mini.optim.policy import build_adamw, param_groups
+from deepseek_mini.optim.precision import bf16_weight_parameters, bf16_weights_on
+from deepseek_mini.optim.schedule import lr_lambda
 
 
 def expert_load_stats(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -34,49 +38,6 @@ def expert_load_stats(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor
     p = tpe / tpe.sum().clamp_min(1e-9)
     entropy = -(p * p.clamp_min(1e-12).log()).sum() / math.log(max(2, tpe.numel()))
     return {"max_load": tpe.max() / mean, "min_load": tpe.min() / mean, "entropy": entropy}
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (>=2-D: linear and embedding weights, expert stacks), not on vectors."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(schedule: dict, max_steps: int):
-    """Multiplier of the base lr at optimizer step `step` (0-based)."""
-    name = schedule.get("name", "warmup_cosine")
-    warmup = max(0, int(schedule.get("warmup_steps", 0)))
-    total = max(1, int(max_steps))
-
-    def warm(step: int) -> float | None:
-        return (step + 1) / warmup if step < warmup else None
-
-    if name == "warmup_cosine":
-        min_ratio = float(schedule.get("min_lr_ratio", 0.1))
-
-        def fn(step):
-            w = warm(step)
-            if w is not None:
-                return w
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    elif name == "step":
-        milestones = [float(m) * total for m in schedule.get("milestones", [0.8, 0.9])]
-        gamma = float(schedule.get("gamma", 0.316))
-
-        def fn(step):
-            w = warm(step)
-            return w if w is not None else gamma ** sum(step >= m for m in milestones)
-    elif name == "constant":
-        def fn(step):
-            w = warm(step)
-            return 1.0 if w is None else w
-    else:
-        raise ValueError(f"unknown scheduler {name!r}; use warmup_cosine, step or constant")
-    return fn
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -91,123 +52,6 @@ def compile_mode(value: bool | str | None) -> str | None:
     if value not in COMPILE_MODES:
         raise ValueError(f"compile={value!r}: use false, true or one of {', '.join(COMPILE_MODES)}")
     return value
-
-
-def adamw_kind(fused: bool | str, on_cuda: bool) -> str:
-    """optim.fused -> "triton" (adamw.TritonAdamW), "fused" (torch's fused kernel) or "plain".
-
-    auto = the fastest step the device has: Triton on CUDA (torch's fused kernel without Triton), plain on CPU.
-    """
-    if fused == "auto":
-        return ("triton" if adamw.available() else "fused") if on_cuda else "plain"
-    if fused == "triton" or fused is True or fused is False:
-        return {"triton": "triton", True: "fused", False: "plain"}[fused]
-    raise ValueError(f"optim.fused={fused!r}: use auto, true (torch's fused kernel), triton or false")
-
-
-def moments_dtype(setting: str, kind: str, betas) -> torch.dtype:
-    """optim.moments_dtype -> the storage of AdamW's two moments (the update itself is always fp32).
-
-    auto = bfloat16 where it is safe (DeepSeek-V3's optimizer states): the Triton step, with betas of at most
-    adamw.MAX_BF16_BETA; float32 elsewhere. bfloat16 = the same, but an error says what is missing.
-    """
-    if setting not in ("auto", *adamw.MOMENTS_DTYPES):
-        raise ValueError(f"optim.moments_dtype={setting!r}: use auto, float32 or bfloat16")
-    if setting == "float32" or setting == "auto" and (kind != "triton" or max(betas) > adamw.MAX_BF16_BETA):
-        return torch.float32
-    if kind != "triton":
-        raise ValueError(f"optim.moments_dtype=bfloat16 needs the Triton AdamW (optim.fused=auto or triton on a "
-                         f"CUDA device, with triton installed); this run uses the {kind} one")
-    adamw.check_moments(torch.bfloat16, [betas])
-    return torch.bfloat16
-
-
-def build_adamw(params, fused: bool | str, on_cuda: bool, moments: str = "float32", **kwargs) -> torch.optim.AdamW:
-    """The AdamW that `optim.fused` names (adamw_kind), its moments stored as `optim.moments_dtype` says;
-    kwargs are AdamW's (lr, betas, eps, weight_decay)."""
-    kind = adamw_kind(fused, on_cuda)
-    dtype = moments_dtype(moments, kind, kwargs.get("betas", (0.9, 0.999)))
-    if kind == "triton":
-        return adamw.TritonAdamW(params, **kwargs, moments_dtype=dtype)
-    return torch.optim.AdamW(params, **kwargs, fused=(kind == "fused") or None)
-
-
-def check_bf16_weights(setting):
-    if setting not in ("auto", True, False):
-        raise ValueError(f"optim.bf16_weights={setting!r}: use auto, true or false")
-    return setting
-
-
-def bf16_weights_on(setting: bool | str, optimizer: torch.optim.Optimizer, *, on_cuda: bool, bf16_autocast: bool,
-                    single_device: bool, accumulate: int = 1) -> bool:
-    """optim.bf16_weights -> whether the weight matrices are kept in bf16 with fp32 masters in the optimizer.
-
-    auto = wherever it is possible: the Triton AdamW (it owns the masters) on one CUDA device under
-    bf16-mixed, without gradient accumulation. DDP and FSDP build their gradient buckets / flat parameters
-    before the optimizer exists, so they keep fp32 parameters; and bf16 gradients summed over micro-batches
-    would lose precision with every sum. true = the same, but an error names the condition that is not met.
-    """
-    if check_bf16_weights(setting) is False:
-        return False
-    missing = [why for ok, why in ((isinstance(optimizer, adamw.TritonAdamW), "the Triton AdamW (optim.fused=auto "
-                                    "or triton, with triton installed)"), (on_cuda, "a CUDA device"),
-                                   (bf16_autocast, "trainer.precision=bf16-mixed"),
-                                   (single_device, "a single-device strategy (not DDP or FSDP)"),
-                                   (accumulate == 1, "trainer.accumulate_grad_batches=1")) if not ok]
-    if missing and setting is True:
-        raise ValueError(f"optim.bf16_weights=true needs {', '.join(missing)}")
-    return not missing
-
-
-def bf16_weight_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The weights that only GEMMs read, which bf16-mixed runs in bf16 anyway: the routed-expert stacks, the
-    routers and every nn.Linear (attention, MLPs, shared experts, LM head). Not the token embedding (a lookup,
-    whose gradient sums many rows: it stays fp32, and so does an LM head tied to it) nor the norm weights."""
-    from deepseek_mini.model.moe import GroupedExperts, Router
-
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    out, seen = [], set()
-    for m in model.modules():
-        if isinstance(m, GroupedExperts):
-            ps = list(m.parameters())
-        elif isinstance(m, (torch.nn.Linear, Router)):
-            ps = [m.weight]
-        else:
-            continue
-        for p in ps:
-            if id(p) not in embeddings and id(p) not in seen and p.requires_grad:
-                seen.add(id(p))
-                out.append(p)
-    return out
-
-
-total_norm = adamw.total_norm  # the 2-norm of gradients of any dtypes, in fp32 (torch's multi-tensor norm)
-
-
-def grad_norm(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> torch.Tensor:
-    """total_norm(grads), through the Triton AdamW's one-launch-per-dtype norm where the optimizer has it."""
-    optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
-    return optimizer.grad_norm(grads) if isinstance(optimizer, adamw.TritonAdamW) else total_norm(grads)
-
-
-def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor | None:
-    """Gradient-norm clipping folded into a fused Adam/AdamW step; returns the total norm, or None when the
-    optimizer is not fused (then clip the usual way).
-
-    `torch.nn.utils.clip_grad_norm_` reads every gradient once for the norm and again to scale it in place.
-    The fused Adam kernel already divides each gradient by `optimizer.grad_scale` as it reads it (that is how
-    AMP's GradScaler unscales), so setting grad_scale = max(1, norm / max_norm) gives the same update
-    without the second pass over 0.7B gradients (2 ms per step on the `small` MoE on an H100). The
-    caller resets `grad_scale` to None after the step.
-    """
-    if not (isinstance(optimizer, torch.optim.Adam) and optimizer.defaults.get("fused")):
-        return None
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return None
-    norm = grad_norm(optimizer, grads)
-    optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # the same 1e-6 as clip_grad_norm_
-    return norm
 
 
 def _sharded_grads(trainer) -> bool:
@@ -240,7 +84,7 @@ class LitDeepSeek(L.LightningModule):
         self._val_dropped: list[torch.Tensor] | None = None
         self.val_expert_load: torch.Tensor | None = None  # [moe layers, experts] tokens at the last validation
         self.val_history: list[tuple[int, float]] = []  # (global_step, val loss)
-        self._master_opt: adamw.TritonAdamW | None = None  # holds the fp32 masters during fit (bf16_weights)
+        self._master_opt: TritonAdamW | None = None  # holds the fp32 masters during fit (bf16_weights)
 
     @property
     def config(self) -> ModelConfig:

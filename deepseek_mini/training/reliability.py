@@ -172,7 +172,9 @@ def check_config(cfg: DictConfig, model_cfg) -> None:
             if key == "trainer.max_steps" and value == -1:
                 raise ConfigError("trainer.max_steps=-1: training is step-based, set a positive number of steps")
             raise ConfigError(f"{key}={value!r}: must be a positive integer")
-    from deepseek_mini.training.module import adamw_kind, check_bf16_weights, compile_mode, moments_dtype
+    from deepseek_mini.optim.policy import adamw_kind, moments_dtype
+    from deepseek_mini.optim.precision import check_bf16_weights
+    from deepseek_mini.training.module import compile_mode
 
     try:
         compile_mode(cfg.get("compile", False))

@@ -1,5 +1,7 @@
 """AdamW with a Triton step on CUDA: torch.optim.AdamW's update, state and checkpoints, in one pass per step.
 
+The kernels are in kernels/adamw.py; this file is the optimizer around them.
+
 On the `small` MoE the optimizer step is the largest memory-bound kernel of a training step: 0.7B fp32
 master weights, each read and written with its gradient and two moments. torch's fused AdamW walks the
 tensors in 64K-element chunks through a multi-tensor launcher and reaches about 2.3 TB/s on an H100; a
@@ -8,7 +10,7 @@ plain elementwise Triton kernel reaches about 2.8 TB/s. Here one launch updates 
 `small`, from 768-element norm weights to 38M-element expert stacks, cost three launches. Nothing else changes:
 
 * the update is torch's fused AdamW (decoupled weight decay, bias corrections from the step count),
-  including `grad_scale`, which module.clip_in_fused_step uses to fold gradient clipping into the step;
+  including `grad_scale`, which optim.clip.clip_in_fused_step uses to fold gradient clipping into the step;
 * the state is torch's (`step` as a float32 tensor on the parameter's device, `exp_avg`, `exp_avg_sq`),
   so checkpoints load into torch.optim.AdamW and back, and LR schedulers work unchanged;
 * the step count stays on the device and the bias corrections are computed in the kernel: no host sync.
@@ -27,118 +29,17 @@ parameter in bf16 while the optimizer keeps its fp32 value. The kernel then read
 bf16 gradient and writes the master, the moments and the bf16 copy in the same pass. The update is the
 fp32 one; only the copy the forward pass reads is rounded, which autocast would do anyway, and the
 gradient is the bf16 one autocast's GEMMs produce. LitDeepSeek keeps every matrix of the model but the
-embedding this way during a bf16-mixed fit (module.bf16_weights_on): it removes the fp32 -> bf16 weight
+embedding this way during a bf16-mixed fit (optim.precision.bf16_weights_on): it removes the fp32 -> bf16 weight
 casts of every forward and the bf16 -> fp32 gradient casts of every backward, at the same optimizer
 traffic, and the gradients take half the memory.
 """
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs have no Triton: torch's step is used
-    triton = None
-
-BLOCK = 2048  # elements per program; 1024-4096 measured within 3% of each other on an H100
-# TRITON_INTERPRET=1 runs the kernel on CPU tensors (numpy), which is how the tests check it without a GPU
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-if triton is not None:
-    @triton.jit
-    def _round_bf16(x):
-        """fp32 -> bf16, round to nearest even in integer arithmetic: the same bits on the GPU and the interpreter."""
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-    @triton.jit
-    def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, step_ptr, scale_ptr, table_ptr, block_tensor_ptr, lr,
-                      beta1, beta2, log2_beta1, log2_beta2, eps, decay, HAS_SCALE: tl.constexpr,
-                      HAS_COPY: tl.constexpr, BF16_MOMENTS: tl.constexpr, ALIGNED: tl.constexpr,
-                      BLOCK: tl.constexpr):
-        # Many tensors in one launch: program i updates BLOCK elements of tensor block_tensor[i]. Each
-        # tensor's row of the table (8 columns, _tensor_table) holds where its arrays lie, in elements from the
-        # *_ptr arguments (the first tensor's), so each array kind is addressed from one pointer of its dtype.
-        # p: the fp32 values (the parameter itself, or its master); copy: the bf16 parameter of a master.
-        pid = tl.program_id(0)
-        row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * 8
-        p_off, g_off, m_off = tl.load(row), tl.load(row + 1), tl.load(row + 2)
-        v_off, c_off, s_off = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
-        if ALIGNED:  # every array starts on 32 bytes: lets Triton use vector loads and stores
-            p_off, g_off, m_off = tl.multiple_of(p_off, 8), tl.multiple_of(g_off, 8), tl.multiple_of(m_off, 8)
-            v_off, c_off = tl.multiple_of(v_off, 8), tl.multiple_of(c_off, 8)
-        start = (pid - tl.load(row + 7)) * BLOCK
-        n = tl.load(row + 6)
-        step = tl.load(step_ptr + s_off)
-        scale = 1.0
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr)
-        p_ptr, g_ptr, m_ptr = p_ptr + p_off + start, g_ptr + g_off + start, m_ptr + m_off + start
-        v_ptr, copy_ptr = v_ptr + v_off + start, copy_ptr + c_off + start
-        # only a tensor's last block is masked: a mask whose bound is loaded from memory would keep Triton
-        # from vectorising any access (2.7x slower on an H100)
-        if start + BLOCK <= n:
-            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, step, scale, lr, beta1, beta2, log2_beta1, log2_beta2,
-                         eps, decay, n - start, HAS_COPY, BF16_MOMENTS, False, BLOCK)
-        else:
-            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, step, scale, lr, beta1, beta2, log2_beta1, log2_beta2,
-                         eps, decay, n - start, HAS_COPY, BF16_MOMENTS, True, BLOCK)
-
-    @triton.jit
-    def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, step, scale, lr, beta1, beta2, log2_beta1, log2_beta2,
-                     eps, decay, n, HAS_COPY: tl.constexpr, BF16_MOMENTS: tl.constexpr, MASKED: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        mask = None
-        if MASKED:
-            mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask)
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) / scale
-        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)  # the update is fp32 whatever the moments' storage
-        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-        bias_correction1 = 1.0 - tl.exp2(step * log2_beta1)  # 1 - beta1^step
-        bias_correction2 = 1.0 - tl.exp2(step * log2_beta2)
-        p = p * decay
-        m = beta1 * m + (1.0 - beta1) * g
-        v = beta2 * v + (1.0 - beta2) * g * g
-        denom = tl.sqrt(v) / tl.sqrt(bias_correction2) + eps
-        p = p - (lr / bias_correction1) * m / denom
-        tl.store(p_ptr + offs, p, mask=mask)
-        if HAS_COPY:
-            tl.store(copy_ptr + offs, _round_bf16(p), mask=mask)
-        if BF16_MOMENTS:
-            tl.store(m_ptr + offs, _round_bf16(m), mask=mask)
-            tl.store(v_ptr + offs, _round_bf16(v), mask=mask)
-        else:
-            tl.store(m_ptr + offs, m, mask=mask)
-            tl.store(v_ptr + offs, v, mask=mask)
-
-    @triton.jit
-    def _sum_squares_kernel(g_ptr, table_ptr, block_tensor_ptr, out_ptr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-        # out[i] = the sum of squares of program i's BLOCK gradient elements (tables as for _adamw_kernel, but
-        # with one array: the columns are offset, numel, first block)
-        pid = tl.program_id(0)
-        row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * 3
-        g_off = tl.load(row)
-        if ALIGNED:
-            g_off = tl.multiple_of(g_off, 8)
-        start = (pid - tl.load(row + 2)) * BLOCK
-        n = tl.load(row + 1)
-        offs = tl.arange(0, BLOCK)
-        g_ptr = g_ptr + g_off + start
-        if start + BLOCK <= n:  # unmasked, so vectorised (see _adamw_kernel)
-            g = tl.load(g_ptr + offs).to(tl.float32)
-        else:
-            g = tl.load(g_ptr + offs, mask=offs < n - start, other=0.0).to(tl.float32)
-        tl.store(out_ptr + pid, tl.sum(g * g))
-
+from deepseek_mini.kernels import adamw as kernel
+from deepseek_mini.kernels import runtime
 
 MOMENTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # A bf16 moment rounded to nearest moves only by more than half its spacing, 0.2-0.4% of its value; with a beta
@@ -169,7 +70,7 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
+    return runtime.triton is not None and torch.cuda.is_available()
 
 
 class TritonAdamW(torch.optim.AdamW):
@@ -187,8 +88,7 @@ class TritonAdamW(torch.optim.AdamW):
     @staticmethod
     def _kernel_reads(g: torch.Tensor) -> bool:
         """A gradient the kernels read as it is: contiguous fp32 or bf16, on CUDA (or under the interpreter)."""
-        return (triton is not None and (g.is_cuda or INTERPRET) and not g.is_sparse and g.is_contiguous()
-                and g.dtype in (torch.float32, torch.bfloat16))
+        return kernel.reads(g)
 
     @staticmethod
     def _kernel_takes(p: torch.Tensor) -> bool:
@@ -201,12 +101,12 @@ class TritonAdamW(torch.optim.AdamW):
         Call it before the first step, on parameters whose fp32 value is still exact. The moments are stored as
         `moments_dtype` says. `release_masters` puts the fp32 values back into the parameters.
         """
-        if triton is None:
+        if runtime.triton is None:
             raise RuntimeError("fp32 master weights need the Triton step (pip install triton)")
         for p in params:
             if p in self.masters:
                 continue
-            if p.dtype != torch.float32 or not p.is_contiguous() or not (p.is_cuda or INTERPRET):
+            if p.dtype != torch.float32 or not p.is_contiguous() or not runtime.runs_on(p):
                 raise ValueError(f"an fp32 master needs a contiguous fp32 CUDA parameter, got {p.dtype} "
                                  f"{tuple(p.shape)} on {p.device}")
             if self.state.get(p):
@@ -304,14 +204,7 @@ class TritonAdamW(torch.optim.AdamW):
             states = [self.state[p] for p in ps]
             arrays = [vals, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                       ps if has_copy else vals, [s["step"] for s in states]]
-            table, block_tensor, n_blocks, aligned = _tensor_table(self._tables, (id(group), *kind), arrays)
-            if n_blocks == 0:  # empty tensors only
-                continue
-            _adamw_kernel[(n_blocks,)](
-                *(a[0] for a in arrays), vals[0] if scale is None else scale, table, block_tensor, lr, beta1, beta2,
-                math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf, eps,
-                1.0 - lr * wd, HAS_SCALE=scale is not None, HAS_COPY=has_copy,
-                BF16_MOMENTS=arrays[2][0].dtype == torch.bfloat16, ALIGNED=aligned, BLOCK=BLOCK, num_warps=8)
+            kernel.adamw_step(self._tables, (id(group), *kind), arrays, scale, lr, (beta1, beta2), eps, wd, has_copy)
 
     @torch.no_grad()
     def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -330,47 +223,10 @@ class TritonAdamW(torch.optim.AdamW):
                 rest.append(g)
         squares = [total_norm(rest).square()] if rest else []
         for kind, gs in kinds.items():
-            table, block_tensor, n_blocks, aligned = _tensor_table(self._tables, ("norm", *kind), [gs])
-            if n_blocks == 0:
-                continue
-            partial = torch.empty(n_blocks, dtype=torch.float32, device=gs[0].device)
-            _sum_squares_kernel[(n_blocks,)](gs[0], table, block_tensor, partial, ALIGNED=aligned, BLOCK=BLOCK,
-                                             num_warps=8)
-            squares.append(partial.sum())
+            sq = kernel.sum_squares(self._tables, ("norm", *kind), gs)
+            if sq is not None:
+                squares.append(sq)
         device = grads[0].device
         if not squares:
             return torch.zeros((), dtype=torch.float32, device=device)
         return torch.stack([s.to(device) for s in squares]).sum().sqrt()
-
-
-def _tensor_table(cache: dict, slot: tuple, arrays: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """A kernel's per-tensor table and block -> tensor map for these arrays (for the AdamW step: value,
-    gradient, moments, copy, step; one list each, tensor i of each list belonging together).
-
-    A table row is the tensor's offsets in elements from the first tensor of each list, its numel and its
-    first block. Both are cached in `cache[slot]`: they change only when a tensor moves (new gradients each
-    step are usually at the same addresses, and CUDA-graph outputs always are), so most steps build nothing
-    and copy nothing to the GPU.
-    """
-    ptrs = tuple(t.data_ptr() for arr in arrays for t in arr)
-    numels = tuple(t.numel() for t in arrays[0])
-    key = (ptrs, numels)
-    cached = cache.get(slot)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    device = arrays[0][0].device
-    blocks = [triton.cdiv(n, BLOCK) for n in numels]
-    first = [0]
-    for b in blocks[:-1]:
-        first.append(first[-1] + b)
-    rows = [[(arr[i].data_ptr() - arr[0].data_ptr()) // arr[0].element_size() for arr in arrays] + [n, first[i]]
-            for i, n in enumerate(numels)]
-    table = torch.tensor(rows, dtype=torch.int64)
-    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(blocks))
-    if device.type != "cpu":  # asynchronous copies from pinned memory: no host sync
-        table = table.pin_memory().to(device, non_blocking=True)
-        block_tensor = block_tensor.pin_memory().to(device, non_blocking=True)
-    aligned = all(p % 32 == 0 for p in ptrs)
-    entry = (table, block_tensor, sum(blocks), aligned)
-    cache[slot] = (key, entry)  # the newest only: a tensor that moved will not move back
-    return entry

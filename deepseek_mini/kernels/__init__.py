@@ -1,0 +1,9 @@
+"""Every Triton kernel of the project, each behind a PyTorch fallback in its caller.
+
+* runtime.py   the one `import triton` guard and the one interpreter switch (TRITON_INTERPRET)
+* mla_decode.py   fused absorbed-MLA decode attention (model/attention.py)
+* swiglu.py    the routed experts' gated SwiGLU backward (model/moe.py)
+* adamw.py     the multi-tensor AdamW step and gradient sum of squares (optim/adamw.py)
+
+A leaf: it imports torch and triton only, so the model and the optimizer can both call it.
+"""
