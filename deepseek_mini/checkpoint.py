@@ -74,7 +74,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """A deepseek-mini Lightning .ckpt, or a Hugging Face DeepseekV2 directory (config.json + safetensors)."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
-        from deepseek_mini.hf import load_hf_directory  # noqa: PLC0415  (optional dependency path)
+        from deepseek_mini.interop.hf import load_hf_directory  # noqa: PLC0415  (optional dependency path)
 
         model = load_hf_directory(path)
         return LoadedModel(model.to(map_location), model.config, find_tokenizer(path), path)

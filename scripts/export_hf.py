@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     from deepseek_mini.checkpoint import CheckpointError, load_checkpoint
     from deepseek_mini.config import ConfigError
-    from deepseek_mini.hf import HFExportError, HFImportError, export_hf
+    from deepseek_mini.interop.hf import HFExportError, HFImportError, export_hf
 
     try:
         loaded = load_checkpoint(args.ckpt_path)

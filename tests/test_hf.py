@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from deepseek_mini import from_pretrained
 from deepseek_mini.config import ModelConfig
-from deepseek_mini.hf import (
+from deepseek_mini.interop.hf import (
     HFExportError,
     HFImportError,
     config_from_hf,
     config_to_hf,
     export_hf,
+    save_pretrained,
     state_dict_from_hf,
     state_dict_to_hf,
 )
@@ -93,14 +95,14 @@ def test_export_matches_transformers_and_reloads(name, tmp_path):
     cfg = cfg_of(**ROUND_TRIPS[name])
     model = make_model(cfg)
     out = tmp_path / "hf"
-    written = model.save_pretrained(out)
+    written = save_pretrained(model, out)
     assert {p.name for p in written} == {"config.json", "model.safetensors"}
     x = tokens(cfg)
     ours = ours_logits(model, x)
     diff = (ours - hf_logits(out, x)).abs().max().item()
     assert diff <= TOL, f"{name}: max abs logit difference {diff}"
 
-    back = DeepSeekV2.from_pretrained(out)
+    back = from_pretrained(out)
     assert back.config == config_from_hf(out / "config.json")
     assert torch.equal(ours_logits(back, x), ours)
     sd, sd_back = model.state_dict(), back.state_dict()
@@ -169,7 +171,7 @@ def test_hub_lite_layout_loads_with_same_logits(kw, tmp_path):
     assert "model.layers.1.mlp.experts.3.up_proj.weight" in index and len(set(index.values())) > 1
     with safe_open(str(tmp_path / index["model.layers.1.mlp.experts.3.up_proj.weight"]), "pt") as f:
         assert "model.layers.1.mlp.experts.3.up_proj.weight" in f.keys()
-    ours = DeepSeekV2.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
     assert ours.config.rope_scaling["factor"] == 40 and ours.config.q_lora_rank == d["q_lora_rank"]
     x = tokens(ours.config)
     with torch.no_grad():
@@ -262,7 +264,7 @@ def test_tokenizer_export_loads_in_autotokenizer(tmp_path):
     tok = train_tokenizer(tmp_path / "tokenizer.json")
     cfg = cfg_of(vocab_size=tok.get_vocab_size())
     out = tmp_path / "hf"
-    make_model(cfg).save_pretrained(out, tokenizer=tok)
+    save_pretrained(make_model(cfg), out, tokenizer=tok)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     text = "the lazy fox exports latent experts<|endoftext|>ünïcode ✓"
     assert hf_tok(text)["input_ids"] == tok.encode(text).ids

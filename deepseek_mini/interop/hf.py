@@ -4,7 +4,10 @@
                                                `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`
                                                loads with no custom code and the same logits
     load_hf_directory(path)                    such a directory, or one laid out like DeepSeek-V2-Lite's
-                                               hub checkpoint, as a DeepSeekV2 (= DeepSeekV2.from_pretrained)
+                                               hub checkpoint, as a DeepSeekV2
+    from_pretrained(path) / save_pretrained(model, out_dir)   the same two, under transformers' names
+
+A one-way adapter: it imports the model, the model never imports it.
 
 The two layouts differ in one place only: we stack the routed experts (`mlp.experts.gate_up_proj`
 [E, 2I, D], gate rows first; `mlp.experts.down_proj` [E, D, I]); the hub stores them one by one
@@ -28,9 +31,11 @@ from typing import Any
 import torch
 
 from deepseek_mini.config import ModelConfig, yarn_mscale
+from deepseek_mini.model import DeepSeekV2
 
-__all__ = ["HFExportError", "HFImportError", "config_from_hf", "config_to_hf", "export_hf", "load_hf_directory",
-           "read_hf_state_dict", "state_dict_from_hf", "state_dict_to_hf", "write_hf_tokenizer"]
+__all__ = ["HFExportError", "HFImportError", "config_from_hf", "config_to_hf", "export_hf", "from_pretrained",
+           "load_hf_directory", "read_hf_state_dict", "save_pretrained", "state_dict_from_hf", "state_dict_to_hf",
+           "write_hf_tokenizer"]
 
 # end-of-document token names, in order of preference (ours is <|endoftext|>, id 0)
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
@@ -364,11 +369,9 @@ def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_hf_directory(path: str | os.PathLike, dtype: torch.dtype | None = None):
+def load_hf_directory(path: str | os.PathLike, dtype: torch.dtype | None = None) -> DeepSeekV2:
     """A DeepSeekV2 (eval mode) from a Hugging Face DeepseekV2 directory: config.json + safetensors.
     Weights keep the model's fp32 parameters unless `dtype` is given."""
-    from deepseek_mini.model import DeepSeekV2
-
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -450,3 +453,14 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> list[Path]:
     if tokenizer is not None:
         written += write_hf_tokenizer(tokenizer, out, model_max_length=model.config.max_position_embeddings)
     return written
+
+
+# ---------------------------------------------------------------------- transformers' names
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -> DeepSeekV2:
+    """Load a Hugging Face DeepseekV2 directory (config.json + safetensors) as a DeepSeekV2: load_hf_directory."""
+    return load_hf_directory(path, dtype=dtype)
+
+
+def save_pretrained(model: DeepSeekV2, out_dir: str | os.PathLike, tokenizer=None) -> list[Path]:
+    """Write a directory transformers' AutoModelForCausalLM loads with no custom code: export_hf."""
+    return export_hf(model, out_dir, tokenizer=tokenizer)

@@ -123,20 +123,6 @@ class DeepSeekV2(nn.Module):
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, aux_losses=aux_losses,
                            router_stats=router_stats)
 
-    # ------------------------------------------------------------------ Hugging Face interop
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> DeepSeekV2:
-        """Load a Hugging Face DeepseekV2 directory (config.json + safetensors); see deepseek_mini.hf."""
-        from deepseek_mini.hf import load_hf_directory
-
-        return load_hf_directory(path, dtype=dtype)
-
-    def save_pretrained(self, out_dir, tokenizer=None) -> list:
-        """Write a directory transformers' AutoModelForCausalLM loads with no custom code; see deepseek_mini.hf."""
-        from deepseek_mini.hf import export_hf
-
-        return export_hf(self, out_dir, tokenizer=tokenizer)
-
     # ------------------------------------------------------------------ balancing / modes
     def update_expert_bias(self, all_reduce=None) -> None:
         """Aux-loss-free balancing step (DeepSeek-V3); call after each optimizer step."""
