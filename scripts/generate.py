@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
+from deepseek_mini.analysis.kv_cache import human_bytes  # noqa: E402
 from deepseek_mini.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from deepseek_mini.config import ConfigError  # noqa: E402
-from deepseek_mini.inference import human_bytes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}

@@ -19,8 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deepseek_mini.config import ConfigError, ModelConfig  # noqa: E402
-from deepseek_mini.inference import (  # noqa: E402
+from deepseek_mini.analysis.kv_cache import (  # noqa: E402
     DEFAULT_SHAPES,
     equivalent_gqa_groups,
     format_table,
@@ -31,6 +30,7 @@ from deepseek_mini.inference import (  # noqa: E402
     plot_kv_cache,
     shape_variants,
 )
+from deepseek_mini.config import ConfigError, ModelConfig  # noqa: E402
 
 
 def checkpoint_val_loss(path: Path, ckpt: dict | None) -> tuple[float | None, str]:
@@ -60,7 +60,7 @@ def checkpoint_rows(paths: list[str], context: int) -> list[dict]:
     for p in paths:
         path = Path(p)
         if path.is_dir() and (path / "config.json").is_file():
-            from deepseek_mini.hf import load_hf_directory
+            from deepseek_mini.interop.hf import load_hf_directory
 
             cfg, ckpt = load_hf_directory(path).config, None
         else:

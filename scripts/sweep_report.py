@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from deepseek_mini.sweep_report import main  # noqa: E402
+from deepseek_mini.analysis.sweep_report import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

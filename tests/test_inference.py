@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepseek_mini.config import ModelConfig
-from deepseek_mini.inference import (
+from deepseek_mini.analysis.kv_cache import (
     equivalent_gqa_groups,
     format_table,
     kv_cache_table,
@@ -21,6 +20,7 @@ from deepseek_mini.inference import (
     plot_kv_cache,
     shape_variants,
 )
+from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import DeepSeekV2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def test_measure_kv_bytes_cpu(attention):
 def test_bench_decode_cpu_smoke(tmp_path):
     import json
 
-    proc = _run("bench_decode.py", "--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--check",
+    proc = _run("bench/bench_decode.py", "--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--check",
                 "--out", str(tmp_path / "b.json"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "b.json").read_text())

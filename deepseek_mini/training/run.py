@@ -465,7 +465,7 @@ def evaluate(cfg: DictConfig) -> dict:
             expert_load.append({"layer": layer, **{k: round(float(v), 4) for k, v in expert_load_stats(row).items()},
                                 "tokens_per_expert": [int(v) for v in row.tolist()]})
 
-    from deepseek_mini.inference import format_table, kv_cache_table, measure_kv_bytes, with_attention
+    from deepseek_mini.analysis.kv_cache import format_table, kv_cache_table, measure_kv_bytes, with_attention
 
     kv = {"computed_bf16": mcfg.kv_cache_bytes_per_token(2), "computed_fp32": mcfg.kv_cache_bytes_per_token(4)}
     if device.type == "cuda":  # measured: allocate the cache of one long generation and read the allocator

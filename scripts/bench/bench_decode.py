@@ -1,9 +1,9 @@
 """Decode benchmark: MLA (absorbed), MLA (naive: K/V rebuilt from the latents every step) and MHA at the `small`
 shape, bf16, random weights, on one GPU.
 
-    python scripts/bench_decode.py --out bench_decode.json                 # batch 1, 32 x context 1K, 8K, 32K
-    python scripts/bench_decode.py --peer                                  # + transformers DeepseekV2 generate
-    python scripts/bench_decode.py --device cpu --tiny --steps 2           # CPU smoke test (tests/)
+    python scripts/bench/bench_decode.py --out bench_decode.json                 # batch 1, 32 x context 1K, 8K, 32K
+    python scripts/bench/bench_decode.py --peer                                  # + transformers DeepseekV2 generate
+    python scripts/bench/bench_decode.py --device cpu --tiny --steps 2           # CPU smoke test (tests/)
 
 For each (variant, batch, context): a static cache of batch x (context + steps) tokens is allocated and its first
 `context` positions are filled with random latents / K / V (no 32K prefill through the naive path), then decode
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from deepseek_mini.config import ModelConfig, count_parameters  # noqa: E402
 from deepseek_mini.model import DeepSeekV2  # noqa: E402
@@ -203,9 +203,8 @@ def time_graph(model, cache, batch, ctx, steps, warmup, device, max_len, step_fn
         for _ in range(steps):
             graph.replay()
     if PROFILE.get("steps"):  # where a replay's GPU time goes, by kernel category
+        from harness import kernel_breakdown
         from torch.profiler import ProfilerActivity, profile
-
-        from deepseek_mini.training.bench import kernel_breakdown
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(PROFILE["steps"]):
@@ -313,11 +312,11 @@ def peer_bench(cfg: ModelConfig, args) -> list[dict]:
     try:
         from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
-        from deepseek_mini.hf import config_to_hf
+        from deepseek_mini.interop.hf import config_to_hf
     except ImportError as e:
         return [{"variant": "hf_peer", "status": f"error: {e}"}]
     prompt_len = min(1024, cfg.max_position_embeddings // 2)
-    # the exact transformers equivalent of our config (deepseek_mini.hf, checked logit-for-logit in tests/test_hf.py)
+    # the exact transformers equivalent of our config (deepseek_mini.interop.hf, checked logit-for-logit in tests/test_hf.py)
     hf_dict = config_to_hf(cfg)
     hf_dict["max_position_embeddings"] = prompt_len + 64
     hf_cfg = DeepseekV2Config.from_dict(hf_dict, attn_implementation="sdpa")

@@ -1,8 +1,8 @@
 """Training throughput: deepseek-mini against transformers' DeepseekV2ForCausalLM, same shape, same GPU.
 
-    python scripts/bench_train.py                       # every variant below, `small` shape, 16 x 1024
-    python scripts/bench_train.py --variants ours,hf_grouped_bf16_compile --steps 30
-    python scripts/bench_train.py --variants ours@default,ours@reduce-overhead --profile-steps 3
+    python scripts/bench/bench_train.py                       # every variant below, `small` shape, 16 x 1024
+    python scripts/bench/bench_train.py --variants ours,hf_grouped_bf16_compile --steps 30
+    python scripts/bench/bench_train.py --variants ours@default,ours@reduce-overhead --profile-steps 3
 
 A variant may name a torch.compile mode after "@" (default, reduce-overhead = + CUDA graphs,
 max-autotune-no-cudagraphs, max-autotune); without one, --compile-mode applies to our compiled variants.
@@ -36,8 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repository root; this file's folder (harness.py) is on sys.path already
 
 OURS = ["ours", "ours_raw", "ours_raw_eager", "ours_dense", "ours_mha"]
 PEER = ["hf_eager_fp32", "hf_grouped_fp32", "hf_grouped_bf16", "hf_grouped_bf16_compile"]
@@ -65,9 +65,9 @@ def hf_model(variant: str, cfg):
     import torch
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
-    from deepseek_mini.hf import config_to_hf
+    from deepseek_mini.interop.hf import config_to_hf
 
-    # the exact transformers equivalent of our config (deepseek_mini.hf, checked logit-for-logit in tests/test_hf.py)
+    # the exact transformers equivalent of our config (deepseek_mini.interop.hf, checked logit-for-logit in tests/test_hf.py)
     hf_cfg = DeepseekV2Config.from_dict(config_to_hf(cfg), attn_implementation="sdpa")
     hf_cfg._experts_implementation = "eager" if variant == "hf_eager_fp32" else "grouped_mm"
     model = DeepseekV2ForCausalLM(hf_cfg)
@@ -79,10 +79,12 @@ def hf_model(variant: str, cfg):
 def run_plain_loop(variant: str, args, mode: str) -> dict:
     """Plain PyTorch training loop on random tokens (ours_raw*, baselines and the transformers peer)."""
     import torch
+    from harness import kernel_breakdown
 
     from deepseek_mini import DeepSeekV2, flops_per_token
-    from deepseek_mini.training.bench import kernel_breakdown
-    from deepseek_mini.training.module import bf16_weight_parameters, bf16_weights_on, build_adamw, clip_in_fused_step
+    from deepseek_mini.optim.clip import clip_in_fused_step
+    from deepseek_mini.optim.policy import build_adamw
+    from deepseek_mini.optim.precision import bf16_weight_parameters, bf16_weights_on
 
     torch.manual_seed(0)
     cfg = small_config(variant)
@@ -168,9 +170,9 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
 def run_lightning(variant: str, args, mode: str) -> dict:
     """The project's own training step: Lightning Trainer + TextDataModule on real text."""
     import torch
+    from harness import lightning_throughput
 
     from deepseek_mini import flops_per_token
-    from deepseek_mini.training.bench import lightning_throughput
 
     cfg = small_config(variant)
     res = lightning_throughput(cfg, data_files=args.data, val_files=args.val_data, batch_size=args.batch_size,

@@ -1,8 +1,10 @@
-"""Throughput of the project's own training step: Lightning Trainer + LitDeepSeek + TextDataModule.
+"""Benchmark timing and profiler breakdowns, shared by bench_train.py and bench_decode.py in this folder.
 
-Used by scripts/bench_train.py. It is the same path `python train.py` takes on a GPU (bf16-mixed with
-fp32 master weights, the Triton AdamW step, gradient clipping, torch.compile of the inner model, the real data
-loader); only loggers, checkpoints and validation are off, so the number is the training step itself.
+lightning_throughput times the project's own training step: Lightning Trainer + LitDeepSeek + TextDataModule,
+the same path `python train.py` takes on a GPU (bf16-mixed with fp32 master weights, the Triton AdamW step,
+gradient clipping, torch.compile of the inner model, the real data loader); only loggers, checkpoints and
+validation are off, so the number is the training step itself. kernel_breakdown sorts a torch.profiler trace's
+GPU time into categories.
 """
 
 from __future__ import annotations
