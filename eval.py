@@ -5,6 +5,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from deepseek_mini.training import presets  # noqa: F401  (registers model=<preset> before Hydra composes)
 from deepseek_mini.training.reliability import cli_entry
 from deepseek_mini.training.run import cli_errors, evaluate
 

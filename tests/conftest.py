@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from deepseek_mini.training import presets  # noqa: F401  (model=<preset> for the tests that compose configs)
+
 # The model tests' tensors are tiny: intra-op threads only add contention on a shared 2-core box (measured: the
 # 60-step training test takes 0.3 s on one thread, over 10 s on two under load).
 torch.set_num_threads(1)

@@ -1,13 +1,13 @@
-"""Every config file composes; model YAMLs mirror the presets; bad model values fail early."""
+"""Every config option composes; model=<preset> is exactly the preset; bad model values fail early."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-import yaml
 from conftest import CONFIGS, run_cli
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
@@ -15,7 +15,8 @@ from omegaconf import OmegaConf, open_dict
 from deepseek_mini.config import PRESETS, ConfigError, ModelConfig
 from deepseek_mini.training.run import model_config_from, resolve_precision
 
-GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name not in ("hydra", "local"))
+# the YAML groups under configs/, and `model`, whose options are the presets (deepseek_mini/training/presets.py)
+GROUPS = sorted([p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name not in ("hydra", "local")] + ["model"])
 
 
 def _compose(name: str, overrides: list[str]):
@@ -35,6 +36,8 @@ def _resolve(cfg) -> dict:
 
 
 def _options(group: str) -> list[str]:
+    if group == "model":
+        return sorted(PRESETS)
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
@@ -72,15 +75,19 @@ def test_default_train_config_is_tiny_on_stdlib(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_model_yaml_matches_preset(name):
-    data = yaml.safe_load((CONFIGS / "model" / f"{name}.yaml").read_text())
+def test_model_option_composes_to_the_preset(name, tmp_path):
+    """`model=<preset>` composes to exactly ModelConfig.preset(<preset>), every field listed flat."""
+    cfg = _compose("train", [f"model={name}", f"paths.output_dir={tmp_path}"])
+    data = OmegaConf.to_container(cfg.model, resolve=True)
     assert set(data) == {f.name for f in dataclasses.fields(ModelConfig)}, "every field listed, flat"
     assert ModelConfig.from_dict(data) == ModelConfig.preset(name)
     assert ModelConfig.from_dict(data).to_dict() == ModelConfig.preset(name).to_dict()
+    assert model_config_from(cfg) == ModelConfig.preset(name)
 
 
-def test_every_preset_has_a_yaml():
-    assert {p.stem for p in (CONFIGS / "model").glob("*.yaml")} == set(PRESETS)
+def test_every_preset_is_a_model_option_and_nothing_else():
+    assert {n.removesuffix(".yaml") for n in ConfigStore.instance().list("model")} == set(PRESETS)
+    assert not (CONFIGS / "model").exists(), "one source: the presets, not YAML copies"
 
 
 def test_model_overrides_reach_model_config(tmp_path):
