@@ -1,6 +1,6 @@
 """Sweep report: `python scripts/sweep_report.py <multirun dir> [more dirs]` -> <first dir>/report.md + PNGs.
 
-See deepseek_mini/sweep_report.py (the library code, importable by tests).
+See deepseek_mini/analysis/sweep_report.py (the library code, importable by tests).
 """
 
 import sys

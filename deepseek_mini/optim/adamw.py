@@ -83,7 +83,7 @@ class TritonAdamW(torch.optim.AdamW):
         self.masters: dict[torch.Tensor, torch.Tensor] = {}  # low-precision parameter -> its fp32 value
         check_moments(moments_dtype, [g["betas"] for g in self.param_groups])
         self.moments_dtype = moments_dtype
-        self._tables: dict[tuple, tuple] = {}  # the kernel's tensor tables, per group and kind (see _tensor_table)
+        self._tables: dict[tuple, tuple] = {}  # the kernel's tensor tables, per group and kind (see kernels/adamw.py, _tensor_table)
 
     @staticmethod
     def _kernel_reads(g: torch.Tensor) -> bool:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from deepseek_mini.optim import adamw
-from deepseek_mini.optim.adamw import total_norm
+from deepseek_mini.optim.adamw import TritonAdamW, total_norm
 
 
 def grad_norm(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> torch.Tensor:
     """total_norm(grads), through the Triton AdamW's one-launch-per-dtype norm where the optimizer has it."""
     optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
-    return optimizer.grad_norm(grads) if isinstance(optimizer, adamw.TritonAdamW) else total_norm(grads)
+    return optimizer.grad_norm(grads) if isinstance(optimizer, TritonAdamW) else total_norm(grads)
 
 
 def clip_in_fused_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> torch.Tensor | None:
