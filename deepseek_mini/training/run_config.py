@@ -367,6 +367,7 @@ class RunConfig:
     def from_cfg(cls, cfg: DictConfig, output_dir: str | os.PathLike) -> RunConfig:
         from deepseek_mini.training.module import compile_mode
 
+        as_int("seed", cfg.get("seed", 1234), low=0)  # first: data.seed follows it (${seed})
         model = model_config_from(cfg)
         optim = OptimConfig(**_fields(OptimConfig, _group(cfg, "optim"), "optim"))
         scheduler = SchedulerConfig(**_fields(SchedulerConfig, _group(cfg, "scheduler"), "scheduler"))
