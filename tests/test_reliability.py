@@ -130,7 +130,10 @@ def test_ckpt_path_last_without_run_dir_picks_latest_run(tmp_path):
     assert argv[-1] == f"hydra.run.dir={runs / '2025-01-02_00-00-00-000001'}"
     with pytest.raises(rel.CheckpointError, match="no run under"):
         rel._preflight_resume(["ckpt_path=last", f"paths.log_dir={tmp_path / 'none'}"], CONFIGS, "train")
-    assert rel._preflight_resume(["ckpt_path=last", "hydra.run.dir=x"], CONFIGS, "train")[-1] == "hydra.run.dir=x"
+    # a given run dir without a checkpoint is refused before Hydra writes anything into it
+    with pytest.raises(rel.CheckpointError, match="no checkpoint"):
+        rel._preflight_resume(["ckpt_path=last", f"hydra.run.dir={tmp_path / 'x'}"], CONFIGS, "train")
+    assert not (tmp_path / "x").exists()
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):

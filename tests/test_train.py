@@ -112,7 +112,11 @@ def test_resume_from_checkpoint(trained, cache_dir, tmp_path):
     run_cli("train.py", *overrides, "model.kv_lora_rank=16", "trainer.max_steps=7", f"ckpt_path={ckpt}",
             "logger=csv", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'resumed'}")
     res = json.loads((tmp_path / "resumed" / "results.json").read_text())
-    assert res["global_step"] == 7 and res["val_loss_start"] is None
+    first = json.loads((trained / "results.json").read_text())
+    # counters are the run's, over the resume (issue 19.6): the first part's start loss, tokens and validations
+    assert res["global_step"] == 7 and res["val_loss_start"] == first["val_loss_start"]
+    assert res["tokens_seen"] == 7 * 4 * 32 and res["steps_trained"] == 3
+    assert [s for s, _ in res["val_history"]] == [0, 2, 4, 6, 7] and res["val_history"][:3] == first["val_history"]
     # step 7 is no validation step (every 2): the final validate() must not wipe the training loss from the results
     assert res["val_history"][-1][0] == 7 and math.isfinite(res["train_loss"])
 

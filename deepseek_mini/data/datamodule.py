@@ -104,8 +104,9 @@ class TextDataModule(L.LightningDataModule):
     Training batches come from an endless, deterministic, resumable sampler: the Trainer must be
     created with ``use_distributed_sampler=False`` (the sampler shards by rank itself), bounded by
     ``max_steps``, and validation scheduled with an integer ``val_check_interval`` (an "epoch"
-    never ends). On resume the start offset is computed from ``trainer.global_step``, which
-    Lightning restores before calling ``train_dataloader()``.
+    never ends). On resume the stream continues at the sample count stored in the checkpoint
+    (``state_dict()["samples_seen"]``), so a resume with another ``batch_size`` neither repeats nor skips
+    samples; checkpoints without it fall back to ``global_step`` x the global batch.
 
     After ``prepare_data()``/``setup()`` (or the ``prepare()`` shortcut): ``.tokenizer``,
     ``.vocab_size`` (the tokenizer's real size), ``.eos_token_id``, ``.tokenizer_path``,
@@ -171,6 +172,9 @@ class TextDataModule(L.LightningDataModule):
         self.train_dataset: TokenWindows | None = None
         self.val_dataset: TokenWindows | None = None
         self.train_start_sample = 0
+        self._start_step = 0  # trainer.global_step when the current train loader started
+        self._samples_per_step = 0  # samples all ranks consume per optimizer step
+        self._resume_samples: int | None = None  # samples_seen from the checkpoint being resumed
         self._ckpt_state: dict | None = None
 
     # ------------------------------------------------------------------ building
@@ -258,9 +262,13 @@ class TextDataModule(L.LightningDataModule):
                 raise RuntimeError(
                     "TextDataModule shards by rank itself: create the Trainer with use_distributed_sampler=False"
                 )
-            # samples consumed so far by all ranks; global_step is restored from the checkpoint
-            # before Lightning calls train_dataloader(), so a resumed run continues the stream
-            start = trainer.global_step * self.batch_size * trainer.accumulate_grad_batches * world
+            # samples consumed so far by all ranks: from the checkpoint (restored, with global_step, before
+            # Lightning calls train_dataloader()), so a resumed run continues the stream whatever its batch size
+            self._samples_per_step = self.batch_size * trainer.accumulate_grad_batches * world
+            self._start_step = trainer.global_step
+            start = trainer.global_step * self._samples_per_step
+            if self._resume_samples is not None and trainer.global_step > 0:
+                start = self._resume_samples
         self.train_start_sample = start
         if start:
             log.info("resuming training data stream at sample %d (global step %d)", start, trainer.global_step)
@@ -309,8 +317,16 @@ class TextDataModule(L.LightningDataModule):
             "val_windows": len(self.val_dataset) if self.val_dataset is not None else None,
         }
 
+    def samples_seen(self) -> int:
+        """Training samples consumed by all ranks since the run began (cumulative over resumes)."""
+        trainer = self.trainer
+        if trainer is None or not self._samples_per_step:  # no training loader built (e.g. nothing left to train)
+            return self._resume_samples if self._resume_samples is not None else self.train_start_sample
+        return self.train_start_sample + (trainer.global_step - self._start_step) * self._samples_per_step
+
     def state_dict(self) -> dict:
-        state = {"settings_hash": self.settings_hash()}
+        state = {"settings_hash": self.settings_hash(), "samples_seen": self.samples_seen(),
+                 "batch_size": self.batch_size}
         if self.tokenizer_path and os.path.isfile(self.tokenizer_path):
             state["tokenizer_sha"] = file_sha256(self.tokenizer_path)
             state["tokenizer_path"] = self.tokenizer_path
@@ -319,6 +335,10 @@ class TextDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         # checked once the tokenizer is known (restore may happen before prepare_data on this rank)
         self._ckpt_state = dict(state_dict)
+        self._resume_samples = state_dict.get("samples_seen")
+        if "batch_size" in state_dict and state_dict["batch_size"] != self.batch_size:
+            log.info("data.batch_size %s -> %d: the data stream continues at sample %s", state_dict["batch_size"],
+                     self.batch_size, self._resume_samples)
         if self.tokenizer_path:
             self._check_ckpt_state()
 

@@ -9,8 +9,14 @@ from __future__ import annotations
 import math
 
 
-def lr_lambda(schedule: dict, max_steps: int):
-    """Multiplier of the base lr at optimizer step `step` (0-based)."""
+def lr_lambda(schedule: dict, max_steps: int, anchor: tuple[int, float] | list | None = None):
+    """Multiplier of the base lr at optimizer step `step` (0-based).
+
+    `anchor=(step0, multiplier0)`: the run was resumed at step0 with a different max_steps (training.resume.
+    ResumeSchedule). From step0 on, warmup_cosine's tail is stretched: it continues from multiplier0 down to
+    min_lr_ratio at the new max_steps (so extending a run never raises the lr); the step schedule keeps the
+    decays it had made and places the remaining milestones in the new length; constant is unchanged.
+    """
     name = schedule.get("name", "warmup_cosine")
     warmup = max(0, int(schedule.get("warmup_steps", 0)))
     total = max(1, int(max_steps))
@@ -40,4 +46,18 @@ def lr_lambda(schedule: dict, max_steps: int):
             return 1.0 if w is None else w
     else:
         raise ValueError(f"unknown scheduler {name!r}; use warmup_cosine, step or constant")
+    if anchor is None or int(anchor[0]) < warmup:  # warmup does not depend on max_steps: nothing to anchor
+        return fn
+    step0, mult0, base = int(anchor[0]), float(anchor[1]), fn
+    if name == "warmup_cosine":
+        min_ratio = float(schedule.get("min_lr_ratio", 0.1))
+
+        def fn(step):
+            if step < step0:
+                return base(step)
+            progress = min(1.0, (step - step0) / max(1, total - step0))
+            return min_ratio + (mult0 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif name == "step":
+        def fn(step):
+            return base(step) if step < step0 else min(mult0, base(step))
     return fn

@@ -1,0 +1,262 @@
+"""Resume: which checkpoint, whether the run can really continue from it, and the state it carries.
+
+* `resolve_ckpt_path` / `latest_run_with_checkpoint`: `ckpt_path=last` / `resume=true` means
+  `<run dir>/checkpoints/last.ckpt`; without `hydra.run.dir=` the latest run that has one.
+* `resume_overrides`: compares what the command will run with what the checkpoint's run ran (the
+  checkpoint's `model_config` hyper-parameters, `checkpoints/config.yaml`). A model or data field the user
+  did not ask to change is taken from the run (returned as `++key=value` overrides); one the user did ask
+  to change refuses the resume with one line naming the fields. `reliability.cli_entry` runs this before
+  Hydra writes anything into the run dir.
+* `check_tokenizer`: after data preparation, the tokenizer must be the one the checkpoint was trained with.
+* `RNGStateCallback`: torch / numpy / python (and CUDA) RNG states in the checkpoint (Lightning does not
+  restore them), stored as tensors and plain containers so `weights_only` loading still works.
+* `RunHistory`: val_loss_start and the validation history, kept in the checkpoint so results.json is
+  cumulative over any number of resumes.
+* `ResumeSchedule`: the learning-rate schedule on resume: a changed `optim.lr` applies from the resume
+  step, and a longer `trainer.max_steps` stretches the schedule's tail from the resume point (module.lr_lambda).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from deepseek_mini.checkpoint import CheckpointError
+from deepseek_mini.config import ConfigError
+from deepseek_mini.training.checkpoint_io import check_checkpoint_file, read_checkpoint_meta
+
+log = logging.getLogger(__name__)
+
+# the data settings that decide which tokens the model sees (batch_size is a training setting: the stream
+# continues at the same sample whatever the new batch size)
+DATA_IDENTITY = ("source", "train_files", "val_files", "hub_name", "hub_config", "hub_split", "hub_val_split",
+                 "text_field", "vocab_size", "tokenizer_path", "seq_len", "val_fraction", "max_chars", "seed")
+
+
+# ---------------------------------------------------------------------- which checkpoint
+def resolve_ckpt_path(ckpt_path: Any, output_dir: Path, resume: bool = False) -> Path | None:
+    """cfg.ckpt_path (`null`, `last` or a file) -> a checked checkpoint file in this run, or None.
+
+    `last` (or resume=true) means `<output dir>/checkpoints/last.ckpt`. Without `hydra.run.dir=`,
+    `cli_entry` has already pointed the output dir at the latest run that has one.
+    """
+    if ckpt_path in (None, "", "null"):
+        if not resume:
+            return None
+        ckpt_path = "last"
+    if str(ckpt_path) == "last":
+        path = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise CheckpointError(f"ckpt_path=last: no checkpoint {path}; resume with hydra.run.dir=<run dir> "
+                                  "ckpt_path=last, or give ckpt_path=<file>")
+        return check_checkpoint_file(path)
+    return check_checkpoint_file(Path(str(ckpt_path)).expanduser().resolve())
+
+
+def latest_run_with_checkpoint(runs_dir: Path) -> Path | None:
+    """The most recently written run dir under `runs_dir` that has checkpoints/last.ckpt."""
+    found = [Path(p).parent.parent for p in glob.glob(str(runs_dir / "*" / "checkpoints" / "last.ckpt"))]
+    return max(found, key=lambda d: (d / "checkpoints" / "last.ckpt").stat().st_mtime) if found else None
+
+
+# ---------------------------------------------------------------------- can it continue?
+def _norm(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def _override_value(v: Any) -> str:
+    """A value in Hydra's override grammar."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_override_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_override_value(x)}" for k, x in v.items()) + "}"
+    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _asked(overrides: list[str], group: str, key: str) -> bool:
+    """Did the command line ask for this field (directly, through its group, or through an experiment)?"""
+    for o in overrides:
+        name = o.split("=", 1)[0].lstrip("+~")
+        if name in (f"{group}.{key}", group, "experiment") or name == "sizing" or name.startswith("sizing."):
+            return True
+        if group == "data" and key == "vocab_size" and name == "model.vocab_size":
+            return True  # data.vocab_size follows model.vocab_size
+        if group == "data" and key == "seed" and name == "seed":
+            return True
+    return False
+
+
+def resume_overrides(cfg, ckpt_file: Path, overrides: list[str]) -> list[str]:
+    """Overrides that make this command run the checkpoint's model and data, or ConfigError naming the fields
+    the command asks to change (a resume continues the same model on the same tokens)."""
+    import yaml
+
+    from deepseek_mini.training.run_config import model_config_from
+
+    meta = read_checkpoint_meta(ckpt_file)
+    recorded_model = (meta.get("hyper_parameters") or {}).get("model_config")
+    config_yaml = ckpt_file.parent / "config.yaml"
+    recorded = yaml.safe_load(config_yaml.read_text()) if config_yaml.is_file() else {}
+    pairs: list[tuple[str, str, Any, Any]] = []  # (group, key, recorded, now)
+    if recorded_model:
+        now = _norm(model_config_from(cfg).to_dict())
+        for k, v in _norm(recorded_model).items():
+            if k != "vocab_size" and now.get(k) != v:  # vocab_size: the tokenizer's size, checked as data.vocab_size
+                pairs.append(("model", k, v, now.get(k)))
+    rec_data = (recorded or {}).get("data") or {}
+    if rec_data:
+        from omegaconf import OmegaConf
+
+        now = _norm(OmegaConf.to_container(cfg.data, resolve=True))
+        for k in DATA_IDENTITY:
+            if k in rec_data and _norm(rec_data[k]) != now.get(k):
+                pairs.append(("data", k, _norm(rec_data[k]), now.get(k)))
+    differ = [(g, k, r, n) for g, k, r, n in pairs if _asked(overrides, g, k)]
+    if differ:
+        fields = ", ".join(f"{g}.{k}={n!r} (the run: {r!r})" for g, k, r, n in differ)
+        raise ConfigError(f"ckpt_path={ckpt_file}: cannot resume with a different model or data: {fields}; "
+                          "drop those overrides to continue the run, or start a new run without ckpt_path")
+    adopt = [f"++{g}.{k}={_override_value(r)}" for g, k, r, _ in pairs]
+    if recorded_model and any(g == "data" and k == "vocab_size" for g, k, _, _ in pairs):
+        adopt.append(f"++model.vocab_size={int(recorded_model['vocab_size'])}")
+    if adopt:
+        log.info("resume: using the run's recorded settings %s", " ".join(adopt))
+    return adopt
+
+
+def check_tokenizer(tokenizer_path: str | None, ckpt_meta: dict, ckpt_path: Path) -> None:
+    """The tokenizer this resume built must be the checkpoint's (token ids must mean the same)."""
+    from deepseek_mini.data.tokenizer import file_sha256
+
+    state = next((v for k, v in ckpt_meta.items() if k.endswith("TextDataModule") and isinstance(v, dict)), {})
+    sha = state.get("tokenizer_sha")
+    if sha and tokenizer_path and sha != file_sha256(tokenizer_path):
+        raise ConfigError(f"ckpt_path={ckpt_path}: the tokenizer {tokenizer_path} differs from the one the "
+                          f"checkpoint was trained with ({state.get('tokenizer_path')}); resume with the run's data "
+                          "settings, or start a new run")
+
+
+# ---------------------------------------------------------------------- state in the checkpoint
+class RNGStateCallback(L.Callback):
+    """Saves and restores the torch, CUDA, numpy and python RNG states with the checkpoint."""
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        version, internal, gauss = random.getstate()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "torch" in state:
+            torch.set_rng_state(state["torch"].cpu())
+        if "numpy" in state:
+            s = state["numpy"]
+            np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
+                                 s["cached_gaussian"]))
+        if "python" in state:
+            s = state["python"]
+            random.setstate((s["version"], tuple(s["internal"]), s["gauss"]))
+        cuda = state.get("cuda")
+        if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
+        log.info("restored RNG states from the checkpoint")
+
+
+class RunHistory(L.Callback):
+    """val_loss_start and the validation history (step, loss) of the whole run, across resumes."""
+
+    def __init__(self):
+        self.val_loss_start: float | None = None
+        self._module = None
+        self._loaded: list[tuple[int, float]] = []
+
+    def setup(self, trainer, pl_module, stage):
+        self._module = pl_module
+
+    def state_dict(self) -> dict[str, Any]:
+        history = list(getattr(self._module, "val_history", []) or [])
+        return {"val_loss_start": self.val_loss_start, "val_history": [[int(s), float(v)] for s, v in history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.val_loss_start = state.get("val_loss_start", self.val_loss_start)
+        self._loaded = [(int(s), float(v)) for s, v in state.get("val_history", [])]
+
+    def on_train_start(self, trainer, pl_module):
+        if self._loaded:  # the resumed run's earlier validations, before any new one
+            step = trainer.global_step
+            earlier = [e for e in self._loaded if e[0] <= step]
+            pl_module.val_history[:0] = [e for e in earlier if e not in pl_module.val_history]
+            self._loaded = []
+
+
+class ResumeSchedule(L.Callback):
+    """The learning-rate schedule across a resume.
+
+    Lightning restores the optimizer's lr and the scheduler's base lr from the checkpoint, and the schedule
+    function is rebuilt from the new trainer.max_steps: a new optim.lr would be ignored while the recorded
+    config names it, and a longer max_steps would jump the lr up the re-stretched cosine. Here a changed
+    optim.lr applies from the resume step, and a changed max_steps is anchored at the resume point
+    (`lr_lambda(..., anchor=(step, multiplier))`: the tail continues from the current lr down to min_lr).
+    """
+
+    def __init__(self, lr: float, schedule: dict):
+        self.lr, self.schedule = float(lr), dict(schedule)
+        self.max_steps: int | None = None
+        self.anchor: list | None = None
+        self._loaded: dict | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"max_steps": self.max_steps, "anchor": self.anchor, "lr": self.lr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loaded = dict(state)
+
+    def on_train_start(self, trainer, pl_module):
+        from deepseek_mini.optim.schedule import lr_lambda
+
+        self.max_steps = int(trainer.max_steps)
+        if self._loaded is None:
+            return
+        old, self._loaded = self._loaded, None
+        step, old_steps = int(trainer.global_step), int(old.get("max_steps") or self.max_steps)
+        self.anchor = old.get("anchor")
+        if old_steps != self.max_steps:
+            m0 = lr_lambda(self.schedule, old_steps, anchor=self.anchor)(step)
+            self.anchor = [step, float(m0)]
+            log.warning("trainer.max_steps %d -> %d at step %d: the schedule continues from lr x %.4g (%s)",
+                        old_steps, self.max_steps, step, m0, self.schedule.get("name"))
+        if float(old.get("lr") or self.lr) != self.lr:
+            log.warning("optim.lr %g -> %g: the new lr applies from step %d", float(old["lr"]), self.lr, step)
+        fn = lr_lambda(self.schedule, self.max_steps, anchor=self.anchor)
+        for cfg in trainer.lr_scheduler_configs:
+            sched = cfg.scheduler
+            if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            groups = sched.optimizer.param_groups
+            sched.lr_lambdas = [fn] * len(groups)
+            sched.base_lrs = [self.lr] * len(groups)
+            for g in groups:
+                g["initial_lr"] = self.lr
+                g["lr"] = self.lr * fn(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in groups]

@@ -1,0 +1,391 @@
+"""RunConfig: the training run's settings, typed and checked once, before any data preparation or write.
+
+`RunConfig.from_cfg(cfg, output_dir)` reads the composed Hydra config into dataclasses whose
+`__post_init__` checks every field with the project's one-line error (`ConfigError`, printed as
+`error: <key>=<value>: <rule>`, exit status 2): the optimizer (OptimConfig), the schedule
+(SchedulerConfig), the Lightning Trainer settings (TrainerSettings: accelerator and devices this machine
+has, step-based intervals, precision), the data settings (DataSettings: sizes, a writable cache dir),
+and the run itself (seed, compile, resume, a writable run dir, a model that fits in memory). Keys are named
+as the user types them (`optim.lr`, `trainer.devices`). The Trainer keeps any extra `trainer.*` keys as
+given; the data module is still built by Hydra from `cfg.data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from deepseek_mini.config import ConfigError, ModelConfig, count_parameters
+from deepseek_mini.training.sizing import apply_sizing
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "null", "none", "")
+PRECISIONS = ("auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "bf16-true", "16-true", "64-true",
+              "64", "transformer-engine", "transformer-engine-float16")
+OPTIMIZER_STATE_BYTES = 16  # per parameter: fp32 weight + fp32 gradient + two fp32 AdamW moments
+
+
+def _fail(key: str, value: Any, rule: str):
+    raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def as_bool(key: str, value: Any) -> bool:
+    """true/false and the other spellings YAML and shells use (yes/no, on/off, 1/0)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if value is not None else ""
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    _fail(key, value, "use true or false")
+
+
+def as_int(key: str, value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(key, value, "must be a positive integer" if low == 1 else f"must be an integer >= {low}")
+    return int(value)
+
+
+def as_float(key: str, value: Any, low: float, high: float = math.inf, *, low_ok: bool = False,
+             high_ok: bool = True, rule: str | None = None) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value >= low if low_ok else value > low) and (value <= high if high_ok else value < high)
+    if not ok:
+        _fail(key, value, rule or f"must be a number in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}")
+    return float(value)
+
+
+def writable_dir(key: str, path: Any) -> Path:
+    """`path` can be created and written: its nearest existing ancestor is a writable directory."""
+    p = Path(str(path)).expanduser().absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        _fail(key, str(path), f"cannot create a directory here: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        _fail(key, str(path), f"directory {probe} is not writable")
+    return p
+
+
+def _container(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def model_config_from(cfg: DictConfig) -> ModelConfig:
+    """cfg.model -> validated ModelConfig, keys named as the user writes them (model.x)."""
+    if "model" not in cfg or cfg.model is None:
+        raise ConfigError("no model config: choose one with model=<preset>")
+    try:  # `sizing:` (sweep experiments): iso-FLOP expert widths etc., see deepseek_mini/training/sizing.py
+        return ModelConfig.from_dict(apply_sizing(_container(cfg.model), _container(cfg.get("sizing"))))
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("ModelConfig.", "model.").replace("ModelConfig:", "model:")) from None
+
+
+def resolve_precision(trainer_cfg: dict) -> str:
+    precision = str(trainer_cfg.get("precision", "auto"))
+    if precision != "auto":
+        return precision
+    accel = str(trainer_cfg.get("accelerator", "auto"))
+    gpu = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if gpu else "32-true"
+
+
+# ---------------------------------------------------------------------- groups
+@dataclass(frozen=True)
+class OptimConfig:
+    """configs/optim/adamw.yaml."""
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    fused: bool | str = "auto"
+    bf16_weights: bool | str = "auto"
+    moments_dtype: str = "auto"
+    name: str = "adamw"
+
+    def __post_init__(self):
+        from deepseek_mini.optim.policy import adamw_kind, moments_dtype
+        from deepseek_mini.optim.precision import check_bf16_weights
+
+        if self.name != "adamw":
+            _fail("optim.name", self.name, "the only optimizer is adamw")
+        as_float("optim.lr", self.lr, 0.0, rule="must be a positive number")
+        betas = self.betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            _fail("optim.betas", betas, "give two numbers in [0, 1), e.g. [0.9,0.95]")
+        for b in betas:
+            as_float("optim.betas", b, 0.0, 1.0, low_ok=True, high_ok=False, rule="each beta must be in [0, 1)")
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
+        as_float("optim.eps", self.eps, 0.0, rule="must be a positive number")
+        as_float("optim.weight_decay", self.weight_decay, 0.0, low_ok=True, rule="must be a number >= 0")
+        try:  # the optimizer policy's own checks (the Triton step's rules, as on a GPU)
+            adamw_kind(self.fused, on_cuda=False)
+            check_bf16_weights(self.bf16_weights)
+            moments_dtype(self.moments_dtype, "triton", self.betas)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+SCHEDULES = ("warmup_cosine", "step", "constant")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """configs/scheduler/*.yaml (fields a schedule does not use keep their defaults)."""
+
+    name: str
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    milestones: tuple[float, ...] = (0.8, 0.9)
+    gamma: float = 0.316
+
+    def __post_init__(self):
+        if self.name not in SCHEDULES:
+            _fail("scheduler.name", self.name, f"use one of {', '.join(SCHEDULES)}")
+        as_int("scheduler.warmup_steps", self.warmup_steps, low=0)
+        as_float("scheduler.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, low_ok=True)
+        if not isinstance(self.milestones, (list, tuple)) or any(
+                isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1 for m in self.milestones):
+            _fail("scheduler.milestones", self.milestones, "fractions of trainer.max_steps in (0, 1]")
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        as_float("scheduler.gamma", self.gamma, 0.0, 1.0)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+def _visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """configs/trainer/*.yaml: the checked fields; `extra` holds every other Trainer argument as given."""
+
+    max_steps: int
+    val_check_interval: int
+    log_every_n_steps: int = 10
+    accumulate_grad_batches: int = 1
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    precision: str = "auto"
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str | None = "norm"
+    limit_val_batches: int | float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.max_steps == -1:
+            raise ConfigError("trainer.max_steps=-1: training is step-based, set a positive number of steps")
+        as_int("trainer.max_steps", self.max_steps)
+        if isinstance(self.val_check_interval, float):
+            _fail("trainer.val_check_interval", self.val_check_interval,
+                  "training is step-based: give a whole number of optimizer steps")
+        as_int("trainer.val_check_interval", self.val_check_interval)
+        as_int("trainer.log_every_n_steps", self.log_every_n_steps)
+        as_int("trainer.accumulate_grad_batches", self.accumulate_grad_batches)
+        as_int("trainer.num_nodes", self.num_nodes)
+        lvb = self.limit_val_batches
+        if isinstance(lvb, bool) or not (isinstance(lvb, int) and lvb >= 0 or isinstance(lvb, float) and 0 <= lvb <= 1):
+            _fail("trainer.limit_val_batches", lvb, "a number of batches (integer >= 0) or a fraction in [0, 1]")
+        if self.gradient_clip_val is not None:
+            as_float("trainer.gradient_clip_val", self.gradient_clip_val, 0.0, low_ok=True, rule="must be a number >= 0")
+        if self.gradient_clip_algorithm not in (None, "norm", "value"):
+            _fail("trainer.gradient_clip_algorithm", self.gradient_clip_algorithm, "use norm or value")
+        if str(self.precision) not in PRECISIONS:
+            _fail("trainer.precision", self.precision, f"use one of {', '.join(PRECISIONS[:8])}")
+        self._check_devices()
+
+    def _check_devices(self) -> None:
+        accel, gpus = str(self.accelerator).lower(), _visible_gpus()
+        if accel not in ("auto", "cpu", "gpu", "cuda", "mps", "tpu"):
+            _fail("trainer.accelerator", self.accelerator, "use auto, cpu or gpu")
+        if accel in ("gpu", "cuda") and gpus == 0:
+            _fail("trainer.accelerator", self.accelerator, "this machine has no CUDA GPU (use trainer=cpu)")
+        if accel == "mps" and not torch.backends.mps.is_available():
+            _fail("trainer.accelerator", self.accelerator, "MPS is not available on this machine")
+        if accel == "tpu":
+            _fail("trainer.accelerator", self.accelerator, "TPUs are not supported; use auto, cpu or gpu")
+        devices = self.devices
+        if devices in ("auto", -1, "-1"):
+            return
+        if isinstance(devices, (list, tuple)):
+            n = len(devices)
+        elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+            n = devices
+        else:
+            _fail("trainer.devices", devices, "a positive number of devices, -1 (all) or a list of device ids")
+        on_gpu = accel in ("gpu", "cuda") or accel == "auto" and gpus > 0
+        have = gpus if on_gpu else (os.cpu_count() or 1)
+        what = "CUDA GPU(s)" if on_gpu else "CPU core(s)"
+        if n > have:
+            _fail("trainer.devices", devices, f"this machine has {have} {what}")
+
+    def trainer_kwargs(self) -> dict:
+        """The keyword arguments of lightning.Trainer (precision `auto` resolved)."""
+        kw = {k: v for k, v in asdict(self).items() if k != "extra"}
+        kw.update(self.extra)
+        kw["precision"] = resolve_precision(kw)
+        return kw
+
+    @property
+    def on_gpu(self) -> bool:
+        accel = str(self.accelerator).lower()
+        return accel in ("gpu", "cuda") or accel == "auto" and _visible_gpus() > 0
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """configs/data/*.yaml: the sizes the run depends on (the data module itself is built from cfg.data)."""
+
+    seq_len: int
+    batch_size: int
+    cache_dir: str
+    val_batch_size: int | None = None
+    val_fraction: float = 0.05
+    max_chars: int | None = None
+    num_workers: int = 0
+    num_proc: int = 1
+    vocab_size: int = 4096
+    seed: int = 1234
+
+    def __post_init__(self):
+        as_int("data.seq_len", self.seq_len)
+        as_int("data.batch_size", self.batch_size)
+        if self.val_batch_size is not None:
+            as_int("data.val_batch_size", self.val_batch_size)
+        as_float("data.val_fraction", self.val_fraction, 0.0, 1.0, high_ok=False)
+        if self.max_chars is not None:
+            as_int("data.max_chars", self.max_chars)
+        as_int("data.num_workers", self.num_workers, low=0)
+        as_int("data.num_proc", self.num_proc)
+        as_int("data.vocab_size", self.vocab_size, low=2)
+        as_int("data.seed", self.seed, low=0)
+        writable_dir("data.cache_dir", self.cache_dir)
+
+    @property
+    def samples_per_device_step(self) -> int:
+        return self.batch_size
+
+
+def _available_memory() -> tuple[int, str] | None:
+    """Bytes this process can use for the model, and where: one GPU's memory, else the free RAM."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "one GPU's memory"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available RAM"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(model: ModelConfig, shards: int = 1) -> None:
+    """Refuse a model whose weights, gradients and AdamW moments alone exceed the machine's memory
+    (activations come on top). `shards`: FSDP spreads them over the ranks."""
+    avail = _available_memory()
+    if avail is None:
+        return
+    n = count_parameters(model).total
+    need = n * OPTIMIZER_STATE_BYTES / max(1, shards)
+    if need > avail[0]:
+        raise ConfigError(f"model: {n / 1e6:,.0f}M parameters need {need / 2**30:,.1f} GiB for fp32 weights, "
+                          f"gradients and AdamW moments, more than the {avail[0] / 2**30:,.1f} GiB of {avail[1]}; "
+                          "choose a smaller model (e.g. model=tiny) or more GPUs with trainer=fsdp")
+
+
+# ---------------------------------------------------------------------- the run
+def _group(cfg: DictConfig, key: str) -> dict:
+    node = cfg.get(key)
+    if node is None:
+        raise ConfigError(f"no {key} config: choose one with {key}=<option>")
+    try:
+        return _container(node)
+    except Exception as e:  # an interpolation that does not resolve, a missing value
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+
+
+def _fields(cls, d: dict, group: str, extra: bool = False) -> dict:
+    """The dataclass's fields out of a config group; a required field the group lacks is named."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+    known = {k: v for k, v in d.items() if k in fields}
+    if extra:
+        known["extra"] = {k: v for k, v in d.items() if k not in fields and k != "_target_"}
+    for name, f in fields.items():
+        if name not in known and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{group}.{name}: missing (set it in configs/{group}/ or on the command line)")
+    return known
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything train() runs with, checked together."""
+
+    model: ModelConfig
+    optim: OptimConfig
+    scheduler: SchedulerConfig
+    trainer: TrainerSettings
+    data: DataSettings
+    output_dir: Path
+    seed: int = 1234
+    compile: str | None = None
+    ckpt_path: str | None = None
+    resume: bool = False
+    val_before_fit: bool = True
+
+    def __post_init__(self):
+        as_int("seed", self.seed, low=0)
+        writable_dir("hydra.run.dir", self.output_dir)
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
+                              f"{self.model.max_position_embeddings}: lower data.seq_len or raise the model's")
+        strategy = str(self.trainer.extra.get("strategy", ""))
+        shards = self.trainer.devices if "fsdp" in strategy.lower() and isinstance(self.trainer.devices, int) else 1
+        check_fits_in_memory(self.model, shards)
+
+    @property
+    def wants_resume(self) -> bool:
+        return self.resume or self.ckpt_path is not None
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig, output_dir: str | os.PathLike) -> RunConfig:
+        from deepseek_mini.training.module import compile_mode
+
+        as_int("seed", cfg.get("seed", 1234), low=0)  # first: data.seed follows it (${seed})
+        model = model_config_from(cfg)
+        optim = OptimConfig(**_fields(OptimConfig, _group(cfg, "optim"), "optim"))
+        scheduler = SchedulerConfig(**_fields(SchedulerConfig, _group(cfg, "scheduler"), "scheduler"))
+        trainer = TrainerSettings(**_fields(TrainerSettings, _group(cfg, "trainer"), "trainer", extra=True))
+        data = DataSettings(**_fields(DataSettings, _group(cfg, "data"), "data"))
+        try:
+            mode = compile_mode(cfg.get("compile", False))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        ckpt = cfg.get("ckpt_path")
+        ckpt = None if ckpt in (None, "", "null") else str(ckpt)
+        return cls(model=model, optim=optim, scheduler=scheduler, trainer=trainer, data=data,
+                   output_dir=Path(str(output_dir)), seed=cfg.get("seed", 1234), compile=mode, ckpt_path=ckpt,
+                   resume=as_bool("resume", cfg.get("resume", False)),
+                   val_before_fit=as_bool("val_before_fit", cfg.get("val_before_fit", True)))
+
+    def optim_dict(self) -> dict:
+        d = asdict(self.optim)
+        d["betas"] = list(self.optim.betas)
+        return d

@@ -1,0 +1,330 @@
+"""train(cfg): what train.py runs, given a composed Hydra config, as a short sequence of named steps.
+
+1. check every setting (RunConfig) and the checkpoint to resume from, before any data preparation or write;
+2. lock the run dir, clear temporary files of a killed save;
+3. prepare the data, build the LightningModule, callbacks, loggers and Trainer;
+4. fit; Ctrl-C / SIGTERM saves last.ckpt and reports `"status": "interrupted"`, a failure `"status": "failed"`;
+5. validate the final weights, checkpoint them, write results.json (counters cumulative over resumes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from deepseek_mini.config import ConfigError, ModelConfig
+from deepseek_mini.training.checkpoint_io import (
+    AtomicCheckpointIO,
+    read_checkpoint_meta,
+    remove_stale_temp_files,
+)
+from deepseek_mini.training.errors import fault_message, task_wrapper
+from deepseek_mini.training.guards import InterruptCheckpoint, NonFiniteLossGuard, fault_injector_from_env
+from deepseek_mini.training.lock import acquire_run_lock, release_run_lock
+from deepseek_mini.training.results import hydra_info, write_json
+from deepseek_mini.training.resume import (
+    ResumeSchedule,
+    RNGStateCallback,
+    RunHistory,
+    check_tokenizer,
+    resolve_ckpt_path,
+)
+from deepseek_mini.training.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
+@dataclass
+class Resume:
+    """The checkpoint this run continues from (path None: a fresh run)."""
+
+    path: Path | None = None
+    step: int | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Parts:
+    """What fit() runs with."""
+
+    trainer: Any
+    module: Any
+    dm: Any
+    model_cfg: ModelConfig
+    ckpt_dir: Path
+    ckpt_cb: Any
+    loggers: list
+    batch: dict
+    stats: dict
+    history: RunHistory
+    interrupt: InterruptCheckpoint
+    throughput: Any = None
+    train_loss: Any = None  # read after fit(), before a final validate() replaces callback_metrics
+
+
+# ---------------------------------------------------------------------- steps
+def checkpoint_to_resume(run: RunConfig) -> Resume:
+    path = resolve_ckpt_path(run.ckpt_path, run.output_dir, resume=run.resume)
+    if path is None:
+        return Resume()
+    meta = read_checkpoint_meta(path)
+    step = meta.get("global_step")
+    log.info("resuming from %s (global step %s)", path, step)
+    return Resume(path, int(step) if step is not None else None, meta)
+
+
+def _checkpoint_dir(cfg: DictConfig, output_dir: Path) -> Path:
+    node = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    dirpath = node.get("dirpath") if node is not None else None
+    return Path(str(dirpath)) if dirpath else output_dir / "checkpoints"
+
+
+def prepare_data(cfg: DictConfig, run: RunConfig, resume: Resume):
+    """The data module (tokenizer and token caches built or found) and the model config for its tokenizer."""
+    import hydra
+
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    model_cfg = run.model
+    if dm.vocab_size != model_cfg.vocab_size:
+        log.warning("tokenizer has %d tokens, model.vocab_size=%d: using the tokenizer's size",
+                    dm.vocab_size, model_cfg.vocab_size)
+        model_cfg = model_cfg.replace(vocab_size=dm.vocab_size)
+    if dm.seq_len > model_cfg.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={dm.seq_len} exceeds model.max_position_embeddings="
+                          f"{model_cfg.max_position_embeddings}")
+    if resume.path is not None:
+        check_tokenizer(dm.tokenizer_path, resume.meta, resume.path)
+    return dm, model_cfg
+
+
+def build_parts(cfg: DictConfig, run: RunConfig, resume: Resume, dm, model_cfg: ModelConfig) -> Parts:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from deepseek_mini.training.callbacks import CheckpointDirDescriber, ThroughputMonitor
+    from deepseek_mini.training.module import LitDeepSeek
+    from deepseek_mini.training.run import build_callbacks, build_loggers, model_stats
+    from deepseek_mini.training.sizing import wandb_sweep_fields
+    from deepseek_mini.training.strategies import build_strategy, global_batch
+
+    stats = model_stats(model_cfg)
+    log.info("model: %s attention, %.2fM parameters (%.2fM active), %d KV-cache bytes/token",
+             model_cfg.attention, stats["params_total"] / 1e6, stats["params_active"] / 1e6,
+             stats["kv_cache_bytes_per_token"])
+    trainer_kwargs = run.trainer.trainer_kwargs()
+    build_strategy(trainer_kwargs)  # trainer.strategy may be a node with a _target_ (ddp, fsdp)
+    module = LitDeepSeek(model_cfg.to_dict(), optim=run.optim_dict(), scheduler=run.scheduler.to_dict(),
+                         compile=run.compile or False, max_steps=run.trainer.max_steps,
+                         log_every_n_steps=run.trainer.log_every_n_steps)
+
+    callbacks = build_callbacks(cfg)
+    ckpt_cb = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    ckpt_dir = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else run.output_dir / "checkpoints"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["model"] = model_cfg.to_dict()
+    history, interrupt = RunHistory(), InterruptCheckpoint(ckpt_dir / "last.ckpt")
+    callbacks += [CheckpointDirDescriber(ckpt_dir, resolved), RNGStateCallback(), NonFiniteLossGuard(ckpt_dir),
+                  history, ResumeSchedule(run.optim.lr, run.scheduler.to_dict()), interrupt]
+    injector = fault_injector_from_env(hydra_info().get("job_num"))  # test hook (DSMINI_FAULT)
+    if injector is not None:
+        callbacks.append(injector)
+    throughput = next((c for c in callbacks if isinstance(c, ThroughputMonitor)), None)
+    loggers = build_loggers(cfg, run.output_dir, resume_step=resume.step)
+    if not loggers:  # LearningRateMonitor refuses to run without a logger; train/lr is logged anyway
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+
+    plugins = trainer_kwargs.pop("plugins", None) or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(hasattr(p, "save_checkpoint") for p in plugins):
+        plugins.append(AtomicCheckpointIO())  # write elsewhere, fsync, rename: never a partial last.ckpt
+    trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    batch = global_batch(dm.batch_size, dm.seq_len, trainer.world_size, trainer.accumulate_grad_batches)
+    log.info("global batch: %d sequences = %d tokens per optimizer step (data.batch_size=%d per device x %d ranks "
+             "x accumulate_grad_batches=%d)", batch["global_batch_size"], batch["global_batch_tokens"],
+             dm.batch_size, trainer.world_size, trainer.accumulate_grad_batches)
+    _log_hyperparams(loggers, trainer, run.output_dir, resolved, stats, wandb_sweep_fields)
+    return Parts(trainer, module, dm, model_cfg, ckpt_dir, ckpt_cb, loggers, batch, stats, history, interrupt,
+                 throughput)
+
+
+def _log_hyperparams(loggers, trainer, output_dir: Path, resolved: dict, stats: dict, sweep_fields) -> None:
+    from deepseek_mini.training.loggers import write_wandb_run_id
+
+    hinfo = hydra_info()
+    for lg in loggers:
+        # swept values (kv_lora_rank, n_routed_experts, attention, ...) also as top-level keys for wandb grouping
+        lg.log_hyperparams({**sweep_fields(resolved["model"], hinfo.get("overrides")), **resolved,
+                            "model_stats": stats, "hydra": hinfo})
+        lg.log_metrics({f"model/{k}": float(v) for k, v in stats.items()}, step=0)
+        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero and lg.version:
+            write_wandb_run_id(output_dir, str(lg.version))  # so ckpt_path=last continues this wandb run
+
+
+def _single_entry(trainer) -> bool:
+    # Lightning's FSDP wraps the root module once per trainer entry point; a second entry (validate() before
+    # or after fit()) finds the Blocks already wrapped, leaves the root's parameters (embeddings, head) as
+    # flat shards and fails ("'weight' must be 2-D", seen on 2 H200s). Under FSDP all evaluation therefore
+    # happens inside fit(), at trainer.val_check_interval.
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
+def validate_before_fit(run: RunConfig, resume: Resume, p: Parts) -> None:
+    fast = bool(run.trainer.extra.get("fast_dev_run"))
+    if _single_entry(p.trainer):
+        log.info("FSDP: no validation before fit() or after it; val_loss is that of the last in-fit validation")
+    if run.val_before_fit and resume.path is None and not fast and not _single_entry(p.trainer):
+        p.history.val_loss_start = float(p.trainer.validate(p.module, datamodule=p.dm, verbose=False)[0]["val/loss"])
+        log.info("val loss before training: %.4f", p.history.val_loss_start)
+
+
+def resume_command(output_dir: Path) -> str:
+    keep = [o for o in hydra_info().get("overrides", [])
+            if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "resume", "hydra.run.dir")]
+    return " ".join(["python train.py", *map(shlex.quote, keep), shlex.quote(f"hydra.run.dir={output_dir}"),
+                     "ckpt_path=last"])
+
+
+def fit(cfg: DictConfig, run: RunConfig, resume: Resume, p: Parts, t_start: float) -> float:
+    """trainer.fit, turning an interrupt into a saved checkpoint + results.json, and a failure into results.json."""
+    t_fit = time.perf_counter()
+    try:
+        p.trainer.fit(p.module, datamodule=p.dm, ckpt_path=str(resume.path) if resume.path is not None else None)
+        p.train_loss = p.trainer.callback_metrics.get("train/loss")
+    except SystemExit:  # Lightning's SIGTERMException, or its exit after a second Ctrl-C
+        name = p.interrupt.signal_name
+        if name is None:
+            raise
+        saved = p.interrupt.saved
+        _write_results(p, results(cfg, run, resume, p, t_start, time.perf_counter() - t_fit, status="interrupted",
+                                  extra={"signal": name, "checkpoint": str(saved) if saved else None}))
+        where = f"checkpoint saved: {saved}" if saved else "no checkpoint saved"
+        print(f"interrupted ({name}) at step {p.trainer.global_step}; {where}\nresume with: "
+              f"{resume_command(run.output_dir)}", file=sys.stderr)
+        raise SystemExit(EXIT_CODES.get(name, 1)) from None
+    except Exception as e:
+        _write_results(p, results(cfg, run, resume, p, t_start, time.perf_counter() - t_fit, status="failed",
+                                  extra={"error": fault_message(e), "error_type": type(e).__name__}))
+        raise
+    return time.perf_counter() - t_fit
+
+
+def finish(run: RunConfig, p: Parts) -> tuple[str | None, str | None]:
+    """Validate the final weights unless the last step was validated, checkpoint them; (last, best) paths."""
+    if run.trainer.extra.get("fast_dev_run"):
+        return None, None
+    trainer, module = p.trainer, p.module
+    if (not module.val_history or module.val_history[-1][0] != trainer.global_step) and not _single_entry(trainer):
+        trainer.validate(module, datamodule=p.dm, verbose=False)  # make val_loss describe the final weights
+    if p.ckpt_cb is None or getattr(p.ckpt_cb, "_last_global_step_saved", -1) != trainer.global_step:
+        p.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(p.ckpt_dir / "last.ckpt")
+    best = p.ckpt_cb.best_model_path if p.ckpt_cb is not None and p.ckpt_cb.best_model_path else None
+    if best is not None and (Path(best).resolve().parent != p.ckpt_dir.resolve() or not Path(best).is_file()):
+        best = None  # the restored ModelCheckpoint state may name another run's file
+    return str((p.ckpt_dir / "last.ckpt").resolve()), best
+
+
+def results(cfg: DictConfig, run: RunConfig, resume: Resume, p: Parts, t_start: float, fit_time: float,
+            status: str = "completed", checkpoint: str | None = None, best: str | None = None,
+            extra: dict | None = None) -> dict:
+    """results.json: counters over the whole run (every resume included), times of this process."""
+    trainer, module = p.trainer, p.module
+    fast = bool(run.trainer.extra.get("fast_dev_run"))
+    train_loss = p.train_loss if p.train_loss is not None else trainer.callback_metrics.get("train/loss")
+    val_loss = module.val_history[-1][1] if module.val_history and not fast else None
+    steps = int(trainer.global_step) - (resume.step or 0)
+    tokens_seen = p.dm.samples_seen() * p.dm.seq_len
+    tokens_now = steps * p.batch["global_batch_tokens"]
+    tps = None
+    if steps > 0:
+        tps = (p.throughput.tokens_per_sec if p.throughput is not None and p.throughput.train_time
+               else tokens_now / max(fit_time, 1e-9))
+    out = {
+        "run_dir": str(run.output_dir.resolve()),
+        "status": status,
+        "resumed_from": str(resume.path) if resume.path is not None else None,
+        "resumed_at_step": resume.step,
+        "val_loss": val_loss,
+        "val_loss_start": p.history.val_loss_start,
+        "val_perplexity": math.exp(val_loss) if val_loss is not None and val_loss < 50 else None,
+        "train_loss": float(train_loss) if train_loss is not None else None,
+        "global_step": int(trainer.global_step),
+        "steps_trained": steps,  # by this process
+        "tokens_seen": int(tokens_seen),  # by the whole run
+        "tokens_per_sec": float(tps) if tps is not None else None,
+        **p.batch,  # global_batch_size, global_batch_tokens, world_size, per-device batch, accumulation
+        **p.stats,
+        "checkpoint": checkpoint,
+        "best_checkpoint": best,
+        "fit_time_sec": round(fit_time, 2),
+        "wall_time_sec": round(time.perf_counter() - t_start, 2),
+        "val_history": module.val_history,
+        "config": p.model_cfg.to_dict(),
+        "data": {k: v for k, v in p.dm.describe().items() if k != "token_cache"},
+        "overrides": hydra_info().get("overrides", []),
+        "optim": run.optim_dict(),
+        "scheduler": run.scheduler.to_dict(),
+    }
+    out.update(extra or {})
+    return out
+
+
+def _write_results(p: Parts, res: dict) -> None:
+    if not p.trainer.is_global_zero:
+        return
+    path = Path(res["run_dir"]) / "results.json"
+    try:
+        write_json(path, res)
+    except OSError as e:  # a full or read-only disk: the one-line error of the failure itself is what matters
+        log.error("cannot write %s: %s", path, e)
+
+
+def report(p: Parts, res: dict) -> None:
+    """results.json, the wandb summary and the end-of-run lines."""
+    _write_results(p, res)
+    if not p.trainer.is_global_zero:
+        return
+    for lg in p.loggers:
+        if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
+            lg.experiment.summary.update({k: v for k, v in res.items() if isinstance(v, (int, float))})
+    out = Path(res["run_dir"])
+    print(f"val loss {res['val_loss_start']} -> {res['val_loss']}; results: {out / 'results.json'}")
+    print(f"run dir: {out}")
+
+
+# ---------------------------------------------------------------------- train
+@task_wrapper
+def train(cfg: DictConfig) -> dict:
+    import lightning as L
+
+    t_start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    run = RunConfig.from_cfg(cfg, output_dir)  # every setting, before data preparation or any write
+    resume = checkpoint_to_resume(run)  # verified (zip/CRC) before data preparation
+    acquire_run_lock(output_dir)
+    try:
+        remove_stale_temp_files(_checkpoint_dir(cfg, output_dir))
+        L.seed_everything(run.seed, workers=True)
+        dm, model_cfg = prepare_data(cfg, run, resume)
+        parts = build_parts(cfg, run, resume, dm, model_cfg)
+        validate_before_fit(run, resume, parts)
+        fit_time = fit(cfg, run, resume, parts, t_start)
+        checkpoint, best = finish(run, parts)
+        res = results(cfg, run, resume, parts, t_start, fit_time, checkpoint=checkpoint, best=best)
+        report(parts, res)
+        return res
+    finally:
+        release_run_lock(output_dir)
