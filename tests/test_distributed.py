@@ -127,3 +127,41 @@ def test_ddp_resumes_from_its_checkpoint(ddp_run, cache_dir, tmp_path):
     assert proc.stdout.count("resuming training data stream at sample 32") + \
         proc.stderr.count("resuming training data stream at sample 32") >= 1
     assert int(_ranks_agree(run_dir / "dump")["__global_step__"]) == 6
+
+
+# ---------------------------------------------------------------------- submitit launchers
+def test_slurm_launcher_config_resolves():
+    """configs/hydra/launcher/slurm.yaml composes against the plugin's schema and ties SLURM's tasks and GPUs per
+    node to trainer.devices (Lightning then takes its ranks from SLURM and starts no processes itself)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                                                      "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["partition"] == "gpu"
+    assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
+    assert launcher["submitit_folder"] == "${hydra.sweep.dir}/.submitit/%j"
+
+
+@pytest.mark.slow
+def test_two_job_sweep_through_the_submitit_local_launcher(tmp_path, cache_dir):
+    """hydra/launcher=local: a two-job sweep runs through submitit's local executor (the code path SLURM jobs take:
+    the job is pickled, run in a fresh process, its result pickled back), each job completes and writes its own
+    results.json, and submitit keeps each job's logs."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    run_cli("train.py", "-m", "hydra/launcher=local", *TINY_OVERRIDES, "trainer.max_steps=2",
+            "trainer.val_check_interval=2", "logger=csv", "callbacks.samples=null", "model.kv_lora_rank=8,16",
+            "data.num_workers=0", "data.num_proc=1", f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}",
+            timeout=400)
+    ranks = {}
+    for job in ("0", "1"):
+        res = json.loads((sweep / job / "results.json").read_text())
+        assert res["status"] == "completed" and res["global_step"] == 2, res
+        ranks[job] = res["config"]["kv_lora_rank"]
+    assert ranks == {"0": 8, "1": 16}
+    logs = list((sweep / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2, "submitit kept one stdout log per job"
