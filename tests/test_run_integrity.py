@@ -361,3 +361,10 @@ def test_model_too_large_for_memory_is_refused(monkeypatch):
     monkeypatch.setattr(rc, "_available_memory", lambda: (2**40, "available RAM"))
     rc.check_fits_in_memory(small)
     assert math.isfinite(rc.OPTIMIZER_STATE_BYTES)
+
+
+def test_preflight_leaves_multiruns_to_their_jobs():
+    """A sweep (a=1,2) or an experiment that is a multirun (hydra.mode: MULTIRUN) is not composed as one run."""
+    for argv in (["experiment=rank_x_experts", "model.n_routed_experts=4,1"], ["experiment=rank_x_experts"],
+                 ["-m", "seed=1,2"]):
+        assert rel._preflight_resume(argv, CONFIGS, "train") == argv

@@ -82,13 +82,24 @@ def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> lis
     """Check a training command before Hydra writes anything; returns argv with the run dir (for `last`) and the
     run's recorded model/data settings (for a resume) added."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     from deepseek_mini.training.run_config import RunConfig, as_bool
 
     if any(a.split("=", 1)[0] in INFO_FLAGS for a in argv):
         return argv
     overrides = [a for a in argv if not a.startswith("-")]
-    multirun = any(a in ("-m", "--multirun") for a in argv)
+    plain = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra", "++hydra"))]
+    multirun, cfg = any(a in ("-m", "--multirun") for a in argv), None
+    if not multirun:
+        try:
+            with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+                cfg = compose(config_name=config_name, overrides=plain, return_hydra_config=True)
+        except HydraException as e:
+            if "--multirun" not in str(e):  # a swept value (a=1,2) in a config that is a multirun itself
+                raise
+        # an experiment may make the command a multirun (hydra.mode: MULTIRUN)
+        multirun = cfg is None or "MULTIRUN" in str(cfg.hydra.get("mode"))
     ckpt_value, resume_value = _value(overrides, "ckpt_path"), _value(overrides, "resume")
     if multirun:
         wants_last = ckpt_value == "last" or (resume_value is not None and "," not in resume_value
@@ -98,9 +109,6 @@ def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> lis
                               "each job resumes its own <sweep dir>/<job>/checkpoints/last.ckpt; give "
                               "hydra.sweep.dir=<the sweep's dir>")
         return argv  # swept values (a=1,2) are composed per job; train() checks each
-    plain = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra", "++hydra"))]
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=plain)
     resume = as_bool("resume", cfg.get("resume", False))
     ckpt = cfg.get("ckpt_path")
     ckpt = None if ckpt in (None, "", "null") else str(ckpt)
