@@ -30,7 +30,6 @@ import re
 import signal
 import socket
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -43,7 +42,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig
 
-from deepseek_mini.checkpoint import CheckpointError
+from deepseek_mini.checkpoint import CheckpointError, check_checkpoint_file  # the one verified loader's check
 from deepseek_mini.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -90,30 +89,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.close(fd)
         except OSError:  # pragma: no cover (platforms without directory fsync)
             pass
-
-
-def check_checkpoint_file(path: str | os.PathLike) -> Path:
-    """A readable, complete torch zip checkpoint, or CheckpointError naming the file (no unpickling)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; give the .ckpt file (e.g. {path}/last.ckpt)")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"cannot read checkpoint {path}: empty file")
-        if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint")
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()  # CRC of every member: catches truncation and bit rot
-        if bad is not None:
-            raise CheckpointError(f"cannot read checkpoint {path}: corrupt member {bad}")
-    except CheckpointError:
-        raise
-    except Exception as e:  # BadZipFile, OSError, ...
-        msg = str(e).splitlines()[0][:200] if str(e) else ""
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}") from None
-    return path
 
 
 def resolve_ckpt_path(ckpt_path: Any, output_dir: Path, resume: bool = False) -> Path | None:
