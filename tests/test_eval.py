@@ -183,7 +183,7 @@ def test_eval_prints_the_runs_val_loss(run_dir, cache_dir, tmp_path, capsys):
     res = json.loads((tmp_path / "eval" / "eval.json").read_text())
     train = json.loads((run_dir / "results.json").read_text())
     assert res["loss"] == pytest.approx(train["val_loss"], abs=1e-6)
-    assert res["val_batches"] == math.ceil(windows / 7) and res["val_tokens"] == windows * 32
+    assert res["val_batches"] == math.ceil(windows / 7) and res["val_tokens"] == windows * 32 == train["val_tokens"]
     assert "trained on" in res["data_from"] and res["data"] in out
     assert [line for line in out.splitlines() if line.startswith("evaluating on ")] == \
         [f"evaluating on {res['data']} ({res['data_from']})"]

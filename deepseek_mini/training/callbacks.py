@@ -239,7 +239,7 @@ class RunCheckpoint(ModelCheckpoint):
     or deleting one name never changes the other.
 
     best_weights_only: best-step files hold the weights and hyper-parameters only (what eval.py, generate.py
-    and export_hf.py read), about a third of a full checkpoint with AdamW's two moments; resuming reads
+    and export_hf.py read), a third (fp32 moments) to a half (bf16 moments) of a full checkpoint; resuming reads
     last.ckpt, which always has the full state. (Lightning's `save_weights_only` would strip last.ckpt too.)
     """
 

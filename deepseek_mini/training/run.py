@@ -384,7 +384,8 @@ def train(cfg: DictConfig) -> dict:
         "status": "completed",
         "resumed_from": str(ckpt_path) if ckpt_path is not None else None,
         "resumed_at_step": resume_step,
-        "val_loss": val_loss,
+        "val_loss": val_loss,  # the mean over val_tokens target tokens (training/val_loss.py), as eval.py reports
+        "val_tokens": module.val_tokens if val_loss is not None else None,
         "val_loss_start": val_loss_start,
         "val_perplexity": math.exp(val_loss) if val_loss is not None and val_loss < 50 else None,
         "train_loss": float(train_loss) if train_loss is not None else None,
