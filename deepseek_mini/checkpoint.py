@@ -6,14 +6,25 @@ A deepseek-mini checkpoint directory is self-describing:
                                                hyper_parameters["model_config"] a plain dict
     <run>/checkpoints/model_config.json        the resolved ModelConfig
     <run>/checkpoints/tokenizer.json           the tokenizer the model was trained with
+    <run>/checkpoints/data.json                the data it was trained on (eval's default data)
+    <run>/checkpoints/config.yaml              the run's resolved config
 
 so eval, generation and export rebuild exactly the trained model, never one from default configs.
+
+Every entry point that reads a checkpoint (train's resume, eval.py, scripts/generate.py, export_hf.py,
+kv_cache_report.py, DeepSeekV2.from_pretrained) goes through the checks here first: `check_checkpoint_file`
+for our .ckpt files (a zip archive whose members' CRCs are verified, so one flipped byte is refused) and
+`check_safetensors_file` for Hugging Face weights. A refusal is a CheckpointError with one line that names
+the file and the cause.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +33,8 @@ import torch
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import DeepSeekV2
+
+DATA_RECORD = "data.json"  # beside the checkpoints: what the model was trained on
 
 
 class CheckpointError(ValueError):
@@ -41,22 +54,124 @@ def find_tokenizer(path: Path):
     """tokenizer.json beside the checkpoint file (or inside a directory), if there is one."""
     from tokenizers import Tokenizer
 
+    path = tokenizer_file(path)
+    return Tokenizer.from_file(str(path)) if path is not None else None
+
+
+def tokenizer_file(path: Path) -> Path | None:
     folder = path if path.is_dir() else path.parent
-    for candidate in (folder / "tokenizer.json", folder.parent / "tokenizer.json"):
+    return next((c for c in (folder / "tokenizer.json", folder.parent / "tokenizer.json") if c.is_file()), None)
+
+
+def read_data_record(path: Path) -> dict | None:
+    """checkpoints/data.json beside a checkpoint (what CheckpointDirDescriber recorded), or None."""
+    folder = path if path.is_dir() else path.parent
+    record = folder / DATA_RECORD
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {record}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+# ---------------------------------------------------------------------- verification
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _directory_hint(path: Path) -> str:
+    for candidate in (path / "last.ckpt", path / "checkpoints" / "last.ckpt"):
         if candidate.is_file():
-            return Tokenizer.from_file(str(candidate))
-    return None
+            return f"give the file, e.g. {candidate}"
+    return "give a .ckpt file (or a Hugging Face directory with config.json)"
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """A complete, uncorrupted torch zip checkpoint, or CheckpointError naming the file (nothing is unpickled).
+
+    torch.save writes a zip archive; its central directory is written last (a truncated file has none) and
+    every member carries a CRC-32, so testing the archive catches truncation and bit rot alike.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file: {_directory_hint(path)}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    why = "cannot read checkpoint"
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise CheckpointError(f"{why} {path}: empty file (0 bytes)")
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if not zipfile.is_zipfile(path):
+            if magic == b"PK\x03\x04":
+                raise CheckpointError(f"{why} {path}: truncated ({size:,} bytes, the end of the zip archive "
+                                      "is missing; was the save interrupted or the disk full?)")
+            raise CheckpointError(f"{why} {path}: not a PyTorch checkpoint (torch.save writes a zip archive, "
+                                  "this file is not one)")
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+                raise CheckpointError(f"{why} {path}: not a PyTorch checkpoint (a zip archive without data.pkl)")
+            bad = zf.testzip()  # CRC of every member
+        if bad is not None:
+            raise CheckpointError(f"{why} {path}: corrupt member {bad} (its CRC does not match: the file changed "
+                                  "after it was written)")
+    except CheckpointError:
+        raise
+    except Exception as e:  # BadZipFile (damaged directory), OSError (unreadable), ...
+        raise CheckpointError(f"{why} {path}: {type(e).__name__}: {_first_line(e)}") from None
+    return path
+
+
+def check_safetensors_file(path: str | os.PathLike) -> Path:
+    """A complete safetensors file: its JSON header parses and the tensor data it describes fills the file
+    exactly (a truncated or padded file is refused). The format has no checksum, so a flipped bit inside the
+    tensor data cannot be detected; a flipped bit in the header can."""
+    path = Path(path)
+    why = "cannot read weights"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{why} {path}: truncated ({size} bytes, shorter than the safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(f"{why} {path}: truncated or not safetensors (header of {n:,} bytes in a "
+                                      f"{size:,}-byte file)")
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except CheckpointError:
+        raise
+    except Exception as e:  # UnicodeDecodeError, JSONDecodeError, KeyError, OSError, ...
+        raise CheckpointError(f"{why} {path}: not a safetensors file ({type(e).__name__}: {_first_line(e)})") from None
+    data = size - 8 - n
+    if data != max(ends, default=0):
+        state = "truncated" if data < max(ends, default=0) else "longer than its header describes"
+        raise CheckpointError(f"{why} {path}: {state} (the header describes {max(ends, default=0):,} bytes of tensor "
+                              f"data, the file has {data:,})")
+    return path
 
 
 def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    """The checked checkpoint as a dict (weights_only: our checkpoints hold tensors and plain containers)."""
+    path = check_checkpoint_file(path)
     try:
-        # our checkpoints hold only tensors and plain Python containers, so weights_only loading works
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, or not a torch file at all
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError):
+            cause = ("it holds objects other than tensors and plain containers (not a deepseek-mini checkpoint; "
+                     "weights_only loading refuses it)")
+        else:
+            cause = f"{type(e).__name__}: {_first_line(e)}"
+        raise CheckpointError(f"cannot read checkpoint {path}: {cause}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"cannot read checkpoint {path}: not a Lightning checkpoint (no state_dict)")
+    return ckpt
 
 
 def model_from_state(config: dict | ModelConfig, state_dict: dict[str, torch.Tensor], prefix: str = "model.") -> DeepSeekV2:
@@ -70,13 +185,22 @@ def model_from_state(config: dict | ModelConfig, state_dict: dict[str, torch.Ten
     return model
 
 
+def load_hf(path: Path, dtype: torch.dtype | None = None) -> DeepSeekV2:
+    """A Hugging Face DeepseekV2 directory through deepseek_mini.interop.hf (which checks each safetensors file here);
+    its refusals become CheckpointErrors naming the directory."""
+    from deepseek_mini.interop.hf import HFImportError, load_hf_directory  # noqa: PLC0415  (optional dependency path)
+
+    try:
+        return load_hf_directory(path, dtype=dtype)
+    except HFImportError as e:
+        raise CheckpointError(f"cannot load Hugging Face directory {path}: {e}") from None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedModel:
     """A deepseek-mini Lightning .ckpt, or a Hugging Face DeepseekV2 directory (config.json + safetensors)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
-        from deepseek_mini.interop.hf import load_hf_directory  # noqa: PLC0415  (optional dependency path)
-
-        model = load_hf_directory(path)
+        model = load_hf(path)
         return LoadedModel(model.to(map_location), model.config, find_tokenizer(path), path)
     ckpt = read_lightning_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") or {}
@@ -86,8 +210,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if not side.is_file():
             raise CheckpointError(f"{path} has no model_config in its hyper_parameters and no {side.name} beside it")
         config = json.loads(side.read_text())
-    if "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} has no state_dict: not a Lightning checkpoint")
     model = model_from_state(config, ckpt.pop("state_dict")).to(map_location)
     model.eval()
     return LoadedModel(model, model.config, find_tokenizer(path), path, ckpt)

@@ -54,15 +54,13 @@ def checkpoint_val_loss(path: Path, ckpt: dict | None) -> tuple[float | None, st
 
 def checkpoint_rows(paths: list[str], context: int) -> list[dict]:
     """Config and val loss of each checkpoint, without building the model (reads config + callbacks only)."""
-    from deepseek_mini.checkpoint import CheckpointError, read_lightning_checkpoint
+    from deepseek_mini.checkpoint import CheckpointError, load_hf, read_lightning_checkpoint
 
     rows = []
     for p in paths:
         path = Path(p)
         if path.is_dir() and (path / "config.json").is_file():
-            from deepseek_mini.interop.hf import load_hf_directory
-
-            cfg, ckpt = load_hf_directory(path).config, None
+            cfg, ckpt = load_hf(path).config, None  # the verified loader: damaged weights are refused
         else:
             ckpt = read_lightning_checkpoint(path)
             ckpt.pop("state_dict", None)

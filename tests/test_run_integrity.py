@@ -20,12 +20,12 @@ import torch
 from test_reliability import CONFIGS, TINY, cli, error_lines, run_inprocess
 
 from deepseek_mini.config import ConfigError
+from deepseek_mini.optim.schedule import lr_lambda
 from deepseek_mini.training import reliability as rel
 from deepseek_mini.training import run_config as rc
 from deepseek_mini.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files
 from deepseek_mini.training.errors import CheckpointWriteError
 from deepseek_mini.training.lock import acquire_run_lock, release_run_lock
-from deepseek_mini.optim.schedule import lr_lambda
 
 MODEL = [o for o in TINY if o.startswith("model.")]
 NO_MODEL = [o for o in TINY if not o.startswith("model.")]

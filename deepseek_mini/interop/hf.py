@@ -351,6 +351,8 @@ def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a directory: model.safetensors, a sharded *.safetensors.index.json, or any *.safetensors."""
     from safetensors.torch import load_file
 
+    from deepseek_mini.checkpoint import check_safetensors_file
+
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -365,7 +367,7 @@ def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for f in files:
         if not (path / f).is_file():
             raise HFImportError(f"{path}: shard {f} named in the index is missing")
-        sd.update(load_file(str(path / f)))
+        sd.update(load_file(str(check_safetensors_file(path / f))))  # truncation / not safetensors: one line
     return sd
 
 

@@ -15,14 +15,13 @@ import errno
 import logging
 import os
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from deepseek_mini.checkpoint import CheckpointError
+from deepseek_mini.checkpoint import CheckpointError, check_checkpoint_file  # noqa: F401  (re-exported: the verified loader's check)
 from deepseek_mini.training.errors import CheckpointWriteError, one_line
 
 log = logging.getLogger(__name__)
@@ -95,30 +94,6 @@ def remove_stale_temp_files(ckpt_dir: Path) -> list[Path]:
         log.info("removed %d temporary checkpoint file(s) of an interrupted save: %s", len(removed),
                  ", ".join(p.name for p in removed))
     return removed
-
-
-def check_checkpoint_file(path: str | os.PathLike) -> Path:
-    """A readable, complete torch zip checkpoint, or CheckpointError naming the file (no unpickling)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; give the .ckpt file (e.g. {path}/last.ckpt)")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"cannot read checkpoint {path}: empty file")
-        if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a PyTorch checkpoint")
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()  # CRC of every member: catches truncation and bit rot
-        if bad is not None:
-            raise CheckpointError(f"cannot read checkpoint {path}: corrupt member {bad}")
-    except CheckpointError:
-        raise
-    except Exception as e:  # BadZipFile, OSError, ...
-        msg = str(e).splitlines()[0][:200] if str(e) else ""
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}") from None
-    return path
 
 
 def read_checkpoint_meta(path: Path) -> dict:

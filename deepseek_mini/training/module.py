@@ -29,6 +29,7 @@ from deepseek_mini.optim.clip import clip_in_fused_step, grad_norm
 from deepseek_mini.optim.policy import build_adamw, param_groups
 from deepseek_mini.optim.precision import bf16_weight_parameters, bf16_weights_on
 from deepseek_mini.optim.schedule import lr_lambda
+from deepseek_mini.training.val_loss import TokenMeanLoss
 
 
 def expert_load_stats(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -83,7 +84,8 @@ class LitDeepSeek(L.LightningModule):
         self._val_tpe: list[torch.Tensor] | None = None
         self._val_dropped: list[torch.Tensor] | None = None
         self.val_expert_load: torch.Tensor | None = None  # [moe layers, experts] tokens at the last validation
-        self.val_history: list[tuple[int, float]] = []  # (global_step, val loss)
+        self.val_history: list[tuple[int, float]] = []  # (global_step, val loss per target token)
+        self.val_tokens = 0  # target tokens of the last validation
         self._master_opt: TritonAdamW | None = None  # holds the fp32 masters during fit (bf16_weights)
 
     @property
@@ -177,16 +179,15 @@ class LitDeepSeek(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_tpe, self._val_dropped = None, None
-        self._val_loss_sum, self._val_batches, self._val_samples = None, 0, 0
+        self._val_loss, self._val_batches = TokenMeanLoss(), 0
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         out = self(x, y)
-        self.log("val/loss", self._keep(out.loss), prog_bar=True, sync_dist=True)
-        loss = out.loss.detach().float() * x.shape[0]  # sample-weighted, like Lightning's epoch mean
-        self._val_loss_sum = loss if self._val_loss_sum is None else self._val_loss_sum + loss
+        # val/loss is logged once per validation, in on_validation_epoch_end, as the mean over target tokens
+        # (eval.py computes the same number with the same TokenMeanLoss)
+        self._val_loss.update(out.loss, y)
         self._val_batches += 1
-        self._val_samples += x.shape[0]
         self.log("val/aux_loss", self._keep(out.aux_loss), sync_dist=True)
         for name, value in out.aux_losses.items():
             self.log(f"val/{name}", self._keep(value), sync_dist=True)
@@ -205,14 +206,12 @@ class LitDeepSeek(L.LightningModule):
             return
         n = self._val_batches
         distributed = self.trainer.world_size > 1 and torch.distributed.is_initialized()
-        if distributed:  # the mean over all ranks' windows (val_history / results.json), not rank 0's shard
-            totals = torch.stack([self._val_loss_sum.reshape(()), self._val_loss_sum.new_tensor(self._val_samples)])
-            torch.distributed.all_reduce(totals)
-            loss = totals[0] / totals[1]
-        else:
-            loss = self._val_loss_sum / self._val_samples
-        self.log("val/perplexity", torch.exp(loss), sync_dist=True)  # same on all ranks
-        self.val_history.append((int(self.global_step), float(loss)))
+        # the mean over all ranks' target tokens (val_history / results.json), not rank 0's shard
+        mean, self.val_tokens = self._val_loss.compute(torch.distributed.all_reduce if distributed else None)
+        loss = torch.tensor(mean, device=self.device)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # the same on all ranks
+        self.log("val/perplexity", torch.exp(loss), sync_dist=True)
+        self.val_history.append((int(self.global_step), mean))
         if self._val_tpe is not None:
             tpe = torch.stack(self._val_tpe)
             if self.trainer.world_size > 1 and torch.distributed.is_initialized():

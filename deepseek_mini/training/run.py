@@ -89,81 +89,49 @@ def model_stats(model_cfg: ModelConfig) -> dict:
 # ---------------------------------------------------------------------- evaluate
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict:
-    import hydra
+    """eval.py: the steps of deepseek_mini/training/evaluate.py, then the prompt's continuation, eval.json."""
+    from torch.utils.data import DataLoader
 
-    from deepseek_mini.checkpoint import load_checkpoint
-    from deepseek_mini.training.module import expert_load_stats
+    from deepseek_mini.checkpoint import load_checkpoint, tokenizer_file
+    from deepseek_mini.data import load_tokenizer
+    from deepseek_mini.training import evaluate as steps
 
-    if cfg.get("ckpt_path") in (None, "", "???"):
-        raise CheckpointError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
-    device = cfg.get("device", "auto")
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
+    settings = steps.check_eval_settings(cfg)  # before anything is loaded
+    device = settings.device
     torch.manual_seed(cfg.seed)
-
-    loaded = load_checkpoint(ckpt_path, map_location=device)
+    loaded = load_checkpoint(settings.ckpt_path, map_location=device)  # verified: a damaged file is refused
     model, mcfg = loaded.model.eval(), loaded.config
-    folder = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
-    tok_path = next((p for p in (folder / "tokenizer.json", folder.parent / "tokenizer.json") if p.is_file()), None)
+    tok_path = tokenizer_file(settings.ckpt_path)
     if tok_path is None:
-        raise CheckpointError(f"no tokenizer.json beside {ckpt_path}: cannot tokenize text for this model")
+        raise CheckpointError(f"no tokenizer.json beside {settings.ckpt_path}: cannot tokenize text for this model")
+    tok = load_tokenizer(str(tok_path))
+    if tok.get_vocab_size() > mcfg.vocab_size:
+        raise CheckpointError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens but the model only "
+                              f"{mcfg.vocab_size}")
+    data, data_from, train_limit = steps.eval_data(OmegaConf.to_container(cfg.data, resolve=True), settings.ckpt_path,
+                                                   _hydra_info().get("overrides", []))
+    seq_len = steps.check_seq_len(data, mcfg)
+    windows, data_desc = steps.val_windows(data, tok_path, seq_len,
+                                           announce=lambda d: print(f"evaluating on {d} ({data_from})"))
+    loader = DataLoader(windows, batch_size=int(data.get("val_batch_size") or data["batch_size"]), shuffle=False)
+    limit = steps.batch_limit(settings.limit_batches, train_limit, len(loader))
+    val = steps.val_loss(model, loader, device, limit)
+    expert_load = steps.expert_load_rows(mcfg, val.tokens_per_expert)
+    kv, kv_rows = steps.kv_cache_stats(model, mcfg, device)
+    prompt, continuation = _eval_sample(cfg, model, mcfg, tok, device)
 
-    dm = hydra.utils.instantiate(cfg.data, tokenizer_path=str(tok_path), vocab_size=mcfg.vocab_size)
-    dm.prepare()
-    if dm.vocab_size > mcfg.vocab_size:
-        raise CheckpointError(f"tokenizer {tok_path} has {dm.vocab_size} tokens but the model only {mcfg.vocab_size}")
-    seq_len = min(dm.seq_len, mcfg.max_position_embeddings)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    limit = cfg.get("limit_batches")
-    total_loss, n_batches, tpe = 0.0, 0, None
-    with torch.no_grad(), autocast:
-        for i, (x, y) in enumerate(dm.val_dataloader()):
-            if limit is not None and i >= limit:
-                break
-            x, y = x[:, :seq_len].to(device), y[:, :seq_len].to(device)
-            out = model(x, labels=y, return_logits=False)
-            total_loss += float(out.loss)
-            n_batches += 1
-            if out.router_stats:
-                batch_tpe = torch.stack([s["tokens_per_expert"].float() for s in out.router_stats])
-                tpe = batch_tpe if tpe is None else tpe + batch_tpe
-    loss = total_loss / max(1, n_batches)
-
-    expert_load = []
-    if tpe is not None:
-        for layer, row in zip(mcfg.moe_layer_indices, tpe.cpu()):
-            expert_load.append({"layer": layer, **{k: round(float(v), 4) for k, v in expert_load_stats(row).items()},
-                                "tokens_per_expert": [int(v) for v in row.tolist()]})
-
-    from deepseek_mini.analysis.kv_cache import format_table, kv_cache_table, measure_kv_bytes, with_attention
-
-    kv = {"computed_bf16": mcfg.kv_cache_bytes_per_token(2), "computed_fp32": mcfg.kv_cache_bytes_per_token(4)}
-    if device.type == "cuda":  # measured: allocate the cache of one long generation and read the allocator
-        n_tok = min(4096, mcfg.max_position_embeddings)
-        measured = measure_kv_bytes(model, 1, n_tok, device=device, dtype=torch.bfloat16)
-        kv["measured_bf16"] = measured["measured_bytes"] / n_tok
-
-    tok = dm.tokenizer
-    prompt = str(cfg.get("prompt", ""))
-    ids = tok.encode(prompt).ids or [dm.eos_token_id]
-    g = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    max_new = min(int(cfg.max_new_tokens), mcfg.max_position_embeddings - len(ids))
-    with autocast:
-        gen = model.generate(torch.tensor([ids], device=device), max_new, temperature=float(cfg.temperature),
-                             top_k=cfg.get("top_k"), generator=g)
-    continuation = tok.decode(gen[0, len(ids):].tolist())
-
+    loss = val.loss
     result = {
-        "run_dir": str(output_dir.resolve()),
-        "checkpoint": str(ckpt_path),
+        "run_dir": str(settings.output_dir.resolve()),
+        "checkpoint": str(settings.ckpt_path),
         "tokenizer": str(tok_path),
-        "data": dm.describe().get("source"),
-        "val_batches": n_batches,
-        "val_tokens": n_batches * dm.val_batch_size * seq_len,
+        "data": data_desc,
+        "data_from": data_from,
+        "data_settings": {k: data.get(k) for k in ("source", "train_files", "val_files", "hub_name", "hub_config",
+                                                   "hub_val_split", "val_fraction", "max_chars", "seq_len")},
+        "val_batches": val.batches,
+        "val_tokens": val.tokens,  # target tokens: the loss is their mean
+        "limit_batches": limit,
         "loss": loss,
         "perplexity": math.exp(loss) if loss < 50 else None,
         "kv_cache_bytes_per_token": kv,
@@ -173,23 +141,37 @@ def evaluate(cfg: DictConfig) -> dict:
         "sample": continuation,
         "config": mcfg.to_dict(),
         "device": str(device),
+        "kv_cache_table": kv_rows,
     }
-    # the paper's comparison at this checkpoint's shape: the same model with MHA, GQA, MQA and MLA caches
-    heads = mcfg.num_attention_heads
-    groups = mcfg.num_key_value_heads if mcfg.attention == "gqa" else max(2, heads // 4)
-    groups = groups if heads % groups == 0 else 1
-    kv_rows = kv_cache_table({f"this shape/{a}": with_attention(mcfg, a, groups) for a in ("mha", "gqa", "mqa", "mla")})
-    result["kv_cache_table"] = kv_rows
-    _write_json(output_dir / "eval.json", result)
+    _write_json(settings.output_dir / "eval.json", result)
+    from deepseek_mini.analysis.kv_cache import format_table
+
     print(format_table(kv_rows))
     for row in expert_load:
         print(f"MoE layer {row['layer']}: max/mean load {row['max_load']:.2f}, min/mean {row['min_load']:.2f}, "
               f"routing entropy {row['entropy']:.3f}")
     ppl = f"{result['perplexity']:.2f}" if result["perplexity"] is not None else "inf"
-    print(f"loss {loss:.4f}  perplexity {ppl}  KV cache {kv['computed_bf16']} B/token (bf16)")
+    print(f"loss {loss:.4f} (mean over {val.tokens} target tokens, {val.batches} batches)  perplexity {ppl}  "
+          f"KV cache {kv['computed_bf16']} B/token (bf16)")
     print(f"prompt {prompt!r} -> {continuation!r}")
-    print(f"run dir: {output_dir.resolve()}")
+    print(f"run dir: {settings.output_dir.resolve()}")
     return result
+
+
+def _eval_sample(cfg: DictConfig, model, mcfg: ModelConfig, tok, device: torch.device) -> tuple[str, str]:
+    """The prompt and its sampled continuation, for eval.json."""
+    from deepseek_mini.data.tokenizer import eos_id
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    prompt = str(cfg.get("prompt", ""))
+    ids = tok.encode(prompt).ids or [eos_id(tok)]
+    g = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    max_new = min(int(cfg.max_new_tokens), mcfg.max_position_embeddings - len(ids))
+    with autocast:
+        gen = model.generate(torch.tensor([ids], device=device), max_new, temperature=float(cfg.temperature),
+                             top_k=cfg.get("top_k"), generator=g)
+    continuation = tok.decode(gen[0, len(ids):].tolist())
+    return prompt, continuation
 
 
 from deepseek_mini.training.train import train  # noqa: E402  (train() uses the builders above)

@@ -1,0 +1,199 @@
+"""Issue 19 items 3 and 10: one verified checkpoint loader for every entry point; checkpoint retention that stores
+no bytes twice (last.ckpt a hard link of the best when they are the same state) and a weights-only best."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import ROOT
+from model_helpers import SMALL_MODEL
+from test_reliability import error_lines, run_inprocess
+
+from deepseek_mini.checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.model import DeepSeekV2
+from deepseek_mini.training.callbacks import RunCheckpoint
+from deepseek_mini.training.module import LitDeepSeek
+from deepseek_mini.training.reliability import AtomicCheckpointIO
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import export_hf  # noqa: E402
+import kv_cache_report  # noqa: E402
+
+
+# ---------------------------------------------------------------------- damaged checkpoints
+@pytest.fixture
+def ckpts(tmp_path) -> dict[str, Path]:
+    """A small real checkpoint of ours, and the ways a file given as one can be wrong."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL_MODEL)
+    model = DeepSeekV2(cfg)
+    good = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    good.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model_config": cfg.to_dict()}, "global_step": 3}, good)
+    data = good.read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01  # one bit inside the tensor data: torch.load alone reads it without a word
+    out = {"good": good, "flipped": tmp_path / "flipped.ckpt", "truncated": tmp_path / "truncated.ckpt",
+           "results_json": tmp_path / "results.json", "empty": tmp_path / "empty.ckpt",
+           "directory": tmp_path / "run" / "checkpoints", "missing": tmp_path / "nope.ckpt"}
+    out["flipped"].write_bytes(bytes(flipped))
+    out["truncated"].write_bytes(data[: len(data) * 2 // 3])
+    out["results_json"].write_text(json.dumps({"val_loss": 4.4}))
+    out["empty"].write_bytes(b"")
+    return out
+
+
+CAUSES = {  # the damage -> what the one-line message must say
+    "flipped": "corrupt member",
+    "truncated": "truncated",
+    "results_json": "not a PyTorch checkpoint",
+    "empty": "empty file",
+    "directory": "is a directory",
+    "missing": "not found",
+}
+
+
+@pytest.mark.parametrize("kind", list(CAUSES))
+def test_the_loader_refuses_each_damage_in_one_line(kind, ckpts):
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(ckpts[kind])
+    msg = str(e.value)
+    assert "\n" not in msg and str(ckpts[kind]) in msg and CAUSES[kind] in msg, msg
+    if kind == "directory":
+        assert str(ckpts["good"]) in msg, "names the file to give instead"
+
+
+def test_the_good_checkpoint_loads(ckpts):
+    assert check_checkpoint_file(ckpts["good"]) == ckpts["good"]
+    loaded = load_checkpoint(ckpts["good"])
+    assert loaded.config == ModelConfig(**SMALL_MODEL) and loaded.checkpoint["global_step"] == 3
+
+
+def test_reliability_uses_the_same_check():
+    from deepseek_mini.training import reliability
+
+    assert reliability.check_checkpoint_file is check_checkpoint_file
+
+
+def test_eval_refuses_a_flipped_byte_before_data_prep(ckpts, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    code, out = run_inprocess("eval.py", [f"ckpt_path={ckpts['flipped']}", f"paths.cache_dir={cache}",
+                                          f"hydra.run.dir={tmp_path / 'eval'}"], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in out, out
+    lines = error_lines(out)
+    assert len(lines) == 1 and str(ckpts["flipped"]) in lines[0] and "corrupt member" in lines[0], out
+    assert not cache.exists() and not (tmp_path / "eval" / "eval.json").exists()
+
+
+def test_export_refuses_a_flipped_byte(ckpts, tmp_path, capsys):
+    assert export_hf.main([str(ckpts["flipped"]), str(tmp_path / "out"), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1 and "corrupt member" in err and not (tmp_path / "out").exists()
+
+
+def test_kv_cache_report_refuses_a_flipped_byte(ckpts, tmp_path, capsys):
+    assert kv_cache_report.main(["--ckpt", str(ckpts["flipped"]), "--out-dir", str(tmp_path / "kv")]) == 2
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1 and "corrupt member" in err, err
+
+
+@pytest.mark.slow
+def test_generate_refuses_a_flipped_byte(ckpts):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), f"ckpt_path={ckpts['flipped']}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(error_lines(proc.stderr)) == 1 and "corrupt member" in proc.stderr, proc.stderr
+
+
+def test_from_pretrained_refuses_a_truncated_safetensors_file(tmp_path):
+    from deepseek_mini.interop.hf import export_hf as write_hf
+
+    cfg = ModelConfig(**{**SMALL_MODEL, "bias_update_speed": 0.0})
+    write_hf(DeepSeekV2(cfg), tmp_path / "hf")
+    assert DeepSeekV2.from_pretrained(tmp_path / "hf").config.hidden_size == cfg.hidden_size
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated") as e:
+        DeepSeekV2.from_pretrained(tmp_path / "hf")
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match=r"cannot read weights .*model.safetensors: truncated"):
+        load_checkpoint(tmp_path / "hf")  # eval.py / generate.py's way in
+
+
+# ---------------------------------------------------------------------- retention
+class _Batches(L.LightningDataModule):
+    """The same few token windows for training and validation: the loss falls at every validation."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, SMALL_MODEL["vocab_size"], (4, 17), generator=g)
+        self.data = torch.utils.data.TensorDataset(x[:, :-1], x[:, 1:])
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.data, batch_size=4)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.data, batch_size=4)
+
+
+def _fit(ckpt_dir: Path, steps: int = 4, **checkpoint_kwargs) -> None:
+    torch.manual_seed(0)
+    module = LitDeepSeek(SMALL_MODEL, optim={"lr": 1e-2, "fused": False}, max_steps=steps)
+    kwargs = dict(dirpath=ckpt_dir, filename="best-step{step}", auto_insert_metric_name=False, monitor="val/loss",
+                  mode="min", save_top_k=1, save_last=True, enable_version_counter=False)
+    ckpt = RunCheckpoint(**{**kwargs, **checkpoint_kwargs})
+    trainer = L.Trainer(max_steps=steps, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0,
+                        callbacks=[ckpt], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", plugins=[AtomicCheckpointIO()], max_epochs=-1,
+                        check_val_every_n_epoch=None)
+    trainer.fit(module, datamodule=_Batches())
+
+
+def _inodes(ckpt_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_ino for p in sorted(ckpt_dir.iterdir())}
+
+
+def test_best_that_is_also_last_is_stored_once(tmp_path):
+    _fit(tmp_path / "ck")
+    files = _inodes(tmp_path / "ck")
+    assert sorted(files) == ["best-step4.ckpt", "last.ckpt"], files
+    assert len(set(files.values())) == 1, "last.ckpt is the best file under a second name, not a copy"
+    assert (tmp_path / "ck" / "last.ckpt").stat().st_nlink == 2
+    last = load_checkpoint(tmp_path / "ck" / "last.ckpt").checkpoint
+    assert last["global_step"] == 4 and last["optimizer_states"], "last.ckpt keeps everything a resume needs"
+
+
+def test_keep_every_best_links_only_the_newest(tmp_path):
+    _fit(tmp_path / "ck", save_top_k=-1)
+    files = _inodes(tmp_path / "ck")
+    assert sorted(files) == ["best-step2.ckpt", "best-step4.ckpt", "last.ckpt"], files
+    assert files["last.ckpt"] == files["best-step4.ckpt"] != files["best-step2.ckpt"]
+
+
+def test_older_best_and_last_are_separate_files(tmp_path):
+    _fit(tmp_path / "ck", mode="max")  # "best" = the highest loss: step 2's, while last is step 4
+    files = _inodes(tmp_path / "ck")
+    assert sorted(files) == ["best-step2.ckpt", "last.ckpt"] and len(set(files.values())) == 2, files
+    assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_weights_only_best(tmp_path):
+    _fit(tmp_path / "ck", best_weights_only=True)
+    files = _inodes(tmp_path / "ck")
+    assert sorted(files) == ["best-step4.ckpt", "last.ckpt"] and len(set(files.values())) == 2, files
+    best = torch.load(tmp_path / "ck" / "best-step4.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    assert "optimizer_states" not in best and last["optimizer_states"]
+    assert (tmp_path / "ck" / "best-step4.ckpt").stat().st_size < 0.6 * (tmp_path / "ck" / "last.ckpt").stat().st_size
+    assert load_checkpoint(tmp_path / "ck" / "best-step4.ckpt").config == ModelConfig(**SMALL_MODEL)  # eval reads it

@@ -1,0 +1,205 @@
+"""Issue 19 items 1, 2 and the eval side of 9: eval.py measures what training measured (the mean over target
+tokens, a short last batch included), needs no training files, defaults to the data the checkpoint was trained
+on and says which data it uses, and refuses bad settings in one line before loading anything."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from model_helpers import SMALL_MODEL
+from test_reliability import TINY, error_lines, run_inprocess
+
+from deepseek_mini import cli as cli_mod
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.data import DataError, train_tokenizer
+from deepseek_mini.model import DeepSeekV2
+from deepseek_mini.training import evaluate as steps
+from deepseek_mini.training.module import LitDeepSeek
+
+
+# ---------------------------------------------------------------------- the loss: a mean over target tokens
+def _windows(n: int = 9, seq: int = 16, ignored: bool = True):
+    """n windows (batches of 4 leave a short last batch of 1); some labels -100, unevenly over the windows."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, SMALL_MODEL["vocab_size"], (n, seq + 1), generator=g)
+    inputs, labels = x[:, :-1].clone(), x[:, 1:].clone()
+    if ignored:
+        labels[0, : seq // 2] = -100
+        labels[-1, 3:] = -100  # the short last batch holds only 3 target tokens
+    return torch.utils.data.TensorDataset(inputs, labels)
+
+
+def _per_token_mean(model, ds) -> tuple[float, int]:
+    """Ground truth: one cross-entropy over every target token of the data set at once."""
+    x, y = ds.tensors
+    with torch.no_grad():
+        logits = model(x).logits
+    loss = F.cross_entropy(logits.double().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+    return float(loss), int((y != -100).sum())
+
+
+def test_training_validation_is_the_mean_over_target_tokens():
+    torch.manual_seed(0)
+    module = LitDeepSeek(SMALL_MODEL, optim={"fused": False})
+    ds = _windows()
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    logged = trainer.validate(module, torch.utils.data.DataLoader(ds, batch_size=4), verbose=False)[0]["val/loss"]
+    truth, tokens = _per_token_mean(module.model.eval(), ds)
+    assert module.val_history[-1][1] == pytest.approx(truth, abs=1e-6)
+    assert logged == pytest.approx(truth, abs=1e-5)  # Lightning keeps logged values in float32
+    assert module.val_tokens == tokens
+
+
+def test_eval_loss_step_is_the_mean_over_target_tokens():
+    torch.manual_seed(0)
+    model = DeepSeekV2(ModelConfig(**SMALL_MODEL)).eval()
+    ds = _windows()
+    val = steps.val_loss(model, torch.utils.data.DataLoader(ds, batch_size=4), torch.device("cpu"))
+    truth, tokens = _per_token_mean(model, ds)
+    assert val.loss == pytest.approx(truth, abs=1e-6) and val.tokens == tokens and val.batches == 3
+    head = steps.val_loss(model, torch.utils.data.DataLoader(ds, batch_size=4), torch.device("cpu"), limit_batches=2)
+    assert head.batches == 2 and head.tokens == tokens - 3
+
+
+@pytest.mark.parametrize(("setting", "train_limit", "n", "want"), [
+    (5, 8, 23, 5), (None, 8, 23, None), ("auto", 8, 23, 8), ("auto", 1.0, 23, None), ("auto", 0.5, 23, 11),
+    ("auto", None, 23, None)])
+def test_batch_limit(setting, train_limit, n, want):
+    assert steps.batch_limit(setting, train_limit, n) == want
+
+
+# ---------------------------------------------------------------------- which data
+def test_data_overrides_and_the_recorded_data(tmp_path):
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    recorded = {"source": "text", "train_files": ["/a/train.txt"], "val_files": ["/a/val.txt"], "seq_len": 32,
+                "batch_size": 4, "val_batch_size": 7, "val_fraction": 0.1}
+    (ck / "data.json").write_text(json.dumps({"description": "text:/a/train.txt", "datamodule": recorded,
+                                              "limit_val_batches": 8}))
+    cfg_data = {"source": "stdlib", "train_files": None, "val_files": None, "seq_len": 128, "batch_size": 16,
+                "val_batch_size": None, "val_fraction": 0.05, "cache_dir": "/c"}
+    data, why, limit = steps.eval_data(cfg_data, ck / "last.ckpt", [])
+    assert {k: data[k] for k in recorded} == recorded and data["cache_dir"] == "/c" and limit == 8
+    assert "trained on" in why
+    data, why, limit = steps.eval_data({**cfg_data, "val_batch_size": 2}, ck / "last.ckpt", ["data.val_batch_size=2"])
+    assert data["val_batch_size"] == 2 and data["source"] == "text" and limit is None and "data.val_batch_size" in why
+    data, why, limit = steps.eval_data({**cfg_data, "source": "text", "val_files": "/b/v.txt"}, ck / "last.ckpt",
+                                       ["data=text", "data.val_files=/b/v.txt"])
+    assert data["val_files"] == "/b/v.txt" and data["train_files"] is None and data["seq_len"] == 32, \
+        "other text, cut into windows as in training"
+    assert "command line" in why and limit is None
+    data, why, limit = steps.eval_data(cfg_data, tmp_path / "elsewhere" / "last.ckpt", [])
+    assert data == cfg_data and "records no training data" in why
+
+
+def test_a_validation_set_without_a_window_is_one_line(tmp_path):
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n"] * 50, vocab_size=300, show_progress=False)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "val.txt").write_text("x = 1\n")
+    data = {"source": "text", "val_files": str(tmp_path / "val.txt"), "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(DataError, match=r"fewer than data.seq_len \+ 1 = 65: no window to evaluate"):
+        steps.val_windows(data, tmp_path / "tokenizer.json", 64, announce=lambda d: None)
+
+
+# ---------------------------------------------------------------------- bad settings: one line, nothing loaded
+BAD = [
+    (["limit_batches=0"], "limit_batches=0: must be a positive integer"),
+    (["limit_batches=-2"], "limit_batches=-2: must be a positive integer"),
+    (["limit_batches=abc"], "limit_batches=abc: must be a positive integer"),
+    (["device=tpu"], "device=tpu: use auto, cpu or cuda"),
+    (["ckpt_path=null"], "give the checkpoint to evaluate"),
+]
+if not torch.cuda.is_available():
+    BAD += [(["device=cuda"], "device=cuda: CUDA is not available"), (["device=gpu"], "device=gpu: CUDA is not")]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_eval_settings_fail_before_loading(args, message, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    code, out = run_inprocess("eval.py", [f"ckpt_path={tmp_path / 'never_read.ckpt'}", *args,
+                                          f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'e'}"],
+                              capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in out, out
+    lines = error_lines(out)
+    assert len(lines) == 1 and message in lines[0], out
+    assert not cache.exists()
+
+
+def test_unwritable_eval_output_dir_fails_before_loading(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, out = run_inprocess("eval.py", [f"ckpt_path={tmp_path / 'never_read.ckpt'}", f"paths.output_dir={blocker}/out",
+                                          f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'e'}"],
+                              capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in out, out
+    lines = error_lines(out)
+    assert len(lines) == 1 and f"paths.output_dir={blocker}/out: cannot write there" in lines[0], out
+
+
+# ---------------------------------------------------------------------- end to end: eval on a tiny run
+def _main(script: str, args: list[str]) -> int:
+    """`python <script> <args>` in this process (the console-script entry point); its exit status."""
+    argv, full = sys.argv, os.environ.pop("HYDRA_FULL_ERROR", None)
+    sys.argv = [script, *args]
+    try:
+        (cli_mod.train_main if script == "train.py" else cli_mod.eval_main)()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+        if full is not None:
+            os.environ["HYDRA_FULL_ERROR"] = full
+    return 0
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, cache_dir) -> Path:
+    """2 steps of the tiny model; validation on every window, 7 per batch: the last batch is short."""
+    run = tmp_path_factory.mktemp("eval") / "run"
+    train = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.val_check_interval",
+                                                  "trainer.limit_val_batches"))]
+    assert _main("train.py", [*train, "trainer.max_steps=2", "trainer.val_check_interval=2",
+                              "trainer.limit_val_batches=null", "data.val_batch_size=7", "logger=none",
+                              f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}"]) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_eval_prints_the_runs_val_loss(run_dir, cache_dir, tmp_path, capsys):
+    windows = json.loads((run_dir / "checkpoints" / "data.json").read_text())["val_windows"]
+    assert windows % 7, "the test needs a short last batch"
+    capsys.readouterr()
+    assert _main("eval.py", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"paths.cache_dir={cache_dir}",
+                             "max_new_tokens=4", f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    train = json.loads((run_dir / "results.json").read_text())
+    assert res["loss"] == pytest.approx(train["val_loss"], abs=1e-6)
+    assert res["val_batches"] == math.ceil(windows / 7) and res["val_tokens"] == windows * 32 == train["val_tokens"]
+    assert "trained on" in res["data_from"] and res["data"] in out
+    assert [line for line in out.splitlines() if line.startswith("evaluating on ")] == \
+        [f"evaluating on {res['data']} ({res['data_from']})"]
+
+
+@pytest.mark.slow
+def test_eval_on_val_files_needs_no_training_files(run_dir, cache_dir, tmp_path, capsys):
+    val = tmp_path / "val.txt"
+    val.write_text(Path(json.__file__).read_text())
+    capsys.readouterr()
+    assert _main("eval.py", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "data=text",
+                             f"data.val_files={val}", f"paths.cache_dir={cache_dir}", "max_new_tokens=4",
+                             "limit_batches=3", f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
+    res = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert res["data"] == f"text val:{val}" and "command line" in res["data_from"]
+    assert res["val_batches"] == 3 and res["val_tokens"] == 3 * 7 * 32, "windows as in training: 7 x 32 tokens"
+    assert f"evaluating on text val:{val}" in capsys.readouterr().out
+    assert math.isfinite(res["loss"])
+
