@@ -117,14 +117,15 @@ def test_generate_refuses_a_flipped_byte(ckpts):
 
 def test_from_pretrained_refuses_a_truncated_safetensors_file(tmp_path):
     from deepseek_mini.interop.hf import export_hf as write_hf
+    from deepseek_mini.interop.hf import from_pretrained
 
     cfg = ModelConfig(**{**SMALL_MODEL, "bias_update_speed": 0.0})
     write_hf(DeepSeekV2(cfg), tmp_path / "hf")
-    assert DeepSeekV2.from_pretrained(tmp_path / "hf").config.hidden_size == cfg.hidden_size
+    assert from_pretrained(tmp_path / "hf").config.hidden_size == cfg.hidden_size
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="truncated") as e:
-        DeepSeekV2.from_pretrained(tmp_path / "hf")
+        from_pretrained(tmp_path / "hf")
     assert str(weights) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match=r"cannot read weights .*model.safetensors: truncated"):
         load_checkpoint(tmp_path / "hf")  # eval.py / generate.py's way in
