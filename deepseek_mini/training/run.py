@@ -40,7 +40,7 @@ def _finish_wandb(exit_code: int) -> None:
     import wandb
 
     if wandb.run is not None:
-        log.info("closing wandb run %s", wandb.run.id)
+        _log_to_files(logging.INFO, f"closing wandb run {wandb.run.id}")  # the run summary stays the last line
         wandb.finish(exit_code=exit_code)
 
 
@@ -262,6 +262,8 @@ def train(cfg: DictConfig) -> dict:
     from lightning.pytorch.strategies import FSDPStrategy
 
     from deepseek_mini.training.callbacks import CheckpointDirDescriber, ThroughputMonitor
+    from deepseek_mini.training.console import quiet_console
+    from deepseek_mini.training.loggers import write_readable_run
     from deepseek_mini.training.module import LitDeepSeek
     from deepseek_mini.training.reliability import (
         AtomicCheckpointIO,
@@ -274,8 +276,12 @@ def train(cfg: DictConfig) -> dict:
         write_wandb_run_id,
     )
     from deepseek_mini.training.strategies import build_strategy, global_batch
+    from deepseek_mini.training.summary import format_summary
+    from deepseek_mini.training.threads import set_cpu_threads
 
     t_start = time.perf_counter()
+    quiet_console()  # library noise (litlogger tip, LeafSpec, matplotlib DEBUG, ...): see training/console.py
+    set_cpu_threads(cfg.get("cpu_threads", "auto"), cfg.trainer)  # before any torch work; training/threads.py
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     try:  # validate before the (slow) data preparation; name keys as the user writes them (model.x)
@@ -373,7 +379,7 @@ def train(cfg: DictConfig) -> dict:
             trainer.save_checkpoint(ckpt_dir / "last.ckpt")
         checkpoint = str((ckpt_dir / "last.ckpt").resolve())
         best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
-    val_loss = module.val_history[-1][1] if module.val_history and not fast else None
+    val_loss = module.val_history[-1][1] if module.val_history else None  # fast_dev_run validates one batch too
 
     tokens_per_step = batch["global_batch_tokens"]
     tokens_seen = (throughput.tokens_seen if throughput and throughput.tokens_seen
@@ -396,6 +402,8 @@ def train(cfg: DictConfig) -> dict:
         "checkpoint": checkpoint,
         "best_checkpoint": best,
         "fit_time_sec": round(fit_time, 2),
+        "time_to_first_step_sec": (round(throughput.time_to_first_step, 2)
+                                   if throughput and throughput.time_to_first_step is not None else None),
         "wall_time_sec": round(time.perf_counter() - t_start, 2),
         "val_history": module.val_history,
         "config": model_cfg.to_dict(),
@@ -407,8 +415,8 @@ def train(cfg: DictConfig) -> dict:
         for lg in loggers:
             if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
                 lg.experiment.summary.update({k: v for k, v in results.items() if isinstance(v, (int, float))})
-        print(f"val loss {val_loss_start} -> {val_loss}; results: {output_dir / 'results.json'}")
-        print(f"run dir: {output_dir.resolve()}")
+        write_readable_run(output_dir, resolved, results)  # wandb/config.json + summary.json: offline runs readable
+        print(format_summary(results), flush=True)  # the last thing on screen (training/summary.py)
     return results
 
 
