@@ -412,6 +412,9 @@ def _hydra_error_line(ex: BaseException) -> str:
     text = "; ".join(lines)
     if cause_first and cause_first not in text:
         text = f"{text}: {cause_first}"
+    if "Error parsing override" in text:  # e.g. prompt=def main(
+        text = (f"{text.split('; See https')[0]} (quote a value with ( ) , = or spaces as 'key=\"...\"'; "
+                "a prompt can also come from prompt_file=<path>, or prompt_file=- for stdin)")
     return text[:500]
 
 

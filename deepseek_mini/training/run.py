@@ -426,10 +426,13 @@ def evaluate(cfg: DictConfig) -> dict:
     import hydra
 
     from deepseek_mini.checkpoint import load_checkpoint
+    from deepseek_mini.generation_args import check_length, check_sampling, read_prompt
     from deepseek_mini.training.module import expert_load_stats
 
     if cfg.get("ckpt_path") in (None, "", "???"):
         raise CheckpointError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
+    check_sampling(cfg)  # temperature, top_k, top_p, max_new_tokens: generation_args.py, as scripts/generate.py
+    prompt = read_prompt(cfg)  # prompt=..., or prompt_file=<path> / - (stdin)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
@@ -444,6 +447,10 @@ def evaluate(cfg: DictConfig) -> dict:
     tok_path = next((p for p in (folder / "tokenizer.json", folder.parent / "tokenizer.json") if p.is_file()), None)
     if tok_path is None:
         raise CheckpointError(f"no tokenizer.json beside {ckpt_path}: cannot tokenize text for this model")
+    from tokenizers import Tokenizer  # the prompt's length is checked before any data is prepared
+
+    check_length(len(Tokenizer.from_file(str(tok_path)).encode(prompt).ids) or 1, int(cfg.max_new_tokens),
+                 mcfg.max_position_embeddings)
 
     dm = hydra.utils.instantiate(cfg.data, tokenizer_path=str(tok_path), vocab_size=mcfg.vocab_size)
     dm.prepare()
@@ -482,13 +489,13 @@ def evaluate(cfg: DictConfig) -> dict:
         kv["measured_bf16"] = measured["measured_bytes"] / n_tok
 
     tok = dm.tokenizer
-    prompt = str(cfg.get("prompt", ""))
     ids = tok.encode(prompt).ids or [dm.eos_token_id]
     g = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    max_new = min(int(cfg.max_new_tokens), mcfg.max_position_embeddings - len(ids))
+    max_new = int(cfg.max_new_tokens)  # fits: check_length above
     with autocast:
         gen = model.generate(torch.tensor([ids], device=device), max_new, temperature=float(cfg.temperature),
-                             top_k=cfg.get("top_k"), generator=g)
+                             top_k=int(cfg.top_k) if cfg.get("top_k") else None, top_p=cfg.get("top_p"),
+                             generator=g)
     continuation = tok.decode(gen[0, len(ids):].tolist())
 
     result = {
