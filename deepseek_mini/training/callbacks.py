@@ -224,7 +224,8 @@ def expert_heatmap_figure(load: torch.Tensor, layers: list[int], title: str):
     lo, hi = HEATMAP_RANGE
     rel = (load / load.mean(dim=1, keepdim=True).clamp_min(1e-9)).clamp(lo, hi).numpy()
     n_layers, n_experts = rel.shape
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * n_experts + 2.5), max(3.0, 0.5 * n_layers + 1.8)))
+    # readable at any expert count: 7-14 inches wide (a 160-expert V2 layer gets thin cells, not a 60" figure)
+    fig, ax = plt.subplots(figsize=(min(14.0, max(7.0, 0.25 * n_experts + 3)), min(9.0, max(3.0, 0.4 * n_layers + 1.8))))
     im = ax.imshow(rel, aspect="auto", cmap="RdBu_r", norm=LogNorm(vmin=lo, vmax=hi), interpolation="nearest")
     ax.set_xlabel("routed expert")
     ax.set_ylabel("MoE layer")
@@ -232,8 +233,8 @@ def expert_heatmap_figure(load: torch.Tensor, layers: list[int], title: str):
     ax.set_yticks(range(n_layers), [str(layer) for layer in layers])
     ax.set_title(title)
     bar = fig.colorbar(im, ax=ax, label="tokens / layer mean (1 = balanced)")
-    ticks = [0.25, 0.5, 1.0, 2.0, 4.0]
-    bar.set_ticks(ticks, labels=["<=1/4", "1/2", "1", "2", ">=4"])
+    bar.ax.minorticks_off()  # LogNorm's minor labels (3x10^-1, ...) only clutter the five that matter
+    bar.set_ticks([0.25, 0.5, 1.0, 2.0, 4.0], labels=["<=1/4", "1/2", "1", "2", ">=4"])
     fig.tight_layout()
     return fig
 
