@@ -91,7 +91,9 @@ def test_generate_reads_the_prompt_from_stdin_and_keeps_stdout_for_text(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def main(") and "tokens/s" not in proc.stdout
     assert "new tokens in" in proc.stderr and "KV cache" in proc.stderr
-    bad = run_cli("scripts/generate.py", f"ckpt_path={out}", "prompt=def main(", check=False)
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}  # as a user runs it (run_cli sets it)
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), f"ckpt_path={out}", "prompt=def main("],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env, stdin=subprocess.DEVNULL)
     assert bad.returncode == 2 and "prompt_file=" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     helped = run_cli("scripts/generate.py", "--help")
     assert "ckpt_path" in helped.stdout and "optim" not in helped.stdout and "trainer" not in helped.stdout
