@@ -5,7 +5,9 @@
 
 Prefill runs once; every new token is one cached decode step on the preallocated (static) cache: the
 compressed latent cache for MLA, decoded with the absorbed path by default. Text is printed as it is
-generated; the last line reports tokens/s and the KV cache in use.
+generated (stdout); a last line on stderr reports tokens/s and the KV cache in use. A prompt that Hydra's
+override grammar rejects (parentheses, commas, ...) can come from a file: prompt_file=<path>, or
+prompt_file=- for stdin.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from deepseek_mini.analysis.kv_cache import human_bytes  # noqa: E402
 from deepseek_mini.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from deepseek_mini.config import ConfigError  # noqa: E402
+from deepseek_mini.generation_args import check_length, check_sampling, read_prompt  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -79,17 +82,14 @@ class StreamPrinter:
 def run(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise UsageError("ckpt_path is required: python scripts/generate.py ckpt_path=<run>/checkpoints/last.ckpt")
+    check_sampling(cfg)  # the same rules as eval.py (deepseek_mini/generation_args.py)
     path = Path(str(cfg.ckpt_path))
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if cfg.mla_decode not in ("absorb", "naive"):
         raise UsageError(f"mla_decode={cfg.mla_decode!r}: choose absorb or naive")
-    max_new = int(cfg.max_new_tokens)
-    if max_new < 1:
-        raise UsageError(f"max_new_tokens={max_new}: must be >= 1")
-    temperature = float(cfg.temperature)
-    if temperature < 0:
-        raise UsageError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
+    max_new, temperature = int(cfg.max_new_tokens), float(cfg.temperature)
+    prompt = read_prompt(cfg)  # prompt=..., or prompt_file=<path> / prompt_file=- (stdin)
     device = pick_device(str(cfg.device))
     dtype = pick_dtype(str(cfg.dtype), device)
 
@@ -100,17 +100,13 @@ def run(cfg: DictConfig) -> None:
     model, mcfg, tok = loaded.model.to(device=device, dtype=dtype).eval(), loaded.config, loaded.tokenizer
     model.set_mla_decode(str(cfg.mla_decode))
 
-    prompt = str(cfg.prompt)
     ids = tok.encode(prompt).ids
     eos_id = tok.token_to_id(EOS)
     if not ids:
         if eos_id is None:
             raise UsageError("empty prompt and the tokenizer has no <|endoftext|> to start from")
         ids = [eos_id]
-    total = len(ids) + max_new
-    if total > mcfg.max_position_embeddings:
-        raise UsageError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) = {total} exceeds the model's "
-                         f"max_position_embeddings={mcfg.max_position_embeddings}")
+    check_length(len(ids), max_new, mcfg.max_position_embeddings)
 
     torch.manual_seed(int(cfg.seed))
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
@@ -144,9 +140,12 @@ def run(cfg: DictConfig) -> None:
     kind = (f"MLA latent cache, {cfg.mla_decode} decode" if mcfg.attention == "mla"
             else f"{mcfg.attention.upper()} K/V cache, {mcfg.num_key_value_heads} KV heads")
     rate = f"{(n_new - 1) / decode_s:.1f} tokens/s decode" if n_new > 1 and decode_s > 0 else "n/a tokens/s"
-    print(f"\n[{n_new} new tokens in {t_end - t0:.2f}s ({rate}, prompt {len(ids)} tokens, prefill+first token "
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    # the statistics go to stderr: `generate.py ... > out.txt` keeps only the text
+    print(f"[{n_new} new tokens in {t_end - t0:.2f}s ({rate}, prompt {len(ids)} tokens, prefill+first token "
           f"{(t_first or t_end) - t0:.3f}s) | KV cache: {human_bytes(per_token * cache_len)} for {cache_len} tokens "
-          f"({per_token:,.0f} B/token, {kind}, {str(dtype).split('.')[-1]}) | {device}]", flush=True)
+          f"({per_token:,.0f} B/token, {kind}, {str(dtype).split('.')[-1]}) | {device}]", file=sys.stderr, flush=True)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="generate")

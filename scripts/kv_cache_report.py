@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         png = Path(args.png) if args.png else out / "kv_cache.png"
-        plot_kv_cache(rows, png)
+        plot_kv_cache(rows, png, checkpoints=ck_rows)  # + a val loss vs KV bytes panel for --ckpt
         (out / "kv_cache_report.md").write_text(text + f"\n\n![KV cache per token]({png.resolve()})\n")
         (out / "kv_cache_report.json").write_text(json.dumps({"rows": rows, "checkpoints": ck_rows}, indent=1))
         text += f"\n\nwrote {out / 'kv_cache_report.md'}, {out / 'kv_cache_report.json'} and {png} " \

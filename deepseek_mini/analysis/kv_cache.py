@@ -1,7 +1,7 @@
 """Inference-side arithmetic and measurement: the KV-cache table of the DeepSeek-V2 paper, its chart, the
 93.3% comparison with DeepSeek 67B, and an allocator measurement of a real cache.
 
-Used by scripts/kv_cache_report.py, scripts/generate.py, scripts/bench_decode.py and eval.py. Everything
+Used by scripts/kv_cache_report.py, scripts/generate.py, scripts/bench/bench_decode.py and eval.py. Everything
 except `measure_kv_bytes` is analytic (it works for the 236B shape without allocating a weight).
 """
 
@@ -142,8 +142,12 @@ def paper_comparison() -> str:
     ])
 
 
-def plot_kv_cache(rows: list[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Horizontal bar chart, log x-axis: KV cache bytes per token (bf16), one bar per attention type per shape."""
+def plot_kv_cache(rows: list[dict[str, Any]], path: str | Path, title: str | None = None,
+                  checkpoints: list[dict[str, Any]] | None = None) -> Path:
+    """Horizontal bar chart, log x-axis: KV cache bytes per token (bf16), one bar per attention type per shape.
+
+    With `checkpoints` (rows with val_loss, e.g. kv_cache_report.py --ckpt) a second panel plots each
+    checkpoint's validation loss against its KV bytes per token: the trade-off the bars alone cannot show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +158,12 @@ def plot_kv_cache(rows: list[dict[str, Any]], path: str | Path, title: str | Non
     shapes = list(dict.fromkeys(r.get("label", r["shape"]) for r in rows))
     by_key = {(r.get("label", r["shape"]), r["attention"]): r for r in rows}
     bar_h = 0.8 / len(order)
-    fig, ax = plt.subplots(figsize=(10, 1.1 + 1.15 * len(shapes)))
+    ck = [r for r in checkpoints or [] if r.get("val_loss") is not None]
+    height = 1.1 + 1.15 * len(shapes)
+    if ck:
+        fig, (ax, ax_ck) = plt.subplots(1, 2, figsize=(16, max(height, 4.5)), gridspec_kw={"width_ratios": [10, 6]})
+    else:
+        fig, ax = plt.subplots(figsize=(10, height))
     for j, att in enumerate(order):
         ys, xs, texts = [], [], []
         for i, shape in enumerate(shapes):
@@ -182,10 +191,22 @@ def plot_kv_cache(rows: list[dict[str, Any]], path: str | Path, title: str | Non
     ax.set_title(title or "KV cache per token: MHA vs GQA vs MQA vs MLA at the same model shape")
     ax.grid(axis="x", which="major", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    if ck:
+        for r in ck:
+            att = str(r.get("attention", "mla")).lower()
+            ax_ck.scatter(r["bytes_per_token_bf16"], r["val_loss"], s=50, color=colors.get(att, "k"), zorder=3)
+            ax_ck.annotate(str(r.get("label", r.get("shape", ""))), (r["bytes_per_token_bf16"], r["val_loss"]),
+                           textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+        ax_ck.set_xscale("log")
+        ax_ck.margins(x=0.25, y=0.2)  # room for the centred labels at both ends
+        ax_ck.set_xlabel("KV cache per token (bytes, bf16; log scale)")
+        ax_ck.set_ylabel("validation loss (nats/token)")
+        ax_ck.set_title("Checkpoints: val loss vs KV cache")
+        ax_ck.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")  # the value labels right of the longest bars stay in
     plt.close(fig)
     return path
 

@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,39 +350,57 @@ def plot_kv_pareto(jobs: list[Job], keys: list[str], out: Path) -> bool:
     return True
 
 
+def _seed_groups(jobs: list[Job], keys: list[str]) -> dict[str, list[Job]]:
+    """Jobs that differ only in their seed, by the label of everything else (one entry per job otherwise)."""
+    others = [k for k in keys if k != "seed"]
+    groups: dict[str, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault(label_of(j, others) if others else "all jobs", []).append(j)
+    return groups if "seed" in keys else {label_of(j, keys): [j] for j in jobs}
+
+
 def plot_curves(jobs: list[Job], keys: list[str], out: Path) -> bool:
+    """Training and validation loss over training tokens, on one shared x range starting at 0 (the
+    validation before training is the point at 0). Jobs that differ only in `seed` are drawn as their mean
+    with a min-max band: the run-to-run noise to read the other differences against."""
     with_curves = [j for j in jobs if j.train_curve or j.val_curve]
     if not with_curves:
         return False
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5), sharey=False)
-    colors = _colors(len(with_curves))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5), sharex=True)
     top = max(x for j in with_curves for x, _ in j.train_curve + j.val_curve)
     scale, unit = next(((s, u) for s, u in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands"))
                         if top >= 2 * s), (1.0, ""))
-    for color, j in zip(colors, with_curves):
-        label = label_of(j, keys) + ("" if j.ok else " [failed]")
-        if j.train_curve:
-            xs, ys = zip(*j.train_curve)
-            a1.plot([x / scale for x in xs], ys, color=color, lw=1.2, label=label)
-        if j.val_curve:
-            xs, ys = zip(*j.val_curve)
-            a2.plot([x / scale for x in xs], ys, "o-", color=color, ms=3, lw=1.2, label=label)
+    groups = _seed_groups(with_curves, keys)
+    for color, (label, members) in zip(_colors(len(groups)), groups.items()):
+        failed = "" if all(j.ok for j in members) else " [failed]"
+        for ax, attr in ((a1, "train_curve"), (a2, "val_curve")):
+            curves = [dict(getattr(j, attr)) for j in members if getattr(j, attr)]
+            if not curves:
+                continue
+            xs = sorted(set.intersection(*(set(c) for c in curves)))
+            if len(curves) > 1 and xs:  # repeated seeds: mean line, min-max band
+                ys = [[c[x] for c in curves] for x in xs]
+                mean = [sum(v) / len(v) for v in ys]
+                ax.fill_between([x / scale for x in xs], [min(v) for v in ys], [max(v) for v in ys], color=color,
+                                alpha=0.25, lw=0)
+                ax.plot([x / scale for x in xs], mean, "o-", color=color, ms=3, lw=1.2,
+                        label=f"{label} (mean of {len(curves)} seeds, band = min-max){failed}")
+            else:
+                for c in curves:
+                    cx = sorted(c)
+                    ax.plot([x / scale for x in cx], [c[x] for x in cx], "o-", color=color, ms=3, lw=1.2,
+                            label=f"{label}{failed}")
     for ax, what in ((a1, "training loss"), (a2, "validation loss")):
         ax.set_xlabel(f"training tokens{f' ({unit})' if unit else ''}")
         ax.set_ylabel(f"{what} (nats/token)")
         ax.set_title(f"{what.capitalize()} over tokens")
-    handles, labels = a1.get_legend_handles_labels() or a2.get_legend_handles_labels()
+    a1.set_xlim(0, top / scale * 1.03)  # shared: both panels from 0 (the step-0 validation) to the last token
+    handles, labels = a2.get_legend_handles_labels()
     if not handles:
-        handles, labels = a2.get_legend_handles_labels()
+        handles, labels = a1.get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
-               ncol=1 if len(with_curves) <= 16 else 2, title="job", title_fontsize=8)
-    if len(with_curves) > 1:  # the late part is what separates the jobs
-        finals = [y for j in with_curves for _, y in j.val_curve[-1:]]
-        if finals:
-            lo, hi = min(finals), max(finals)
-            starts = [y for j in with_curves for _, y in j.val_curve[1:2]] or [hi]
-            a2.set_ylim(lo - 0.05 * (hi - lo + 0.1), max(starts + [hi]) + 0.1)
+               ncol=1 if len(groups) <= 16 else 2, title="job", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -514,6 +533,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="multirun dir(s), e.g. logs/train/multiruns/<timestamp>; the report goes into the first")
     parser.add_argument("--out", type=Path, default=None, help="write report.md and plots here instead")
     args = parser.parse_args(argv)
+    for d in args.sweep_dirs:  # one line and exit status 2, as train.py's bad input
+        if not d.is_dir():
+            print(f"error: sweep_dir={d}: no such directory", file=sys.stderr)
+            return 2
+        if not find_job_dirs(d):
+            print(f"error: sweep_dir={d}: no job directories (numbered dirs of a train.py -m run) in it",
+                  file=sys.stderr)
+            return 2
     report = write_report(args.sweep_dirs, args.out)
     jobs = load_jobs(args.sweep_dirs)
     n_failed = sum(not j.ok for j in jobs)

@@ -451,6 +451,7 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    os.chmod(out / "model.safetensors", (out / "config.json").stat().st_mode & 0o777)  # safetensors wrote 0600
     written = [out / "config.json", out / "model.safetensors"]
     if tokenizer is not None:
         written += write_hf_tokenizer(tokenizer, out, model_max_length=model.config.max_position_embeddings)

@@ -61,7 +61,53 @@ def grouped_mm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor)
             out.append(x_ND[start:end] @ w_EOI[e].transpose(0, 1))
             start = end
         return torch.cat(out)
+    if not x_ND.is_cuda and torch.compiler.is_compiling():
+        return _cpu_grouped_mm(x_ND, w_EOI.contiguous(), offsets_E)
     return F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offsets_E)
+
+
+# torch.compile on CPU: the eager CPU kernel of grouped_mm takes fp32, but the shape function that dynamo
+# traces with ("meta" kernel) insists on bf16 ("Expected inputs of BF16 type"), so a compiled CPU model
+# would fail. While compiling on CPU, the same eager kernel runs as an opaque custom op: dynamo only sees
+# its output shape, and the backward is a second opaque op made of the same eager kernel. The ops take and
+# return contiguous tensors (Inductor checks a custom op's output strides against its fake). The eager
+# path (and CUDA) never goes through these.
+@torch.library.custom_op("deepseek_mini::cpu_grouped_mm", mutates_args=())
+def _cpu_grouped_mm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offsets_E).contiguous()
+
+
+@_cpu_grouped_mm.register_fake
+def _(x_ND, w_EOI, offsets_E):
+    return x_ND.new_empty(x_ND.shape[0], w_EOI.shape[1])
+
+
+@torch.library.custom_op("deepseek_mini::cpu_grouped_mm_backward", mutates_args=())
+def _cpu_grouped_mm_backward(grad_NO: torch.Tensor, x_ND: torch.Tensor, w_EOI: torch.Tensor,
+                             offsets_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # out[rows of e] = x[rows of e] @ w[e]^T, so grad_x = grad @ w[e] per group and grad_w[e] = grad^T @ x
+    # over e's rows (grouped_mm's 2d x 2d form: the groups split the reduced dimension)
+    grad_x = F.grouped_mm(grad_NO, w_EOI, offs=offsets_E)
+    grad_w = F.grouped_mm(grad_NO.t(), x_ND, offs=offsets_E)
+    return grad_x.contiguous(), grad_w.contiguous()
+
+
+@_cpu_grouped_mm_backward.register_fake
+def _(grad_NO, x_ND, w_EOI, offsets_E):
+    return x_ND.new_empty(x_ND.shape), w_EOI.new_empty(w_EOI.shape)
+
+
+def _cpu_grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _cpu_grouped_mm_grad(ctx, grad_NO):
+    x_ND, w_EOI, offsets_E = ctx.saved_tensors
+    grad_x, grad_w = _cpu_grouped_mm_backward(grad_NO.contiguous(), x_ND, w_EOI, offsets_E)
+    return grad_x, grad_w, None
+
+
+_cpu_grouped_mm.register_autograd(_cpu_grouped_mm_grad, setup_context=_cpu_grouped_mm_setup)
 
 
 def sort_by_expert(topk_idx_TK: torch.Tensor, routed_TE: torch.Tensor,

@@ -82,6 +82,9 @@ def hydra_error_line(ex: BaseException) -> str:
     text = "; ".join(lines)
     if cause_first and cause_first not in text:
         text = f"{text}: {cause_first}"
+    if "Error parsing override" in text:  # e.g. prompt=def main(
+        text = (f"{text.split('; See https')[0]} (quote a value with ( ) , = or spaces as 'key=\"...\"'; "
+                "a prompt can also come from prompt_file=<path>, or prompt_file=- for stdin)")
     return text[:500]
 
 
@@ -91,7 +94,7 @@ def _finish_wandb(exit_code: int) -> None:
     import wandb
 
     if wandb.run is not None:
-        log.info("closing wandb run %s", wandb.run.id)
+        _log_to_files(logging.INFO, f"closing wandb run {wandb.run.id}")  # the run summary stays the last line
         wandb.finish(exit_code=exit_code)
 
 

@@ -94,9 +94,12 @@ def evaluate(cfg: DictConfig) -> dict:
 
     from deepseek_mini.checkpoint import load_checkpoint, tokenizer_file
     from deepseek_mini.data import load_tokenizer
+    from deepseek_mini.generation_args import check_length, check_sampling, read_prompt
     from deepseek_mini.training import evaluate as steps
 
     settings = steps.check_eval_settings(cfg)  # before anything is loaded
+    check_sampling(cfg)  # temperature, top_k, top_p, max_new_tokens: generation_args.py, as scripts/generate.py
+    prompt = read_prompt(cfg)  # prompt=..., or prompt_file=<path> / - (stdin)
     device = settings.device
     torch.manual_seed(cfg.seed)
     loaded = load_checkpoint(settings.ckpt_path, map_location=device)  # verified: a damaged file is refused
@@ -108,6 +111,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if tok.get_vocab_size() > mcfg.vocab_size:
         raise CheckpointError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens but the model only "
                               f"{mcfg.vocab_size}")
+    check_length(len(tok.encode(prompt).ids) or 1, int(cfg.max_new_tokens), mcfg.max_position_embeddings)
     data, data_from, train_limit = steps.eval_data(OmegaConf.to_container(cfg.data, resolve=True), settings.ckpt_path,
                                                    _hydra_info().get("overrides", []))
     seq_len = steps.check_seq_len(data, mcfg)
@@ -118,7 +122,7 @@ def evaluate(cfg: DictConfig) -> dict:
     val = steps.val_loss(model, loader, device, limit)
     expert_load = steps.expert_load_rows(mcfg, val.tokens_per_expert)
     kv, kv_rows = steps.kv_cache_stats(model, mcfg, device)
-    prompt, continuation = _eval_sample(cfg, model, mcfg, tok, device)
+    continuation = _eval_sample(cfg, prompt, model, tok, device)
 
     loss = val.loss
     result = {
@@ -158,20 +162,18 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-def _eval_sample(cfg: DictConfig, model, mcfg: ModelConfig, tok, device: torch.device) -> tuple[str, str]:
-    """The prompt and its sampled continuation, for eval.json."""
+def _eval_sample(cfg: DictConfig, prompt: str, model, tok, device: torch.device) -> str:
+    """The prompt's sampled continuation, for eval.json (the settings and length were checked up front)."""
     from deepseek_mini.data.tokenizer import eos_id
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    prompt = str(cfg.get("prompt", ""))
     ids = tok.encode(prompt).ids or [eos_id(tok)]
     g = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    max_new = min(int(cfg.max_new_tokens), mcfg.max_position_embeddings - len(ids))
     with autocast:
-        gen = model.generate(torch.tensor([ids], device=device), max_new, temperature=float(cfg.temperature),
-                             top_k=cfg.get("top_k"), generator=g)
-    continuation = tok.decode(gen[0, len(ids):].tolist())
-    return prompt, continuation
+        gen = model.generate(torch.tensor([ids], device=device), int(cfg.max_new_tokens),
+                             temperature=float(cfg.temperature), top_k=int(cfg.top_k) if cfg.get("top_k") else None,
+                             top_p=cfg.get("top_p"), generator=g)
+    return tok.decode(gen[0, len(ids):].tolist())
 
 
 from deepseek_mini.training.train import train  # noqa: E402  (train() uses the builders above)

@@ -26,6 +26,7 @@ from deepseek_mini.training.checkpoint_io import (
     read_checkpoint_meta,
     remove_stale_temp_files,
 )
+from deepseek_mini.training.console import quiet_console
 from deepseek_mini.training.errors import fault_message, task_wrapper
 from deepseek_mini.training.guards import InterruptCheckpoint, NonFiniteLossGuard, fault_injector_from_env
 from deepseek_mini.training.lock import acquire_run_lock, release_run_lock
@@ -38,6 +39,7 @@ from deepseek_mini.training.resume import (
     resolve_ckpt_path,
 )
 from deepseek_mini.training.run_config import RunConfig
+from deepseek_mini.training.threads import set_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class Parts:
     stats: dict
     history: RunHistory
     interrupt: InterruptCheckpoint
+    resolved: dict = field(default_factory=dict)  # the resolved config, as recorded beside the checkpoints
     throughput: Any = None
     train_loss: Any = None  # read after fit(), before a final validate() replaces callback_metrics
 
@@ -155,7 +158,7 @@ def build_parts(cfg: DictConfig, run: RunConfig, resume: Resume, dm, model_cfg: 
              dm.batch_size, trainer.world_size, trainer.accumulate_grad_batches)
     _log_hyperparams(loggers, trainer, run.output_dir, resolved, stats, wandb_sweep_fields)
     return Parts(trainer, module, dm, model_cfg, ckpt_dir, ckpt_cb, loggers, batch, stats, history, interrupt,
-                 throughput)
+                 resolved, throughput)
 
 
 def _log_hyperparams(loggers, trainer, output_dir: Path, resolved: dict, stats: dict, sweep_fields) -> None:
@@ -242,9 +245,8 @@ def results(cfg: DictConfig, run: RunConfig, resume: Resume, p: Parts, t_start: 
             extra: dict | None = None) -> dict:
     """results.json: counters over the whole run (every resume included), times of this process."""
     trainer, module = p.trainer, p.module
-    fast = bool(run.trainer.extra.get("fast_dev_run"))
     train_loss = p.train_loss if p.train_loss is not None else trainer.callback_metrics.get("train/loss")
-    val_loss = module.val_history[-1][1] if module.val_history and not fast else None
+    val_loss = module.val_history[-1][1] if module.val_history else None  # fast_dev_run validates one batch too
     steps = int(trainer.global_step) - (resume.step or 0)
     tokens_seen = p.dm.samples_seen() * p.dm.seq_len
     tokens_now = steps * p.batch["global_batch_tokens"]
@@ -270,6 +272,8 @@ def results(cfg: DictConfig, run: RunConfig, resume: Resume, p: Parts, t_start: 
         "checkpoint": checkpoint,
         "best_checkpoint": best,
         "fit_time_sec": round(fit_time, 2),
+        "time_to_first_step_sec": (round(p.throughput.time_to_first_step, 2) if p.throughput is not None
+                                   and p.throughput.time_to_first_step is not None else None),
         "wall_time_sec": round(time.perf_counter() - t_start, 2),
         "val_history": module.val_history,
         "config": p.model_cfg.to_dict(),
@@ -293,16 +297,18 @@ def _write_results(p: Parts, res: dict) -> None:
 
 
 def report(p: Parts, res: dict) -> None:
-    """results.json, the wandb summary and the end-of-run lines."""
+    """results.json, the wandb summary and the end-of-run summary block."""
+    from deepseek_mini.training.loggers import write_readable_run
+    from deepseek_mini.training.summary import format_summary
+
     _write_results(p, res)
     if not p.trainer.is_global_zero:
         return
     for lg in p.loggers:
         if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
             lg.experiment.summary.update({k: v for k, v in res.items() if isinstance(v, (int, float))})
-    out = Path(res["run_dir"])
-    print(f"val loss {res['val_loss_start']} -> {res['val_loss']}; results: {out / 'results.json'}")
-    print(f"run dir: {out}")
+    write_readable_run(res["run_dir"], p.resolved, res)  # wandb/config.json + summary.json: offline runs readable
+    print(format_summary(res), flush=True)  # the last thing on screen (training/summary.py)
 
 
 # ---------------------------------------------------------------------- train
@@ -312,7 +318,9 @@ def train(cfg: DictConfig) -> dict:
 
     t_start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
+    quiet_console()  # library noise (litlogger tip, LeafSpec, matplotlib DEBUG, ...): see training/console.py
     run = RunConfig.from_cfg(cfg, output_dir)  # every setting, before data preparation or any write
+    set_cpu_threads(cfg.get("cpu_threads", "auto"), cfg.trainer)  # before any torch work; training/threads.py
     resume = checkpoint_to_resume(run)  # verified (zip/CRC) before data preparation
     acquire_run_lock(output_dir)
     try:

@@ -1,0 +1,71 @@
+"""The block a training run ends on: what it reached, how fast, where it is, and how to go on.
+
+`format_summary(results)` reads only results.json's fields, so the block and the file never disagree;
+train() prints it as the last thing on screen (wandb's own end-of-run summary goes to its log file).
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+
+
+def _loss(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+
+
+def _seconds(value) -> str:
+    if not isinstance(value, (int, float)):
+        return "n/a"
+    minutes, seconds = divmod(float(value), 60)
+    return f"{int(minutes)} min {seconds:.1f} s" if minutes else f"{seconds:.1f} s"
+
+
+def _arg(path: str) -> str:
+    """A path as one shell word: quoted only when it must be."""
+    return shlex.quote(str(path))
+
+
+def resume_command(results: dict) -> str | None:
+    """`python train.py hydra.run.dir=<run> ckpt_path=last trainer.max_steps=<2 x steps>` (twice as long)."""
+    if not results.get("checkpoint") or not results.get("run_dir"):
+        return None
+    more = max(1, 2 * int(results.get("global_step") or 0))
+    return f"python train.py hydra.run.dir={_arg(results['run_dir'])} ckpt_path=last trainer.max_steps={more}"
+
+
+def eval_command(results: dict) -> str | None:
+    ckpt = results.get("best_checkpoint") or results.get("checkpoint")
+    return f"python eval.py ckpt_path={_arg(ckpt)}" if ckpt else None
+
+
+def format_summary(results: dict) -> str:
+    """results.json of a training run -> the short block the console ends with."""
+    start, end = results.get("val_loss_start"), results.get("val_loss")
+    val = f"{_loss(start)} -> {_loss(end)}" if start is not None else _loss(end)
+    ppl = results.get("val_perplexity")
+    if isinstance(ppl, (int, float)):
+        val += f"   (perplexity {ppl:.2f})"
+    lines = [
+        ("val loss", val),
+        ("train loss", _loss(results.get("train_loss"))),
+        ("steps", f"{results.get('global_step', 0)}"
+                  + (f" (resumed at {results['resumed_at_step']})" if results.get("resumed_at_step") else "")),
+        ("tokens", f"{int(results.get('tokens_seen') or 0):,} seen, {float(results.get('tokens_per_sec') or 0):,.0f}"
+                   " tokens/s"),
+        ("time", f"first step after {_seconds(results.get('time_to_first_step_sec'))}, "
+                 f"wall {_seconds(results.get('wall_time_sec'))}"),
+    ]
+    best, last = results.get("best_checkpoint"), results.get("checkpoint")
+    if best and best != last:
+        lines.append(("best ckpt", str(best)))
+    lines.append(("last ckpt", str(last) if last else "none (nothing saved in this mode)"))
+    lines.append(("run dir", str(results.get("run_dir"))))
+    for name, cmd in (("resume", resume_command(results)), ("evaluate", eval_command(results))):
+        if cmd:
+            lines.append((name, cmd))
+    lines.append(("results", str(Path(str(results.get("run_dir"))) / "results.json")))
+    rule = "-" * 24
+    # "label: value", unaligned: scripts (and the tests) grep for "run dir: <path>"
+    return "\n".join([f"{rule} run summary {rule}", *(f"{k}: {v}" for k, v in lines)])
