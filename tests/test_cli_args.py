@@ -58,11 +58,13 @@ def test_prompt_file_and_stdin(tmp_path, monkeypatch):
 def test_export_hf_files_share_one_mode(tmp_path):
     from test_hf import cfg_of, make_model, train_tokenizer
 
+    from deepseek_mini.interop.hf import save_pretrained
+
     tok = train_tokenizer(tmp_path / "tokenizer.json")
     out = tmp_path / "hf"
     old = os.umask(0o022)
     try:
-        make_model(cfg_of(vocab_size=tok.get_vocab_size())).save_pretrained(out, tokenizer=tok)
+        save_pretrained(make_model(cfg_of(vocab_size=tok.get_vocab_size())), out, tokenizer=tok)
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
@@ -82,9 +84,11 @@ def test_cli_sampling_errors_before_loading(script, tmp_path):
 def test_generate_reads_the_prompt_from_stdin_and_keeps_stdout_for_text(tmp_path):
     from test_hf import cfg_of, make_model, train_tokenizer
 
+    from deepseek_mini.interop.hf import save_pretrained
+
     tok = train_tokenizer(tmp_path / "tokenizer.json")
     out = tmp_path / "hf"
-    make_model(cfg_of(vocab_size=tok.get_vocab_size())).save_pretrained(out, tokenizer=tok)
+    save_pretrained(make_model(cfg_of(vocab_size=tok.get_vocab_size())), out, tokenizer=tok)
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), f"ckpt_path={out}", "prompt_file=-",
                            "max_new_tokens=4", "temperature=0", "stop_at_eos=false"],
                           input="def main(", capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -183,7 +183,7 @@ class TrainerSettings:
     precision: str = "auto"
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str | None = "norm"
-    limit_val_batches: int | float = 1.0
+    limit_val_batches: int | float | None = 1.0  # None (null): all batches, as Lightning reads it
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -198,8 +198,10 @@ class TrainerSettings:
         as_int("trainer.accumulate_grad_batches", self.accumulate_grad_batches)
         as_int("trainer.num_nodes", self.num_nodes)
         lvb = self.limit_val_batches
-        if isinstance(lvb, bool) or not (isinstance(lvb, int) and lvb >= 0 or isinstance(lvb, float) and 0 <= lvb <= 1):
-            _fail("trainer.limit_val_batches", lvb, "a number of batches (integer >= 0) or a fraction in [0, 1]")
+        if lvb is not None and (isinstance(lvb, bool) or not (isinstance(lvb, int) and lvb >= 0
+                                                            or isinstance(lvb, float) and 0 <= lvb <= 1)):
+            _fail("trainer.limit_val_batches", lvb,
+                  "a number of batches (integer >= 0), a fraction in [0, 1], or null for all")
         if self.gradient_clip_val is not None:
             as_float("trainer.gradient_clip_val", self.gradient_clip_val, 0.0, low_ok=True, rule="must be a number >= 0")
         if self.gradient_clip_algorithm not in (None, "norm", "value"):

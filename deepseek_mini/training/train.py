@@ -259,7 +259,8 @@ def results(cfg: DictConfig, run: RunConfig, resume: Resume, p: Parts, t_start: 
         "status": status,
         "resumed_from": str(resume.path) if resume.path is not None else None,
         "resumed_at_step": resume.step,
-        "val_loss": val_loss,
+        "val_loss": val_loss,  # the mean over val_tokens target tokens (training/val_loss.py), as eval.py reports
+        "val_tokens": module.val_tokens if val_loss is not None else None,
         "val_loss_start": p.history.val_loss_start,
         "val_perplexity": math.exp(val_loss) if val_loss is not None and val_loss < 50 else None,
         "train_loss": float(train_loss) if train_loss is not None else None,
