@@ -104,6 +104,8 @@ def test_quiet_console_drops_library_noise():
         warnings.warn("You're resuming from a checkpoint that ended before the epoch ended and your dataloader is"
                       " not resumable.", UserWarning, stacklevel=1)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("Precision bf16-mixed is not supported by the model summary.  Estimated model size in MB will"
+                      " not be accurate. Using 32 bits instead.", UserWarning, stacklevel=1)
         warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).addHandler(handler)
@@ -116,6 +118,13 @@ def test_quiet_console_drops_library_noise():
     messages = [r.getMessage() for r in records]
     assert not any("litlogger" in m or "TPU available" in m for m in messages), messages
     assert logging.getLogger("matplotlib").getEffectiveLevel() >= logging.INFO
+    assert logging.getLogger("datasets").getEffectiveLevel() >= logging.WARNING  # "JAX version ... available"
+    from deepseek_mini.training.console import _LIGHTNING_NOISE
+
+    for gpu_line in ("LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]",
+                     "You are using a CUDA device ('NVIDIA H200') that has Tensor Cores. To properly utilize them, "
+                     "you should set `torch.set_float32_matmul_precision('medium' | 'high')`"):
+        assert not _LIGHTNING_NOISE.filter(logging.makeLogRecord({"msg": gpu_line}))
 
 
 @pytest.mark.parametrize("value, accelerator, expected", [("auto", "cpu", 1), ("2", "cpu", 2), (3, "auto", 3)])

@@ -9,10 +9,14 @@
   deepseek_mini/data/datamodule.py), so the warning contradicts what happens.
 * on a resume into the same run dir, Lightning's "Checkpoint directory ... exists and is not empty" and the
   CSV logger's "Previous log files in this directory will be deleted": continuing there is the point, and
-  ResumableCSVLogger (reliability.py) keeps the earlier rows.
+  ResumableCSVLogger (loggers.py) keeps the earlier rows.
 * torch's FutureWarning "`isinstance(treespec, LeafSpec)` is deprecated", raised inside Lightning's own
   `_pytree` helper (nothing a user can change).
 * matplotlib.font_manager's DEBUG lines (146 of them under debug=fdr, whose root log level is DEBUG).
+* on a GPU (seen on an H200): Lightning's "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]" (once per fit and per
+  validate), its "Precision bf16-mixed is not supported by the model summary" (the summary's size column says
+  fp32 itself), its advice to set `torch.set_float32_matmul_precision` (the weight matrices run in bf16 under
+  bf16-mixed, so there are no fp32 matmuls for TF32 to speed up), and datasets' "JAX version ... available".
 
 The model summary's "Total FLOPs: 0" is handled by `ModelSummary` below (Lightning only counts FLOPs when a
 module sets example_input_array; ours does not, so the 0 is meaningless). wandb's own console lines are
@@ -42,7 +46,8 @@ class _DropMessages(logging.Filter):
 # the TPU/HPU availability lines (never present on the machines this targets), and "`Trainer.fit` stopped:
 # `max_steps=N` reached" (the run summary says how many steps ran)
 _LIGHTNING_NOISE = _DropMessages("litlogger", "already configured with model summary", "TPU available",
-                                 "HPU available", "`Trainer.fit` stopped")
+                                 "HPU available", "`Trainer.fit` stopped", "CUDA_VISIBLE_DEVICES",
+                                 "set_float32_matmul_precision")
 
 
 def quiet_console() -> None:
@@ -51,6 +56,7 @@ def quiet_console() -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                  "lightning_utilities.core.rank_zero", "lightning.pytorch"):
         logger = logging.getLogger(name)
@@ -61,6 +67,7 @@ def quiet_console() -> None:
             handler.addFilter(_LIGHTNING_NOISE)
     logging.getLogger("matplotlib").setLevel(max(logging.INFO, logging.getLogger("matplotlib").level))
     logging.getLogger("PIL").setLevel(max(logging.INFO, logging.getLogger("PIL").level))
+    logging.getLogger("datasets").setLevel(max(logging.WARNING, logging.getLogger("datasets").level))
 
 
 class ModelSummary(RichModelSummary):
