@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from deepseek_mini.config import ConfigError, ModelConfig
@@ -276,6 +277,9 @@ def results(cfg: DictConfig, run: RunConfig, resume: Resume, p: Parts, t_start: 
         "time_to_first_step_sec": (round(p.throughput.time_to_first_step, 2) if p.throughput is not None
                                    and p.throughput.time_to_first_step is not None else None),
         "wall_time_sec": round(time.perf_counter() - t_start, 2),
+        # this rank's peak of torch's allocator (rank 0 writes results.json); None on CPU
+        "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                                if torch.cuda.is_available() and torch.cuda.is_initialized() else None),
         "val_history": module.val_history,
         "config": p.model_cfg.to_dict(),
         "data": {k: v for k, v in p.dm.describe().items() if k != "token_cache"},
