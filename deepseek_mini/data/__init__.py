@@ -6,6 +6,7 @@ Batches are (x, y) LongTensors [B, T] with y = x shifted by one token.
 from .corpus import (
     EOS_TOKEN,
     Corpus,
+    CorpusSpec,
     DataError,
     expand_files,
     load_corpus,
@@ -19,6 +20,7 @@ from .tokenizer import get_tokenizer, load_tokenizer, train_tokenizer
 __all__ = [
     "EOS_TOKEN",
     "Corpus",
+    "CorpusSpec",
     "DataError",
     "ResumableSampler",
     "TextDataModule",

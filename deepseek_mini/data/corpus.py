@@ -408,24 +408,36 @@ def _split_train_val(ds, keys: list[str] | None, val_fraction: float):
     return ds.select(idx[~mask]), ds.select(idx[mask])
 
 
-def load_corpus(
-    source: str = "stdlib",
-    *,
-    train_files=None,
-    val_files=None,
-    hub_name: str | None = None,
-    hub_config: str | None = None,
-    hub_split: str = "train",
-    hub_val_split: str | None = None,
-    text_field: str = "text",
-    val_fraction: float = 0.01,
-    max_chars: int | None = None,
-    cache_dir: str = ".cache/deepseek_mini",
-) -> Corpus:
-    """Load train/val documents for `source` in {"stdlib", "text", "hub"} (see module doc)."""
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Which text a run reads: the `data.*` settings of configs/data/*.yaml that `load_corpus` needs."""
+
+    source: str = "stdlib"  # "stdlib", "text" or "hub" (see module doc)
+    train_files: Any = None  # source=text: a file, directory, glob, or a list of them
+    val_files: Any = None
+    hub_name: str | None = None  # source=hub
+    hub_config: str | None = None
+    hub_split: str = "train"
+    hub_val_split: str | None = None
+    text_field: str = "text"  # the column holding the text in .jsonl/.json/.parquet and Hub data
+    val_fraction: float = 0.01  # document-level split when there is no validation data
+    max_chars: int | None = None  # cap on training characters (None: STDLIB_MAX_CHARS for stdlib, else all)
+    cache_dir: str = ".cache/deepseek_mini"
+
+
+def load_corpus(spec: CorpusSpec | str = "stdlib", **fields) -> Corpus:
+    """Load train/val documents for a CorpusSpec, or for its fields given as arguments
+    (`load_corpus("text", train_files=...)`)."""
+    if not isinstance(spec, CorpusSpec):
+        spec = CorpusSpec(spec, **fields)
+    elif fields:
+        raise TypeError("load_corpus takes a CorpusSpec or its fields, not both")
+    source, text_field, max_chars, val_fraction = spec.source, spec.text_field, spec.max_chars, spec.val_fraction
+    train_files, val_files = spec.train_files, spec.val_files
+    hub_name, hub_config, hub_split, hub_val_split = spec.hub_name, spec.hub_config, spec.hub_split, spec.hub_val_split
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    hf_cache = os.path.join(_resolve(cache_dir), "hf_datasets")
+    hf_cache = os.path.join(_resolve(spec.cache_dir), "hf_datasets")
     n_bad = 0
     files: list[str] = []
     val_ds = None
@@ -505,6 +517,7 @@ def iter_texts(ds, max_chars: int | None = None, batch_size: int = 1000) -> Iter
 __all__ = [
     "EOS_TOKEN",
     "Corpus",
+    "CorpusSpec",
     "DataError",
     "expand_files",
     "iter_texts",
