@@ -11,8 +11,9 @@ import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from deepseek_mini.analysis.sweep_report import Job, _split_overrides, main, plot_curves  # noqa: E402
 
+from deepseek_mini.analysis.sweep_plots import plot_curves  # noqa: E402
+from deepseek_mini.analysis.sweep_report import Job, _split_overrides, main  # noqa: E402
 from deepseek_mini.training.callbacks import HEATMAP_RANGE, expert_heatmap_figure  # noqa: E402
 
 
@@ -71,7 +72,6 @@ def test_loss_curves_share_x_range_show_step0_and_seed_band(tmp_path, captured):
 
 def test_kv_cache_plot_shows_checkpoint_losses(tmp_path, captured):
     from deepseek_mini.analysis.kv_cache import kv_cache_table, plot_kv_cache, with_attention
-
     from deepseek_mini.config import ModelConfig
 
     rows = kv_cache_table({f"tiny/{a}": with_attention(ModelConfig.preset("tiny"), a, 2) for a in ("mha", "mla")})
