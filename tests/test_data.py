@@ -35,7 +35,7 @@ from deepseek_mini.data import (
     load_corpus,
     split_large_text,
 )
-from deepseek_mini.data.corpus import stdlib_files
+from deepseek_mini.data.sources import stdlib_files
 
 WORDS = [
     "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be",

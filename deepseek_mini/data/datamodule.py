@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .corpus import Corpus, CorpusSpec, DataError, load_corpus
+from .corpus import Corpus, CorpusSpec, load_corpus
 from .packing import TokenCache, build_token_cache
+from .sources import DataError
 from .tokenizer import eos_id, file_sha256, get_tokenizer
 
 log = logging.getLogger(__name__)
