@@ -51,7 +51,6 @@ class Corpus:
         return hashlib.sha256(f"{self.train_hash}:{self.val_hash}".encode()).hexdigest()
 
 
-
 def _val_mask(keys: Sequence[str] | int, val_fraction: float) -> np.ndarray:
     """Deterministic per-document val assignment from a hash of a stable key (path or index).
 

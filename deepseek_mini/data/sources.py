@@ -37,7 +37,6 @@ class DataError(ValueError):
     """A problem with the user's data (missing file, empty corpus, ...): one-line, actionable."""
 
 
-
 def _suffix(path: str) -> str | None:
     low = path.lower()
     for suf in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
