@@ -97,7 +97,9 @@ def test_rope_scores_depend_only_on_relative_position():
 
 def test_yarn_frequencies():
     # V2's YaRN on a 64-dim rope: dims below low=10 keep theta_i, dims from high=23 on are divided by 40
-    # (architecture.md §1.4), the ramp in between; cos/sin keep unit norm (mscale ratio is 1).
+    # (YaRN's correction dims for beta_fast=32 / beta_slow=1 over the original 4096 positions: 64 * ln(4096 /
+    # (2 pi beta)) / (2 ln 10000) = 10.5 -> 10 and 22.5 -> 23), the ramp in between; cos/sin keep unit norm
+    # (mscale ratio is 1).
     rope = RotaryEmbedding(64, 8, base=10000.0, scaling=YARN)
     inv = torch.atan2(rope.sin[1].double(), rope.cos[1].double())  # angle at position 1 = inv_freq
     theta = 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
@@ -109,7 +111,8 @@ def test_yarn_frequencies():
 
 # ---------------------------------------------------------------------- MLA against the paper's formulas
 def reference_mla(attn: MLA, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
-    """architecture.md §1.1, written out: per-head K/V from the latent, shared roped key, causal softmax."""
+    """MLA as the DeepSeek-V2 paper (Sec. 2.1) defines it, written out: per-head K/V up-projected from the latent,
+    one roped key shared by all heads, causal softmax."""
     B, T, _ = x.shape
     H, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     pos = torch.arange(T)
@@ -226,7 +229,8 @@ def test_mla_cache_holds_latent_and_roped_key_only():
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model(ids, cache=cache)
-        # layer 0's cache must be [RMSNorm(c_KV) ; RoPE(k_R)] of its own input (architecture.md §1.5)
+        # layer 0's cache must be [RMSNorm(c_KV) ; RoPE(k_R)] of its own input: MLA caches the normalised latent
+        # and the shared roped key, never per-head K/V
         attn = model.model.layers[0].self_attn
         h = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
         a = attn.kv_a_proj_with_mqa(h)

@@ -19,7 +19,7 @@ from test_reliability import error_lines, run_inprocess
 from deepseek_mini.checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import DeepSeekV2
-from deepseek_mini.training.callbacks import RunCheckpoint
+from deepseek_mini.training.checkpointing import RunCheckpoint
 from deepseek_mini.training.module import LitDeepSeek
 from deepseek_mini.training.reliability import AtomicCheckpointIO
 

@@ -103,7 +103,8 @@ def test_moe_layer_rule():
 def test_softmax_scale():
     assert small().softmax_scale() == pytest.approx((8 + 4) ** -0.5)
     assert small(attention="mha", head_dim=16).softmax_scale() == pytest.approx(16 ** -0.5)
-    # V2 with YaRN: 192^-0.5 * mscale(40, 0.707)^2 = 0.07217 * 1.5896 (DeepSeek remote code, architecture.md §1.4)
+    # V2 with YaRN: 192^-0.5 * mscale(40, 0.707)^2 = 0.07217 * 1.5896 (DeepSeek's modelling code multiplies the
+    # softmax scale by mscale twice: queries and keys each carry one factor)
     mscale = 0.1 * 0.707 * math.log(40) + 1
     v2 = ModelConfig.preset("v2")
     assert v2.softmax_scale() == pytest.approx(192 ** -0.5 * mscale ** 2, rel=1e-12)
@@ -170,7 +171,8 @@ def test_published_parameter_counts():
     assert abs(v2.total - 236e9) / 236e9 < 0.01
     assert abs(v2.active - 20.9e9) / 20.9e9 < 0.005
     assert abs(v2.active - 21e9) / 21e9 < 0.01
-    # per-layer MLA parameters quoted in architecture.md §1.1: 13.76M (Lite), 149.2M (V2)
+    # per-layer MLA parameters from the published shapes: Lite (no q compression) q 6.29M + kv_a 1.18M + kv_b 2.10M
+    # + o 4.19M = 13.76M; V2 (q_lora_rank 1536) q_a 7.86M + q_b 37.75M + kv_a 2.95M + kv_b 16.78M + o 83.89M = 149.2M
     assert lite.attention / 27 == pytest.approx(13.76e6, rel=1e-3)
     assert v2.attention / 60 == pytest.approx(149.2e6, rel=1e-3)
 

@@ -28,13 +28,14 @@ import deepseek_mini.data.packing as packing_mod
 import deepseek_mini.data.tokenizer as tokenizer_mod
 from deepseek_mini.data import (
     EOS_TOKEN,
+    CorpusSpec,
     DataError,
     ResumableSampler,
     TextDataModule,
     load_corpus,
     split_large_text,
 )
-from deepseek_mini.data.corpus import stdlib_files
+from deepseek_mini.data.sources import stdlib_files
 
 WORDS = [
     "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be",
@@ -424,3 +425,20 @@ def test_resume_continues_exact_stream(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, full[:6]))
     assert len(rest) == 6 and all(torch.equal(a, b) for a, b in zip(rest, full[6:]))
     assert not torch.equal(rest[0], full[0])
+
+
+def test_corpus_spec_is_the_one_home_of_the_corpus_settings(tmp_path):
+    """load_corpus takes a CorpusSpec or its fields alike; the datamodule builds the spec from the same keywords
+    and its settings hash (stored in checkpoints, checked on resume) is what it was before the spec existed."""
+    write(tmp_path / "a.txt", "txt", docs(10))
+    kw = dict(train_files=str(tmp_path / "a.txt"), val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    by_fields, by_spec = load_corpus("text", **kw), load_corpus(CorpusSpec("text", **kw))
+    assert (by_spec.train_hash, by_spec.val_hash, by_spec.description) == (
+        by_fields.train_hash, by_fields.val_hash, by_fields.description)
+    with pytest.raises(TypeError):
+        load_corpus(CorpusSpec("text", **kw), max_chars=5)
+    dm = TextDataModule(**kw, source="text", vocab_size=300, seq_len=16)
+    assert dm.corpus_spec == CorpusSpec("text", **kw) and dm.train_files == kw["train_files"]
+    assert TextDataModule().settings_hash() == "dda19fe278f6c412"  # the value before CorpusSpec
+    with pytest.raises(TypeError):
+        TextDataModule(train_file="a.txt")

@@ -35,8 +35,10 @@ def make_moe(cfg: ModelConfig, dtype=torch.float64, seed: int = 0) -> MoE:
 
 
 def reference_moe(moe: MoE, cfg: ModelConfig, x_BSD: torch.Tensor, keep_TK: torch.Tensor | None = None):
-    """Loop reference: route with the formulas of architecture.md §2.2, then for each expert e run the
-    rows routed to e through SwiGLU with e's own weights. keep_TK masks out dropped assignments."""
+    """Loop reference: route as DeepSeekMoE does (affinities = softmax or sigmoid of the router logits, the top-K
+    experts by affinity, gate weights = their affinities, renormalised if norm_topk_prob, times
+    routed_scaling_factor), then for each expert e run the rows routed to e through SwiGLU with e's own weights.
+    keep_TK masks out dropped assignments."""
     B, S, D = x_BSD.shape
     x = x_BSD.reshape(B * S, D)
     inter = cfg.moe_intermediate_size

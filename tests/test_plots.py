@@ -12,7 +12,8 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from deepseek_mini.analysis.sweep_report import Job, _split_overrides, main, plot_curves  # noqa: E402
+from deepseek_mini.analysis.sweep_plots import plot_curves  # noqa: E402
+from deepseek_mini.analysis.sweep_report import Job, _split_overrides, main  # noqa: E402
 from deepseek_mini.training.callbacks import HEATMAP_RANGE, expert_heatmap_figure  # noqa: E402
 
 

@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
-from deepseek_mini.analysis.sweep_report import PLOT_FILES, pareto_front, write_report
+from deepseek_mini.analysis.sweep_plots import pareto_front
+from deepseek_mini.analysis.sweep_report import PLOT_FILES, write_report
 from deepseek_mini.config import ConfigError, ModelConfig, attention_parameters, count_parameters, flops_per_token
 from deepseek_mini.training.run import model_config_from
 from deepseek_mini.training.sizing import apply_sizing, wandb_sweep_fields

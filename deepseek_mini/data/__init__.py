@@ -1,24 +1,18 @@
-"""Data pipeline: corpus loading, byte-level BPE, packed token memmaps, LightningDataModule.
+"""Data pipeline: reading sources, corpus loading, byte-level BPE, packed token memmaps, LightningDataModule.
 
 Batches are (x, y) LongTensors [B, T] with y = x shifted by one token.
 """
 
-from .corpus import (
-    EOS_TOKEN,
-    Corpus,
-    DataError,
-    expand_files,
-    load_corpus,
-    read_text_file,
-    split_large_text,
-)
+from .corpus import Corpus, CorpusSpec, load_corpus
 from .datamodule import ResumableSampler, TextDataModule, TokenWindows
 from .packing import TokenCache, build_token_cache, token_dtype
+from .sources import EOS_TOKEN, DataError, expand_files, read_text_file, split_large_text
 from .tokenizer import get_tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
     "EOS_TOKEN",
     "Corpus",
+    "CorpusSpec",
     "DataError",
     "ResumableSampler",
     "TextDataModule",

@@ -8,14 +8,16 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import asdict, replace
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .corpus import Corpus, DataError, load_corpus
+from .corpus import Corpus, CorpusSpec, load_corpus
 from .packing import TokenCache, build_token_cache
+from .sources import DataError
 from .tokenizer import eos_id, file_sha256, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -115,50 +117,41 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        source: str = "stdlib",
-        train_files=None,
-        val_files=None,
-        hub_name: str | None = None,
-        hub_config: str | None = None,
-        hub_split: str = "train",
-        hub_val_split: str | None = None,
-        text_field: str = "text",
         vocab_size: int = 4096,
         tokenizer_path: str | None = None,
         seq_len: int = 256,
         batch_size: int = 16,
         val_batch_size: int | None = None,
-        val_fraction: float = 0.01,
-        max_chars: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = True,
         persistent_workers: bool | None = None,
         num_proc: int = 1,
-        cache_dir: str = ".cache/deepseek_mini",
         seed: int = 1234,
+        **corpus,
     ):
+        """`corpus`: the fields of `CorpusSpec` (source, train_files, val_files, hub_name, hub_config, hub_split,
+        hub_val_split, text_field, val_fraction, max_chars, cache_dir) as keywords, with its defaults."""
         super().__init__()
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1 (got {seq_len}, {batch_size})")
-        self.source = source
-        self.train_files = _resolve_spec(train_files)
-        self.val_files = _resolve_spec(val_files)
+        spec = CorpusSpec(**corpus)
+        hub_name = spec.hub_name
         # a local path given as hub_name is resolved too; a Hub id ("org/name") is left alone
         if hub_name and os.path.exists(os.path.expanduser(hub_name)):
             hub_name = os.path.abspath(os.path.expanduser(hub_name))
-        self.hub_name, self.hub_config = hub_name, hub_config
-        self.hub_split, self.hub_val_split = hub_split, hub_val_split
-        self.text_field = text_field
+        self.corpus_spec = replace(
+            spec, train_files=_resolve_spec(spec.train_files), val_files=_resolve_spec(spec.val_files),
+            hub_name=hub_name, cache_dir=_resolve_spec(spec.cache_dir),
+        )
+        vars(self).update(asdict(self.corpus_spec))  # dm.source, dm.train_files, ..., dm.cache_dir as attributes too
         self.requested_vocab_size = vocab_size
         self.requested_tokenizer_path = _resolve_spec(tokenizer_path)
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.val_batch_size = int(val_batch_size or batch_size)
-        self.val_fraction, self.max_chars = val_fraction, max_chars
         self.num_workers, self.pin_memory, self.num_proc = num_workers, pin_memory, max(1, int(num_proc))
         if persistent_workers is None:  # keep workers alive between val/train switches when there are any
             persistent_workers = num_workers > 0
         self.persistent_workers = bool(persistent_workers and num_workers > 0)
-        self.cache_dir = _resolve_spec(cache_dir)
         self.seed = seed
 
         self.corpus: Corpus | None = None
@@ -183,19 +176,7 @@ class TextDataModule(L.LightningDataModule):
         if self.token_cache is not None:
             return
         os.makedirs(self.cache_dir, exist_ok=True)
-        corpus = load_corpus(
-            self.source,
-            train_files=self.train_files,
-            val_files=self.val_files,
-            hub_name=self.hub_name,
-            hub_config=self.hub_config,
-            hub_split=self.hub_split,
-            hub_val_split=self.hub_val_split,
-            text_field=self.text_field,
-            val_fraction=self.val_fraction,
-            max_chars=self.max_chars,
-            cache_dir=self.cache_dir,
-        )
+        corpus = load_corpus(self.corpus_spec)
         log.info(
             "corpus %s: %d train docs (%d chars), %d val docs (%d chars)",
             corpus.description, len(corpus.train), corpus.train_chars, len(corpus.val), corpus.val_chars,
@@ -289,9 +270,9 @@ class TextDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ reporting / checkpoints
     def settings_hash(self) -> str:
-        spec = {k: getattr(self, k) for k in (
-            "source", "train_files", "val_files", "hub_name", "hub_config", "hub_split", "hub_val_split",
-            "text_field", "requested_vocab_size", "val_fraction", "max_chars", "seq_len", "seed")}
+        # every CorpusSpec field but cache_dir, and what decides the tokens and their order
+        spec = {k: v for k, v in asdict(self.corpus_spec).items() if k != "cache_dir"}
+        spec.update(requested_vocab_size=self.requested_vocab_size, seq_len=self.seq_len, seed=self.seed)
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def describe(self) -> dict:

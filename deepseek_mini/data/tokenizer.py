@@ -14,7 +14,8 @@ import tempfile
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .corpus import EOS_TOKEN, Corpus, DataError, iter_texts
+from .corpus import Corpus, iter_texts
+from .sources import EOS_TOKEN, DataError
 
 log = logging.getLogger(__name__)
 

@@ -116,7 +116,8 @@ def build_parts(cfg: DictConfig, run: RunConfig, resume: Resume, dm, model_cfg: 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from deepseek_mini.training.callbacks import CheckpointDirDescriber, ThroughputMonitor
+    from deepseek_mini.training.callbacks import ThroughputMonitor
+    from deepseek_mini.training.checkpointing import CheckpointDirDescriber
     from deepseek_mini.training.module import LitDeepSeek
     from deepseek_mini.training.run import build_callbacks, build_loggers, model_stats
     from deepseek_mini.training.sizing import wandb_sweep_fields
