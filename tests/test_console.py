@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -185,3 +188,110 @@ def test_fast_dev_run_reports_its_validation_loss(cache_dir, tmp_path):
     assert "matplotlib" not in proc.stdout + proc.stderr
     res = json.loads((tmp_path / "fdr" / "results.json").read_text())
     assert res["val_loss"] is not None
+
+
+@pytest.mark.slow
+def test_resumed_offline_wandb_run_keeps_one_directory(cache_dir, tmp_path, capsys, monkeypatch):
+    """wandb names an offline run's directory after its start second, so a resume (same run id) used to
+    leave a second offline-run-* directory; now its transaction log is folded into the first one, where
+    `wandb sync <dir>` finds both parts of the run."""
+    import wandb
+
+    try:
+        _resume_offline_wandb_run_in_process(tmp_path / "run", cache_dir, capsys, monkeypatch)
+    finally:  # the in-process wandb service puts WANDB_SERVICE in os.environ: later CLI subprocesses would share
+        wandb.teardown()  # it, and a SIGKILLed run's id would stay "in use" there
+        os.environ.pop("WANDB_SERVICE", None)
+
+
+def _resume_offline_wandb_run_in_process(run_dir, cache_dir, capsys, monkeypatch):
+    from test_reliability import TINY, run_inprocess
+
+    common = [*TINY, f"paths.cache_dir={cache_dir}", "logger=wandb", f"hydra.run.dir={run_dir}"]
+    code, out = run_inprocess("train.py", [*common, "trainer.max_steps=4"], capsys, monkeypatch)
+    assert code == 0, out[-3000:]
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    (first,) = (run_dir / "wandb").glob("offline-run-*")
+    first_log = (first / f"run-{run_id}.wandb").read_bytes()
+    console = first / "files" / "output.log"  # wandb does not always capture the console in-process
+    first_console = console.read_bytes() if console.is_file() else None
+
+    code, out = run_inprocess("train.py", [*common, "ckpt_path=last"], capsys, monkeypatch)  # to step 8
+    assert code == 0, out[-3000:]
+    assert (run_dir / "wandb_run_id.txt").read_text().strip() == run_id
+    assert list((run_dir / "wandb").glob("offline-run-*")) == [first]  # one directory, the first one
+    assert (first / f"run-{run_id}.wandb").read_bytes() == first_log  # the first part untouched
+    (resumed,) = [f for f in first.glob("*.wandb") if f.name != f"run-{run_id}.wandb"]
+    assert resumed.name.startswith(f"run-{run_id}-") and resumed.stat().st_size > 0  # the resumed part beside it
+    if first_console is not None:
+        assert console.read_bytes().startswith(first_console)  # appended (test_fold_offline_runs_... checks it)
+    assert (run_dir / "wandb" / "latest-run").resolve() == first.resolve()  # wandb's links follow
+    assert json.loads((run_dir / "results.json").read_text())["global_step"] == 8
+
+    # wandb's own `wandb sync` picks up both parts from the one directory (dry run: no account needed)
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SILENT", "WANDB_SERVICE")}
+    proc = subprocess.run([sys.executable, "-m", "wandb", "sync", "--dry-run", str(first)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    listing = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Would sync 2 run(s)" in listing, listing
+    assert f"run-{run_id}.wandb" in listing and resumed.name in listing
+
+
+def test_fold_offline_runs_merges_later_parts_only(tmp_path):
+    """Unit check of the folding (no wandb run): the parts of one run id, wandb's `-1` suffix for a start in
+    the same second, a `.synced` marker; another run's and an online run's directories are left alone."""
+    from deepseek_mini.training.loggers import fold_offline_runs
+
+    wb = tmp_path / "wandb"
+
+    def part(name: str, console: str, synced: bool = False, run_id: str = "abc"):
+        d = wb / name
+        (d / "files").mkdir(parents=True)
+        (d / "logs").mkdir()
+        (d / "tmp").mkdir()
+        (d / f"run-{run_id}.wandb").write_bytes(name.encode())
+        if synced:
+            (d / f"run-{run_id}.wandb.synced").write_text("")
+        (d / "files" / "output.log").write_text(console)
+        (d / "files" / "config.yaml").write_text(name)
+        (d / "logs" / "debug.log").write_text(console)
+        return d
+
+    first = part("offline-run-20260101_000000-abc", "a\n")
+    part("offline-run-20260101_000500-abc", "b\n", synced=True)
+    part("offline-run-20260101_000500-abc-1", "c\n")
+    other = part("offline-run-20260101_000100-xyz", "x\n", run_id="xyz")
+    online = part("run-20260101_000200-abc", "o\n")
+    (wb / "latest-run").symlink_to("offline-run-20260101_000500-abc-1")
+
+    assert fold_offline_runs(wb, "abc") == first
+    assert sorted(p.name for p in wb.iterdir()) == sorted([first.name, other.name, online.name, "latest-run"])
+    assert sorted(p.name for p in first.glob("*.wandb*")) == [
+        "run-abc-20260101_000500-1.wandb", "run-abc-20260101_000500.wandb", "run-abc-20260101_000500.wandb.synced",
+        "run-abc.wandb"]
+    assert (first / "run-abc-20260101_000500-1.wandb").read_bytes() == b"offline-run-20260101_000500-abc-1"
+    assert (first / "files" / "output.log").read_text() == "a\nb\nc\n"  # console and logs appended in order
+    assert (first / "logs" / "debug.log").read_text() == "a\nb\nc\n"
+    assert (first / "files" / "config.yaml").read_text() == "offline-run-20260101_000500-abc-1"  # the latest
+    assert os.readlink(wb / "latest-run") == first.name
+    assert fold_offline_runs(wb, "abc") == first and fold_offline_runs(wb / "none", "abc") is None
+
+
+def test_resume_folds_a_killed_resumes_directory_before_wandb_starts(tmp_path):
+    """A resume killed before wandb.finish leaves its own offline directory; the next resume folds it in."""
+    from omegaconf import OmegaConf
+
+    from deepseek_mini.training.loggers import WANDB_RUN_ID_FILE
+    from deepseek_mini.training.run import build_loggers
+
+    (tmp_path / WANDB_RUN_ID_FILE).write_text("abc\n")
+    for name in ("offline-run-20260101_000000-abc", "offline-run-20260101_000500-abc"):
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+        (tmp_path / "wandb" / name / "run-abc.wandb").write_text(name)
+    cfg = OmegaConf.create({"task_name": "train", "logger": {"wandb": {
+        "_target_": "deepseek_mini.training.loggers.WandbLogger", "project": "p", "offline": True,
+        "save_dir": str(tmp_path)}}})
+    (logger,) = build_loggers(cfg, tmp_path, resume_step=4)
+    assert logger._wandb_init["id"] == "abc" and logger._wandb_init["resume"] == "allow"
+    (first,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert sorted(p.name for p in first.iterdir()) == ["run-abc-20260101_000500.wandb", "run-abc.wandb"]

@@ -95,7 +95,9 @@ def _finish_wandb(exit_code: int) -> None:
 
     if wandb.run is not None:
         _log_to_files(logging.INFO, f"closing wandb run {wandb.run.id}")  # the run summary stays the last line
-        wandb.finish(exit_code=exit_code)
+        from deepseek_mini.training.loggers import finish_wandb_run
+
+        finish_wandb_run(wandb.run, exit_code)  # wandb.finish; a resumed offline run keeps one directory
 
 
 def _log_to_files(level: int, msg: str) -> None:

@@ -11,6 +11,13 @@
 * An offline run's history is a binary .wandb file. `write_readable_run(run_dir, config, summary)` writes
   the resolved config and the final summary as JSON (<run dir>/wandb/config.json and summary.json) so a run
   can be read without a wandb account.
+* A resumed offline run keeps ONE directory. wandb cannot write into the first run's directory: wandb.init
+  stamps every start with a new time (`settings.x_start_time = time.time()`, the `<timestamp>` of
+  `offline-run-<timestamp>-<id>`) and adds `-1`, `-2` to a directory that already exists
+  (wandb/sdk/wandb_init.py, `_make_sync_dir_unique`). So `finish_wandb_run` folds the resumed part into the
+  first directory after wandb.finish: its transaction log lands beside the first one as
+  `run-<id>-<timestamp>.wandb`, and `wandb sync <dir>` uploads every .wandb file of a run directory, the
+  parts of one run in order of their start time (the `-n` help of `wandb sync`).
 
 The class keeps Lightning's name, so `isinstance(.., lightning WandbLogger)` and name checks still hold.
 """
@@ -21,6 +28,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -132,3 +140,90 @@ def write_readable_run(run_dir: str | os.PathLike, config: dict, summary: dict) 
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
         os.replace(tmp, wandb_dir / name)
     return wandb_dir
+
+
+# ------------------------------------------------------------------ one offline directory per resumed run
+_OFFLINE_PREFIX = "offline-run-"
+
+
+def _offline_part(name: str, run_id: str) -> tuple[str, int] | None:
+    """(timestamp, wandb's -N suffix) of `offline-run-<YYYYmmdd_HHMMSS>-<run_id>[-N]`, else None."""
+    if not name.startswith(_OFFLINE_PREFIX):
+        return None
+    stamp, rest = name[len(_OFFLINE_PREFIX):len(_OFFLINE_PREFIX) + 15], name[len(_OFFLINE_PREFIX) + 15:]
+    if len(stamp) != 15 or stamp[8] != "_" or not stamp.replace("_", "").isdigit():
+        return None
+    if rest == f"-{run_id}":
+        return stamp, 0
+    suffix = rest.removeprefix(f"-{run_id}-")
+    return (stamp, int(suffix)) if suffix != rest and suffix.isdigit() else None
+
+
+def _append(src: Path, dst: Path) -> None:
+    with open(src, "rb") as fin, open(dst, "ab") as fout:
+        shutil.copyfileobj(fin, fout)
+    src.unlink()
+
+
+def fold_offline_runs(wandb_dir: str | os.PathLike, run_id: str) -> Path | None:
+    """Fold every later offline directory of wandb run `run_id` into its first one; that directory, or None.
+
+    The later part's `run-<id>.wandb` becomes `run-<id>-<timestamp>.wandb` beside the first (its
+    `.synced` marker follows it); its console output.log and logs/*.log are appended to the first's; its
+    other files/ (config.yaml, wandb-summary.json, ...) describe the run as it ended and replace the
+    first's; tmp/ is wandb's scratch space and goes. The wandb/latest-run and debug*.log links follow.
+    """
+    try:
+        return _fold(Path(wandb_dir), run_id)
+    except OSError as e:  # never let logging bookkeeping fail a run: the parts stay as wandb wrote them
+        log.warning("wandb: could not fold the offline parts of run %s in %s: %s", run_id, wandb_dir, e)
+        return None
+
+
+def _fold(wandb_dir: Path, run_id: str) -> Path | None:
+    parts = sorted((key, d) for d in (wandb_dir.iterdir() if wandb_dir.is_dir() else [])
+                   if d.is_dir() and not d.is_symlink() and (key := _offline_part(d.name, run_id)))
+    if len(parts) < 2:
+        return parts[0][1] if parts else None
+    first = parts[0][1]
+    for (stamp, n), part in parts[1:]:
+        tag = f"{stamp}-{n}" if n else stamp
+        logs = [f for f in part.glob("*.wandb*") if f.is_file()]
+        if any((first / _renamed(f.name, run_id, tag)).exists() for f in logs):
+            log.warning("wandb: %s was not folded into %s (a file of that name exists)", part, first)
+            continue
+        for f in logs:  # the history first: the part that matters
+            os.replace(f, first / _renamed(f.name, run_id, tag))
+        for sub in ("files", "logs"):
+            for f in sorted(p for p in (part / sub).rglob("*") if p.is_file() and not p.is_symlink()):
+                dst = first / sub / f.relative_to(part / sub)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if dst.exists() and f.suffix == ".log":
+                    _append(f, dst)
+                else:
+                    os.replace(f, dst)
+        for link in list(wandb_dir.iterdir()):  # latest-run, debug.log, debug-internal.log point into the part
+            if link.is_symlink() and Path(os.readlink(link)).parts[:1] == (part.name,):
+                tmp = link.with_name(link.name + ".tmp")
+                tmp.unlink(missing_ok=True)
+                tmp.symlink_to(Path(first.name, *Path(os.readlink(link)).parts[1:]))
+                os.replace(tmp, link)
+        shutil.rmtree(part)
+        log.info("wandb: folded the resumed offline run %s into %s", part.name, first)
+    return first
+
+
+def _renamed(name: str, run_id: str, tag: str) -> str:
+    head = f"run-{run_id}.wandb"
+    return f"run-{run_id}-{tag}.wandb{name[len(head):]}" if name.startswith(head) else name
+
+
+def finish_wandb_run(run: Any, exit_code: int) -> None:
+    """wandb's `run.finish`, then (offline) fold a resumed part into the run's first offline directory."""
+    offline = bool(getattr(run, "offline", False))
+    sync_dir = Path(run.settings.sync_dir).resolve() if offline else None
+    run_id = run.id
+    run.finish(exit_code=exit_code)
+    if sync_dir is not None:
+        fold_offline_runs(sync_dir.parent, run_id)
+

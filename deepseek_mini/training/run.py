@@ -31,7 +31,7 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resume_step: int | None = N
     wandb continues the run whose id is stored in <run dir>/wandb_run_id.txt."""
     import hydra
 
-    from deepseek_mini.training.loggers import read_wandb_run_id, wandb_online_problem
+    from deepseek_mini.training.loggers import fold_offline_runs, read_wandb_run_id, wandb_online_problem
 
     loggers = []
     node = cfg.get("logger")
@@ -53,6 +53,8 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resume_step: int | None = N
             run_id = read_wandb_run_id(output_dir) if resume_step is not None else None
             if run_id and lg_cfg.get("id") is None:
                 kwargs.update(id=run_id, resume="allow")
+                # a resume that was killed before wandb.finish left its own directory: fold it in now
+                fold_offline_runs(Path(lg_cfg.get("save_dir") or output_dir) / "wandb", run_id)
                 log.info("resuming wandb run %s", run_id)
             if lg_cfg.get("name") is None:
                 kwargs["name"] = (f"{Path(hinfo['sweep_dir']).name}/{hinfo['job_num']}" if "sweep_dir" in hinfo
