@@ -177,10 +177,10 @@ class TrainerSettings:
     val_check_interval: int
     log_every_n_steps: int = 10
     accumulate_grad_batches: int = 1
-    accelerator: str = "auto"
-    devices: Any = 1
+    accelerator: str = "auto"  # auto / cpu / gpu / cuda: a GPU asked for on a machine without one is refused
+    devices: Any = 1  # a count, a list of device ids, -1 or "auto" (as Lightning reads it)
     num_nodes: int = 1
-    precision: str = "auto"
+    precision: str = "auto"  # auto = bf16-mixed on a CUDA GPU, 32-true on CPU (resolve_precision)
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str | None = "norm"
     limit_val_batches: int | float | None = 1.0  # None (null): all batches, as Lightning reads it
