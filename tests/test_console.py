@@ -173,6 +173,8 @@ def test_tiny_run_ends_on_the_summary_block(cache_dir, tmp_path):
     assert f"run dir: {run_dir.resolve()}" in block and "resume: python train.py hydra.run.dir=" in block
     assert res["time_to_first_step_sec"] is not None and res["time_to_first_step_sec"] > 0
     out = proc.stdout + proc.stderr
+    config_line = next(line for line in out.splitlines() if "config: model (" in line)  # what is about to train
+    assert "seq_len 32 x batch 4; 4 steps" in config_line and "kv_lora_rank" in config_line, config_line
     for noise in ("litlogger", "LeafSpec", "anonymous setting", "Total FLOPs", "\nwandb:", "v_num", "Epoch 0"):
         assert noise not in out, noise  # (the tests set WANDB_SILENT; test_wandb_logger_is_quiet covers wandb)
     # the offline wandb run is readable without an account

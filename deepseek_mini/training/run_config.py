@@ -387,6 +387,19 @@ class RunConfig:
                    resume=as_bool("resume", cfg.get("resume", False)),
                    val_before_fit=as_bool("val_before_fit", cfg.get("val_before_fit", True)))
 
+    def summary(self, data_source: str | None = None) -> str:
+        """One line a person reads at the start of a run: what is about to train, on what, for how long."""
+        m, t = self.model, self.trainer
+        shape = f"{m.attention}, d={m.hidden_size}, {m.num_hidden_layers} layers"
+        if m.is_moe:
+            shape += f", {m.n_routed_experts} routed experts top-{m.num_experts_per_tok} + {m.n_shared_experts} shared"
+        if m.attention == "mla":
+            shape += f", kv_lora_rank {m.kv_lora_rank}"
+        source = f"{data_source} " if data_source else ""
+        return (f"config: model ({shape}); data {source}seq_len {self.data.seq_len} x batch {self.data.batch_size}; "
+                f"{t.max_steps} steps, lr {self.optim.lr:g} {self.scheduler.name} (warmup {self.scheduler.warmup_steps}); "
+                f"precision {t.precision}, compile {self.compile or 'off'}, seed {self.seed}")
+
     def optim_dict(self) -> dict:
         d = asdict(self.optim)
         d["betas"] = list(self.optim.betas)

@@ -327,6 +327,7 @@ def train(cfg: DictConfig) -> dict:
     quiet_console()  # library noise (litlogger tip, LeafSpec, matplotlib DEBUG, ...): see training/console.py
     run = RunConfig.from_cfg(cfg, output_dir)  # every setting, before data preparation or any write
     set_cpu_threads(cfg.get("cpu_threads", "auto"), cfg.trainer)  # before any torch work; training/threads.py
+    log.info(run.summary((cfg.get("data") or {}).get("source")))
     resume = checkpoint_to_resume(run)  # verified (zip/CRC) before data preparation
     acquire_run_lock(output_dir)
     try:
