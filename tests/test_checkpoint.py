@@ -19,9 +19,9 @@ from test_reliability import error_lines, run_inprocess
 from deepseek_mini.checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import DeepSeekV2
+from deepseek_mini.training.checkpoint_io import AtomicCheckpointIO
 from deepseek_mini.training.checkpointing import RunCheckpoint
 from deepseek_mini.training.module import LitDeepSeek
-from deepseek_mini.training.reliability import AtomicCheckpointIO
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import export_hf  # noqa: E402
@@ -78,10 +78,10 @@ def test_the_good_checkpoint_loads(ckpts):
     assert loaded.config == ModelConfig(**SMALL_MODEL) and loaded.checkpoint["global_step"] == 3
 
 
-def test_reliability_uses_the_same_check():
-    from deepseek_mini.training import reliability
+def test_training_resume_uses_the_same_check():
+    from deepseek_mini.training import resume
 
-    assert reliability.check_checkpoint_file is check_checkpoint_file
+    assert resume.check_checkpoint_file is check_checkpoint_file  # resolve_ckpt_path (train.py's resume) calls it
 
 
 def test_eval_refuses_a_flipped_byte_before_data_prep(ckpts, tmp_path, capsys, monkeypatch):

@@ -22,7 +22,12 @@ import torch
 from conftest import ROOT
 
 from deepseek_mini import cli as cli_mod
+from deepseek_mini.checkpoint import CheckpointError, check_checkpoint_file
 from deepseek_mini.training import reliability as rel
+from deepseek_mini.training.checkpoint_io import AtomicCheckpointIO
+from deepseek_mini.training.errors import fault_message, is_oom
+from deepseek_mini.training.loggers import WANDB_RUN_ID_FILE, wandb_online_problem
+from deepseek_mini.training.resume import RNGStateCallback
 
 CONFIGS = str(ROOT / "configs")
 
@@ -80,7 +85,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, cache_dir):
     killed = cli("train.py", *common, f"hydra.run.dir={b}", env={"DSMINI_FAULT": "kill_at_step:6"})
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL after step 6: last.ckpt is from step 4
     assert torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
-    run_id = (b / rel.WANDB_RUN_ID_FILE).read_text().strip()
+    run_id = (b / WANDB_RUN_ID_FILE).read_text().strip()
 
     resumed = cli("train.py", *common, f"hydra.run.dir={b}", "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -98,7 +103,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, cache_dir):
     for k, v in sd_a["state_dict"].items():
         assert torch.equal(v, sd_b["state_dict"][k]), k
     assert sd_a["lr_schedulers"] == sd_b["lr_schedulers"]
-    assert (b / rel.WANDB_RUN_ID_FILE).read_text().strip() == run_id
+    assert (b / WANDB_RUN_ID_FILE).read_text().strip() == run_id
     assert {p.name.rsplit("-", 1)[-1] for p in (b / "wandb").glob("offline-run-*")} == {run_id}
     assert not list((b / "checkpoints").glob(".*tmp*")), "no temporary checkpoint files left behind"
 
@@ -128,16 +133,16 @@ def test_ckpt_path_last_without_run_dir_picks_latest_run(tmp_path):
     (runs / "2025-01-03_00-00-00-000001").mkdir()  # newest dir, but no checkpoint
     argv = rel._preflight_resume(["resume=true", f"paths.log_dir={tmp_path / 'logs'}"], CONFIGS, "train")
     assert argv[-1] == f"hydra.run.dir={runs / '2025-01-02_00-00-00-000001'}"
-    with pytest.raises(rel.CheckpointError, match="no run under"):
+    with pytest.raises(CheckpointError, match="no run under"):
         rel._preflight_resume(["ckpt_path=last", f"paths.log_dir={tmp_path / 'none'}"], CONFIGS, "train")
     # a given run dir without a checkpoint is refused before Hydra writes anything into it
-    with pytest.raises(rel.CheckpointError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         rel._preflight_resume(["ckpt_path=last", f"hydra.run.dir={tmp_path / 'x'}"], CONFIGS, "train")
     assert not (tmp_path / "x").exists()
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
-    cb = rel.RNGStateCallback()
+    cb = RNGStateCallback()
     torch.save(cb.state_dict(), tmp_path / "rng.pt")
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.rand(5), np.random.rand(5), random.random()
@@ -148,7 +153,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------- 2. atomic / corrupt checkpoints
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    io, path = rel.AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
     real_save = torch.save
 
@@ -162,7 +167,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(path, weights_only=True)["global_step"] == 1
-    assert rel.check_checkpoint_file(path) == path
+    assert check_checkpoint_file(path) == path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
@@ -302,12 +307,12 @@ def test_wandb_online_problems_are_detected(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
-    assert "no wandb API key" in rel.wandb_online_problem()
+    assert "no wandb API key" in wandb_online_problem()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-    assert "cannot reach 127.0.0.1:9" in rel.wandb_online_problem(timeout=1)
+    assert "cannot reach 127.0.0.1:9" in wandb_online_problem(timeout=1)
     monkeypatch.setenv("WANDB_MODE", "offline")  # a key, and wandb told to stay offline: no network probe
-    assert rel.wandb_online_problem() is None
+    assert wandb_online_problem() is None
 
 
 # ---------------------------------------------------------------------- 5. faults while training
@@ -340,7 +345,7 @@ def test_oom_in_one_sweep_job_fails_that_job_and_the_sweep_goes_on(tmp_path, cac
 
 
 def test_oom_detection_and_message():
-    assert rel.is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
-    assert rel.is_oom(RuntimeError("CUDA error: out of memory"))
-    assert not rel.is_oom(RuntimeError("shape mismatch"))
-    assert rel.fault_message(torch.OutOfMemoryError("CUDA out of memory.\nTried")).startswith("CUDA out of memory (")
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not is_oom(RuntimeError("shape mismatch"))
+    assert fault_message(torch.OutOfMemoryError("CUDA out of memory.\nTried")).startswith("CUDA out of memory (")

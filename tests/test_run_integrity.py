@@ -26,6 +26,7 @@ from deepseek_mini.training import run_config as rc
 from deepseek_mini.training.checkpoint_io import AtomicCheckpointIO, remove_stale_temp_files
 from deepseek_mini.training.errors import CheckpointWriteError
 from deepseek_mini.training.lock import acquire_run_lock, release_run_lock
+from deepseek_mini.training.resume import resume_overrides
 
 MODEL = [o for o in TINY if o.startswith("model.")]
 NO_MODEL = [o for o in TINY if not o.startswith("model.")]
@@ -89,11 +90,11 @@ def test_resume_overrides_adopt_what_the_user_did_not_ask_to_change(tmp_path):
     (ckpt_dir / "config.yaml").write_text("data:\n  seq_len: 32\n  vocab_size: 512\n")
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["data.max_chars=5"])
-    adopt = rel.resume_overrides(cfg, ckpt_dir / "last.ckpt", ["data.max_chars=5"])
+    adopt = resume_overrides(cfg, ckpt_dir / "last.ckpt", ["data.max_chars=5"])
     assert set(adopt) == {"++model.hidden_size=64", "++model.num_hidden_layers=2", "++data.seq_len=32",
                           "++data.vocab_size=512", "++model.vocab_size=512"}
     with pytest.raises(ConfigError, match=r"model.hidden_size=128 \(the run: 64\)"):
-        rel.resume_overrides(cfg, ckpt_dir / "last.ckpt", ["model.hidden_size=128"])
+        resume_overrides(cfg, ckpt_dir / "last.ckpt", ["model.hidden_size=128"])
 
 
 # ---------------------------------------------------------------------- 5 + 6. resume with new training settings

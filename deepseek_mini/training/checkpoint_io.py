@@ -5,8 +5,8 @@
   `CheckpointWriteError` ("cannot write checkpoint <path>: No space left on device") and leaves the last
   good checkpoint as it was.
 * `remove_stale_temp_files`: the `.tmp-<pid>` files a killed save left behind, removed at the next start.
-* `check_checkpoint_file` / `checkpoint_global_step`: a truncated or corrupt file named in one line before
-  any heavy work.
+* `read_checkpoint_meta` / `checkpoint_global_step`: a checkpoint's step and states, memory-mapped. The file is
+  verified first by `deepseek_mini.checkpoint.check_checkpoint_file` (resume.resolve_ckpt_path calls it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from deepseek_mini.checkpoint import CheckpointError, check_checkpoint_file  # noqa: F401  (re-exported: the verified loader's check)
+from deepseek_mini.checkpoint import CheckpointError
 from deepseek_mini.training.errors import CheckpointWriteError, one_line
 
 log = logging.getLogger(__name__)

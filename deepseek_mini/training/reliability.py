@@ -14,7 +14,7 @@ writes `.hydra/` or `train.log` into any run dir) a training command is composed
 Hydra's multi-line composition errors (unknown key, bad override, missing group option) become one
 `error: ...` line with exit status 2. `HYDRA_FULL_ERROR=1` keeps Hydra's own output.
 
-Where the rest lives: checkpoint files (checkpoint_io.py), resume state and checks (resume.py), the run lock
+Where the rest lives (import it from there): checkpoint files (checkpoint_io.py), resume state and checks (resume.py), the run lock
 (lock.py), training guards and the DSMINI_FAULT test hook (guards.py), loggers (loggers.py), one-line errors
 (errors.py), the typed run config (run_config.py).
 """
@@ -28,43 +28,16 @@ from pathlib import Path
 
 from deepseek_mini.checkpoint import CheckpointError
 from deepseek_mini.config import ConfigError
-from deepseek_mini.training.checkpoint_io import (  # noqa: F401  (re-exported)
-    AtomicCheckpointIO,
-    check_checkpoint_file,
-    checkpoint_global_step,
-    remove_stale_temp_files,
-)
-from deepseek_mini.training.errors import (  # noqa: F401  (re-exported)
-    CheckpointWriteError,
-    NonFiniteLossError,
-    TrainingFault,
-    fault_message,
+from deepseek_mini.training.errors import (
     hydra_error_line,
-    is_oom,
-    one_line,
-)
-from deepseek_mini.training.guards import (  # noqa: F401  (re-exported)
-    FaultInjector,
-    InterruptCheckpoint,
-    NonFiniteLossGuard,
-    fault_injector_from_env,
 )
 from deepseek_mini.training.lock import acquire_run_lock
-from deepseek_mini.training.loggers import (  # noqa: F401  (re-exported)
-    WANDB_RUN_ID_FILE,
-    ResumableCSVLogger,
-    read_wandb_run_id,
-    wandb_online_problem,
-    write_wandb_run_id,
-)
-from deepseek_mini.training.resume import (  # noqa: F401  (re-exported)
-    RNGStateCallback,
+from deepseek_mini.training.resume import (
     latest_run_with_checkpoint,
     resolve_ckpt_path,
     resume_overrides,
 )
 
-_hydra_error_line = hydra_error_line  # older name
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--shell-completion",
               "-sc", "--version")
 
@@ -167,8 +140,4 @@ def cli_entry(main, config_dir: str | os.PathLike, config_name: str):
     return wrapped
 
 
-__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "FaultInjector", "InterruptCheckpoint", "NonFiniteLossError",
-           "NonFiniteLossGuard", "RNGStateCallback", "ResumableCSVLogger", "TrainingFault", "check_checkpoint_file",
-           "cli_entry", "fault_injector_from_env", "fault_message", "is_oom", "latest_run_with_checkpoint",
-           "read_wandb_run_id", "remove_stale_temp_files", "resolve_ckpt_path", "wandb_online_problem",
-           "write_wandb_run_id"]
+__all__ = ["cli_entry"]

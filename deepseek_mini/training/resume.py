@@ -29,9 +29,9 @@ import lightning as L
 import numpy as np
 import torch
 
-from deepseek_mini.checkpoint import CheckpointError
+from deepseek_mini.checkpoint import CheckpointError, check_checkpoint_file
 from deepseek_mini.config import ConfigError
-from deepseek_mini.training.checkpoint_io import check_checkpoint_file, read_checkpoint_meta
+from deepseek_mini.training.checkpoint_io import read_checkpoint_meta
 
 log = logging.getLogger(__name__)
 
