@@ -1,10 +1,12 @@
 """How many threads torch uses for CPU work: the `cpu_threads` config key (auto | <n>).
 
-torch's default is one intra-op thread per core. The CPU models here are tiny (the `tiny` preset's matmuls
-are 128 wide), so a second thread buys little even on an idle machine, and when anything else runs on the
-cores (a second training run, the test suite) the threads spin waiting for each other: a 2-thread run under
-load measured 7x slower than a 1-thread one (0.22 vs 1.6 it/s). README.md ("Quick start") has the timings
-behind the `auto` choice.
+torch's default is one intra-op thread per core. When anything else runs on the cores (a second training run,
+the test suite) those threads spin waiting for each other: a 2-thread run under load measured 1.5x to 7x slower
+than a 1-thread one. On an idle 2-core machine the second thread does help (the default run: 4,412 against
+2,714 tokens/s), so `auto` trades idle speed for never collapsing under load; `cpu_threads=<n>` is the switch
+when the cores are yours. README.md ("Quick start") has the timings. (The thread count is fixed per run rather
+than read from the load average, so that two runs of one command, and a run and its resume, sum in the same
+order and give the same numbers.)
 
     auto  one thread when training runs on the CPU (the accelerator is cpu, or auto without CUDA);
           torch's default on a GPU, where CPU threads only feed the device
