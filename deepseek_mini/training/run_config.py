@@ -169,6 +169,27 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _is_fsdp(strategy: Any) -> bool:
+    """trainer=fsdp: a strategy node whose _target_ builds an FSDPStrategy, or Lightning's strategy names."""
+    if isinstance(strategy, dict):
+        strategy = strategy.get("_target_", "")
+    return "fsdp" in str(strategy or "").lower()
+
+
+def check_multi_device(accelerator: Any, devices: Any, strategy: Any) -> None:
+    """Multi-GPU settings this machine cannot run, refused before data preparation (Lightning and torch would
+    fail later, deep inside the strategy's setup): FSDP without a CUDA GPU."""
+    if not _is_fsdp(strategy):
+        return
+    accel = str(accelerator).lower()
+    if accel == "cpu":
+        raise ConfigError("trainer=fsdp: FSDP needs CUDA GPUs, it cannot run with trainer.accelerator='cpu'; "
+                          "for a CPU check of multi-process training use trainer=ddp trainer.accelerator=cpu")
+    if _visible_gpus() == 0:
+        raise ConfigError("trainer=fsdp: FSDP needs CUDA GPUs and this machine has none; "
+                          "for a CPU check of multi-process training use trainer=ddp trainer.accelerator=cpu")
+
+
 @dataclass(frozen=True)
 class TrainerSettings:
     """configs/trainer/*.yaml: the checked fields; `extra` holds every other Trainer argument as given."""
@@ -208,6 +229,7 @@ class TrainerSettings:
             _fail("trainer.gradient_clip_algorithm", self.gradient_clip_algorithm, "use norm or value")
         if str(self.precision) not in PRECISIONS:
             _fail("trainer.precision", self.precision, f"use one of {', '.join(PRECISIONS[:8])}")
+        check_multi_device(self.accelerator, self.devices, self.extra.get("strategy"))
         self._check_devices()
 
     def _check_devices(self) -> None:
@@ -225,6 +247,9 @@ class TrainerSettings:
             return
         if isinstance(devices, (list, tuple)):
             n = len(devices)
+            on_gpu = accel in ("gpu", "cuda") or accel == "auto" and gpus > 0
+            if on_gpu and any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < gpus for i in devices):
+                _fail("trainer.devices", list(devices), f"GPU ids run from 0 to {gpus - 1} on this machine")
         elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
             n = devices
         else:
