@@ -81,10 +81,57 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+SHARDED_META = "meta.pt"  # the non-tensor state of a sharded FSDP checkpoint directory (Lightning's name)
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint directory written by Lightning's FSDPStrategy(state_dict_type="sharded"): meta.pt plus one
+    torch.distributed.checkpoint shard file per rank and their `.metadata` index."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_META).is_file()
+
+
+def consolidate_command(path: Path) -> str:
+    """The command that turns a sharded checkpoint directory into one ordinary .ckpt (`<dir>.consolidated`)."""
+    return f"python -m lightning.pytorch.utilities.consolidate_checkpoint {path}"
+
+
+def check_sharded_checkpoint(path: str | os.PathLike) -> Path:
+    """A complete sharded FSDP checkpoint directory, or CheckpointError naming it (nothing is unpickled but the
+    shard index): meta.pt is a sound torch zip, `.metadata` reads, and every shard file it names is there and
+    at least as long as the byte ranges it records (a shard of a killed save is shorter or missing)."""
+    path = Path(path).expanduser()
+    if not is_sharded_checkpoint(path):
+        raise CheckpointError(f"checkpoint {path} is not a sharded FSDP checkpoint directory (no {SHARDED_META})")
+    check_checkpoint_file(path / SHARDED_META)
+    why = f"cannot read sharded checkpoint {path}"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as e:  # a missing or damaged .metadata
+        raise CheckpointError(f"{why}: its .metadata index: {type(e).__name__}: {_first_line(e)}") from None
+    need: dict[str, int] = {}
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    for name, size in sorted(need.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise CheckpointError(f"{why}: shard {name} is missing")
+        if shard.stat().st_size < size:
+            raise CheckpointError(f"{why}: shard {name} is truncated ({shard.stat().st_size:,} of {size:,} bytes)")
+    return path
+
+
 def _directory_hint(path: Path) -> str:
+    if is_sharded_checkpoint(path):
+        return (f"it is a sharded FSDP checkpoint: consolidate it first with `{consolidate_command(path)}` and give "
+                f"{path}.consolidated")
     for candidate in (path / "last.ckpt", path / "checkpoints" / "last.ckpt"):
         if candidate.is_file():
             return f"give the file, e.g. {candidate}"
+        if is_sharded_checkpoint(candidate):
+            return _directory_hint(candidate)
     return "give a .ckpt file (or a Hugging Face directory with config.json)"
 
 

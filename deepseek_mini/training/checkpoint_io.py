@@ -98,7 +98,8 @@ def remove_stale_temp_files(ckpt_dir: Path) -> list[Path]:
 
 def read_checkpoint_meta(path: Path) -> dict:
     """The checkpoint's dict, memory-mapped (tensors are not read): global_step, hyper_parameters, callback
-    and datamodule states."""
+    and datamodule states. A sharded FSDP checkpoint directory keeps them in its meta.pt."""
+    path = Path(path) / "meta.pt" if Path(path).is_dir() else path
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:

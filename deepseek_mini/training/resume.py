@@ -7,6 +7,9 @@
   did not ask to change is taken from the run (returned as `++key=value` overrides); one the user did ask
   to change refuses the resume with one line naming the fields. `reliability.cli_entry` runs this before
   Hydra writes anything into the run dir.
+* `check_world_size`: a sharded FSDP checkpoint (a `last.ckpt/` directory) resumes only with the number of
+  ranks that wrote it (refused in one line naming trainer.devices); a full checkpoint resumes on any number
+  (the data stream continues at the recorded sample; the global batch changes, and a warning says so).
 * `check_tokenizer`: after data preparation, the tokenizer must be the one the checkpoint was trained with.
 * `RNGStateCallback`: torch / numpy / python (and CUDA) RNG states in the checkpoint (Lightning does not
   restore them), stored as tensors and plain containers so `weights_only` loading still works.
@@ -29,7 +32,13 @@ import lightning as L
 import numpy as np
 import torch
 
-from deepseek_mini.checkpoint import CheckpointError, check_checkpoint_file
+from deepseek_mini.checkpoint import (
+    CheckpointError,
+    check_checkpoint_file,
+    check_sharded_checkpoint,
+    consolidate_command,
+    is_sharded_checkpoint,
+)
 from deepseek_mini.config import ConfigError
 from deepseek_mini.training.checkpoint_io import read_checkpoint_meta
 
@@ -45,7 +54,8 @@ DATA_IDENTITY = ("source", "train_files", "val_files", "hub_name", "hub_config",
 def resolve_ckpt_path(ckpt_path: Any, output_dir: Path, resume: bool = False) -> Path | None:
     """cfg.ckpt_path (`null`, `last` or a file) -> a checked checkpoint file in this run, or None.
 
-    `last` (or resume=true) means `<output dir>/checkpoints/last.ckpt`. Without `hydra.run.dir=`,
+    `last` (or resume=true) means `<output dir>/checkpoints/last.ckpt`, a file, or under trainer=fsdp a sharded
+    checkpoint directory (checked shard by shard). Without `hydra.run.dir=`,
     `cli_entry` has already pointed the output dir at the latest run that has one.
     """
     if ckpt_path in (None, "", "null"):
@@ -54,11 +64,13 @@ def resolve_ckpt_path(ckpt_path: Any, output_dir: Path, resume: bool = False) ->
         ckpt_path = "last"
     if str(ckpt_path) == "last":
         path = Path(output_dir) / "checkpoints" / "last.ckpt"
-        if not path.is_file():
+        if not path.is_file() and not is_sharded_checkpoint(path):
             raise CheckpointError(f"ckpt_path=last: no checkpoint {path}; resume with hydra.run.dir=<run dir> "
                                   "ckpt_path=last, or give ckpt_path=<file>")
-        return check_checkpoint_file(path)
-    return check_checkpoint_file(Path(str(ckpt_path)).expanduser().resolve())
+    else:
+        path = Path(str(ckpt_path)).expanduser().resolve()
+    # trainer=fsdp writes last.ckpt as a directory of shards (+ meta.pt): train resumes from it as it is
+    return check_sharded_checkpoint(path) if is_sharded_checkpoint(path) else check_checkpoint_file(path)
 
 
 def latest_run_with_checkpoint(runs_dir: Path) -> Path | None:
@@ -125,6 +137,7 @@ def resume_overrides(cfg, ckpt_file: Path, overrides: list[str]) -> list[str]:
         for k in DATA_IDENTITY:
             if k in rec_data and _norm(rec_data[k]) != now.get(k):
                 pairs.append(("data", k, _norm(rec_data[k]), now.get(k)))
+    check_world_size(cfg, ckpt_file, meta, recorded)
     differ = [(g, k, r, n) for g, k, r, n in pairs if _asked(overrides, g, k)]
     if differ:
         fields = ", ".join(f"{g}.{k}={n!r} (the run: {r!r})" for g, k, r, n in differ)
@@ -136,6 +149,58 @@ def resume_overrides(cfg, ckpt_file: Path, overrides: list[str]) -> list[str]:
     if adopt:
         log.info("resume: using the run's recorded settings %s", " ".join(adopt))
     return adopt
+
+
+def requested_world_size(trainer_cfg: dict) -> int | None:
+    """Ranks the command will run (devices x num_nodes), or None where Lightning decides at start-up
+    (devices=auto / -1 on a CPU accelerator)."""
+    devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1) or 1
+    if isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        n = devices
+    elif devices in ("auto", -1, "-1") and str(trainer_cfg.get("accelerator", "auto")).lower() != "cpu" \
+            and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+    else:
+        return None
+    return n * int(nodes) if isinstance(nodes, int) else None
+
+
+def recorded_world_size(meta: dict, recorded_config: dict | None) -> int | None:
+    """The world size the checkpoint was written with: RunHistory's record, else the run's config.yaml."""
+    state = (meta.get("callbacks") or {}).get("RunHistory") or {}
+    if isinstance(state.get("world_size"), int):
+        return state["world_size"]
+    trainer_cfg = ((recorded_config or {}).get("trainer")) or {}
+    if not isinstance(trainer_cfg.get("devices"), (int, list)):  # auto / -1 meant that machine's devices
+        return None
+    return requested_world_size(trainer_cfg)
+
+
+def check_world_size(cfg, ckpt_file: Path, meta: dict, recorded_config: dict | None) -> None:
+    """A sharded FSDP checkpoint resumes only on the world size that wrote it; a full checkpoint (DDP, one
+    device) on any, with a warning: the data stream continues at the recorded sample (`samples_seen`), but
+    every optimizer step from here on sees a different global batch."""
+    from omegaconf import OmegaConf
+
+    node = cfg.get("trainer") or {}
+    trainer_cfg = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+                   for k in ("devices", "num_nodes", "accelerator") if (v := node.get(k)) is not None}
+    old, new = recorded_world_size(meta, recorded_config), requested_world_size(trainer_cfg)
+    if old is None or new is None or old == new:
+        return
+    devices = trainer_cfg.get("devices")
+    if is_sharded_checkpoint(ckpt_file):
+        nodes = trainer_cfg.get("num_nodes", 1)
+        per_node = f"trainer.devices={old // nodes}" if isinstance(nodes, int) and nodes and old % nodes == 0 \
+            else f"devices x num_nodes = {old}"
+        raise ConfigError(f"trainer.devices={devices!r}: the sharded FSDP checkpoint {ckpt_file} was written by "
+                          f"{old} ranks and this run would have {new}; resume it with {per_node}, or start a new "
+                          f"run from its consolidated weights (`{consolidate_command(ckpt_file)}`)")
+    log.warning("resume: world size %d -> %d (trainer.devices=%s): the data stream continues at the recorded sample, "
+                "each optimizer step now sees data.batch_size x %d x accumulate_grad_batches sequences",
+                old, new, devices, new)
 
 
 def check_tokenizer(tokenizer_path: str | None, ckpt_meta: dict, ckpt_path: Path) -> None:
@@ -196,7 +261,10 @@ class RunHistory(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         history = list(getattr(self._module, "val_history", []) or [])
-        return {"val_loss_start": self.val_loss_start, "val_history": [[int(s), float(v)] for s, v in history]}
+        trainer = getattr(self._module, "_trainer", None)
+        return {"val_loss_start": self.val_loss_start, "val_history": [[int(s), float(v)] for s, v in history],
+                # the ranks that trained up to here: a sharded checkpoint resumes only on as many (check_world_size)
+                "world_size": int(trainer.world_size) if trainer is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.val_loss_start = state.get("val_loss_start", self.val_loss_start)

@@ -19,6 +19,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from deepseek_mini.checkpoint import is_sharded_checkpoint
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -83,12 +85,6 @@ def build_strategy(trainer_kwargs: dict) -> dict:
 
         trainer_kwargs["strategy"] = hydra.utils.instantiate(strategy)
     return trainer_kwargs
-
-
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    """A checkpoint directory written by FSDP with state_dict_type="sharded"."""
-    path = Path(path)
-    return path.is_dir() and (path / "meta.pt").is_file()
 
 
 def consolidate_checkpoint(path: str | os.PathLike, output_file: str | os.PathLike | None = None) -> Path:
