@@ -165,3 +165,161 @@ def test_two_job_sweep_through_the_submitit_local_launcher(tmp_path, cache_dir):
     assert ranks == {"0": 8, "1": 16}
     logs = list((sweep / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 2, "submitit kept one stdout log per job"
+
+
+# ---------------------------------------------------------------------- bad multi-GPU input, sharded checkpoints
+def _settings(**kw):
+    from deepseek_mini.training.run_config import TrainerSettings
+
+    return TrainerSettings(max_steps=4, val_check_interval=2, **kw)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda", "auto"])
+def test_more_devices_than_visible_gpus_is_refused(two_gpus, accelerator):
+    from deepseek_mini.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^trainer.devices=3: this machine has 2 CUDA GPU"):
+        _settings(accelerator=accelerator, devices=3)
+    with pytest.raises(ConfigError, match=r"^trainer.devices=\[0, 2\]: GPU ids run from 0 to 1"):
+        _settings(accelerator=accelerator, devices=[0, 2])
+    for fine in (2, 1, -1, "auto", [0, 1]):
+        _settings(accelerator=accelerator, devices=fine)
+
+
+def test_gpu_devices_on_a_cpu_only_machine_are_refused(monkeypatch):
+    from deepseek_mini.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^trainer.accelerator='gpu': this machine has no CUDA GPU"):
+        _settings(accelerator="gpu", devices=2)
+    _settings(accelerator="auto", devices="auto")
+
+
+def test_fsdp_without_gpus_is_one_config_error(monkeypatch, tmp_path):
+    """trainer=fsdp with accelerator=cpu used to pass the checks and fail inside Lightning's setup, after data
+    preparation; now it is refused with one line that points at trainer=ddp for a CPU check."""
+    from deepseek_mini.config import ConfigError
+    from deepseek_mini.training.run_config import RunConfig
+
+    def run_config(*overrides):  # as cli_entry checks a command before Hydra runs
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, *overrides], return_hydra_config=True)
+        cfg.paths.output_dir = str(tmp_path / "run")
+        return RunConfig.from_cfg(cfg, tmp_path / "run")
+
+    with pytest.raises(ConfigError, match=r"^trainer=fsdp: FSDP needs CUDA GPUs.*trainer=ddp trainer.accelerator=cpu"):
+        run_config("trainer=fsdp", "trainer.accelerator=cpu")
+    assert run_config(*DDP_CPU).trainer.devices == 2  # the CPU check it suggests
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^trainer=fsdp: FSDP needs CUDA GPUs and this machine has none"):
+        run_config("trainer=fsdp")  # accelerator: gpu, on a machine without one
+    assert not (tmp_path / "run").exists()
+
+
+def _shard(ckpt_file: Path, out_dir: Path) -> Path:
+    """The layout Lightning's FSDPStrategy(state_dict_type="sharded") writes (torch.distributed.checkpoint files
+    of {"model", "optimizer_0"} + meta.pt with the rest), made from a full checkpoint in one process."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    state = {"model": ckpt.pop("state_dict")}
+    state.update({f"optimizer_{i}": o for i, o in enumerate(ckpt.pop("optimizer_states", []))})
+    out_dir.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(state, checkpoint_id=out_dir)
+    torch.save(ckpt, out_dir / "meta.pt")
+    return out_dir
+
+
+@pytest.fixture
+def sharded_run(ddp_run, tmp_path) -> Path:
+    """A copy of the DDP run (2 ranks) whose checkpoints/last.ckpt is a sharded directory."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ddp_run, run, ignore=shutil.ignore_patterns("dump", "*.lock", ".run.lock"))
+    last = run / "checkpoints" / "last.ckpt"
+    full = last.rename(run / "full.ckpt")
+    _shard(full, last)
+    return run
+
+
+def test_last_resolves_to_a_sharded_directory_and_its_shards_are_verified(sharded_run):
+    from deepseek_mini.checkpoint import CheckpointError
+    from deepseek_mini.training.checkpoint_io import read_checkpoint_meta
+    from deepseek_mini.training.resume import latest_run_with_checkpoint, resolve_ckpt_path
+
+    last = sharded_run / "checkpoints" / "last.ckpt"
+    assert is_sharded_checkpoint(last)
+    assert resolve_ckpt_path("last", sharded_run) == last
+    assert resolve_ckpt_path(str(last), Path("/nonexistent")) == last.resolve()
+    assert latest_run_with_checkpoint(sharded_run.parent) == sharded_run
+    meta = read_checkpoint_meta(last)
+    assert meta["global_step"] == 4 and meta["callbacks"]["RunHistory"]["world_size"] == 2
+    shard = next(last.glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # a save killed midway
+    with pytest.raises(CheckpointError, match=r"shard __0_0.distcp is truncated"):
+        resolve_ckpt_path("last", sharded_run)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=r"shard __0_0.distcp is missing"):
+        resolve_ckpt_path("last", sharded_run)
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.slow
+def test_sharded_resume_on_another_world_size_is_refused_and_the_run_dir_is_untouched(sharded_run, cache_dir):
+    before = _tree(sharded_run)
+    proc = run_cli("train.py", *TINY_OVERRIDES, "trainer.devices=1", f"paths.cache_dir={cache_dir}",
+                   f"hydra.run.dir={sharded_run}", "ckpt_path=last", "model.bias_update_speed=0.01", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: trainer.devices=1: the sharded FSDP checkpoint"), lines
+    assert "written by 2 ranks" in lines[0] and "trainer.devices=2" in lines[0]
+    assert _tree(sharded_run) == before, "a refused resume changes nothing in the run dir"
+
+
+def test_full_checkpoint_resumes_on_another_world_size_with_a_warning(ddp_run, caplog):
+    from deepseek_mini.training.checkpoint_io import read_checkpoint_meta
+    from deepseek_mini.training.resume import check_world_size
+
+    last = ddp_run / "checkpoints" / "last.ckpt"
+    cfg = _compose(*TINY_OVERRIDES, "trainer.devices=1")
+    with caplog.at_level("WARNING"):
+        check_world_size(cfg, last, read_checkpoint_meta(last), None)
+    assert "world size 2 -> 1" in caplog.text
+    caplog.clear()
+    check_world_size(_compose(*TINY_OVERRIDES, *DDP_CPU), last, read_checkpoint_meta(last), None)
+    assert "world size" not in caplog.text
+
+
+def test_entry_points_name_the_consolidation_command_for_a_sharded_directory(sharded_run):
+    from deepseek_mini.checkpoint import CheckpointError, load_checkpoint
+    from deepseek_mini.training.strategies import consolidate_checkpoint
+
+    last = sharded_run / "checkpoints" / "last.ckpt"
+    for given in (last, sharded_run / "checkpoints"):  # eval.py / generate.py / export_hf.py all load this way
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(given)
+        msg = str(e.value)
+        assert "\n" not in msg and "sharded FSDP checkpoint" in msg
+        assert f"python -m lightning.pytorch.utilities.consolidate_checkpoint {last}" in msg
+        assert f"{last}.consolidated" in msg
+    out = consolidate_checkpoint(last)
+    assert out == last.with_name("last.ckpt.consolidated")
+    loaded, full = load_checkpoint(out), load_checkpoint(sharded_run / "full.ckpt")
+    assert loaded.tokenizer is not None
+    a, b = loaded.model.state_dict(), full.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
