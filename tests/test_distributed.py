@@ -84,6 +84,23 @@ def test_fsdp_config_wraps_each_block_and_keeps_buffers_fp32():
     assert not is_sharded_checkpoint(CONFIGS)
 
 
+def test_fsdp_keeps_buffers_fp32_whatever_param_dtype():
+    """param_dtype=null used to pass no MixedPrecision, so Lightning's bf16-mixed plugin made every buffer (router
+    counts and biases) bf16; now the strategy always carries buffer_dtype=float32, and bf16 buffers are refused."""
+    from deepseek_mini.config import ConfigError
+    from deepseek_mini.training.run_config import check_multi_device
+    from deepseek_mini.training.strategies import fsdp_strategy
+
+    strategy = fsdp_strategy(param_dtype=None)
+    assert strategy.mixed_precision_config.buffer_dtype == torch.float32
+    assert strategy.mixed_precision_config.param_dtype is None  # fp32 parameters; autocast lowers the matmuls
+    with pytest.raises(ValueError, match="buffer_dtype='bfloat16'"):
+        fsdp_strategy(buffer_dtype="bfloat16")
+    node = {"_target_": "deepseek_mini.training.strategies.fsdp_strategy", "buffer_dtype": "bfloat16"}
+    with pytest.raises(ConfigError, match=r"^trainer.strategy.buffer_dtype='bfloat16': the router's expert counts"):
+        check_multi_device("gpu", 2, node)
+
+
 # ---------------------------------------------------------------------- DDP on CPU, end to end
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, cache_dir) -> Path:

@@ -181,6 +181,10 @@ def check_multi_device(accelerator: Any, devices: Any, strategy: Any) -> None:
     fail later, deep inside the strategy's setup): FSDP without a CUDA GPU."""
     if not _is_fsdp(strategy):
         return
+    buffers = strategy.get("buffer_dtype") if isinstance(strategy, dict) else None
+    if buffers is not None and str(buffers).lower() not in ("float32", "fp32"):
+        raise ConfigError(f"trainer.strategy.buffer_dtype={buffers!r}: the router's expert counts and biases "
+                          "must stay float32 (use float32)")
     accel = str(accelerator).lower()
     if accel == "cpu":
         raise ConfigError("trainer=fsdp: FSDP needs CUDA GPUs, it cannot run with trainer.accelerator='cpu'; "

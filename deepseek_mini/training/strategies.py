@@ -54,10 +54,12 @@ def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", state_dict_type: str = 
                   cpu_offload: bool = False, **kwargs: Any):
     """Lightning FSDPStrategy wrapping each transformer `Block` in its own FSDP unit.
 
-    Mixed precision is set here, not left to Lightning's `bf16-mixed` plugin: the plugin would also
+    Mixed precision is set here, never left to Lightning's `bf16-mixed` plugin: the plugin would also
     cast *buffers* to bf16, and the router's `tokens_per_expert` counts (exact only up to 256 in bf16)
-    and its `e_score_correction_bias` must stay fp32. `param_dtype=None` lets the precision plugin
-    decide. `state_dict_type="sharded"` saves each checkpoint as a directory (one shard per rank plus
+    and its `e_score_correction_bias` (updated in steps of `bias_update_speed`, below bf16's resolution
+    once the bias is ~0.5) must stay fp32. So a MixedPrecision is always passed, whatever `param_dtype`:
+    `param_dtype=None` keeps fp32 parameters in compute (the trainer's autocast alone lowers the
+    matmuls) with the buffers still fp32; a buffer_dtype other than fp32 is refused. `state_dict_type="sharded"` saves each checkpoint as a directory (one shard per rank plus
     `meta.pt`), which resumes with `ckpt_path=<dir>`; "full" gathers a normal .ckpt file on rank 0.
 
     GPUs only: Lightning refuses FSDP unless the accelerator is a GPU, and torch's FSDP itself raises
@@ -68,10 +70,11 @@ def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", state_dict_type: str = 
 
     from deepseek_mini.model.transformer import Block
 
-    mixed = None
-    if param_dtype is not None:
-        mixed = MixedPrecision(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype),
-                               buffer_dtype=_dtype(buffer_dtype))
+    if _dtype(buffer_dtype) not in (None, torch.float32):
+        raise ValueError(f"buffer_dtype={buffer_dtype!r}: the router's expert counts and biases must stay float32")
+    # param_dtype=None used to pass no MixedPrecision at all, and Lightning's plugin then made every buffer bf16
+    mixed = MixedPrecision(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype),
+                           buffer_dtype=torch.float32)
     return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
                mixed_precision=mixed, activation_checkpointing_policy={Block} if activation_checkpointing else None,
                cpu_offload=cpu_offload, **kwargs)
