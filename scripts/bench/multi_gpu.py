@@ -1,0 +1,138 @@
+"""Helpers of scripts/bench/multi_gpu.sh: token-cache preparation, loss-sequence comparison, the summary table.
+
+    python scripts/bench/multi_gpu.py prepare <train.py overrides...>   build tokenizer + token caches, one process
+    python scripts/bench/multi_gpu.py compare REF_RUN RESUMED_RUN FROM_STEP    train/loss after FROM_STEP, step by step
+    python scripts/bench/multi_gpu.py summary OUT                            the table of every run under OUT/runs
+
+`prepare` composes the training config exactly as train.py does (same overrides) and runs the data module's
+prepare_data(), so the multi-process runs that follow find the caches and never build them on several ranks.
+`compare` reads both runs' csv/metrics.csv (the resumed run's file keeps its rows before the resume step and
+appends the rest) and prints how many logged steps are bit-identical and the largest difference.
+`summary` reads each run's results.json (tokens_per_sec counts all ranks and leaves out the first throughput
+window, which holds compilation), the per-GPU memory peaks nvidia-smi sampled (mem_<run>.csv, when there
+were GPUs) and the comparisons, prints one table and writes OUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's package and configs
+
+
+def prepare(overrides: list[str]) -> None:
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    from deepseek_mini.training import presets  # noqa: F401  (registers model=<preset>, as train.py does)
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    print(f"token caches ready: vocab {dm.vocab_size}, seq_len {dm.seq_len}")
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss from csv/metrics.csv (the last row of a step wins: a resumed run re-logs it)."""
+    path = run_dir / "csv" / "metrics.csv"
+    out: dict[int, float] = {}
+    if not path.is_file():
+        return out
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            if row.get("train/loss") not in (None, "") and row.get("step") not in (None, ""):
+                out[int(float(row["step"]))] = float(row["train/loss"])
+    return out
+
+
+def compare(ref: Path, resumed: Path, from_step: int) -> dict:
+    a, b = train_losses(ref), train_losses(resumed)
+    steps = sorted(s for s in a.keys() & b.keys() if s > from_step)
+    diffs = [abs(a[s] - b[s]) for s in steps]
+    result = {"reference": str(ref), "resumed": str(resumed), "after_step": from_step, "steps_compared": len(steps),
+              "bit_identical": sum(d == 0.0 for d in diffs), "max_abs_diff": max(diffs) if diffs else None,
+              "missing_in_resumed": sorted(s for s in a if s > from_step and s not in b)}
+    print(json.dumps(result))
+    return result
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _gpu_peaks(mem_csv: Path) -> list[float] | None:
+    """Per-GPU maximum of nvidia-smi's memory.used (MiB -> GiB): the whole process, allocator cache included."""
+    if not mem_csv.is_file():
+        return None
+    peaks: dict[int, float] = {}
+    for line in mem_csv.read_text().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit():
+            try:
+                peaks[int(parts[0])] = max(peaks.get(int(parts[0]), 0.0), float(parts[1]) / 1024)
+            except ValueError:
+                continue
+    return [round(peaks[i], 1) for i in sorted(peaks)] if peaks else None
+
+
+def summary(out: Path) -> None:
+    rows, base = [], None
+    for run in sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []:
+        res = _read_json(out / f"results_{run.name}.json") or _read_json(run / "results.json")
+        if res is None:
+            rows.append({"run": run.name, "status": "no results.json"})
+            continue
+        world = int(res.get("world_size") or 1)
+        tps = res.get("tokens_per_sec")
+        row = {"run": run.name, "status": res.get("status"), "world_size": world, "steps": res.get("global_step"),
+               "global_batch_tokens": res.get("global_batch_tokens"), "tokens_seen": res.get("tokens_seen"),
+               "tokens_per_sec": tps, "per_gpu_tokens_per_sec": tps / world if tps else None,
+               "peak_alloc_gib_rank0": res.get("peak_gpu_memory_gib"), "gpu_mem_used_gib": _gpu_peaks(out / f"mem_{run.name}.csv"),
+               "val_loss": res.get("val_loss"), "error": res.get("error")}
+        if run.name == "gpu1":
+            base = row
+        rows.append(row)
+    for row in rows:
+        if base and base.get("per_gpu_tokens_per_sec") and row.get("per_gpu_tokens_per_sec"):
+            # scaling efficiency: N-GPU tokens/s / (N x one-GPU tokens/s) = per-GPU rate / one-GPU rate
+            row["scaling_efficiency"] = row["per_gpu_tokens_per_sec"] / base["per_gpu_tokens_per_sec"]
+    compares = [c for p in sorted(out.glob("compare_*.json")) if (c := _read_json(p))]
+    head = f"{'run':<14}{'status':<12}{'ranks':>5}{'steps':>7}{'tok/s/GPU':>12}{'scaling':>9}{'alloc GiB':>11}" \
+           f"{'nvsmi GiB':>16}{'val loss':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def f(v, fmt):
+            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+        print(f"{r['run']:<14}{str(r.get('status')):<12}{f(r.get('world_size'), 'd'):>5}{f(r.get('steps'), 'd'):>7}"
+              f"{f(r.get('per_gpu_tokens_per_sec'), ',.0f'):>12}{f(r.get('scaling_efficiency'), '.3f'):>9}"
+              f"{f(r.get('peak_alloc_gib_rank0'), '.1f'):>11}{str(r.get('gpu_mem_used_gib') or '-'):>16}"
+              f"{f(r.get('val_loss'), '.4f'):>10}")
+        if r.get("error"):
+            print(f"    error: {r['error']}")
+    for c in compares:
+        print(f"resume {Path(c['resumed']).name} vs {Path(c['reference']).name} after step {c['after_step']}: "
+              f"{c['bit_identical']}/{c['steps_compared']} logged train/loss values bit-identical, "
+              f"max |diff| {c['max_abs_diff']}")
+    (out / "summary.json").write_text(json.dumps({"runs": rows, "resume_comparisons": compares}, indent=2))
+
+
+if __name__ == "__main__":
+    cmd, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if cmd == "prepare":
+        prepare(args)
+    elif cmd == "compare" and len(args) == 3:
+        result = compare(Path(args[0]), Path(args[1]), int(args[2]))
+        sys.exit(0 if result["steps_compared"] else 1)
+    elif cmd == "summary" and len(args) == 1:
+        summary(Path(args[0]))
+    else:
+        sys.exit(__doc__)
