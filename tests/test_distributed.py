@@ -239,6 +239,36 @@ def test_fsdp_without_gpus_is_one_config_error(monkeypatch, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_killed_sharded_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """Lightning writes a sharded checkpoint's shards over the previous ones in place; a save that dies midway
+    used to leave neither. AtomicFSDPStrategy writes beside the target and moves the directory in when done.
+    (No process group here: FSDPStrategy's broadcast and barrier are no-ops, as on one rank.)"""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from deepseek_mini.training.strategies import AtomicFSDPStrategy, fsdp_strategy
+
+    def lightning_save(self, checkpoint, filepath, storage_options=None):  # what FSDPStrategy does, in short
+        path = Path(filepath)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "__0_0.distcp").write_text(f"shard of step {checkpoint['global_step']}")
+        if checkpoint.get("die"):
+            raise RuntimeError("killed while writing shards")
+        (path / "meta.pt").write_text(f"meta of step {checkpoint['global_step']}")
+
+    monkeypatch.setattr(FSDPStrategy, "save_checkpoint", lightning_save)
+    strategy = fsdp_strategy()
+    assert isinstance(strategy, AtomicFSDPStrategy)
+    last = tmp_path / "last.ckpt"
+    strategy.save_checkpoint({"global_step": 2}, last)
+    with pytest.raises(RuntimeError, match="killed"):
+        strategy.save_checkpoint({"global_step": 4, "die": True}, last)
+    assert (last / "__0_0.distcp").read_text() == "shard of step 2", "the previous checkpoint is whole"
+    assert (last / "meta.pt").read_text() == "meta of step 2"
+    strategy.save_checkpoint({"global_step": 6}, last)  # the next save clears the killed one's leftovers
+    assert (last / "meta.pt").read_text() == "meta of step 6"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
 def _shard(ckpt_file: Path, out_dir: Path) -> Path:
     """The layout Lightning's FSDPStrategy(state_dict_type="sharded") writes (torch.distributed.checkpoint files
     of {"model", "optimizer_0"} + meta.pt with the rest), made from a full checkpoint in one process."""

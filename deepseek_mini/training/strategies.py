@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from deepseek_mini.checkpoint import is_sharded_checkpoint
 
@@ -48,6 +50,48 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
 
 
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """path := tmp (a complete checkpoint, file or directory). Directories cannot be swapped in one rename:
+    the old one is renamed aside first and deleted after, so between the two renames (not during the
+    minutes-long shard write) a kill leaves `.<name>.old` complete beside `.<name>.tmp` complete."""
+    old = path.with_name(f".{path.name}.old")
+    _remove(old)
+    if path.exists() or path.is_symlink():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+class AtomicFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy whose sharded checkpoints are written beside the target and then moved in.
+
+    Lightning writes the shards of `last.ckpt/` into the existing directory, over the previous ones, and
+    meta.pt last: a save killed midway (preemption, OOM on another rank, SIGKILL) left neither the old
+    checkpoint nor a new one, and shards of two steps under one meta.pt can even pass a size check. Here
+    every rank writes into `.<name>.tmp/`, and rank 0 moves it into place once all ranks are done."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if self._state_dict_type != "sharded":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(f".{path.name}.tmp")
+        if self.global_rank == 0:
+            _remove(tmp)  # a killed save's leftovers
+        self.barrier("dsm_sharded_save_start")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("dsm_sharded_save_written")
+        if self.global_rank == 0:
+            _replace_dir(tmp, path)
+        self.barrier("dsm_sharded_save_moved")
+
+
 def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", state_dict_type: str = "sharded",
                   param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32",
                   buffer_dtype: str | None = "float32", activation_checkpointing: bool = False,
@@ -65,7 +109,6 @@ def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", state_dict_type: str = 
     GPUs only: Lightning refuses FSDP unless the accelerator is a GPU, and torch's FSDP itself raises
     "FSDP needs a non-CPU accelerator device" on a CPU-only machine (checked with torch 2.13 + gloo).
     """
-    from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
 
     from deepseek_mini.model.transformer import Block
@@ -75,7 +118,7 @@ def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", state_dict_type: str = 
     # param_dtype=None used to pass no MixedPrecision at all, and Lightning's plugin then made every buffer bf16
     mixed = MixedPrecision(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype),
                            buffer_dtype=torch.float32)
-    return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
+    return AtomicFSDPStrategy(auto_wrap_policy={Block}, sharding_strategy=sharding_strategy, state_dict_type=state_dict_type,
                mixed_precision=mixed, activation_checkpointing_policy={Block} if activation_checkpointing else None,
                cpu_offload=cpu_offload, **kwargs)
 
@@ -127,5 +170,5 @@ class DumpWeights(L.Callback):
         torch.save(state, self.dirpath / f"rank{trainer.global_rank}.pt")
 
 
-__all__ = ["DumpWeights", "build_strategy", "consolidate_checkpoint", "fsdp_strategy", "global_batch",
+__all__ = ["AtomicFSDPStrategy", "DumpWeights", "build_strategy", "consolidate_checkpoint", "fsdp_strategy", "global_batch",
            "is_sharded_checkpoint"]
