@@ -370,3 +370,16 @@ def test_entry_points_name_the_consolidation_command_for_a_sharded_directory(sha
     assert loaded.tokenizer is not None
     a, b = loaded.model.state_dict(), full.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rank_one_of_a_ddp_resume_finds_last_in_the_quoted_run_dir(ddp_run, monkeypatch):
+    """Lightning starts rank 1..N-1 with `<user args> hydra.run.dir="<run dir>"` (quoted). The pre-flight took the
+    quotes as part of the path, so every DDP resume with ckpt_path=last failed on rank 1 ("no checkpoint
+    \\"<dir>\\"/checkpoints/last.ckpt", seen in scripts/bench/multi_gpu.sh's CPU dry run)."""
+    from deepseek_mini.training.reliability import _preflight_resume
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # as rank 1: it takes no run lock
+    argv = [*TINY_OVERRIDES, *DDP_CPU, f"hydra.run.dir={ddp_run}", "ckpt_path=last", f'hydra.run.dir="{ddp_run}"',
+            "hydra.job.name=train_ddp_process_1", "hydra.output_subdir=null"]
+    out = _preflight_resume(argv, str(CONFIGS), "train")
+    assert out[: len(argv)] == argv

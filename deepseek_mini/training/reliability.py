@@ -48,7 +48,11 @@ def _key(override: str) -> str:
 
 def _value(overrides: list[str], key: str) -> str | None:
     found = [o.split("=", 1)[1] for o in overrides if "=" in o and _key(o) == key]
-    return found[-1] if found else None
+    if not found:
+        return None
+    # Hydra strips a quoted value's quotes; Lightning starts DDP ranks 1..N-1 with hydra.run.dir="<dir>"
+    v = found[-1]
+    return v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'" else v
 
 
 def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> list[str]:
