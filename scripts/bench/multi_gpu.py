@@ -100,19 +100,20 @@ def summary(out: Path) -> None:
         if run.name == "gpu1":
             base = row
         rows.append(row)
-    for row in rows:
-        if base and base.get("per_gpu_tokens_per_sec") and row.get("per_gpu_tokens_per_sec"):
+    for row in rows:  # only the runs with the baseline's per-device batch (the *_ref / *_kill runs halve it)
+        if row["run"] in ("gpu1", "ddp", "fsdp") and base and base.get("per_gpu_tokens_per_sec") \
+                and row.get("per_gpu_tokens_per_sec"):
             # scaling efficiency: N-GPU tokens/s / (N x one-GPU tokens/s) = per-GPU rate / one-GPU rate
             row["scaling_efficiency"] = row["per_gpu_tokens_per_sec"] / base["per_gpu_tokens_per_sec"]
     compares = [c for p in sorted(out.glob("compare_*.json")) if (c := _read_json(p))]
-    head = f"{'run':<14}{'status':<12}{'ranks':>5}{'steps':>7}{'tok/s/GPU':>12}{'scaling':>9}{'alloc GiB':>11}" \
+    head = f"{'run':<14}{'status':<16}{'ranks':>5}{'steps':>7}{'tok/s/GPU':>12}{'scaling':>9}{'alloc GiB':>11}" \
            f"{'nvsmi GiB':>16}{'val loss':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
         def f(v, fmt):
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
-        print(f"{r['run']:<14}{str(r.get('status')):<12}{f(r.get('world_size'), 'd'):>5}{f(r.get('steps'), 'd'):>7}"
+        print(f"{r['run']:<14}{str(r.get('status')):<16}{f(r.get('world_size'), 'd'):>5}{f(r.get('steps'), 'd'):>7}"
               f"{f(r.get('per_gpu_tokens_per_sec'), ',.0f'):>12}{f(r.get('scaling_efficiency'), '.3f'):>9}"
               f"{f(r.get('peak_alloc_gib_rank0'), '.1f'):>11}{str(r.get('gpu_mem_used_gib') or '-'):>16}"
               f"{f(r.get('val_loss'), '.4f'):>10}")
