@@ -338,6 +338,18 @@ def test_sharded_resume_on_another_world_size_is_refused_and_the_run_dir_is_unto
     assert _tree(sharded_run) == before, "a refused resume changes nothing in the run dir"
 
 
+def test_sharded_checkpoint_resumes_only_under_fsdp(sharded_run):
+    """DDP or one device would reach Lightning's torch.load of a directory after data preparation."""
+    from deepseek_mini.config import ConfigError
+    from deepseek_mini.training.checkpoint_io import read_checkpoint_meta
+    from deepseek_mini.training.resume import check_world_size
+
+    last = sharded_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"a sharded FSDP checkpoint resumes only with trainer=fsdp"):
+        check_world_size(_compose(*TINY_OVERRIDES, *DDP_CPU), last, read_checkpoint_meta(last), None)
+    check_world_size(_compose(*TINY_OVERRIDES, "trainer=fsdp"), last, read_checkpoint_meta(last), None)  # 2 ranks
+
+
 def test_full_checkpoint_resumes_on_another_world_size_with_a_warning(ddp_run, caplog):
     from deepseek_mini.training.checkpoint_io import read_checkpoint_meta
     from deepseek_mini.training.resume import check_world_size

@@ -179,28 +179,34 @@ def recorded_world_size(meta: dict, recorded_config: dict | None) -> int | None:
 
 
 def check_world_size(cfg, ckpt_file: Path, meta: dict, recorded_config: dict | None) -> None:
-    """A sharded FSDP checkpoint resumes only on the world size that wrote it; a full checkpoint (DDP, one
-    device) on any, with a warning: the data stream continues at the recorded sample (`samples_seen`), but
-    every optimizer step from here on sees a different global batch."""
+    """A sharded FSDP checkpoint resumes only under trainer=fsdp, on the world size that wrote it; a full
+    checkpoint (DDP, one device) on any, with a warning: the data stream continues at the recorded sample
+    (`samples_seen`), but every optimizer step from here on sees a different global batch."""
     from omegaconf import OmegaConf
+
+    from deepseek_mini.training.run_config import _is_fsdp
 
     node = cfg.get("trainer") or {}
     trainer_cfg = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-                   for k in ("devices", "num_nodes", "accelerator") if (v := node.get(k)) is not None}
+                   for k in ("devices", "num_nodes", "accelerator", "strategy") if (v := node.get(k)) is not None}
+    sharded = is_sharded_checkpoint(ckpt_file)
     old, new = recorded_world_size(meta, recorded_config), requested_world_size(trainer_cfg)
-    if old is None or new is None or old == new:
-        return
     devices = trainer_cfg.get("devices")
-    if is_sharded_checkpoint(ckpt_file):
+    if sharded and old is not None and new is not None and old != new:
         nodes = trainer_cfg.get("num_nodes", 1)
         per_node = f"trainer.devices={old // nodes}" if isinstance(nodes, int) and nodes and old % nodes == 0 \
             else f"devices x num_nodes = {old}"
         raise ConfigError(f"trainer.devices={devices!r}: the sharded FSDP checkpoint {ckpt_file} was written by "
                           f"{old} ranks and this run would have {new}; resume it with {per_node}, or start a new "
                           f"run from its consolidated weights (`{consolidate_command(ckpt_file)}`)")
-    log.warning("resume: world size %d -> %d (trainer.devices=%s): the data stream continues at the recorded sample, "
-                "each optimizer step now sees data.batch_size x %d x accumulate_grad_batches sequences",
-                old, new, devices, new)
+    if sharded and not _is_fsdp(trainer_cfg.get("strategy")):
+        raise ConfigError(f"ckpt_path={ckpt_file}: a sharded FSDP checkpoint resumes only with trainer=fsdp (this "
+                          "run has no FSDP strategy); add trainer=fsdp, or evaluate it after "
+                          f"`{consolidate_command(ckpt_file)}`")
+    if old is not None and new is not None and old != new:
+        log.warning("resume: world size %d -> %d (trainer.devices=%s): the data stream continues at the recorded "
+                    "sample, each optimizer step now sees data.batch_size x %d x accumulate_grad_batches sequences",
+                    old, new, devices, new)
 
 
 def check_tokenizer(tokenizer_path: str | None, ckpt_meta: dict, ckpt_path: Path) -> None:
