@@ -10,8 +10,8 @@
 #   gpu1    one-GPU baseline (trainer=gpu), the experiment's per-device batch          -> runs/gpu1
 #   ddp     DDP on $NGPU GPUs, same per-device batch (weak scaling)                  -> runs/ddp
 #   fsdp    FSDP on $NGPU GPUs, same per-device batch, compile off                   -> runs/fsdp
-#   resume_ddp   the equal-token runs: per-device batch / $NGPU, so one step sees the one-GPU run's samples
-#           (rank-strided from the same stream). ddp_ref runs uninterrupted; ddp_kill is SIGKILLed at step
+#   resume_ddp   the equal-token runs: per-device batch BATCH / NGPU, so one step sees the one-GPU run's
+#           samples (rank-strided from the same stream): their val loss is comparable with gpu1's. ddp_ref runs uninterrupted; ddp_kill is SIGKILLed at step
 #           $KILL_AT by the project's DSMINI_FAULT hook (training/guards.py; every rank kills itself), then
 #           resumed with ckpt_path=last; the train/loss sequence after the checkpoint step is compared
 #   resume_fsdp  the same with trainer=fsdp (sharded last.ckpt/ directory), then the checkpoint is
@@ -95,16 +95,16 @@ if has prep; then
 fi
 
 if has gpu1; then
-  train gpu1 -- "${COMMON[@]}" "${ONE[@]}"
+  train gpu1 -- "${COMMON[@]}" "${ONE[@]}" "data.batch_size=$BATCH"
 fi
 
 if has ddp; then
-  if ! train ddp -- "${COMMON[@]}" "${DDP[@]}" "compile=$DDP_COMPILE" && [ "$DDP_COMPILE" = reduce-overhead ]; then
+  if ! train ddp -- "${COMMON[@]}" "${DDP[@]}" "data.batch_size=$BATCH" "compile=$DDP_COMPILE" && [ "$DDP_COMPILE" = reduce-overhead ]; then
     log "ddp with compile=reduce-overhead failed (CUDA graphs + DDP?): see logs/ddp.log; retrying with compile=default"
     mv "$OUT/logs/ddp.log" "$OUT/logs/ddp_reduce_overhead.log"
     rm -rf "$OUT/runs/ddp"
     DDP_COMPILE=default
-    train ddp -- "${COMMON[@]}" "${DDP[@]}" "compile=$DDP_COMPILE"
+    train ddp -- "${COMMON[@]}" "${DDP[@]}" "data.batch_size=$BATCH" "compile=$DDP_COMPILE"
   fi
 fi
 
@@ -112,7 +112,7 @@ if has fsdp; then
   if [ ${#FSDP[@]} -eq 0 ]; then
     log "fsdp: skipped (FSDP needs CUDA GPUs)"
   else
-    train fsdp -- "${COMMON[@]}" "${FSDP[@]}"
+    train fsdp -- "${COMMON[@]}" "${FSDP[@]}" "data.batch_size=$BATCH"
   fi
 fi
 
