@@ -17,6 +17,8 @@
 #   resume_fsdp  the same with trainer=fsdp (sharded last.ckpt/ directory), then the checkpoint is
 #           consolidated (Lightning's consolidate_checkpoint) and eval.py evaluates it
 #   summary per-GPU tokens/s after the first window, scaling efficiency, memory, val loss, resume comparisons
+# Device calls limited to 10 minutes: run it in parts with the same CACHE, e.g. MG_STAGES=prep,gpu1,ddp,fsdp,summary
+# and then MG_STAGES=resume_ddp,resume_fsdp,summary (the summary covers the runs under that call's OUT).
 # Each run has a time limit (RUN_TIMEOUT s), a failure never stops the plan, and everything a stage produced
 # (results.json per run, metrics.csv, logs, comparisons, summary.json) is copied to $OUT as it finishes.
 set -u
@@ -41,7 +43,7 @@ if [ "${MG_CPU:-0}" = 1 ]; then
   DDP_COMPILE=false
 else
   STEPS=${STEPS:-300}; VAL_EVERY=${VAL_EVERY:-100}; CKPT_EVERY=${CKPT_EVERY:-100}; KILL_AT=${KILL_AT:-150}
-  RUN_TIMEOUT=${RUN_TIMEOUT:-900}; BATCH=${BATCH:-16}
+  RUN_TIMEOUT=${RUN_TIMEOUT:-420}; BATCH=${BATCH:-16}
   BASE=(experiment=small_gpu trainer.limit_val_batches=20 trainer.log_every_n_steps=10 logger=csv
         callbacks.samples=null callbacks.progress_bar=null)
   ONE=(trainer.devices=1)
