@@ -80,7 +80,8 @@ def test_regional_compile_is_off_outside_the_call(fresh_dynamo):
 @pytest.mark.parametrize(("value", "canonical"), [
     (False, None), ("false", None), (None, None),
     (True, "regional"), ("true", "regional"), ("regional", "regional"), ("full", "full"),
-    ("reduce-overhead", "regional:reduce-overhead"),  # a bare mode, as configs/experiment/small_gpu.yaml has it
+    ("reduce-overhead", "full:reduce-overhead"),  # a bare mode keeps its old meaning (small_gpu.yaml has it)
+    ("default", "full"), ("regional:reduce-overhead", "regional:reduce-overhead"),
     ("full:reduce-overhead", "full:reduce-overhead"), ("regional:max-autotune-no-cudagraphs",
                                                       "regional:max-autotune-no-cudagraphs"),
 ])

@@ -3,8 +3,9 @@
     compile=false                    eager
     compile=true | regional          each transformer block compiled once per block kind (the default scope)
     compile=full                     the whole model as one graph
-    compile=<mode>                   the default scope with a torch.compile mode (reduce-overhead = + CUDA graphs)
-    compile=<scope>:<mode>           both, e.g. full:reduce-overhead, regional:max-autotune-no-cudagraphs
+    compile=<mode>                   the whole model with a torch.compile mode (reduce-overhead = + CUDA graphs),
+                                     what a bare mode has always meant here (configs/experiment/small_gpu.yaml)
+    compile=<scope>:<mode>           both, e.g. regional:reduce-overhead, full:max-autotune-no-cudagraphs
 
 Regional compilation (PyTorch's recipe "Reducing torch.compile cold start compilation time with regional
 compilation", and torchtitan's apply_compile) compiles the repeated Block instead of the whole model. Dynamo
@@ -21,6 +22,15 @@ that calls the model in the training process (the sample-generation callback, de
 eager, as it does next to a fully compiled forward. Compiling `forward` itself rather than `_call_impl` keeps
 each region kind's cache entries on its own code object (Block.forward, RMSNorm.forward), so training, eval
 mode and a short last validation batch stay within dynamo's recompile limit per code object.
+
+CUDA graphs with regional compilation (regional:reduce-overhead) are not checked on a GPU yet. Each block's
+forward and backward become separate graphs in one cudagraph tree; the same MoE graph runs 11 times per step
+on the previous block's output. PyTorch's issue #152887 ("cudagraph error for individually compiled
+transformer blocks") reports "accessing tensor output of CUDAGraphs that has been overwritten" for `x = f(x)`
+when each call starts a new tree generation. Here LitDeepSeek calls torch.compiler.cudagraph_mark_step_begin()
+once per step, and the tree starts a new generation only when that counter moves
+(`CUDAGraphTreeManager.can_start_new_generation`), so the blocks of one step should stay in one generation;
+that is the expectation to measure, which is why a bare CUDA-graph mode keeps its old meaning (full).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from torch import nn
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("regional", "full")
-DEFAULT_SCOPE = "regional"  # what compile=true and a bare mode mean
+DEFAULT_SCOPE = "regional"  # what compile=true means
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 _OFF = ("false", "none", "off", "")
 
@@ -61,8 +71,8 @@ def parse_compile(value: bool | str | None) -> CompileSpec | None:
             scope, _, mode = value.partition(":")
         elif value in COMPILE_SCOPES:
             scope, mode = value, "default"
-        else:  # a bare mode, as `compile: reduce-overhead` has always been written
-            scope, mode = DEFAULT_SCOPE, value
+        else:  # a bare mode, as `compile: reduce-overhead` has always been written: the whole model, as before
+            scope, mode = "full", value
         if scope in COMPILE_SCOPES and mode in COMPILE_MODES:
             return CompileSpec(scope, mode)
     raise ValueError(f"compile={value!r}: use false, true, {' or '.join(COMPILE_SCOPES)}, a torch.compile mode "
