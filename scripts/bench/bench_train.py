@@ -170,7 +170,10 @@ def run_plain_loop(variant: str, args, mode: str, scope: str = "full") -> dict:
     if variant.startswith("hf_"):
         model = hf_model(variant, cfg).to(dev)
     elif variant == "tt_deepseek_v3":
-        model = tt_model(cfg, T, dev).to(torch.bfloat16).train()
+        model = tt_model(cfg, T, dev).train()
+        with torch.no_grad():  # bf16 weights as the transformers peer's; not .to(bf16), which would turn
+            for param in model.parameters():  # the complex RoPE cache buffers into real bf16 ones
+                param.data = param.data.to(torch.bfloat16)
         # torchtitan's block mask (causal within each document; here one document per row), built once
         tt_masks = model.get_attention_masks(torch.arange(T, device=dev).expand(B, T))
     else:
