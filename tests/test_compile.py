@@ -107,3 +107,24 @@ def test_lit_module_compiles_the_configured_scope():
     assert full._forward is not full.model and not hasattr(full._forward, "regions") and not full._cudagraphs
     for module in (regional, full):
         assert all(k.startswith("model.") and "_orig_mod" not in k for k in module.state_dict())
+
+
+@pytest.mark.parametrize("value", ["regional:fast", "partial"])
+def test_bad_compile_value_is_one_line_error_before_data_prep(value, tmp_path, capsys, monkeypatch):
+    """`python train.py compile=<bad>` (in process, the console-script entry): one line, exit status 2."""
+    import sys
+
+    from deepseek_mini import cli
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(sys, "argv", ["train.py", f"compile={value}", f"paths.cache_dir={cache}",
+                                      f"hydra.run.dir={tmp_path / 'r'}", "logger=none"])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        cli.train_main()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert exit_.value.code == 2 and "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: compile='{value}': use false, true, regional or full")
+    assert not cache.exists()
