@@ -17,7 +17,8 @@
 # graphs before the first step) but write no checkpoints (5.6 GB each at `small`). Extra arguments go to every
 # train.py run. The benchmark needs torchtitan for tt_deepseek_v3 (`bash ../shared/device/wheels.sh .whl
 # peers`); without it that variant reports its import error and the others still run.
-# EXPERIMENT (default small_gpu) picks the experiment config; BENCH_TIMEOUT caps each benchmark variant.
+# EXPERIMENT (default small_gpu) picks the experiment config; BENCH_TIMEOUT caps each benchmark variant;
+# BENCH_VARIANTS replaces the benchmark's list (ours@default@regional: regional compilation without CUDA graphs).
 set -euo pipefail
 : "${DATA_ROOT:?set DATA_ROOT to the folder with the Gutenberg files}"
 export DATA_ROOT
@@ -66,7 +67,7 @@ done
 if [ "$BENCH" = 1 ]; then
   echo "== training step, one invocation (ours full and regional, ours_dense, transformers, torchtitan)"
   python scripts/bench/bench_train.py \
-    --variants ours,ours@regional,ours_dense,hf_grouped_bf16_compile,tt_deepseek_v3 --compile-mode "$MODE" \
+    --variants "${BENCH_VARIANTS:-ours,ours@regional,ours_dense,hf_grouped_bf16_compile,tt_deepseek_v3}" --compile-mode "$MODE" \
     --data "$DATA_ROOT/gutenberg_classics_train.txt.gz" --val-data "$DATA_ROOT/gutenberg_classics_valid.txt" \
     --cache-dir "$PROJECT_ROOT/.cache/deepseek_mini" --timeout "${BENCH_TIMEOUT:-500}" --out "$OUT/bench_train.json" \
     | tee "$OUT/bench_train.txt"
