@@ -270,6 +270,7 @@ def run_lightning(variant: str, args, mode: str, scope: str = "full") -> dict:
     from harness import lightning_throughput
 
     from deepseek_mini import flops_per_token
+    from deepseek_mini.config import count_parameters
 
     cfg = small_config(variant)
     res = lightning_throughput(cfg, data_files=args.data, val_files=args.val_data, batch_size=args.batch_size,
@@ -279,6 +280,7 @@ def run_lightning(variant: str, args, mode: str, scope: str = "full") -> dict:
                                sync_debug=args.sync_debug, fused=parse_fused(args.fused),
                                bf16_weights=parse_fused(args.bf16_weights), moments_dtype=args.moments_dtype)
     res.update(variant=variant, flops_per_token=flops_per_token(cfg, args.seq_len), compile_scope=scope,
+               params=count_parameters(cfg).total,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
     return res
 
