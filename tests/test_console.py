@@ -172,6 +172,8 @@ def test_tiny_run_ends_on_the_summary_block(cache_dir, tmp_path):
     assert f"{res['val_loss_start']:.4f} -> {res['val_loss']:.4f}" in block
     assert f"run dir: {run_dir.resolve()}" in block and "resume: python train.py hydra.run.dir=" in block
     assert res["time_to_first_step_sec"] is not None and res["time_to_first_step_sec"] > 0
+    # from the process launch: the imports and data preparation before trainer.fit() are in it
+    assert res["time_to_first_step_sec"] > res["fit_to_first_step_sec"] > 0 and "from launch" in block
     out = proc.stdout + proc.stderr
     config_line = next(line for line in out.splitlines() if "config: model (" in line)  # what is about to train
     assert "seq_len 32 x batch 4; 4 steps" in config_line and "kv_lora_rank" in config_line, config_line

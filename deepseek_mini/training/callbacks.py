@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from deepseek_mini.config import flops_per_token
+from deepseek_mini.training import startup
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,10 @@ class ThroughputMonitor(L.Callback):
     / `peak_flops` per device. Also keeps the run totals for results.json: `tokens_seen`, and
     `tokens_per_sec` without the run's first window (a resumed run is a new run), which holds torch.compile,
     CUDA-graph recording and cuDNN autotuning: with it, a 40-step compiled `small` run on an H100 reported
-    28k tokens/s against a steady ~240k. `time_to_first_step` is the seconds from the start of trainer.fit()
-    (setup, torch.compile, the first batch) to the end of the first optimizer step (one sync, once).
+    28k tokens/s against a steady ~240k. `time_to_first_step` is the seconds from the process launch
+    (training/startup.py) to the end of the first optimizer step (one sync, once); `fit_to_first_step` the
+    part from the start of trainer.fit() (setup, torch.compile, the first batch), `compile_time` torch's
+    own count of compile seconds in it.
     """
 
     def __init__(self, window: int = 10, peak_flops: float | None = None):
@@ -133,7 +136,9 @@ class ThroughputMonitor(L.Callback):
         self._tokens_in_window = 0
         self._flops_per_token = 0.0
         self.last_tokens_per_sec = 0.0  # the last window's rate (the progress bar shows it)
-        self.time_to_first_step: float | None = None
+        self.time_to_first_step: float | None = None  # from the process launch
+        self.fit_to_first_step: float | None = None  # from trainer.fit()
+        self.compile_time: float | None = None  # torch.compile's seconds before the first step
         self._t_fit_start: float | None = None
 
     def on_fit_start(self, trainer, pl_module):
@@ -156,7 +161,9 @@ class ThroughputMonitor(L.Callback):
             return
         if self.time_to_first_step is None and self._t_fit_start is not None:
             _sync(pl_module.device)
-            self.time_to_first_step = time.perf_counter() - self._t_fit_start
+            self.fit_to_first_step = time.perf_counter() - self._t_fit_start
+            self.time_to_first_step = startup.seconds_since_start()
+            self.compile_time = startup.compile_seconds()
         if trainer.global_step % self.window == 0 and self._t0 is not None:
             _sync(pl_module.device)
             now = time.perf_counter()

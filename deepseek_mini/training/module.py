@@ -5,8 +5,9 @@
   DeepSeek's step schedule; on one GPU under bf16-mixed the weight matrices are bf16 during fit, with
   their fp32 masters in that optimizer (optim.bf16_weights; checkpoints hold the fp32 values);
 * the auxiliary-loss-free bias update after every optimizer step (summed over ranks under DDP);
-* optional torch.compile of the inner model, kept out of the state dict (keys stay "model.*"); with
-  `compile="reduce-overhead"` the compiled forward and backward are replayed as CUDA graphs.
+* optional torch.compile of the inner model (training/compile.py: each transformer block once per block
+  kind, or the whole model), kept out of the state dict (keys stay "model.*"); with a CUDA-graph mode
+  (`compile="reduce-overhead"`) the compiled forward and backward are replayed as CUDA graphs.
 
 Logging stays free of extra host syncs on the GPU: per-step values are logged as tensors (Lightning
 reads them only every `log_every_n_steps`), and the router statistics and gradient norm are computed
@@ -29,6 +30,7 @@ from deepseek_mini.optim.clip import clip_in_fused_step, grad_norm
 from deepseek_mini.optim.policy import build_adamw, param_groups
 from deepseek_mini.optim.precision import bf16_weight_parameters, bf16_weights_on
 from deepseek_mini.optim.schedule import lr_lambda
+from deepseek_mini.training.compile import compile_model, parse_compile
 from deepseek_mini.training.val_loss import TokenMeanLoss
 
 
@@ -41,18 +43,10 @@ def expert_load_stats(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor
     return {"max_load": tpe.max() / mean, "min_load": tpe.min() / mean, "entropy": entropy}
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 def compile_mode(value: bool | str | None) -> str | None:
-    """`compile` as the config gives it (false / true / a torch.compile mode) -> a mode name, or None for off."""
-    if value is None or value is False or (isinstance(value, str) and value.lower() in ("false", "none", "off", "")):
-        return None
-    if value is True or (isinstance(value, str) and value.lower() == "true"):
-        return "default"
-    if value not in COMPILE_MODES:
-        raise ValueError(f"compile={value!r}: use false, true or one of {', '.join(COMPILE_MODES)}")
-    return value
+    """`compile` as the config gives it -> its torch.compile mode name, or None for off (see training/compile.py)."""
+    spec = parse_compile(value)
+    return spec.mode if spec is not None else None
 
 
 def _sharded_grads(trainer) -> bool:
@@ -74,10 +68,10 @@ class LitDeepSeek(L.LightningModule):
         self.model = DeepSeekV2(ModelConfig.from_dict(model_config))
         self.optim_cfg = dict(optim or {})
         self.sched_cfg = dict(scheduler or {"name": "constant", "warmup_steps": 0})
-        self.compile = compile_mode(compile)
+        self.compile = parse_compile(compile)  # a CompileSpec (scope, mode), or None
         # CUDA graphs (cudagraph trees) reuse their output buffers on the next replay: anything kept past
         # the step that produced it (logged values, validation sums) is cloned first
-        self._cudagraphs = self.compile in ("reduce-overhead", "max-autotune")
+        self._cudagraphs = self.compile is not None and self.compile.cudagraphs
         self.max_steps = max_steps
         self.log_every = max(1, int(log_every_n_steps))
         self._forward = self.model  # replaced by the compiled module in configure_model (not registered)
@@ -97,8 +91,7 @@ class LitDeepSeek(L.LightningModule):
             # keep the compiled wrapper out of the module tree: state_dict keys stay "model.*"
             # dynamic=False: batches are packed to a fixed length; a different shape (a short last val
             # batch) gets its own static graph instead of turning the training graph dynamic
-            mode = None if self.compile == "default" else self.compile
-            object.__setattr__(self, "_forward", torch.compile(self.model, dynamic=False, mode=mode))
+            object.__setattr__(self, "_forward", compile_model(self.model, self.compile, dynamic=False))
 
     def __setattr__(self, name, value):
         if name == "_forward":  # never register the (possibly compiled) alias as a submodule

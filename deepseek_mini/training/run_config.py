@@ -365,6 +365,17 @@ def _fields(cls, d: dict, group: str, extra: bool = False) -> dict:
     return known
 
 
+def check_compile(value) -> str | None:
+    """`compile` -> its canonical spelling ("regional", "full:reduce-overhead", ...; training/compile.py), or None."""
+    from deepseek_mini.training.compile import parse_compile
+
+    try:
+        spec = parse_compile(value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return str(spec) if spec is not None else None
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything train() runs with, checked together."""
@@ -397,22 +408,17 @@ class RunConfig:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, output_dir: str | os.PathLike) -> RunConfig:
-        from deepseek_mini.training.module import compile_mode
-
         as_int("seed", cfg.get("seed", 1234), low=0)  # first: data.seed follows it (${seed})
         model = model_config_from(cfg)
         optim = OptimConfig(**_fields(OptimConfig, _group(cfg, "optim"), "optim"))
         scheduler = SchedulerConfig(**_fields(SchedulerConfig, _group(cfg, "scheduler"), "scheduler"))
         trainer = TrainerSettings(**_fields(TrainerSettings, _group(cfg, "trainer"), "trainer", extra=True))
         data = DataSettings(**_fields(DataSettings, _group(cfg, "data"), "data"))
-        try:
-            mode = compile_mode(cfg.get("compile", False))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        compile_spec = check_compile(cfg.get("compile", False))
         ckpt = cfg.get("ckpt_path")
         ckpt = None if ckpt in (None, "", "null") else str(ckpt)
         return cls(model=model, optim=optim, scheduler=scheduler, trainer=trainer, data=data,
-                   output_dir=Path(str(output_dir)), seed=cfg.get("seed", 1234), compile=mode, ckpt_path=ckpt,
+                   output_dir=Path(str(output_dir)), seed=cfg.get("seed", 1234), compile=compile_spec, ckpt_path=ckpt,
                    resume=as_bool("resume", cfg.get("resume", False)),
                    val_before_fit=as_bool("val_before_fit", cfg.get("val_before_fit", True)))
 

@@ -1,11 +1,17 @@
-"""Training throughput: deepseek-mini against transformers' DeepseekV2ForCausalLM, same shape, same GPU.
+"""Training throughput: deepseek-mini against transformers' DeepseekV2ForCausalLM and torchtitan's DeepSeek-V3,
+same shape, same GPU.
 
     python scripts/bench/bench_train.py                       # every variant below, `small` shape, 16 x 1024
     python scripts/bench/bench_train.py --variants ours,hf_grouped_bf16_compile --steps 30
     python scripts/bench/bench_train.py --variants ours@default,ours@reduce-overhead --profile-steps 3
+    python scripts/bench/bench_train.py --variants ours,ours_dense,hf_grouped_bf16_compile,tt_deepseek_v3
+    python scripts/bench/bench_train.py --variants ours,ours --compile-scope regional   # or ours@regional
 
 A variant may name a torch.compile mode after "@" (default, reduce-overhead = + CUDA graphs,
 max-autotune-no-cudagraphs, max-autotune); without one, --compile-mode applies to our compiled variants.
+--compile-scope picks what of ours is compiled: the whole model (full) or each transformer block once per
+block kind (regional, the training config's `compile=regional`); a variant may say so after a second "@"
+(ours@reduce-overhead@regional).
 
 Each variant runs in a fresh subprocess (its own memory peak and compile cache). Warm-up steps
 (compilation included) are excluded; the timed window ends with a device synchronisation. MFU counts
@@ -24,6 +30,11 @@ Variants
   hf_grouped_fp32      transformers, grouped_mm experts, fp32 weights + bf16 autocast
   hf_grouped_bf16      transformers, grouped_mm experts, bf16 weights
   hf_grouped_bf16_compile   ... and torch.compile
+  tt_deepseek_v3       torchtitan 0.3.0's own DeepSeek-V3 model (its build_mla_moe_layers + DeepSeekV3Model.Config)
+                       at our shape: softmax routing, no balancing bias, grouped-mm experts, flex attention,
+                       bf16 weights, each block compiled as torchtitan's apply_compile does + the compiled loss,
+                       torch's fused AdamW (a benchmark peer only: `pip install torchtitan==0.3.0`, not a
+                       dependency of the package; docs/benchmarks.md has its setup)
 """
 
 from __future__ import annotations
@@ -40,13 +51,24 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repository root; this file's folder (harness.py) is on sys.path already
 
 OURS = ["ours", "ours_raw", "ours_raw_eager", "ours_dense", "ours_mha"]
-PEER = ["hf_eager_fp32", "hf_grouped_fp32", "hf_grouped_bf16", "hf_grouped_bf16_compile"]
+PEER = ["hf_eager_fp32", "hf_grouped_fp32", "hf_grouped_bf16", "hf_grouped_bf16_compile", "tt_deepseek_v3"]
 
 
-def split_variant(name: str, default_mode: str) -> tuple[str, str]:
-    """"ours@reduce-overhead" -> ("ours", "reduce-overhead"); "ours" -> ("ours", default_mode)."""
-    base, _, mode = name.partition("@")
-    return base, mode or default_mode
+def is_peer(variant: str) -> bool:
+    return variant.startswith(("hf_", "tt_"))
+
+
+def split_variant(name: str, default_mode: str, default_scope: str = "full") -> tuple[str, str, str]:
+    """"ours@reduce-overhead@regional" -> ("ours", "reduce-overhead", "regional"); "ours" -> the defaults.
+    A single suffix that is a scope ("ours@regional") sets the scope only."""
+    base, *rest = name.split("@")
+    mode = scope = None
+    for part in rest:
+        if part in ("full", "regional"):
+            scope = part
+        elif part:
+            mode = part
+    return base, mode or default_mode, scope or default_scope
 
 
 def parse_fused(value: str):
@@ -76,7 +98,57 @@ def hf_model(variant: str, cfg):
     return model
 
 
-def run_plain_loop(variant: str, args, mode: str) -> dict:
+def tt_model(cfg, seq_len: int, device):
+    """torchtitan's own DeepSeek-V3 built at our config's shape, field by field.
+
+    Same parameter count as DeepSeekV2(cfg) (696,068,352 at `small`: both have the same norms and no biases).
+    What the designs differ in: torchtitan has no auxiliary balance loss (ours adds `aux_loss_alpha`=0.001 per
+    sequence) and its router GEMM runs in fp32 under an autocast region, its experts keep gate and up as two
+    grouped GEMMs (ours: one), RMSNorm is torch's nn.RMSNorm (eps set to ours below), RoPE is its complex
+    form, attention is flex attention over a causal block mask (ours: SDPA).
+    """
+    from functools import partial
+
+    import torch
+    from torch import nn
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.deepseek_v3 import DeepSeekV3Model, build_mla_moe_layers
+
+    normal = partial(nn.init.normal_, std=cfg.initializer_range)  # our init (speed does not depend on it)
+    linear_init = {"weight": normal, "bias": nn.init.zeros_}
+    layers = build_mla_moe_layers(
+        n_layers=cfg.num_hidden_layers, n_dense_layers=cfg.first_k_dense_replace, dim=cfg.hidden_size,
+        n_heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank or 0, kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+        mscale=1.0, dense_hidden_dim=cfg.intermediate_size, moe_hidden_dim=cfg.moe_intermediate_size,
+        num_experts=cfg.n_routed_experts, num_shared_experts=cfg.n_shared_experts,
+        router_top_k=cfg.num_experts_per_tok, router_score_func=cfg.scoring_func,
+        router_route_scale=cfg.routed_scaling_factor, router_route_norm=cfg.norm_topk_prob,
+        attn_backend="flex", moe_comm_backend="standard", non_blocking_capacity_factor=None,
+        linear_init=linear_init, norm_init={"weight": nn.init.ones_}, depth_init=lambda layer_id: linear_init,
+        depth_experts_init=lambda layer_id: dict.fromkeys(("w1_EFD", "w2_EDF", "w3_EFD"), normal),
+        rope=ComplexRoPE.Config(dim=cfg.qk_rope_head_dim, max_seq_len=seq_len, theta=cfg.rope_theta))
+    for layer in layers:  # `small` has no aux-loss-free bias (bias_update_speed=0): torchtitan's is off too
+        if layer.moe is not None:
+            layer.moe.load_balance_coeff = None
+    V, D = cfg.vocab_size, cfg.hidden_size
+    tt_cfg = DeepSeekV3Model.Config(
+        vocab_size=V, dim=D, layers=layers,
+        tok_embeddings=Embedding.Config(num_embeddings=V, embedding_dim=D, param_init={"weight": normal}),
+        norm=RMSNorm.Config(normalized_shape=D, param_init={"weight": nn.init.ones_}),
+        lm_head=Linear.Config(in_features=D, out_features=V, param_init=linear_init))
+    with torch.device("meta"):  # as torchtitan's trainer builds it: on meta, then materialised and initialised
+        model = tt_cfg.build()
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    for m in model.modules():
+        if isinstance(m, nn.RMSNorm):
+            m.eps = cfg.rms_norm_eps if m.normalized_shape[0] == D else 1e-6  # ours: 1e-6 in the MLA latents too
+    return model
+
+
+def run_plain_loop(variant: str, args, mode: str, scope: str = "full") -> dict:
     """Plain PyTorch training loop on random tokens (ours_raw*, baselines and the transformers peer)."""
     import torch
     from harness import kernel_breakdown
@@ -93,24 +165,46 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
         torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "cudnn")
         torch.backends.cuda.enable_flash_sdp(args.sdpa == "flash")
         torch.backends.cuda.enable_mem_efficient_sdp(args.sdpa == "efficient")
+    B, T = args.batch_size, args.seq_len
+    tt_masks = None
     if variant.startswith("hf_"):
         model = hf_model(variant, cfg).to(dev)
+    elif variant == "tt_deepseek_v3":
+        model = tt_model(cfg, T, dev).train()
+        with torch.no_grad():  # bf16 weights as the transformers peer's; not .to(bf16), which would turn
+            for param in model.parameters():  # the complex RoPE cache buffers into real bf16 ones
+                param.data = param.data.to(torch.bfloat16)
+        # torchtitan's block mask (causal within each document; here one document per row), built once
+        tt_masks = model.get_attention_masks(torch.arange(T, device=dev).expand(B, T))
     else:
         model = DeepSeekV2(cfg).to(dev)
-    # ours: the AdamW LitDeepSeek builds for --fused; the peer: torch's fused kernel
-    fused = True if variant.startswith("hf_") else parse_fused(args.fused)
+    # ours: the AdamW LitDeepSeek builds for --fused; the peers: torch's fused kernel
+    fused = True if is_peer(variant) else parse_fused(args.fused)
     opt = build_adamw(model.parameters(), fused, on_cuda=True, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                      moments="float32" if variant.startswith("hf_") else args.moments_dtype)
-    if not variant.startswith("hf_") and bf16_weights_on(parse_fused(args.bf16_weights), opt, on_cuda=True,
-                                                         bf16_autocast=True, single_device=True):
+                      moments="float32" if is_peer(variant) else args.moments_dtype)
+    if not is_peer(variant) and bf16_weights_on(parse_fused(args.bf16_weights), opt, on_cuda=True,
+                                                bf16_autocast=True, single_device=True):
         opt.keep_fp32_masters(bf16_weight_parameters(model))  # as LitDeepSeek does on one GPU
-    compiled = variant in ("ours_raw", "ours_dense", "ours_mha", "hf_grouped_bf16_compile")
-    if variant.startswith("hf_"):
-        mode = "default"
-    fwd = torch.compile(model, mode=None if mode == "default" else mode) if compiled else model
+    compiled = variant in ("ours_raw", "ours_dense", "ours_mha", "hf_grouped_bf16_compile", "tt_deepseek_v3")
+    if is_peer(variant):
+        mode, scope = "default", "full"
     cudagraphs = compiled and mode in ("reduce-overhead", "max-autotune")
-    autocast = not variant.endswith("bf16") and not variant.endswith("bf16_compile")
-    B, T = args.batch_size, args.seq_len
+    fwd, tt_loss = model, None
+    if variant == "tt_deepseek_v3":
+        from torchtitan.components.loss import cross_entropy_loss
+
+        # torchtitan's apply_compile: each TransformerBlock compiled in place (fullgraph), and its loss
+        torch._dynamo.config.capture_scalar_outputs = True
+        for block in model.layers.values():
+            block.compile(fullgraph=True)
+        tt_loss = torch.compile(cross_entropy_loss)
+    elif compiled and scope == "regional":
+        from deepseek_mini.training.compile import compile_regions
+
+        fwd = compile_regions(model, mode=None if mode == "default" else mode)
+    elif compiled:
+        fwd = torch.compile(model, mode=None if mode == "default" else mode)
+    autocast = not variant.endswith(("bf16", "bf16_compile")) and variant != "tt_deepseek_v3"
     data = torch.randint(0, cfg.vocab_size, (8, B, T + 1), device=dev)
 
     def step(i):
@@ -119,7 +213,9 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            if variant.startswith("hf_"):
+            if tt_loss is not None:  # summed over tokens, as torchtitan's loss; the mean here, as the others
+                loss = tt_loss(fwd(x, attention_masks=tt_masks), y) / y.numel()
+            elif variant.startswith("hf_"):
                 loss = fwd(input_ids=x, labels=None).logits.float()
                 loss = torch.nn.functional.cross_entropy(loss.view(-1, loss.shape[-1]), y.reshape(-1))
             else:
@@ -127,7 +223,7 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
                 loss = out.loss + out.aux_loss
         loss.backward()
         # ours: clipping folded into the fused AdamW step, as LitDeepSeek does; the peer clips the usual way
-        if variant.startswith("hf_") or clip_in_fused_step(opt, model.parameters(), 1.0) is None:
+        if is_peer(variant) or clip_in_fused_step(opt, model.parameters(), 1.0) is None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.grad_scale = None
@@ -146,7 +242,8 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     tps = args.steps * B * T / elapsed
-    res = {"tokens_per_sec": tps, "step_ms": 1000 * elapsed / args.steps,
+    res = {"tokens_per_sec": tps, "step_ms": 1000 * elapsed / args.steps, "compile_scope": scope,
+           "params": sum(p.numel() for p in model.parameters()),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s,
            "flops_per_token": flops_per_token(cfg, T), "final_loss": float(loss)}
     if args.profile_steps:
@@ -167,27 +264,31 @@ def run_plain_loop(variant: str, args, mode: str) -> dict:
     return res
 
 
-def run_lightning(variant: str, args, mode: str) -> dict:
+def run_lightning(variant: str, args, mode: str, scope: str = "full") -> dict:
     """The project's own training step: Lightning Trainer + TextDataModule on real text."""
     import torch
     from harness import lightning_throughput
 
     from deepseek_mini import flops_per_token
+    from deepseek_mini.config import count_parameters
 
     cfg = small_config(variant)
     res = lightning_throughput(cfg, data_files=args.data, val_files=args.val_data, batch_size=args.batch_size,
                                seq_len=args.seq_len, warmup=args.warmup, steps=args.steps,
-                               cache_dir=args.cache_dir, compile=mode, profile_steps=args.profile_steps,
+                               cache_dir=args.cache_dir, compile=f"{scope}:{mode}",
+                               profile_steps=args.profile_steps,
                                sync_debug=args.sync_debug, fused=parse_fused(args.fused),
                                bf16_weights=parse_fused(args.bf16_weights), moments_dtype=args.moments_dtype)
-    res.update(variant=variant, flops_per_token=flops_per_token(cfg, args.seq_len),
+    res.update(variant=variant, flops_per_token=flops_per_token(cfg, args.seq_len), compile_scope=scope,
+               params=count_parameters(cfg).total,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
     return res
 
 
 def child(name: str, args) -> None:
-    variant, mode = split_variant(name, args.compile_mode)
-    res = run_lightning(variant, args, mode) if variant == "ours" else run_plain_loop(variant, args, mode)
+    variant, mode, scope = split_variant(name, args.compile_mode, args.compile_scope)
+    run = run_lightning if variant == "ours" else run_plain_loop
+    res = run(variant, args, mode, scope)
     res["variant"], res["compile_mode"] = name, mode
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -208,6 +309,8 @@ def main():
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
                    help="torch.compile mode of our compiled variants (a variant's @mode overrides it)")
+    p.add_argument("--compile-scope", default="full", choices=["full", "regional"],
+                   help="ours: compile the whole model, or each transformer block once per kind (@regional)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after timing, profile this many steps and print GPU time per step by kernel category")
     p.add_argument("--profile", default=None, help="folder for the full torch.profiler table per variant")
@@ -253,6 +356,7 @@ def main():
         results.append(res)
         print(f"[{variant}] {res['tokens_per_sec']:,.0f} tok/s  MFU {100 * res['mfu']:.1f}%  "
               f"peak {res['peak_gib']:.1f} GiB  loss {res.get('final_loss', float('nan')):.3f}  "
+              f"params {res.get('params', 0):,}  warm-up {res.get('warmup_s', float('nan')):.0f}s  "
               f"({time.time() - start:.0f}s)", flush=True)
         if "profile" in res:
             prof = res["profile"]
@@ -274,7 +378,7 @@ def main():
         for site, n in res.get("host_syncs", {}).items():
             print(f"  host sync x{n}: {site}", flush=True)
     ok = [r for r in results if "error" not in r]
-    peers = [r for r in ok if r["variant"].startswith("hf_")]
+    peers = [r for r in ok if is_peer(r["variant"])]
     best_peer = max(peers, key=lambda r: r["tokens_per_sec"]) if peers else None
     print(f"\n| variant | tokens/s | MFU (of {args.peak_tflops:.0f} TFLOP/s) | peak GiB | vs best peer |")
     print("|---|---:|---:|---:|---:|")

@@ -2,8 +2,8 @@
 
 lightning_throughput times the project's own training step: Lightning Trainer + LitDeepSeek + TextDataModule,
 the same path `python train.py` takes on a GPU (bf16-mixed with fp32 master weights, the Triton AdamW step,
-gradient clipping, torch.compile of the inner model, the real data loader); only loggers, checkpoints and
-validation are off, so the number is the training step itself. kernel_breakdown sorts a torch.profiler trace's
+gradient clipping, torch.compile of the inner model as `compile` says (regional or full, training/compile.py),
+the real data loader); only loggers, checkpoints and validation are off, so the number is the training step itself. kernel_breakdown sorts a torch.profiler trace's
 GPU time into categories.
 """
 

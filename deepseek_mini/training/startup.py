@@ -1,0 +1,67 @@
+"""The clock a run's cold start is read on: seconds since this process was launched, and torch.compile's share.
+
+`time_to_first_step_sec` in results.json counts from the process launch (what a person waits: Python and
+torch imports, Hydra, data preparation, model build, compilation, the first batch), not from trainer.fit().
+Jobs of a multirun that share one process count from their own train() call (the launch was the first
+job's). Compile time is torch's own account: dynamo + AOTAutograd + Inductor, forward and backward graphs
+(`torch._dynamo.utils.calculate_time_spent`), since this job started.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_job_start: float | None = None  # time.perf_counter() value this job's clock counts from
+_compile_base = 0.0  # torch's cumulative compile seconds when this job started
+_jobs = 0
+
+
+def process_age() -> float | None:
+    """Seconds since the OS started this process (Linux /proc, 10 ms resolution; psutil elsewhere), or None."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 onwards
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: starttime in ticks
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:
+        return None
+
+
+def compile_seconds_total() -> float:
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return float(calculate_time_spent().get("total_wall_time", 0.0))
+    except Exception:  # a torch without these counters: no compile time to report
+        return 0.0
+
+
+def start_job() -> float:
+    """Start this job's clock (train() calls it first thing); returns its perf_counter() origin."""
+    global _job_start, _compile_base, _jobs
+    now = time.perf_counter()
+    age = process_age() if _jobs == 0 else None
+    _job_start = now - age if age is not None else now
+    _compile_base = compile_seconds_total()
+    _jobs += 1
+    return _job_start
+
+
+def seconds_since_start() -> float:
+    """Seconds since this job's clock started (since the process launch when start_job was never called)."""
+    if _job_start is None:
+        start_job()
+    return time.perf_counter() - _job_start
+
+
+def compile_seconds() -> float:
+    """torch.compile's seconds (dynamo + Inductor, forward and backward) since this job started."""
+    return max(0.0, compile_seconds_total() - _compile_base)

@@ -1,0 +1,130 @@
+"""Regional compilation (training/compile.py): equal to eager, one graph per block kind, the compile key's values.
+
+Dynamo + AOTAutograd with eager kernels (backend="aot_eager") keep these fast on a 2-core CPU: Inductor's C++
+compilation would take minutes and adds nothing to what is checked here (which graphs exist, what they compute).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_helpers import SMALL_MODEL
+from torch._dynamo.utils import counters
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.model.transformer import Block, DeepSeekV2
+from deepseek_mini.training.compile import CompileSpec, compile_regions, parse_compile
+from deepseek_mini.training.module import LitDeepSeek
+from deepseek_mini.training.run_config import check_compile
+
+# one dense layer and three MoE layers: two block kinds, the MoE kind repeated
+FOUR_LAYERS = {**SMALL_MODEL, "num_hidden_layers": 4}
+
+
+def _step(fwd, model, x):
+    model.zero_grad(set_to_none=True)
+    out = fwd(x, labels=x, return_logits=False)
+    (out.loss + out.aux_loss).backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_regional_forward_backward_equals_eager_with_one_graph_per_block_kind(fresh_dynamo):
+    torch.manual_seed(0)
+    model = DeepSeekV2(ModelConfig.from_dict(FOUR_LAYERS))
+    x = torch.randint(0, FOUR_LAYERS["vocab_size"], (2, 16))
+    loss_e, grads_e = _step(model, model, x)
+
+    regional = compile_regions(model, backend="aot_eager", dynamic=False)
+    assert sum(isinstance(m, Block) for m in regional.regions) == 4
+    loss_c, grads_c = _step(regional, model, x)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    assert grads_c.keys() == grads_e.keys() and any("experts" in n for n in grads_c)
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    # four blocks + the final norm, three graphs: the dense block, the MoE block (shared by its three
+    # layers) and the norm. A per-layer specialisation (a full compile unrolls them) would show 5.
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    _step(regional, model, x)  # a second step reuses them: no recompilation
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+
+
+def test_regional_compile_is_off_outside_the_call(fresh_dynamo):
+    """Only the training/validation forward is compiled: generation (the sample callback) runs the eager model."""
+    model = DeepSeekV2(ModelConfig.from_dict(SMALL_MODEL))
+    regional = compile_regions(model, backend="eager")
+    seen = []
+
+    def spy(m, args):
+        seen.append(m._compiled_call_impl is not None)
+
+    handles = [m.register_forward_pre_hook(spy) for m in regional.regions[:1]]
+    x = torch.randint(0, SMALL_MODEL["vocab_size"], (1, 8))
+    model(x)
+    assert seen == [False]
+    assert all(m._compiled_call_impl is None for m in regional.regions)
+    for h in handles:
+        h.remove()
+    model.generate(x, 2)
+    assert counters["stats"]["unique_graphs"] == 0
+
+
+@pytest.mark.parametrize(("value", "canonical"), [
+    (False, None), ("false", None), (None, None),
+    (True, "regional"), ("true", "regional"), ("regional", "regional"), ("full", "full"),
+    ("reduce-overhead", "full:reduce-overhead"),  # a bare mode keeps its old meaning (small_gpu.yaml has it)
+    ("default", "full"), ("regional:reduce-overhead", "regional:reduce-overhead"),
+    ("full:reduce-overhead", "full:reduce-overhead"), ("regional:max-autotune-no-cudagraphs",
+                                                      "regional:max-autotune-no-cudagraphs"),
+])
+def test_compile_values(value, canonical):
+    assert check_compile(value) == canonical
+    spec = parse_compile(value)
+    assert (str(spec) if spec else None) == canonical
+
+
+@pytest.mark.parametrize("value", ["fast", "full:fast", "partial", "regional:", ":default", "reduce-overhead:full"])
+def test_compile_rejects_unknown_values(value):
+    with pytest.raises(ValueError, match=f"compile={value!r}: use false, true, regional or full"):
+        parse_compile(value)
+
+
+def test_lit_module_compiles_the_configured_scope():
+    regional = LitDeepSeek(SMALL_MODEL, compile="regional:reduce-overhead")
+    regional.configure_model()
+    assert regional.compile == CompileSpec("regional", "reduce-overhead") and regional._cudagraphs
+    assert regional._forward.model is regional.model  # RegionalCompile around the same model
+    full = LitDeepSeek(SMALL_MODEL, compile="full")
+    full.configure_model()
+    assert full._forward is not full.model and not hasattr(full._forward, "regions") and not full._cudagraphs
+    for module in (regional, full):
+        assert all(k.startswith("model.") and "_orig_mod" not in k for k in module.state_dict())
+
+
+@pytest.mark.parametrize("value", ["regional:fast", "partial"])
+def test_bad_compile_value_is_one_line_error_before_data_prep(value, tmp_path, capsys, monkeypatch):
+    """`python train.py compile=<bad>` (in process, the console-script entry): one line, exit status 2."""
+    import sys
+
+    from deepseek_mini import cli
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(sys, "argv", ["train.py", f"compile={value}", f"paths.cache_dir={cache}",
+                                      f"hydra.run.dir={tmp_path / 'r'}", "logger=none"])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        cli.train_main()
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert exit_.value.code == 2 and "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: compile='{value}': use false, true, regional or full")
+    assert not cache.exists()
