@@ -239,6 +239,31 @@ def test_fsdp_without_gpus_is_one_config_error(monkeypatch, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cuda_graphs_with_gradient_accumulation_is_one_config_error(two_gpus, tmp_path, monkeypatch):
+    """compile=reduce-overhead with accumulate_grad_batches=2 failed on an H200 at the first step (the second
+    micro-batch's CUDA-graph replay overwrote the first one's gradients); it is refused before data preparation."""
+    from deepseek_mini.config import ConfigError
+    from deepseek_mini.training import run_config as run_config_module
+    from deepseek_mini.training.run_config import RunConfig
+
+    def run_config(*overrides):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, "trainer.accelerator=gpu", *overrides],
+                          return_hydra_config=True)
+        cfg.paths.output_dir = str(tmp_path / "run")
+        return RunConfig.from_cfg(cfg, tmp_path / "run")
+
+    monkeypatch.setattr(run_config_module, "_available_memory", lambda: None)  # no real GPU to ask
+    for mode in ("reduce-overhead", "regional:reduce-overhead", "full:max-autotune"):
+        with pytest.raises(ConfigError, match=r"^trainer.accumulate_grad_batches=2: gradient accumulation cannot run "
+                                              r"with CUDA graphs"):
+            run_config(f"compile={mode}", "trainer.accumulate_grad_batches=2")
+    assert run_config("compile=reduce-overhead").trainer.accumulate_grad_batches == 1
+    assert run_config("compile=regional", "trainer.accumulate_grad_batches=2").compile == "regional"
+    assert run_config("compile=full:max-autotune-no-cudagraphs", "trainer.accumulate_grad_batches=2")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_killed_sharded_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     """Lightning writes a sharded checkpoint's shards over the previous ones in place; a save that dies midway
     used to leave neither. AtomicFSDPStrategy writes beside the target and moves the directory in when done.

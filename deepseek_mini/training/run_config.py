@@ -376,6 +376,20 @@ def check_compile(value) -> str | None:
     return str(spec) if spec is not None else None
 
 
+def check_cuda_graphs_accumulation(compile_spec: str | None, accumulate_grad_batches: int) -> None:
+    """CUDA graphs (compile=...:reduce-overhead / max-autotune) and gradient accumulation do not mix: the first
+    micro-batch's backward leaves each .grad in the graph's own output memory, and the next micro-batch's replay
+    overwrites it before autograd can add to it. Seen on an H200 (torch 2.11): the first step fails with
+    "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"."""
+    from deepseek_mini.training.compile import parse_compile
+
+    spec = parse_compile(compile_spec) if compile_spec else None
+    if spec is not None and spec.cudagraphs and int(accumulate_grad_batches) > 1:
+        _fail("trainer.accumulate_grad_batches", accumulate_grad_batches,
+              f"gradient accumulation cannot run with CUDA graphs (compile={compile_spec}); use "
+              f"compile={spec.scope} (no CUDA graphs), or accumulate_grad_batches=1 with a larger data.batch_size")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything train() runs with, checked together."""
@@ -398,6 +412,8 @@ class RunConfig:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                               f"{self.model.max_position_embeddings}: lower data.seq_len or raise the model's")
+        if self.trainer.on_gpu:  # CUDA graphs exist only there
+            check_cuda_graphs_accumulation(self.compile, self.trainer.accumulate_grad_batches)
         strategy = str(self.trainer.extra.get("strategy", ""))
         shards = self.trainer.devices if "fsdp" in strategy.lower() and isinstance(self.trainer.devices, int) else 1
         check_fits_in_memory(self.model, shards)
