@@ -4,6 +4,8 @@ Field names are those of Hugging Face's `DeepseekV2Config`, so a config moves be
 transformers and the DeepSeek hub checkpoints by renaming nothing. A few fields are ours:
 
 * `attention`     mla (DeepSeek-V2) or the baselines mha / gqa / mqa, so every comparison is one change.
+* `mtp_loss_weight` lambda of the multi-token prediction loss (`num_nextn_predict_layers` is the HF
+                  DeepseekV3 name for the number of MTP modules).
 * `head_dim`      per-head q/k/v width of the baselines (default: v_head_dim, the paper's d_h).
 * balancing       `aux_loss_alpha` (expert level, alpha1), `device_aux_loss_alpha` (alpha2),
                   `comm_aux_loss_alpha` (alpha3), `seq_aux`, `bias_update_speed` (gamma of the
@@ -74,6 +76,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+    # multi-token prediction (DeepSeek-V3 section 2.2; model/mtp.py)
+    num_nextn_predict_layers: int = 0  # D sequential MTP modules; 0 = none (the plain model)
+    mtp_loss_weight: float = 0.3  # lambda: the training loss adds lambda / D x the sum of the D depths' losses
 
     def __post_init__(self):
         if self.n_routed_experts == 0:
@@ -119,6 +124,12 @@ class ModelConfig:
             fail("initializer_range", "must be > 0")
         if self.rope_theta <= 0:
             fail("rope_theta", "must be > 0")
+        if isinstance(self.num_nextn_predict_layers, bool) or not isinstance(self.num_nextn_predict_layers, int) \
+                or self.num_nextn_predict_layers < 0:
+            fail("num_nextn_predict_layers", "must be an integer >= 0 (0 = no multi-token prediction)")
+        if isinstance(self.mtp_loss_weight, bool) or not isinstance(self.mtp_loss_weight, (int, float)) \
+                or not math.isfinite(self.mtp_loss_weight) or self.mtp_loss_weight < 0:
+            fail("mtp_loss_weight", "must be a finite number >= 0")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind != "yarn":
