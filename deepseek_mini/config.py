@@ -298,6 +298,10 @@ class ParameterCount:
     routed_experts: int = 0
     shared_experts: int = 0
     router: int = 0
+    # multi-token prediction modules (training and speculative drafting only): not in total / active above,
+    # which describe the main model; the embedding and output head they share are not counted again
+    mtp: int = 0
+    mtp_active: int = 0  # per token, through all D modules
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -319,7 +323,8 @@ def attention_parameters(cfg: ModelConfig) -> int:
 
 
 def count_parameters(cfg: ModelConfig) -> ParameterCount:
-    """Total and active parameter counts, analytically (no weights are allocated)."""
+    """Total and active parameter counts of the main model, and of the MTP modules apart, analytically (no
+    weights are allocated)."""
     d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
     embed = cfg.vocab_size * d
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
@@ -338,8 +343,20 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
     total = embed + head + norms + attn + dense_mlp + routed + shared + router
     # The output head is a matmul every token pays for; with tied embeddings it is the embedding matrix.
     active = (head or embed) + norms + attn + dense_mlp + routed_active + shared + router
+    mtp = mtp_active = 0
+    for layer_idx in range(n_layers, n_layers + cfg.num_nextn_predict_layers):
+        # enorm, hnorm, eh_proj [d, 2d], shared_head.norm, then a block: its two norms, attention and FFN
+        common = 3 * d + 2 * d * d + 2 * d + attention_parameters(cfg)
+        if cfg.is_moe_layer(layer_idx):
+            ffn = (swiglu(cfg.n_shared_experts * cfg.moe_intermediate_size) + cfg.n_routed_experts * d)
+            mtp += common + ffn + cfg.n_routed_experts * swiglu(cfg.moe_intermediate_size)
+            mtp_active += common + ffn + cfg.num_experts_per_tok * swiglu(cfg.moe_intermediate_size)
+        else:
+            mtp += common + swiglu(cfg.intermediate_size)
+            mtp_active += common + swiglu(cfg.intermediate_size)
     return ParameterCount(total=total, active=active, embedding=embed, attention=attn, dense_mlp=dense_mlp,
-                          routed_experts=routed, shared_experts=shared, router=router)
+                          routed_experts=routed, shared_experts=shared, router=router, mtp=mtp,
+                          mtp_active=mtp_active)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -58,30 +58,40 @@ class MTPModule(nn.Module):
         return self.block(x_BTD, positions, cache, start_pos)
 
 
-def mtp_losses(modules: nn.ModuleList, embed: nn.Embedding, head_weight_VD: torch.Tensor, h0_BTD: torch.Tensor,
-               labels_BT: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """The D cross-entropies CE_1..CE_D (unweighted means over labelled tokens) and the blocks' summed aux losses.
+def mtp_hidden_states(modules: nn.ModuleList, embed: nn.Embedding, h0_BTD: torch.Tensor, labels_BT: torch.Tensor):
+    """Yields (h_k [B, T-k, D], aux losses) for k = 1..D, h_k before shared_head.norm.
 
     `labels` are the main model's targets (labels[:, i] = t_{i+1}, -100 = ignored), so depth k at position i
-    reads token t_{i+k} = labels[:, i+k-1] and predicts t_{i+k+1} = labels[:, i+k]. The sequence gets one
-    position shorter per depth: the last k positions have no target k+1 tokens ahead inside the window.
+    reads token t_{i+k} = labels[:, i+k-1] (an ignored one is embedded as token 0; its loss is dropped). The
+    sequence gets one position shorter per depth: the last k positions have no token k+1 ahead in the window.
     Causal: depth k at position i depends on tokens up to t_{i+k} only (the block attends to positions <= i).
     """
-    B, T, _ = h0_BTD.shape
-    losses: list[torch.Tensor] = []
-    aux_losses: dict[str, torch.Tensor] = {}
+    T = h0_BTD.shape[1]
     h_BTD = h0_BTD
     for k, module in enumerate(modules, start=1):
-        n = T - k  # positions 0..T-k-1 have both their input token t_{i+k} and their target t_{i+k+1}
+        n = T - k
         if n <= 0:
             raise ValueError(f"num_nextn_predict_layers={len(modules)} needs sequences longer than {len(modules)} "
                              f"tokens, got {T}")
         tokens_BN = labels_BT[:, k - 1:k - 1 + n]
-        targets_BN = labels_BT[:, k:k + n].masked_fill(tokens_BN == -100, -100)  # an unknown input: no loss
         positions = torch.arange(n, device=h0_BTD.device)
         h_BTD, aux, _ = module(h_BTD[:, :n], embed(tokens_BN.clamp_min(0)), positions)
+        yield h_BTD, aux
+
+
+def mtp_losses(modules: nn.ModuleList, embed: nn.Embedding, head_weight_VD: torch.Tensor, h0_BTD: torch.Tensor,
+               labels_BT: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The D cross-entropies CE_1..CE_D (unweighted means over labelled tokens; CE_k predicts t_{i+k+1} =
+    labels[:, i+k]) through the fused head + loss of loss.py, and the MTP blocks' summed aux losses."""
+    B = h0_BTD.shape[0]
+    losses: list[torch.Tensor] = []
+    aux_losses: dict[str, torch.Tensor] = {}
+    for k, (h_BND, aux) in enumerate(mtp_hidden_states(modules, embed, h0_BTD, labels_BT), start=1):
+        n = h_BND.shape[1]
+        inputs_BN = labels_BT[:, k - 1:k - 1 + n]
+        targets_BN = labels_BT[:, k:k + n].masked_fill(inputs_BN == -100, -100)  # an unknown input: no loss
         for name, v in aux.items():
             aux_losses[name] = aux_losses[name] + v if name in aux_losses else v
-        x_ND = module.shared_head.norm(h_BTD).reshape(B * n, -1)
+        x_ND = modules[k - 1].shared_head.norm(h_BND).reshape(B * n, -1)
         losses.append(linear_cross_entropy(x_ND, head_weight_VD, targets_BN.reshape(-1)))
     return losses, aux_losses
