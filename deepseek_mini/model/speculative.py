@@ -63,6 +63,18 @@ def check_speculative(model, temperature: float) -> None:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
 
 
+def accept(p_d: torch.Tensor, q_d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Keep a draft d ~ q with probability min(1, p(d) / q(d)): u ~ U[0, 1) < p(d) / q(d)."""
+    return u * q_d < p_d
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """What a rejected position draws from: norm(max(0, p - q)) [B, V] (unnormalised; multinomial scales it).
+    Where p == q up to rounding there is no mass left (and a rejection had probability ~0): p itself."""
+    r = (p - q).clamp_min(0)
+    return torch.where(r.sum(-1, keepdim=True) > 0, r, p)
+
+
 class _Drafter:
     """The MTP modules as a drafter: per depth a latent cache, a hidden-state buffer and a valid frontier."""
 
@@ -156,7 +168,7 @@ def speculative_stream(model, input_ids: torch.Tensor, max_new_tokens: int, temp
             p_d = p[:, :n].gather(-1, drafts[..., None])[..., 0]
             q_d = q.gather(-1, drafts[..., None])[..., 0]
             u = torch.rand(B, n, generator=generator, device=device)
-            ok = u * q_d < p_d  # u < p/q: accepted with probability min(1, p/q)
+            ok = accept(p_d, q_d, u)
         accepted = ok.long().cumprod(1).sum(1)  # per row: the accepted prefix length
         live = ~finished
         for j in range(n):
@@ -168,11 +180,7 @@ def speculative_stream(model, input_ids: torch.Tensor, max_new_tokens: int, temp
         elif m == n:
             last = torch.multinomial(p[:, n], 1, generator=generator).squeeze(1)
         else:
-            residual = (p[:, m] - q[:, m]).clamp_min(0)
-            total = residual.sum(-1, keepdim=True)
-            # p == q to rounding leaves no residual mass (and then a rejection had probability ~0): draw from p
-            residual = torch.where(total > 0, residual, p[:, m])
-            resampled = torch.multinomial(residual, 1, generator=generator).squeeze(1)
+            resampled = torch.multinomial(residual(p[:, m], q[:, m]), 1, generator=generator).squeeze(1)
             kept = accepted > m  # this row accepted d_{m+1}: that draft is its sample from p
             last = torch.where(kept, drafts[rows, m], resampled)
         new = torch.cat([drafts[:, :m], last[:, None]], 1)
