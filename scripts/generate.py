@@ -100,12 +100,12 @@ def run(cfg: DictConfig) -> None:
     dtype = pick_dtype(str(cfg.dtype), device)
 
     loaded = load_checkpoint(path)
+    speculative = bool(cfg.get("speculative", False))
+    check_speculative(speculative, loaded.config.num_nextn_predict_layers)  # the MTP modules are the drafter
     if loaded.tokenizer is None:
         folder = path if path.is_dir() else path.parent
         raise CheckpointError(f"no tokenizer.json beside {path} (looked in {folder} and {folder.parent})")
     model, mcfg, tok = loaded.model.to(device=device, dtype=dtype).eval(), loaded.config, loaded.tokenizer
-    speculative = bool(cfg.get("speculative", False))
-    check_speculative(speculative, mcfg.num_nextn_predict_layers)
     model.set_mla_decode(str(cfg.mla_decode))
 
     ids = tok.encode(prompt).ids

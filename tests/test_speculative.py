@@ -6,6 +6,7 @@ a tiny vocabulary, with wrong acceptance / resampling rules as negative controls
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from deepseek_mini.model import speculative as spec
 from deepseek_mini.model.sampling import sampling_probs
 from deepseek_mini.model.speculative import SpeculativeStats
 from deepseek_mini.model.transformer import DeepSeekV2
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +186,74 @@ def test_without_mtp_modules_speculative_is_refused():
     plain = DeepSeekV2(ModelConfig.from_dict(SMALL_MODEL))
     with pytest.raises(ValueError, match="num_nextn_predict_layers=0"):
         plain.generate(torch.zeros(1, 3, dtype=torch.long), 4, speculative=True)
+
+
+# ---------------------------------------------------------------------- scripts/generate.py speculative=true
+@pytest.fixture(scope="module")
+def mtp_ckpt(tmp_path_factory):
+    """A tiny MLA + MoE checkpoint with one MTP module, and a byte-level BPE tokenizer.json beside it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Once upon a time."] * 5, trainer)
+    cfg = ModelConfig.preset("tiny", vocab_size=320, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
+                             intermediate_size=128, num_nextn_predict_layers=2)
+    torch.manual_seed(0)
+    model = DeepSeekV2(cfg).eval()
+    folder = tmp_path_factory.mktemp("mtp_run") / "checkpoints"
+    folder.mkdir()
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model_config": cfg.to_dict()}}, folder / "last.ckpt")
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "last.ckpt", model, tok
+
+
+@pytest.mark.slow
+def test_generate_cli_speculative_greedy_matches_plain(mtp_ckpt, tmp_path):
+    from conftest import run_cli
+
+    path, model, tok = mtp_ckpt
+    prompt = "Once upon a time"
+    proc = run_cli("scripts/generate.py", f"ckpt_path={path}", f"prompt={prompt}", "max_new_tokens=12",
+                   "temperature=0", "speculative=true", "stop_at_eos=false", cwd=tmp_path)
+    ids = tok.encode(prompt).ids
+    out = model.generate(torch.tensor([ids]), 12, temperature=0)[0, len(ids):].tolist()
+    assert proc.stdout == prompt + tok.decode(out, skip_special_tokens=False) + "\n"
+    assert "speculative: 2 MTP draft(s), acceptance per depth" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_generate_speculative_needs_mtp_modules(tmp_path):
+    """A checkpoint without MTP modules is refused right after reading its config, before any token (generate.py
+    prints ConfigError as its one line `error: ...` with exit status 2, as tests/test_inference.py checks)."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from deepseek_mini.config import ConfigError
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=320, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2)
+    torch.save({"state_dict": {"model." + k: v for k, v in DeepSeekV2(cfg).state_dict().items()},
+                "hyper_parameters": {"model_config": cfg.to_dict()}}, tmp_path / "plain.ckpt")
+    spec_ = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
+    script = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(script)
+    run_cfg = OmegaConf.load(ROOT / "configs" / "generate.yaml")
+    run_cfg.merge_with({"ckpt_path": str(tmp_path / "plain.ckpt"), "speculative": True})
+    with pytest.raises(ConfigError) as e:
+        script.run(run_cfg)
+    assert str(e.value) == ("speculative=true: the checkpoint has no MTP modules to draft with "
+                            "(model.num_nextn_predict_layers=0; train with model.num_nextn_predict_layers=1 or more)")
+
+
+@pytest.mark.parametrize("value", ["maybe", 1, "yes"])
+def test_speculative_flag_must_be_a_boolean(value):
+    from deepseek_mini.config import ConfigError
+    from deepseek_mini.generation_args import check_sampling
+
+    with pytest.raises(ConfigError, match=f"^speculative={value}: use true or false$"):
+        check_sampling({"speculative": value, "temperature": 0.8, "max_new_tokens": 4})
