@@ -151,7 +151,7 @@ def run(cfg: DictConfig) -> None:
             else f"{mcfg.attention.upper()} K/V cache, {mcfg.num_key_value_heads} KV heads")
     rate = f"{(n_new - 1) / decode_s:.1f} tokens/s decode" if n_new > 1 and decode_s > 0 else "n/a tokens/s"
     if speculative:
-        rates = ", ".join(f"{r:.0%}" if r == r else "n/a" for r in spec.acceptance())
+        rates = ", ".join(f"{r:.0%}" if r is not None else "n/a" for r in spec.acceptance())
         kind += (f", speculative: {mcfg.num_nextn_predict_layers} MTP draft(s), acceptance per depth {rates}, "
                  f"{spec.tokens_per_round():.2f} tokens per verification")
     sys.stdout.write("\n")

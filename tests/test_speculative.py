@@ -257,3 +257,25 @@ def test_speculative_flag_must_be_a_boolean(value):
 
     with pytest.raises(ConfigError, match=f"^speculative={value}: use true or false$"):
         check_sampling({"speculative": value, "temperature": 0.8, "max_new_tokens": 4})
+
+
+def test_bench_decode_speculative_on_a_checkpoint_cpu(mtp_ckpt, tmp_path, monkeypatch):
+    """scripts/bench/bench_decode.py --ckpt (what the lead runs on the GPU) on CPU with the tiny MTP checkpoint."""
+    import importlib.util
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "bench"))
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py"])
+    spec_ = importlib.util.spec_from_file_location("bench_decode", ROOT / "scripts" / "bench" / "bench_decode.py")
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    rc = bench.main(["--device", "cpu", "--ckpt", str(mtp_ckpt[0]), "--prompt-file", str(tmp_path / "text.txt"),
+                     "--prompt-tokens", "8", "--gen-tokens", "5", "--batches", "2", "--out", str(tmp_path / "s.json")])
+    assert rc == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["checkpoint"]["num_nextn_predict_layers"] == 2 and data["checkpoint"]["params_mtp"] > 0
+    assert [(r["batch"], r["mode"], r["status"]) for r in data["rows"]] == [(2, "plain", "ok"), (2, "speculative", "ok")]
+    r = data["rows"][1]
+    assert r["same_tokens_as_plain"] == 1.0 and len(r["acceptance_per_depth"]) == 2 and r["tokens_per_s"] > 0

@@ -42,12 +42,13 @@ class SpeculativeStats:
     rounds: int = 0  # verification forwards
     tokens: int = 0  # tokens committed per row, summed over rounds (prefill's first token excluded)
 
-    def acceptance(self) -> list[float]:
-        """Accepted / proposed per depth (depth 1 first): the conditional acceptance rate of each draft position."""
-        return [a / p if p else float("nan") for a, p in zip(self.accepted, self.proposed)]
+    def acceptance(self) -> list[float | None]:
+        """Accepted / proposed per depth (depth 1 first): the conditional acceptance rate of each draft position
+        (None for a depth never proposed)."""
+        return [a / p if p else None for a, p in zip(self.accepted, self.proposed)]
 
     def tokens_per_round(self) -> float:
-        return self.tokens / self.rounds if self.rounds else float("nan")
+        return self.tokens / self.rounds if self.rounds else 0.0
 
     def as_dict(self) -> dict:
         return {"acceptance_per_depth": self.acceptance(), "proposed": list(self.proposed),
