@@ -185,3 +185,22 @@ def test_compiled_forward_backward_with_mtp_equals_eager():
     assert grads_c.keys() == grads_e.keys() and any(n.startswith("mtp.0.eh_proj") for n in grads_c)
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("overrides", "line"), [
+    (["model.num_nextn_predict_layers=-1"],
+     "error: model.num_nextn_predict_layers=-1: must be an integer >= 0 (0 = no multi-token prediction)"),
+    (["model.mtp_loss_weight=-0.3"], "error: model.mtp_loss_weight=-0.3: must be a finite number >= 0"),
+    (["model.num_nextn_predict_layers=4", "data.seq_len=4"],
+     "error: model.num_nextn_predict_layers=4: must be < data.seq_len=4 (each MTP depth predicts one token "
+     "further ahead)"),
+])
+def test_bad_mtp_config_is_one_line_error_before_data_prep(overrides, line, tmp_path, capsys, monkeypatch):
+    from test_reliability import run_inprocess
+
+    cache = tmp_path / "cache"
+    code, out = run_inprocess("train.py", [*overrides, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'r'}",
+                                           "logger=none"], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in out
+    assert [x for x in out.splitlines() if x.startswith("error:")] == [line]
+    assert not cache.exists()
