@@ -365,6 +365,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     The attention term follows the PaLM / torchtitan convention, 6 * layers * heads * (qk + v width) * seq_len
     (forward 2 + backward 4 for q.k^T and p.v, causal half not discounted), so MFU figures compare
     directly with those projects'. Norm weights are left out: they are not matmuls.
+
+    MTP modules (num_nextn_predict_layers > 0) are training compute too: each adds its active matmul parameters,
+    one more pass through the shared output head and one more attention term (depth k's window is k positions
+    shorter; that difference is ignored).
     """
     counts = count_parameters(cfg)
     matmul_params = counts.active - (2 * cfg.hidden_size * cfg.num_hidden_layers + cfg.hidden_size)
@@ -373,5 +377,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         matmul_params -= cfg.num_hidden_layers * (cfg.kv_lora_rank + (cfg.q_lora_rank or 0))  # latent norms
     else:
         width = 2 * cfg.head_dim
-    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * width * seq_len
+    D = cfg.num_nextn_predict_layers
+    matmul_params += counts.mtp_active - D * 5 * cfg.hidden_size + D * cfg.vocab_size * cfg.hidden_size
+    if cfg.attention == "mla":
+        matmul_params -= D * (cfg.kv_lora_rank + (cfg.q_lora_rank or 0))
+    attn = 6 * (cfg.num_hidden_layers + D) * cfg.num_attention_heads * width * seq_len
     return 6.0 * matmul_params + attn

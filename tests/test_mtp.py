@@ -204,3 +204,19 @@ def test_bad_mtp_config_is_one_line_error_before_data_prep(overrides, line, tmp_
     assert code == 2 and "Traceback" not in out
     assert [x for x in out.splitlines() if x.startswith("error:")] == [line]
     assert not cache.exists()
+
+
+def test_flops_per_token_count_the_mtp_modules():
+    """MFU of an MTP run counts the MTP modules' matmuls (incl. one more pass through the shared head) and
+    attention; without MTP the number is unchanged."""
+    from deepseek_mini.config import flops_per_token
+
+    model = build(1)
+    cfg, plain = model.config, build(0).config
+    matmul = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp.") and p.dim() >= 2
+                 and "mlp.experts." not in n)
+    experts = model.mtp[0].block.mlp.experts
+    matmul += (experts.gate_up_proj.numel() + experts.down_proj.numel()) * cfg.num_experts_per_tok // cfg.n_routed_experts
+    matmul += cfg.vocab_size * cfg.hidden_size  # the shared head, once more
+    attn = 6 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 64
+    assert flops_per_token(cfg, 64) - flops_per_token(plain, 64) == 6 * matmul + attn
