@@ -5,6 +5,9 @@
 FFN is a dense SwiGLU for the first `first_k_dense_replace` layers (DeepSeekMoE found routing in the
 first layer balances slowly) and DeepSeekMoE afterwards. Module names mirror the Hugging Face hub
 checkpoints (`model.layers.3.self_attn.kv_b_proj`, `model.layers.3.mlp.gate`, `lm_head`, ...).
+
+With `num_nextn_predict_layers` = D > 0 the model also holds D multi-token prediction modules (`mtp`, mtp.py):
+trained with the main loss, used by nothing else but speculative decoding (speculative.py), where they draft.
 """
 
 from __future__ import annotations

@@ -230,13 +230,17 @@ def peer_bench(cfg: ModelConfig, args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- speculative decoding of a checkpoint
+class BenchArgError(ValueError):
+    """A bad --ckpt run argument: printed as one line `error: ...`, exit status 2."""
+
+
 def speculative_prompts(tok, cfg: ModelConfig, args, batch: int, device) -> torch.Tensor:
     """[batch, prompt_tokens] ids: consecutive windows of --prompt-file's tokens (wrapping), or random ids."""
     n = args.prompt_tokens
     if args.prompt_file:
         ids = tok.encode(Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")).ids
         if len(ids) < n:
-            raise SystemExit(f"error: --prompt-file={args.prompt_file}: {len(ids)} tokens, fewer than "
+            raise BenchArgError(f"--prompt-file={args.prompt_file}: {len(ids)} tokens, fewer than "
                              f"--prompt-tokens={n}")
         rows = [[ids[(b * n + i) % len(ids)] for i in range(n)] for b in range(batch)]
         return torch.tensor(rows, device=device)
@@ -258,13 +262,13 @@ def speculative_bench(args, dtype) -> tuple[list[dict], dict]:
     loaded = load_checkpoint(args.ckpt)
     cfg = loaded.config
     if not cfg.num_nextn_predict_layers:
-        raise SystemExit(f"error: --ckpt={args.ckpt}: the checkpoint has no MTP modules to draft with "
+        raise BenchArgError(f"--ckpt={args.ckpt}: the checkpoint has no MTP modules to draft with "
                          "(model.num_nextn_predict_layers=0)")
     if args.prompt_tokens + args.gen_tokens > cfg.max_position_embeddings:
-        raise SystemExit(f"error: --gen-tokens={args.gen_tokens}: --prompt-tokens + --gen-tokens exceeds the model's "
+        raise BenchArgError(f"--gen-tokens={args.gen_tokens}: --prompt-tokens + --gen-tokens exceeds the model's "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
     if args.prompt_file and loaded.tokenizer is None:
-        raise SystemExit(f"error: --prompt-file needs the tokenizer.json beside {args.ckpt}")
+        raise BenchArgError(f"--prompt-file={args.prompt_file}: needs the tokenizer.json beside {args.ckpt}")
     model = loaded.model.to(device=args.device, dtype=dtype).eval()
     model.set_mla_decode("absorb")
     counts = count_parameters(cfg)
@@ -421,12 +425,19 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.ckpt:
         if args.gen_tokens < 2 or args.prompt_tokens < 1 or args.temperature < 0:
-            print("error: --gen-tokens must be >= 2, --prompt-tokens >= 1, --temperature >= 0", file=sys.stderr)
+            print(f"error: --gen-tokens={args.gen_tokens} --prompt-tokens={args.prompt_tokens} --temperature="
+                  f"{args.temperature}: need --gen-tokens >= 2, --prompt-tokens >= 1, --temperature >= 0", file=sys.stderr)
             return 2
         device_name = torch.cuda.get_device_name() if cuda else "cpu"
         print(f"# speculative decode benchmark: {args.dtype}, {device_name}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-        rows, info = speculative_bench(args, dtype)
+        from deepseek_mini.checkpoint import CheckpointError
+
+        try:
+            rows, info = speculative_bench(args, dtype)
+        except (BenchArgError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"device": device_name, "torch": torch.__version__,
