@@ -4,6 +4,8 @@ Field names are those of Hugging Face's `DeepseekV2Config`, so a config moves be
 transformers and the DeepSeek hub checkpoints by renaming nothing. A few fields are ours:
 
 * `attention`     mla (DeepSeek-V2) or the baselines mha / gqa / mqa, so every comparison is one change.
+* `mtp_loss_weight` lambda of the multi-token prediction loss (`num_nextn_predict_layers` is the HF
+                  DeepseekV3 name for the number of MTP modules).
 * `head_dim`      per-head q/k/v width of the baselines (default: v_head_dim, the paper's d_h).
 * balancing       `aux_loss_alpha` (expert level, alpha1), `device_aux_loss_alpha` (alpha2),
                   `comm_aux_loss_alpha` (alpha3), `seq_aux`, `bias_update_speed` (gamma of the
@@ -74,6 +76,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+    # multi-token prediction (DeepSeek-V3 section 2.2; model/mtp.py)
+    num_nextn_predict_layers: int = 0  # D sequential MTP modules; 0 = none (the plain model)
+    mtp_loss_weight: float = 0.3  # lambda: the training loss adds lambda / D x the sum of the D depths' losses
 
     def __post_init__(self):
         if self.n_routed_experts == 0:
@@ -119,6 +124,12 @@ class ModelConfig:
             fail("initializer_range", "must be > 0")
         if self.rope_theta <= 0:
             fail("rope_theta", "must be > 0")
+        if isinstance(self.num_nextn_predict_layers, bool) or not isinstance(self.num_nextn_predict_layers, int) \
+                or self.num_nextn_predict_layers < 0:
+            fail("num_nextn_predict_layers", "must be an integer >= 0 (0 = no multi-token prediction)")
+        if isinstance(self.mtp_loss_weight, bool) or not isinstance(self.mtp_loss_weight, (int, float)) \
+                or not math.isfinite(self.mtp_loss_weight) or self.mtp_loss_weight < 0:
+            fail("mtp_loss_weight", "must be a finite number >= 0")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind != "yarn":
@@ -287,6 +298,10 @@ class ParameterCount:
     routed_experts: int = 0
     shared_experts: int = 0
     router: int = 0
+    # multi-token prediction modules (training and speculative drafting only): not in total / active above,
+    # which describe the main model; the embedding and output head they share are not counted again
+    mtp: int = 0
+    mtp_active: int = 0  # per token, through all D modules
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -308,7 +323,8 @@ def attention_parameters(cfg: ModelConfig) -> int:
 
 
 def count_parameters(cfg: ModelConfig) -> ParameterCount:
-    """Total and active parameter counts, analytically (no weights are allocated)."""
+    """Total and active parameter counts of the main model, and of the MTP modules apart, analytically (no
+    weights are allocated)."""
     d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
     embed = cfg.vocab_size * d
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
@@ -327,8 +343,20 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
     total = embed + head + norms + attn + dense_mlp + routed + shared + router
     # The output head is a matmul every token pays for; with tied embeddings it is the embedding matrix.
     active = (head or embed) + norms + attn + dense_mlp + routed_active + shared + router
+    mtp = mtp_active = 0
+    for layer_idx in range(n_layers, n_layers + cfg.num_nextn_predict_layers):
+        # enorm, hnorm, eh_proj [d, 2d], shared_head.norm, then a block: its two norms, attention and FFN
+        common = 3 * d + 2 * d * d + 2 * d + attention_parameters(cfg)
+        if cfg.is_moe_layer(layer_idx):
+            ffn = (swiglu(cfg.n_shared_experts * cfg.moe_intermediate_size) + cfg.n_routed_experts * d)
+            mtp += common + ffn + cfg.n_routed_experts * swiglu(cfg.moe_intermediate_size)
+            mtp_active += common + ffn + cfg.num_experts_per_tok * swiglu(cfg.moe_intermediate_size)
+        else:
+            mtp += common + swiglu(cfg.intermediate_size)
+            mtp_active += common + swiglu(cfg.intermediate_size)
     return ParameterCount(total=total, active=active, embedding=embed, attention=attn, dense_mlp=dense_mlp,
-                          routed_experts=routed, shared_experts=shared, router=router)
+                          routed_experts=routed, shared_experts=shared, router=router, mtp=mtp,
+                          mtp_active=mtp_active)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -337,6 +365,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     The attention term follows the PaLM / torchtitan convention, 6 * layers * heads * (qk + v width) * seq_len
     (forward 2 + backward 4 for q.k^T and p.v, causal half not discounted), so MFU figures compare
     directly with those projects'. Norm weights are left out: they are not matmuls.
+
+    MTP modules (num_nextn_predict_layers > 0) are training compute too: each adds its active matmul parameters,
+    one more pass through the shared output head and one more attention term (depth k's window is k positions
+    shorter; that difference is ignored).
     """
     counts = count_parameters(cfg)
     matmul_params = counts.active - (2 * cfg.hidden_size * cfg.num_hidden_layers + cfg.hidden_size)
@@ -345,5 +377,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         matmul_params -= cfg.num_hidden_layers * (cfg.kv_lora_rank + (cfg.q_lora_rank or 0))  # latent norms
     else:
         width = 2 * cfg.head_dim
-    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * width * seq_len
+    D = cfg.num_nextn_predict_layers
+    matmul_params += counts.mtp_active - D * 5 * cfg.hidden_size + D * cfg.vocab_size * cfg.hidden_size
+    if cfg.attention == "mla":
+        matmul_params -= D * (cfg.kv_lora_rank + (cfg.q_lora_rank or 0))
+    attn = 6 * (cfg.num_hidden_layers + D) * cfg.num_attention_heads * width * seq_len
     return 6.0 * matmul_params + attn

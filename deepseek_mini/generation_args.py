@@ -32,7 +32,9 @@ def _number(cfg, key: str):
 
 def check_sampling(cfg) -> None:
     """temperature >= 0 (0 = greedy), top_k >= 1 (null or 0 = off), 0 < top_p <= 1 (null = off),
-    max_new_tokens >= 1, an integer."""
+    max_new_tokens >= 1, an integer; speculative (generate.py) true or false. Speculative decoding takes every
+    temperature / top_k / top_p combination: its acceptance rule compares the same filtered distributions that
+    plain sampling draws from, so it keeps them exactly (temperature 0 = greedy verification)."""
     temperature = _number(cfg, "temperature")
     if temperature is not None and temperature < 0:
         raise ConfigError(f"temperature={cfg.get('temperature')}: must be >= 0 (0 = greedy)")
@@ -42,9 +44,19 @@ def check_sampling(cfg) -> None:
     top_p = _number(cfg, "top_p")
     if top_p is not None and not 0 < top_p <= 1:
         raise ConfigError(f"top_p={cfg.get('top_p')}: must be in (0, 1] (null = off)")
+    speculative = cfg.get("speculative")
+    if speculative is not None and not isinstance(speculative, bool):
+        raise ConfigError(f"speculative={speculative}: use true or false")
     max_new = _number(cfg, "max_new_tokens")
     if max_new is None or max_new < 1 or max_new != int(max_new):
         raise ConfigError(f"max_new_tokens={cfg.get('max_new_tokens')}: must be an integer >= 1")
+
+
+def check_speculative(speculative: bool, num_nextn_predict_layers: int) -> None:
+    """speculative=true needs a checkpoint trained with MTP modules (they are the drafter)."""
+    if speculative and not num_nextn_predict_layers:
+        raise ConfigError("speculative=true: the checkpoint has no MTP modules to draft with "
+                          "(model.num_nextn_predict_layers=0; train with model.num_nextn_predict_layers=1 or more)")
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, max_positions: int) -> None:

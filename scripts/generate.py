@@ -1,13 +1,18 @@
 """Stream a continuation from a checkpoint, on CPU or GPU.
 
     python scripts/generate.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt prompt="Once upon a time" \
-        max_new_tokens=100 temperature=0.8 top_k=50 [top_p=0.9] [device=cuda] [mla_decode=naive]
+        max_new_tokens=100 temperature=0.8 top_k=50 [top_p=0.9] [device=cuda] [mla_decode=naive] [speculative=true]
 
 Prefill runs once; every new token is one cached decode step on the preallocated (static) cache: the
 compressed latent cache for MLA, decoded with the absorbed path by default. Text is printed as it is
 generated (stdout); a last line on stderr reports tokens/s and the KV cache in use. A prompt that Hydra's
 override grammar rejects (parentheses, commas, ...) can come from a file: prompt_file=<path>, or
 prompt_file=- for stdin.
+
+speculative=true (a checkpoint trained with model.num_nextn_predict_layers >= 1) drafts the next D tokens with
+the MTP modules and verifies them in one forward of the main model (deepseek_mini/model/speculative.py): the
+same text as plain decoding at temperature=0, the same distribution when sampling; the statistics line adds
+the acceptance rate per draft depth.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from deepseek_mini.analysis.kv_cache import human_bytes  # noqa: E402
 from deepseek_mini.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from deepseek_mini.config import ConfigError  # noqa: E402
-from deepseek_mini.generation_args import check_length, check_sampling, read_prompt  # noqa: E402
+from deepseek_mini.generation_args import check_length, check_sampling, check_speculative, read_prompt  # noqa: E402
+from deepseek_mini.model.speculative import SpeculativeStats  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -94,6 +100,8 @@ def run(cfg: DictConfig) -> None:
     dtype = pick_dtype(str(cfg.dtype), device)
 
     loaded = load_checkpoint(path)
+    speculative = bool(cfg.get("speculative", False))
+    check_speculative(speculative, loaded.config.num_nextn_predict_layers)  # the MTP modules are the drafter
     if loaded.tokenizer is None:
         folder = path if path.is_dir() else path.parent
         raise CheckpointError(f"no tokenizer.json beside {path} (looked in {folder} and {folder.parent})")
@@ -120,9 +128,11 @@ def run(cfg: DictConfig) -> None:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     t_first = None
+    spec = SpeculativeStats()
     with torch.inference_mode():
         for token in model.generate_stream(input_ids, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                                           eos_token_id=eos_id if cfg.stop_at_eos else None, generator=generator):
+                                           eos_token_id=eos_id if cfg.stop_at_eos else None, generator=generator,
+                                           speculative=speculative, stats=spec):
             token_id = int(token[0])  # a host sync, once per token: the text is streamed as it comes
             if t_first is None:
                 t_first = time.perf_counter()
@@ -140,6 +150,10 @@ def run(cfg: DictConfig) -> None:
     kind = (f"MLA latent cache, {cfg.mla_decode} decode" if mcfg.attention == "mla"
             else f"{mcfg.attention.upper()} K/V cache, {mcfg.num_key_value_heads} KV heads")
     rate = f"{(n_new - 1) / decode_s:.1f} tokens/s decode" if n_new > 1 and decode_s > 0 else "n/a tokens/s"
+    if speculative:
+        rates = ", ".join(f"{r:.0%}" if r is not None else "n/a" for r in spec.acceptance())
+        kind += (f", speculative: {mcfg.num_nextn_predict_layers} MTP draft(s), acceptance per depth {rates}, "
+                 f"{spec.tokens_per_round():.2f} tokens per verification")
     sys.stdout.write("\n")
     sys.stdout.flush()
     # the statistics go to stderr: `generate.py ... > out.txt` keeps only the text

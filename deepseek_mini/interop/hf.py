@@ -15,6 +15,13 @@ The two layouts differ in one place only: we stack the routed experts (`mlp.expe
 (`mlp.experts.{e}.{gate,up,down}_proj.weight`). We write the per-expert names, which transformers v4 and
 v5 both load (v5 fuses them at load time), and read either form.
 
+Multi-token prediction modules (model/mtp.py, `mtp.{k}.*`) are written where DeepSeek-V3's checkpoint keeps them:
+as extra layers `model.layers.{num_hidden_layers + k}.*` (`enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, and
+the block's own names), with `num_nextn_predict_layers` in config.json. transformers' DeepseekV2 builds
+num_hidden_layers layers only: it loads the main model and discards those weights (a warning about unused
+weights); reading the directory back here restores them. The shared embedding and head are not repeated per
+module (DeepSeek-V3's release repeats them; such copies are accepted on import when equal to the main ones).
+
 What transformers' DeepseekV2 cannot express is refused (HFExportError / HFImportError, the message names
 the field) rather than exported into a model that silently computes something else; docs/hf_interop.md
 lists every rule. transformers is never imported here: the files are plain JSON and safetensors.
@@ -40,6 +47,24 @@ __all__ = ["HFExportError", "HFImportError", "config_from_hf", "config_to_hf", "
 # end-of-document token names, in order of preference (ours is <|endoftext|>, id 0)
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 _EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_MTP_RE = re.compile(r"^mtp\.(\d+)\.(block\.)?(.*)$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.")  # an MTP module's parts outside its block
+
+
+def _mtp_name_to_hf(name: str, num_layers: int) -> str:
+    """mtp.{k}.block.X / mtp.{k}.enorm.weight -> model.layers.{num_layers + k}.X / .enorm.weight"""
+    m = _MTP_RE.match(name)
+    return f"model.layers.{num_layers + int(m.group(1))}.{m.group(3)}" if m else name
+
+
+def _mtp_name_from_hf(name: str, num_layers: int) -> str:
+    """The inverse of _mtp_name_to_hf for layers >= num_layers (other names unchanged)."""
+    m = _LAYER_RE.match(name)
+    if not m or int(m.group(1)) < num_layers:
+        return name
+    k, rest = int(m.group(1)) - num_layers, m.group(2)
+    return f"mtp.{k}.{rest}" if rest.startswith(_MTP_OWN) else f"mtp.{k}.block.{rest}"
 
 
 # ---------------------------------------------------------------------- weights
@@ -50,7 +75,7 @@ def state_dict_to_hf(model) -> dict[str, torch.Tensor]:
     config_to_hf(cfg)  # refuse what cannot be expressed before touching weights
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        name = name.replace("_orig_mod.", "")
+        name = _mtp_name_to_hf(name.replace("_orig_mod.", ""), cfg.num_hidden_layers)
         t = t.detach()
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -101,7 +126,19 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         # transformers ties lm_head to the embedding whatever the file holds
         if "model.embed_tokens.weight" in out:
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    return out
+    renamed = {}
+    for name, t in out.items():
+        name = _mtp_name_from_hf(name, cfg.num_hidden_layers)
+        shared = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+        m = _MTP_RE.match(name)
+        if m and m.group(3) in shared:  # DeepSeek-V3's per-module copies of the shared weights
+            main = out.get(shared[m.group(3)])
+            if main is None or main.shape != t.shape or not torch.equal(main, t):
+                raise HFImportError(f"{name}: an MTP module's own {m.group(3)} differs from the main model's; "
+                                    "deepseek-mini's MTP modules share the embedding and the head")
+            continue
+        renamed[name] = t
+    return renamed
 
 
 def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from deepseek_mini.config import ModelConfig, yarn_mscale
 
 # our balancing / training-only fields, written as config.json extras (transformers keeps and ignores them)
 _TRAINING_EXTRAS = ("aux_loss_alpha", "seq_aux", "device_aux_loss_alpha", "comm_aux_loss_alpha",
-                    "bias_update_speed", "capacity_factor")
+                    "bias_update_speed", "capacity_factor", "mtp_loss_weight")
 
 
 class HFExportError(ValueError):
@@ -93,6 +93,9 @@ def config_to_hf(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id
         "intermediate_size": cfg.intermediate_size,
         "moe_intermediate_size": cfg.moe_intermediate_size,
         "num_hidden_layers": n_layers,
+        # DeepseekV3's name: the MTP modules are stored as layers num_hidden_layers.. (interop/hf.py); transformers'
+        # DeepseekV2 keeps the value as an unused attribute and drops those layers' weights when it loads
+        "num_nextn_predict_layers": cfg.num_nextn_predict_layers,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_attention_heads,  # MLA: every head has its own k/v (re-expanded)
         "head_dim": cfg.qk_rope_head_dim,  # what transformers sets it to (it sizes the RoPE table)
@@ -238,6 +241,7 @@ def config_from_hf(d: dict[str, Any] | str | os.PathLike) -> ModelConfig:
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), initializer_range=float(d.get("initializer_range", 0.02)),
         max_position_embeddings=d["max_position_embeddings"], tie_word_embeddings=bool(d.get("tie_word_embeddings")),
         rope_theta=rope_theta, rope_scaling=rope_scaling,
+        num_nextn_predict_layers=int(d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0),
     )
     if is_moe:
         kw.update(n_routed_experts=n_routed, n_shared_experts=d["n_shared_experts"], num_experts_per_tok=top_k,

@@ -5,6 +5,9 @@
 FFN is a dense SwiGLU for the first `first_k_dense_replace` layers (DeepSeekMoE found routing in the
 first layer balances slowly) and DeepSeekMoE afterwards. Module names mirror the Hugging Face hub
 checkpoints (`model.layers.3.self_attn.kv_b_proj`, `model.layers.3.mlp.gate`, `lm_head`, ...).
+
+With `num_nextn_predict_layers` = D > 0 the model also holds D multi-token prediction modules (`mtp`, mtp.py):
+trained with the main loss, used by nothing else but speculative decoding (speculative.py), where they draft.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from deepseek_mini.model.attention import MLA, build_attention
 from deepseek_mini.model.layers import RMSNorm, SwiGLU
 from deepseek_mini.model.loss import linear_cross_entropy
 from deepseek_mini.model.moe import GroupedExperts, MoE, Router
+from deepseek_mini.model.mtp import MTPModule, mtp_losses
+from deepseek_mini.model.sampling import sample
+from deepseek_mini.model.speculative import SpeculativeStats, speculative_stream
 
 
 @dataclass
@@ -31,6 +37,9 @@ class ModelOutput:
     aux_loss: torch.Tensor | None = None  # sum of aux_losses; the trainer adds it to `loss` itself
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     router_stats: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # multi-token prediction (training only): lambda / D x sum_k CE_k, and the D unweighted CE_k
+    mtp_loss: torch.Tensor | None = None
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
 
 
 class Block(nn.Module):
@@ -68,6 +77,14 @@ class DeepSeekV2(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.num_nextn_predict_layers:
+            # built without drawing from the global RNG (reset_parameters draws every weight, the trunk's
+            # first), so a seed gives the main model the same initial weights with and without MTP
+            with torch.random.fork_rng(devices=[]):
+                self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.num_hidden_layers + k))
+                                         for k in range(cfg.num_nextn_predict_layers))
+        else:
+            self.mtp = None  # D = 0: exactly the plain model (no `mtp.*` names in the state dict)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -91,8 +108,9 @@ class DeepSeekV2(nn.Module):
                 nn.init.ones_(module.weight)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache=None,
-                start_pos: int = 0, return_logits: bool = True) -> ModelOutput:
+    def hidden_states(self, input_ids: torch.Tensor, cache=None, start_pos: int = 0):
+        """The trunk: final hidden states [B, T, D] after the last norm (what the head reads), the summed aux
+        losses and the router statistics (one dict per MoE layer)."""
         B, T = input_ids.shape
         if start_pos + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings="
@@ -107,7 +125,12 @@ class DeepSeekV2(nn.Module):
                 aux_losses[k] = aux_losses[k] + v if k in aux_losses else v
             if stats is not None:
                 router_stats.append(stats)
-        x = self.model.norm(x)
+        return self.model.norm(x), aux_losses, router_stats
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache=None,
+                start_pos: int = 0, return_logits: bool = True) -> ModelOutput:
+        B, T = input_ids.shape
+        x, aux_losses, router_stats = self.hidden_states(input_ids, cache, start_pos)
         logits = loss = None
         if labels is not None and not return_logits and torch.is_grad_enabled():
             # the training step: the head and its loss fused, the logits' gradient written with the loss (loss.py)
@@ -119,9 +142,16 @@ class DeepSeekV2(nn.Module):
                 loss = F.cross_entropy(logits_f.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
             if not return_logits:
                 logits = None
+        mtp_loss, per_depth = None, []
+        if self.mtp is not None and labels is not None and cache is None and torch.is_grad_enabled():
+            # multi-token prediction trains with the main loss; validation, eval and generation (no grad) skip it
+            per_depth, mtp_aux = mtp_losses(self.mtp, self.model.embed_tokens, self.lm_head.weight, x, labels)
+            mtp_loss = self.config.mtp_loss_weight / len(per_depth) * sum(per_depth)
+            for k, v in mtp_aux.items():  # the MTP blocks' experts balance like the trunk's
+                aux_losses[k] = aux_losses[k] + v if k in aux_losses else v
         aux_loss = sum(aux_losses.values()) if aux_losses else x.new_zeros((), dtype=torch.float32)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, aux_losses=aux_losses,
-                           router_stats=router_stats)
+                           router_stats=router_stats, mtp_loss=mtp_loss, mtp_losses=per_depth)
 
     # ------------------------------------------------------------------ balancing / modes
     def update_expert_bias(self, all_reduce=None) -> None:
@@ -150,8 +180,17 @@ class DeepSeekV2(nn.Module):
     @torch.no_grad()
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yields the next token [B] at each step: prefill once, then one cached decode step per token."""
+                        generator: torch.Generator | None = None, speculative: bool = False,
+                        stats: SpeculativeStats | None = None) -> Iterator[torch.Tensor]:
+        """Yields the next token [B] at each step: prefill once, then one cached decode step per token.
+
+        speculative=True drafts with the MTP modules and verifies the drafts in one forward (speculative.py):
+        the same tokens as greedy decoding at temperature 0, the same distribution when sampling; `stats`
+        (a SpeculativeStats) collects the acceptance per depth."""
+        if speculative:
+            yield from speculative_stream(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                                          generator, stats)
+            return
         B, T = input_ids.shape
         max_len = T + max_new_tokens
         if max_len > self.config.max_position_embeddings:
@@ -173,34 +212,14 @@ class DeepSeekV2(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Returns [B, T + new] token ids. temperature=0 means greedy."""
+                 generator: torch.Generator | None = None, speculative: bool = False,
+                 stats: SpeculativeStats | None = None) -> torch.Tensor:
+        """Returns [B, T + new] token ids. temperature=0 means greedy. speculative: see generate_stream."""
         was_training = self.training
         self.eval()
         try:
             new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p,
-                                            eos_token_id, generator))
+                                            eos_token_id, generator, speculative, stats))
         finally:
             self.train(was_training)
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
-
-
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token from [B, V] logits: greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -1,6 +1,7 @@
 """LitDeepSeek: the LightningModule around DeepSeekV2.
 
-* loss = next-token cross-entropy + the model's auxiliary balance losses, added here explicitly;
+* loss = next-token cross-entropy + the model's auxiliary balance losses (+ lambda x the multi-token
+  prediction loss when model.num_nextn_predict_layers > 0), added here explicitly;
 * AdamW (decay on >=2-D parameters only; a Triton step on CUDA; deepseek_mini/optim/) with warmup + cosine /
   DeepSeek's step schedule; on one GPU under bf16-mixed the weight matrices are bf16 during fit, with
   their fp32 masters in that optimizer (optim.bf16_weights; checkpoints hold the fp32 values);
@@ -120,6 +121,11 @@ class LitDeepSeek(L.LightningModule):
         x, y = batch
         out = self(x, y)
         loss = out.loss + out.aux_loss
+        if out.mtp_loss is not None:  # multi-token prediction: lambda / D x sum of the depths' losses (model/mtp.py)
+            loss = loss + out.mtp_loss
+            self.log("train/mtp_loss", self._keep(sum(out.mtp_losses) / len(out.mtp_losses)))  # unweighted mean
+            for k, value in enumerate(out.mtp_losses, start=1):
+                self.log(f"train/mtp_loss_{k}", self._keep(value))
         lm = self._keep(out.loss)
         # not prog_bar=True: Lightning would turn it into a float after every batch, a host sync per step
         # (callbacks.ProgressBar reads it every log_every_n_steps instead)

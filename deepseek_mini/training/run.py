@@ -84,7 +84,7 @@ def build_callbacks(cfg: DictConfig) -> list:
 
 def model_stats(model_cfg: ModelConfig) -> dict:
     counts = count_parameters(model_cfg)
-    return {"params_total": counts.total, "params_active": counts.active,
+    return {"params_total": counts.total, "params_active": counts.active, "params_mtp": counts.mtp,
             "kv_cache_bytes_per_token": model_cfg.kv_cache_bytes_per_token(2)}  # bf16 cache
 
 

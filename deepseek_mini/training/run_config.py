@@ -414,6 +414,9 @@ class RunConfig:
                               f"{self.model.max_position_embeddings}: lower data.seq_len or raise the model's")
         if self.trainer.on_gpu:  # CUDA graphs exist only there
             check_cuda_graphs_accumulation(self.compile, self.trainer.accumulate_grad_batches)
+        if self.data.seq_len <= self.model.num_nextn_predict_layers:  # MTP depth k needs k + 1 tokens ahead
+            raise ConfigError(f"model.num_nextn_predict_layers={self.model.num_nextn_predict_layers}: must be < "
+                              f"data.seq_len={self.data.seq_len} (each MTP depth predicts one token further ahead)")
         strategy = str(self.trainer.extra.get("strategy", ""))
         shards = self.trainer.devices if "fsdp" in strategy.lower() and isinstance(self.trainer.devices, int) else 1
         check_fits_in_memory(self.model, shards)

@@ -4,6 +4,8 @@ shape, bf16, random weights, on one GPU.
     python scripts/bench/bench_decode.py --out bench_decode.json                 # batch 1, 32 x context 1K, 8K, 32K
     python scripts/bench/bench_decode.py --peer                                  # + transformers DeepseekV2 generate
     python scripts/bench/bench_decode.py --device cpu --tiny --steps 2           # CPU smoke test (tests/)
+    python scripts/bench/bench_decode.py --ckpt <run>/checkpoints/last.ckpt --prompt-file book.txt --out spec.json
+                                                              # plain vs MTP-speculative decode of a trained model
 
 For each (variant, batch, context): a static cache of batch x (context + steps) tokens is allocated and its first
 `context` positions are filled with random latents / K / V (no 32K prefill through the naive path), then decode
@@ -13,6 +15,13 @@ step:
 * graph   a static-shape step written here (attend over the whole preallocated cache with a position mask, cache
           writes by index_copy_ at a device-side position), captured once in a CUDA graph and replayed.
           Same math as the model's decode; checked against eager in the CPU smoke test. (Both are in decode_step.py.)
+With --ckpt (a checkpoint trained with model.num_nextn_predict_layers >= 1, read by the verified loader) the
+benchmark is generate() itself, greedy by default: for each batch, plain absorbed decode and self-speculative
+decode (model/speculative.py) each generate --gen-tokens tokens after the same prompts (--prompt-tokens tokens per
+row, consecutive windows of --prompt-file, so acceptance is measured on real text); tokens/s counts generated
+tokens over the decode time (the prefill, timed by generating one token, is subtracted). Rows add the acceptance
+rate per draft depth, tokens per verification, and whether the two outputs agree token for token.
+
 Each row reports step latency, tokens/s (= batch / step), the KV cache (formula), the bytes a step must read (active
 weights + the cache up to the current position), the bandwidth floor (those bytes at --bandwidth, the measured
 3.0 TB/s device copy), the achieved GB/s and step / floor.
@@ -220,6 +229,110 @@ def peer_bench(cfg: ModelConfig, args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------- speculative decoding of a checkpoint
+class BenchArgError(ValueError):
+    """A bad --ckpt run argument: printed as one line `error: ...`, exit status 2."""
+
+
+def speculative_prompts(tok, cfg: ModelConfig, args, batch: int, device) -> torch.Tensor:
+    """[batch, prompt_tokens] ids: consecutive windows of --prompt-file's tokens (wrapping), or random ids."""
+    n = args.prompt_tokens
+    if args.prompt_file:
+        ids = tok.encode(Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")).ids
+        if len(ids) < n:
+            raise BenchArgError(f"--prompt-file={args.prompt_file}: {len(ids)} tokens, fewer than "
+                             f"--prompt-tokens={n}")
+        rows = [[ids[(b * n + i) % len(ids)] for i in range(n)] for b in range(batch)]
+        return torch.tensor(rows, device=device)
+    return torch.randint(0, cfg.vocab_size, (batch, n), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def timed_generate(model, prompts, n: int, speculative: bool, args, stats=None) -> tuple[torch.Tensor, float]:
+    g = torch.Generator(device=args.device).manual_seed(0)
+    with Timer(args.device) as t:
+        out = model.generate(prompts, n, temperature=args.temperature, generator=g, speculative=speculative,
+                             stats=stats)
+    return out, t.ms
+
+
+def speculative_bench(args, dtype) -> tuple[list[dict], dict]:
+    from deepseek_mini.checkpoint import load_checkpoint
+    from deepseek_mini.model.speculative import SpeculativeStats
+
+    loaded = load_checkpoint(args.ckpt)
+    cfg = loaded.config
+    if not cfg.num_nextn_predict_layers:
+        raise BenchArgError(f"--ckpt={args.ckpt}: the checkpoint has no MTP modules to draft with "
+                         "(model.num_nextn_predict_layers=0)")
+    if args.prompt_tokens + args.gen_tokens > cfg.max_position_embeddings:
+        raise BenchArgError(f"--gen-tokens={args.gen_tokens}: --prompt-tokens + --gen-tokens exceeds the model's "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    if args.prompt_file and loaded.tokenizer is None:
+        raise BenchArgError(f"--prompt-file={args.prompt_file}: needs the tokenizer.json beside {args.ckpt}")
+    model = loaded.model.to(device=args.device, dtype=dtype).eval()
+    model.set_mla_decode("absorb")
+    counts = count_parameters(cfg)
+    info = {"ckpt": str(args.ckpt), "num_nextn_predict_layers": cfg.num_nextn_predict_layers,
+            "params_total": counts.total, "params_active": counts.active, "params_mtp": counts.mtp,
+            "prompt_file": args.prompt_file, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+            "temperature": args.temperature}
+    print(f"# {args.ckpt}: D={cfg.num_nextn_predict_layers} MTP modules, {counts.total / 1e6:.1f}M params "
+          f"(+{counts.mtp / 1e6:.1f}M MTP), prompts {args.prompt_tokens} tokens"
+          f"{' of ' + args.prompt_file if args.prompt_file else ' (random ids: acceptance means little)'}", flush=True)
+    rows = []
+    for batch in args.batches:
+        prompts = speculative_prompts(loaded.tokenizer, cfg, args, batch, args.device)
+        outs = {}
+        for mode in ("plain", "speculative"):
+            spec = mode == "speculative"
+            row = {"variant": "ckpt", "mode": mode, "batch": batch, "context": args.prompt_tokens}
+            try:
+                timed_generate(model, prompts, min(8, args.gen_tokens), spec, args)  # warm-up
+                _, prefill_ms = timed_generate(model, prompts, 1, spec, args)
+                stats = SpeculativeStats()
+                outs[mode], total_ms = timed_generate(model, prompts, args.gen_tokens, spec, args, stats)
+                decode_ms = max(total_ms - prefill_ms, 1e-6)
+                row.update(status="ok", total_ms=total_ms, prefill_ms=prefill_ms,
+                           tokens_per_s=batch * (args.gen_tokens - 1) / decode_ms * 1e3,
+                           step_ms=decode_ms / (args.gen_tokens - 1))
+                if spec:
+                    row.update(stats.as_dict())
+            except torch.OutOfMemoryError:
+                row["status"] = "OOM"
+            rows.append(row)
+            free_memory()
+            rate = (f"{row['tokens_per_s']:,.0f} tok/s" if row["status"] == "ok" else row["status"])
+            extra = (", acceptance per depth " + " ".join(rates(row["acceptance_per_depth"]))
+                     + f", {row['tokens_per_round']:.2f} tokens/verification") if spec and row["status"] == "ok" else ""
+            print(f"  {mode} batch {batch}: {rate}{extra}", flush=True)
+        if len(outs) == 2:
+            same = (outs["plain"] == outs["speculative"]).float().mean().item()
+            rows[-1]["same_tokens_as_plain"] = same
+            if rows[-2]["status"] == "ok":
+                rows[-1]["speedup"] = rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"]
+    return rows, info
+
+
+def rates(acceptance) -> list[str]:
+    return [f"{a:.2f}" if a is not None else "-" for a in acceptance]
+
+
+def speculative_markdown(rows: list[dict]) -> str:
+    lines = ["| batch | mode | tokens/s | ms per token | acceptance per depth | tokens / verification | speed-up | "
+             "same tokens as plain |", "|---:|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['batch']} | {r['mode']} | {r.get('status')} | | | | | |")
+            continue
+        acc = " ".join(rates(r.get("acceptance_per_depth", [])))
+        tpr = f"{r['tokens_per_round']:.2f}" if "tokens_per_round" in r else ""
+        speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        same = f"{r['same_tokens_as_plain']:.1%}" if "same_tokens_as_plain" in r else ""
+        lines.append(f"| {r['batch']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.3f} | {acc} | {tpr} | "
+                     f"{speed} | {same} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- report
 def gb(x) -> str:
     return f"{x / 1e9:.2f}" if x is not None else ""
@@ -290,6 +403,11 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile N replays of each graph/compiled point; print GPU time by kernel category")
     ap.add_argument("--out", default=None, help="JSON results")
+    ap.add_argument("--ckpt", default=None, help="benchmark plain vs MTP-speculative generate() of this checkpoint")
+    ap.add_argument("--prompt-file", default=None, help="--ckpt: text whose tokens make the prompts")
+    ap.add_argument("--prompt-tokens", type=int, default=256, help="--ckpt: prompt length per row")
+    ap.add_argument("--gen-tokens", type=int, default=128, help="--ckpt: tokens generated per row")
+    ap.add_argument("--temperature", type=float, default=0.0, help="--ckpt: 0 = greedy")
     args = ap.parse_args(argv)
     PROFILE["steps"] = args.profile
     cuda = torch.device(args.device).type == "cuda"
@@ -305,6 +423,28 @@ def main(argv=None) -> int:
         if args.batches == [1, 32]:
             args.batches = [1, 2]
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.ckpt:
+        if args.gen_tokens < 2 or args.prompt_tokens < 1 or args.temperature < 0:
+            print(f"error: --gen-tokens={args.gen_tokens} --prompt-tokens={args.prompt_tokens} --temperature="
+                  f"{args.temperature}: need --gen-tokens >= 2, --prompt-tokens >= 1, --temperature >= 0", file=sys.stderr)
+            return 2
+        device_name = torch.cuda.get_device_name() if cuda else "cpu"
+        print(f"# speculative decode benchmark: {args.dtype}, {device_name}, torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+        from deepseek_mini.checkpoint import CheckpointError
+
+        try:
+            rows, info = speculative_bench(args, dtype)
+        except (BenchArgError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"device": device_name, "torch": torch.__version__,
+                                                 "date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv,
+                                                 "args": vars(args), "checkpoint": info, "rows": rows}, indent=1))
+        print("\n" + speculative_markdown(rows))
+        return 0
     max_len = max(args.contexts) + args.warmup + args.steps + 72
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"# decode benchmark: {args.shape} shape, {args.dtype}, {device_name}, torch {torch.__version__}, "

@@ -1,0 +1,281 @@
+"""Self-speculative decoding (model/speculative.py): greedy output equals plain greedy decoding token for token
+whatever the drafts are (random MTP, drafts forced right, drafts forced wrong), the MTP caches' rollback
+drafts what a cache-free recomputation drafts, and sampling keeps the main model's distribution (measured on
+a tiny vocabulary, with wrong acceptance / resampling rules as negative controls)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from model_helpers import SMALL_MODEL
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.model import speculative as spec
+from deepseek_mini.model.sampling import sampling_probs
+from deepseek_mini.model.speculative import SpeculativeStats
+from deepseek_mini.model.transformer import DeepSeekV2
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DeepSeekV2(ModelConfig.from_dict({**SMALL_MODEL, "num_nextn_predict_layers": 3})).double().eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return torch.randint(0, SMALL_MODEL["vocab_size"], (3, 7), generator=torch.Generator().manual_seed(5))
+
+
+def forced_drafter(model, plain: torch.Tensor, wrong: bool):
+    """A drafter that proposes the plain greedy continuation (all right) or that plus one (all wrong)."""
+    V = model.config.vocab_size
+
+    def draft(self, tokens, N, n, sampler):
+        drafts = plain[:, N + 1:N + n + 1].clone()
+        if drafts.shape[1] < n:  # past the plain run's end: anything
+            drafts = torch.cat([drafts, drafts.new_zeros(drafts.shape[0], n - drafts.shape[1])], 1)
+        drafts = (drafts + 1) % V if wrong else drafts
+        tokens[:, N + 1:N + n + 1] = drafts
+        return drafts, None
+    return draft
+
+
+@pytest.mark.parametrize("drafts", ["mtp", "right", "wrong"])
+def test_greedy_equals_plain_greedy(model, prompts, drafts, monkeypatch):
+    plain = model.generate(prompts, 20, temperature=0)
+    if drafts != "mtp":
+        monkeypatch.setattr(spec._Drafter, "draft", forced_drafter(model, plain, wrong=drafts == "wrong"))
+    stats = SpeculativeStats()
+    out = model.generate(prompts, 20, temperature=0, speculative=True, stats=stats)
+    assert torch.equal(out, plain)
+    rates = stats.acceptance()
+    if drafts == "right":
+        assert rates == [1.0, 1.0, 1.0] and stats.tokens_per_round() == pytest.approx(19 / 5)  # 4 + 4 + 4 + 4 + 3
+    elif drafts == "wrong":
+        assert rates[0] == 0.0 and stats.tokens_per_round() == 1.0
+
+
+def test_greedy_with_eos_matches_plain(model, prompts):
+    plain = model.generate(prompts, 16, temperature=0)
+    eos = int(plain[1, 7 + 5])  # a token row 1 emits: rows stop (and pad with eos) at different steps
+    expected = model.generate(prompts, 16, temperature=0, eos_token_id=eos)
+    out = model.generate(prompts, 16, temperature=0, eos_token_id=eos, speculative=True)
+    assert torch.equal(out[:, :expected.shape[1]], expected)
+    assert (out[:, expected.shape[1]:] == eos).all()
+
+
+def test_mtp_drafts_equal_a_cache_free_recomputation(model, prompts, monkeypatch):
+    """The drafter keeps per-depth caches and hidden states across rounds and rolls them back past rejected
+    drafts; each round's drafts must equal the MTP chain recomputed from scratch on the committed tokens."""
+    seen = []
+    real = spec._Drafter.draft
+
+    def recording(self, tokens, N, n, sampler):
+        committed = tokens[:, :N + 1].clone()
+        drafts, q = real(self, tokens, N, n, sampler)
+        seen.append((committed, n, drafts.clone()))
+        return drafts, q
+
+    monkeypatch.setattr(spec._Drafter, "draft", recording)
+    model.generate(prompts, 24, temperature=0, speculative=True)
+    assert len(seen) >= 6
+    for committed, n, drafts in seen:
+        N = committed.shape[1] - 1
+        ext = committed
+        h, _, _ = model.hidden_states(committed[:, :N])
+        for k in range(1, n + 1):
+            h, _, _ = model.mtp[k - 1](h, model.model.embed_tokens(ext[:, k:N + k]), torch.arange(N))
+            d = model.lm_head(model.mtp[k - 1].shared_head.norm(h[:, -1])).argmax(-1)
+            assert torch.equal(d, drafts[:, k - 1]), (N, k)
+            ext = torch.cat([ext, d[:, None]], 1)
+
+
+# ---------------------------------------------------------------------- sampling keeps the distribution
+V = 4
+STAT_MODEL = dict(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=8,
+                  qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, intermediate_size=16, n_routed_experts=None,
+                  first_k_dense_replace=0, max_position_embeddings=16, num_nextn_predict_layers=2)
+SAMPLING = dict(temperature=0.9, top_k=None, top_p=0.95)
+DRAWS = 8000
+
+
+@pytest.fixture(scope="module")
+def stat_model():
+    """Tiny vocabulary; a sharpened head so the main model's and the drafts' distributions differ a lot."""
+    torch.manual_seed(0)
+    m = DeepSeekV2(ModelConfig.from_dict(STAT_MODEL)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)
+    prompt = torch.tensor([[1, 2, 3]])
+    pairs = torch.tensor(list(itertools.product(range(V), repeat=2)))
+    with torch.no_grad():
+        p = sampling_probs(m(torch.cat([prompt.expand(len(pairs), -1), pairs], 1)).logits[:, 2:5], **SAMPLING)
+    exact = torch.zeros(V, V, V, dtype=torch.float64)  # P(x1, x2, x3), from full forwards without any cache
+    for i, (a, b) in enumerate(pairs.tolist()):
+        exact[a, b] = p[i, 0, a].double() * p[i, 1, b].double() * p[i, 2].double()
+    return m, prompt, exact
+
+
+def oracle_then_flat(m, generator):
+    """Depth 1 drafts from the main model's own distribution (always accepted, so every row reaches depth 2
+    even though a batch advances by its smallest accepted prefix); depth 2 from a flattened one (p^0.3)."""
+    def draft(self, tokens, N, n, sampler):
+        drafts, qs = [], []
+        for k in range(1, n + 1):
+            p = sampling_probs(m(tokens[:, :N + k]).logits[:, -1], **SAMPLING)
+            q = p if k == 1 else p.pow(0.3) / p.pow(0.3).sum(-1, keepdim=True)
+            d = torch.multinomial(q, 1, generator=generator).squeeze(1)
+            tokens[:, N + k] = d
+            drafts.append(d)
+            qs.append(q)
+        return torch.stack(drafts, 1), torch.stack(qs, 1)
+    return draft
+
+
+def sampled_tv(stat_model, drafter: str, monkeypatch, seed: int = 0) -> tuple[float, list[float]]:
+    """Total variation between the empirical joint of the first three sampled tokens and the exact one, and
+    the acceptance per depth."""
+    m, prompt, exact = stat_model
+    g = torch.Generator().manual_seed(seed)
+    if drafter == "oracle":
+        monkeypatch.setattr(spec._Drafter, "draft", oracle_then_flat(m, g))
+    stats = SpeculativeStats()
+    out = m.generate(prompt.expand(DRAWS, -1), 4, **SAMPLING, generator=g, speculative=True, stats=stats)[:, 3:6]
+    idx = out[:, 0] * V * V + out[:, 1] * V + out[:, 2]
+    counts = torch.zeros(V ** 3, dtype=torch.float64).index_add_(0, idx, torch.ones(DRAWS, dtype=torch.float64))
+    return 0.5 * (counts.view(V, V, V) / DRAWS - exact).abs().sum().item(), stats.acceptance()
+
+
+# at 8,000 draws (seed 0): the right rule gives 0.018 (MTP drafts) and 0.017 (oracle drafts); the wrong rules
+# below 0.10 (resample from p), 0.098 (70% of the ratio) and 0.53 (accept always). Seeds 1-2 at 20,000 draws: 0.008-0.01
+TV_LIMIT = 0.035
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "oracle"])
+def test_sampling_keeps_the_main_models_distribution(stat_model, drafter, monkeypatch):
+    tv, rates = sampled_tv(stat_model, drafter, monkeypatch)
+    assert tv < TV_LIMIT
+    tested = rates[1] if drafter == "oracle" else rates[0]
+    assert 0.2 < tested < 0.9  # acceptance and rejection both happen often at the depth under test
+
+
+@pytest.mark.parametrize("drafter, wrong", [
+    ("mtp", "accept_always"),  # verification that does not check
+    ("mtp", "resample_from_p"),  # a rejection redraws from p instead of norm(max(0, p - q))
+    ("oracle", "accept_70_percent_of_ratio"),  # a subtly wrong acceptance probability, at depth 2
+])
+def test_wrong_rules_are_detected(stat_model, drafter, wrong, monkeypatch):
+    """The negative controls: the same measurement fails for a wrong rule (the test above can fail)."""
+    if wrong == "accept_always":
+        monkeypatch.setattr(spec, "accept", lambda p_d, q_d, u: torch.ones_like(p_d, dtype=torch.bool))
+    elif wrong == "resample_from_p":
+        monkeypatch.setattr(spec, "residual", lambda p, q: p)
+    else:
+        monkeypatch.setattr(spec, "accept", lambda p_d, q_d, u: u * q_d < 0.7 * p_d)
+    assert sampled_tv(stat_model, drafter, monkeypatch)[0] > TV_LIMIT
+
+
+def test_without_mtp_modules_speculative_is_refused():
+    torch.manual_seed(0)
+    plain = DeepSeekV2(ModelConfig.from_dict(SMALL_MODEL))
+    with pytest.raises(ValueError, match="num_nextn_predict_layers=0"):
+        plain.generate(torch.zeros(1, 3, dtype=torch.long), 4, speculative=True)
+
+
+# ---------------------------------------------------------------------- scripts/generate.py speculative=true
+@pytest.fixture(scope="module")
+def mtp_ckpt(tmp_path_factory):
+    """A tiny MLA + MoE checkpoint with one MTP module, and a byte-level BPE tokenizer.json beside it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Once upon a time."] * 5, trainer)
+    cfg = ModelConfig.preset("tiny", vocab_size=320, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
+                             intermediate_size=128, num_nextn_predict_layers=2)
+    torch.manual_seed(0)
+    model = DeepSeekV2(cfg).eval()
+    folder = tmp_path_factory.mktemp("mtp_run") / "checkpoints"
+    folder.mkdir()
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model_config": cfg.to_dict()}}, folder / "last.ckpt")
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "last.ckpt", model, tok
+
+
+@pytest.mark.slow
+def test_generate_cli_speculative_greedy_matches_plain(mtp_ckpt, tmp_path):
+    from conftest import run_cli
+
+    path, model, tok = mtp_ckpt
+    prompt = "Once upon a time"
+    proc = run_cli("scripts/generate.py", f"ckpt_path={path}", f"prompt={prompt}", "max_new_tokens=12",
+                   "temperature=0", "speculative=true", "stop_at_eos=false", cwd=tmp_path)
+    ids = tok.encode(prompt).ids
+    out = model.generate(torch.tensor([ids]), 12, temperature=0)[0, len(ids):].tolist()
+    assert proc.stdout == prompt + tok.decode(out, skip_special_tokens=False) + "\n"
+    assert "speculative: 2 MTP draft(s), acceptance per depth" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_generate_speculative_needs_mtp_modules(tmp_path):
+    """A checkpoint without MTP modules is refused right after reading its config, before any token (generate.py
+    prints ConfigError as its one line `error: ...` with exit status 2, as tests/test_inference.py checks)."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from deepseek_mini.config import ConfigError
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=320, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2)
+    torch.save({"state_dict": {"model." + k: v for k, v in DeepSeekV2(cfg).state_dict().items()},
+                "hyper_parameters": {"model_config": cfg.to_dict()}}, tmp_path / "plain.ckpt")
+    spec_ = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
+    script = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(script)
+    run_cfg = OmegaConf.load(ROOT / "configs" / "generate.yaml")
+    run_cfg.merge_with({"ckpt_path": str(tmp_path / "plain.ckpt"), "speculative": True})
+    with pytest.raises(ConfigError) as e:
+        script.run(run_cfg)
+    assert str(e.value) == ("speculative=true: the checkpoint has no MTP modules to draft with "
+                            "(model.num_nextn_predict_layers=0; train with model.num_nextn_predict_layers=1 or more)")
+
+
+@pytest.mark.parametrize("value", ["maybe", 1, "yes"])
+def test_speculative_flag_must_be_a_boolean(value):
+    from deepseek_mini.config import ConfigError
+    from deepseek_mini.generation_args import check_sampling
+
+    with pytest.raises(ConfigError, match=f"^speculative={value}: use true or false$"):
+        check_sampling({"speculative": value, "temperature": 0.8, "max_new_tokens": 4})
+
+
+def test_bench_decode_speculative_on_a_checkpoint_cpu(mtp_ckpt, tmp_path, monkeypatch):
+    """scripts/bench/bench_decode.py --ckpt (what the lead runs on the GPU) on CPU with the tiny MTP checkpoint."""
+    import importlib.util
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "bench"))
+    monkeypatch.setattr(sys, "argv", ["bench_decode.py"])
+    spec_ = importlib.util.spec_from_file_location("bench_decode", ROOT / "scripts" / "bench" / "bench_decode.py")
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    rc = bench.main(["--device", "cpu", "--ckpt", str(mtp_ckpt[0]), "--prompt-file", str(tmp_path / "text.txt"),
+                     "--prompt-tokens", "8", "--gen-tokens", "5", "--batches", "2", "--out", str(tmp_path / "s.json")])
+    assert rc == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["checkpoint"]["num_nextn_predict_layers"] == 2 and data["checkpoint"]["params_mtp"] > 0
+    assert [(r["batch"], r["mode"], r["status"]) for r in data["rows"]] == [(2, "plain", "ok"), (2, "speculative", "ok")]
+    r = data["rows"][1]
+    assert r["same_tokens_as_plain"] == 1.0 and len(r["acceptance_per_depth"]) == 2 and r["tokens_per_s"] > 0
