@@ -12,7 +12,9 @@ The CLI run (train.py trainer=ep) is marked slow.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY_OVERRIDES, run_cli
 from model_helpers import SMALL_MODEL
 
 from deepseek_mini.config import ModelConfig
@@ -111,3 +114,113 @@ def test_ep2_forward_backward_equals_one_process(tmp_path, seq_aux):
     # device-limited routing with M = topk_group = 1: every token's experts sit on one device
     tpd = r[0]["stats"][0]["tokens_per_device"]
     assert tpd.sum() == B * S, "each token is sent to exactly one of the 2 devices"
+
+
+# ---------------------------------------------------------------------- bad combinations: one line, rc 2
+@pytest.mark.parametrize("overrides, line", [
+    (["trainer.strategy.expert_parallel=3"], "error: model.n_routed_experts=8: must be divisible by "
+                                             "trainer.strategy.expert_parallel=3"),
+    (["trainer.devices=1"], "error: trainer.devices=1: the world size 1 (devices x num_nodes) must be a multiple"),
+    (["model.device_aux_loss_alpha=0.01", "model.n_group=4"], "error: model.n_group=4: must equal "
+                                                               "trainer.strategy.expert_parallel=2"),
+    (["model.topk_method=group_limited_greedy", "model.n_group=4", "model.topk_group=1"],
+     "error: model.n_group=4: must equal"),
+    (["compile=true"], "error: compile=default: not with expert parallelism"),
+    (["trainer.strategy.expert_parallel=0"], "error: trainer.strategy.expert_parallel=0: must be a positive integer"),
+])
+def test_bad_expert_parallel_settings_fail_with_one_line(overrides, line, tmp_path):
+    from conftest import CONFIGS
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from deepseek_mini.config import ConfigError
+    from deepseek_mini.training.run_config import RunConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["trainer=ep", "trainer.accelerator=cpu", *overrides],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_cfg(cfg, tmp_path / "run")
+    assert f"error: {e.value}".startswith(line), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------- train.py trainer=ep, end to end (slow)
+CLI = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.max_steps=", "scheduler."))] + [
+    "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv", "model.bias_update_speed=0.01",
+    "model.topk_method=group_limited_greedy", "model.n_group=2", "model.topk_group=1",
+    "model.device_aux_loss_alpha=0.01", "model.comm_aux_loss_alpha=0.01", "model.seq_aux=false",
+    "scheduler=constant", "scheduler.warmup_steps=2", "val_before_fit=false"]  # constant: lr independent of max_steps
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def _val(run_dir: Path) -> dict[int, float]:
+    return dict(json.loads((run_dir / "results.json").read_text())["val_history"])
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
+    """DDP for 6 steps (the reference); EP=2 for 4 steps, then resumed to 6 under EP=2 and under DDP."""
+    root = tmp_path_factory.mktemp("ep")
+    runs = {"ddp6": root / "ddp6", "ep4": root / "ep4", "ep_resumed": root / "ep_resumed", "ddp_from_ep": root / "dfe"}
+    common = [*CLI, f"paths.cache_dir={cache_dir}", "trainer.log_every_n_steps=1"]
+    run_cli("train.py", *common, "trainer=ddp", "trainer.max_steps=6", f"hydra.run.dir={runs['ddp6']}")
+    run_cli("train.py", *common, "trainer=ep", "trainer.max_steps=4", f"hydra.run.dir={runs['ep4']}")
+    last = runs["ep4"] / "checkpoints" / "last.ckpt"
+    run_cli("train.py", *common, "trainer=ep", "trainer.max_steps=6", f"ckpt_path={last}",
+            f"hydra.run.dir={runs['ep_resumed']}")
+    run_cli("train.py", *common, "trainer=ddp", "trainer.max_steps=6", f"ckpt_path={last}",
+            f"hydra.run.dir={runs['ddp_from_ep']}")
+    return runs
+
+
+@pytest.mark.slow
+def test_ep2_training_matches_ddp_and_resumes_across_degrees(ep_runs):
+    ref_train, ref_val = _train_losses(ep_runs["ddp6"]), _val(ep_runs["ddp6"])
+    ep_train, ep_val = _train_losses(ep_runs["ep4"]), _val(ep_runs["ep4"])
+    assert sorted(ep_train) == [0, 1, 2, 3] and ep_val.keys() == {2, 4}
+    for step, loss in ep_train.items():  # the same steps under EP=2 as under DDP (fp32; summation order differs)
+        assert math.isclose(loss, ref_train[step], rel_tol=1e-4), (step, loss, ref_train[step])
+    for step, loss in ep_val.items():
+        assert math.isclose(loss, ref_val[step], rel_tol=1e-4), (step, loss, ref_val[step])
+    # resumed from the EP=2 checkpoint, under EP=2 and under DDP: the losses after the resume point are the
+    # uninterrupted run's
+    for name in ("ep_resumed", "ddp_from_ep"):
+        train, val = _train_losses(ep_runs[name]), _val(ep_runs[name])
+        for step in (4, 5):
+            assert math.isclose(train[step], ref_train[step], rel_tol=1e-4), (name, step, train[step], ref_train[step])
+        assert math.isclose(val[6], ref_val[6], rel_tol=1e-4), (name, val[6], ref_val[6])
+    # per-device load and tokens received per device, in the CSV
+    header = (ep_runs["ep4"] / "csv" / "metrics.csv").open().readline()
+    for key in ("train/moe/layer1/device_max_load", "train/moe/layer1/device1_tokens_received",
+                "train/moe/layer1/device0_rows", "train/comm_balance", "train/device_balance"):
+        assert key in header, key
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_is_the_standard_state_dict(ep_runs, tmp_path):
+    from deepseek_mini.checkpoint import load_checkpoint
+
+    last = ep_runs["ep4"] / "checkpoints" / "last.ckpt"
+    loaded = load_checkpoint(last)  # one process, verified
+    cfg = loaded.config
+    for name, p in loaded.model.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            assert p.shape[0] == cfg.n_routed_experts, name
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ddp = torch.load(ep_runs["ddp6"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"].keys() == ddp["state_dict"].keys()
+    for k, v in ckpt["state_dict"].items():
+        assert v.shape == ddp["state_dict"][k].shape, k
+    moments = [s["exp_avg"] for s in ckpt["optimizer_states"][0]["state"].values() if s["exp_avg"].dim() == 3]
+    assert moments and all(m.shape[0] == cfg.n_routed_experts for m in moments), "AdamW moments gathered too"
+    proc = run_cli("eval.py", f"ckpt_path={last}", "limit_batches=2", "max_new_tokens=4", "prompt=def ",
+                   f"hydra.run.dir={tmp_path / 'eval'}")
+    assert math.isfinite(json.loads((tmp_path / "eval" / "eval.json").read_text())["loss"]), proc.stdout[-500:]
