@@ -58,62 +58,60 @@ def _batch(cfg: ModelConfig, world: int, seed: int = 0):
 
 
 # ---------------------------------------------------------------------- forward + backward equivalence
-def _grads_worker(rank, world, port, seq_aux, out_dir):
+def _grads_worker(rank, world, port, out_dir):
     from deepseek_mini.model.expert_parallel import shard_experts
 
     _init(rank, world, port)
-    cfg = ModelConfig.from_dict(dict(EP_MODEL, seq_aux=seq_aux))
-    torch.manual_seed(0)
-    model = DeepSeekV2(cfg).train()
-    names = set(shard_experts(model, dist.group.WORLD))
-    x, y = _batch(cfg, world)
-    rows = slice(rank * B, (rank + 1) * B)
-    out = model(x[rows], labels=y[rows], return_logits=False)
-    (out.loss + out.aux_loss).backward()
-    # the loss of the global batch is the mean of the ranks' losses: average every gradient over the ranks
-    # (an expert's local gradient already sums both ranks' tokens, so it is divided by the world size)
-    grads = {}
-    for n, p in model.named_parameters():
-        g = p.grad.clone()
-        if n not in names:
-            dist.all_reduce(g)
-        grads[n] = g / world
-    losses = {k: v.detach().clone() for k, v in out.aux_losses.items()}
-    for v in [out.loss.detach().clone(), *losses.values()]:
-        dist.all_reduce(v)
-    torch.save({"grads": grads, "names": sorted(names), "loss": out.loss.detach() / world,
-                "aux": {k: v for k, v in out.aux_losses.items()}, "stats": out.router_stats},
-               Path(out_dir) / f"rank{rank}.pt")
+    for seq_aux in (True, False):  # balance losses per sequence, and over the batch (the EP group's counts)
+        cfg = ModelConfig.from_dict(dict(EP_MODEL, seq_aux=seq_aux))
+        torch.manual_seed(0)
+        model = DeepSeekV2(cfg).train()
+        names = set(shard_experts(model, dist.group.WORLD))
+        x, y = _batch(cfg, world)
+        rows = slice(rank * B, (rank + 1) * B)
+        out = model(x[rows], labels=y[rows], return_logits=False)
+        (out.loss + out.aux_loss).backward()
+        # the loss of the global batch is the mean of the ranks' losses: average every gradient over the ranks
+        # (an expert's local gradient already sums both ranks' tokens, so it is divided by the world size)
+        grads = {}
+        for n, p in model.named_parameters():
+            g = p.grad.clone()
+            if n not in names:
+                dist.all_reduce(g)
+            grads[n] = g / world
+        torch.save({"grads": grads, "names": sorted(names), "loss": out.loss.detach(),
+                    "aux": {k: v.detach() for k, v in out.aux_losses.items()}, "stats": out.router_stats},
+                   Path(out_dir) / f"rank{rank}_{seq_aux}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("seq_aux", [True, False])
-def test_ep2_forward_backward_equals_one_process(tmp_path, seq_aux):
-    _spawn(_grads_worker, seq_aux, str(tmp_path))
-    cfg = ModelConfig.from_dict(dict(EP_MODEL, seq_aux=seq_aux))
-    torch.manual_seed(0)
-    ref = DeepSeekV2(cfg).train()
-    x, y = _batch(cfg, 2)
-    out = ref(x, labels=y, return_logits=False)
-    (out.loss + out.aux_loss).backward()
-    r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2)]
-    assert r[0]["names"], "no expert was sharded"
-    assert set(out.aux_losses) == {"expert_balance", "device_balance", "comm_balance"}
-    # losses: the CE of the global batch is the mean of the ranks'; the balance losses per sequence too, and
-    # over the batch each rank computes the loss from the EP group's counts with its own P (mean = global)
-    torch.testing.assert_close(r[0]["loss"] + r[1]["loss"], out.loss, rtol=1e-5, atol=1e-6)
-    for k, v in out.aux_losses.items():
-        torch.testing.assert_close((r[0]["aux"][k] + r[1]["aux"][k]) / 2, v.detach(), rtol=1e-5, atol=1e-7)
-    E, half = cfg.n_routed_experts, cfg.n_routed_experts // 2
-    for n, p in ref.named_parameters():
-        if n in r[0]["names"]:  # rank 0 holds experts 0..E/2-1, rank 1 the rest
-            torch.testing.assert_close(torch.cat([r[0]["grads"][n], r[1]["grads"][n]]), p.grad, rtol=1e-4, atol=1e-6)
-            assert r[0]["grads"][n].shape[0] == half and p.shape[0] == E
-        else:
-            torch.testing.assert_close(r[0]["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
-    # device-limited routing with M = topk_group = 1: every token's experts sit on one device
-    tpd = r[0]["stats"][0]["tokens_per_device"]
-    assert tpd.sum() == B * S, "each token is sent to exactly one of the 2 devices"
+def test_ep2_forward_backward_equals_one_process(tmp_path):
+    _spawn(_grads_worker, str(tmp_path))
+    for seq_aux in (True, False):
+        cfg = ModelConfig.from_dict(dict(EP_MODEL, seq_aux=seq_aux))
+        torch.manual_seed(0)
+        ref = DeepSeekV2(cfg).train()
+        x, y = _batch(cfg, 2)
+        out = ref(x, labels=y, return_logits=False)
+        (out.loss + out.aux_loss).backward()
+        r = [torch.load(tmp_path / f"rank{i}_{seq_aux}.pt", weights_only=False) for i in range(2)]
+        assert r[0]["names"], "no expert was sharded"
+        assert set(out.aux_losses) == {"expert_balance", "device_balance", "comm_balance"}
+        # the CE of the global batch is the mean of the ranks'; so are the balance losses, per sequence, and over
+        # the batch, where each rank multiplies the EP group's counts f by its own mean scores P
+        torch.testing.assert_close((r[0]["loss"] + r[1]["loss"]) / 2, out.loss.detach(), rtol=1e-5, atol=1e-6)
+        for k, v in out.aux_losses.items():
+            torch.testing.assert_close((r[0]["aux"][k] + r[1]["aux"][k]) / 2, v.detach(), rtol=1e-5, atol=1e-7)
+        E = cfg.n_routed_experts
+        for n, p in ref.named_parameters():
+            if n in r[0]["names"]:  # rank 0 holds experts 0..E/2-1, rank 1 the rest
+                assert r[0]["grads"][n].shape[0] == E // 2 and p.shape[0] == E
+                torch.testing.assert_close(torch.cat([r[0]["grads"][n], r[1]["grads"][n]]), p.grad, rtol=1e-4,
+                                           atol=1e-6)
+            else:
+                torch.testing.assert_close(r[0]["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+        # device-limited routing with M = topk_group = 1: each token's experts sit on one of the 2 devices
+        assert r[0]["stats"][0]["tokens_per_device"].sum() == B * S
 
 
 # ---------------------------------------------------------------------- bad combinations: one line, rc 2
@@ -152,7 +150,7 @@ def test_bad_expert_parallel_settings_fail_with_one_line(overrides, line, tmp_pa
 CLI = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.max_steps=", "scheduler."))] + [
     "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv", "model.bias_update_speed=0.01",
     "model.topk_method=group_limited_greedy", "model.n_group=2", "model.topk_group=1",
-    "model.device_aux_loss_alpha=0.01", "model.comm_aux_loss_alpha=0.01", "model.seq_aux=false",
+    "model.device_aux_loss_alpha=0.01", "model.comm_aux_loss_alpha=0.01",  # per sequence (seq_aux): as DDP
     "scheduler=constant", "scheduler.warmup_steps=2", "val_before_fit=false"]  # constant: lr independent of max_steps
 
 

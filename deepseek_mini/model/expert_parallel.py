@@ -78,7 +78,11 @@ class ExpertParallel:
         offsets_L = recv_RL.sum(0).cumsum(0).to(torch.int32)
         x_sorted = _DispatchRows.apply(x_MD, order_M, inverse_M, 1)
         gate_sorted = _DispatchRows.apply(gate_M.view(-1, 1), order_M, inverse_M, 1).view(-1)
-        y_sorted = experts(x_sorted, offsets_L, gate_sorted)
+        if n_recv:
+            y_sorted = experts(x_sorted, offsets_L, gate_sorted)
+        else:  # nothing routed here: no GEMM over zero rows, but keep the graph connected so that backward
+            # still reaches both all_to_alls, which the other ranks' backward waits for
+            y_sorted = x_sorted * 0 + gate_sorted[:, None] * 0
         y_MD = _DispatchRows.apply(y_sorted, inverse_M, order_M, 1)  # back to the received (source) order
         return _all_to_all(y_MD, send_splits, recv_splits, self.group)
 

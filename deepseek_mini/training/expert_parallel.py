@@ -145,9 +145,10 @@ class ExpertParallelStrategy(DDPStrategy):
         After backward an expert's gradient already sums the loss gradients of every rank of its EP group
         (the backward all-to-all brought them); the dp replicas holding the same experts add theirs.
         """
-        grads = [p.grad for p in self._expert_params.values() if p.grad is not None]
-        if not grads:
-            return
+        for p in self._expert_params.values():
+            if p.grad is None:  # this rank's experts received no rows: a zero gradient, so the reduction matches
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self._expert_params.values()]
         if self.world_size // self.expert_parallel > 1:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=self.dp_group)
@@ -195,9 +196,12 @@ class ExpertParallelStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[E/ep, ...] shards -> the full [E, ...] tensor, on the CPU of global rank 0 (the rank that writes the
+        checkpoint; the others keep their shard). One tensor at a time: a model whose experts do not fit one
+        GPU never holds all of them there."""
         parts = [torch.empty_like(t) for _ in range(self.expert_parallel)]
         dist.all_gather(parts, t.contiguous(), group=self.ep_group)
-        return torch.cat(parts)
+        return torch.cat(parts).cpu() if self.global_rank == 0 else t
 
     def _slice(self, t: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         if t.shape[0] == local.shape[0]:  # already this rank's rows (expert_parallel=1)
