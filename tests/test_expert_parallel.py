@@ -115,6 +115,103 @@ def test_ep2_forward_backward_equals_one_process(tmp_path):
         assert r[0]["stats"][0]["tokens_per_device"].sum() == B * S
 
 
+# ---------------------------------------------------------------------- the Lightning strategy, in process
+STEPS, RESUME_AT = 5, 3
+
+
+class _Windows(torch.utils.data.Dataset):
+    """Rank r's share of a fixed token stream: item i is global sample start + r + i * world."""
+
+    def __init__(self, vocab: int, rank: int, world: int, start: int):
+        g = torch.Generator().manual_seed(7)
+        self.x = torch.randint(0, vocab, (world * STEPS * B, S + 1), generator=g)
+        self.idx = list(range(start * world * B + rank, world * STEPS * B, world))
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        row = self.x[self.idx[i]]
+        return row[:-1], row[1:]
+
+
+def _fit_worker(rank, world, port, kind, out_dir, ckpt_in, max_steps):
+    import lightning as L
+
+    from deepseek_mini.training.expert_parallel import ExpertParallelStrategy
+    from deepseek_mini.training.module import LitDeepSeek
+
+    # Lightning's environment then sees processes it did not start (as under torchrun): no launcher
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    model_cfg = dict(EP_MODEL, bias_update_speed=0.01)
+    module = LitDeepSeek(model_cfg, optim={"lr": 3e-3}, scheduler={"name": "constant", "warmup_steps": 0},
+                         max_steps=max_steps, log_every_n_steps=1)
+    ddp = dict(find_unused_parameters=False, broadcast_buffers=False)
+    strategy = ExpertParallelStrategy(expert_parallel=2, **ddp) if kind == "ep" else L.pytorch.strategies.DDPStrategy(
+        **ddp)
+    losses = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            # the loss, and the global gradient norm (EP: replicated part + every rank's experts), before clipping
+            losses[trainer.global_step - 1] = [float(outputs["loss"]), float(trainer.callback_metrics["train/grad_norm"])]
+
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world, max_steps=max_steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=0.5, num_sanity_val_steps=0, limit_val_batches=0,
+                        use_distributed_sampler=False, callbacks=[Record()])
+    start = RESUME_AT if ckpt_in else 0
+    loader = torch.utils.data.DataLoader(_Windows(model_cfg["vocab_size"], rank, world, start), batch_size=B)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_in)
+    trainer.save_checkpoint(Path(out_dir) / f"{kind}{max_steps}.ckpt")  # every rank: EP gathers its experts
+    if rank == 0:
+        (Path(out_dir) / f"{kind}{max_steps}_{'resumed' if ckpt_in else 'fresh'}.json").write_text(json.dumps(losses))
+
+
+def test_ep2_strategy_matches_ddp_and_its_checkpoint_resumes_under_both(tmp_path):
+    """A few optimizer steps of the Lightning EP=2 strategy (clipping, the bias update and the AdamW state
+    included) match DDP on the same data; its checkpoint is DDP's state dict, loads into one process, and
+    resumes under EP=2 and under DDP to the same losses. (That a resumed run continues exactly like an
+    uninterrupted one is the data module's part: the slow CLI test checks it; this harness's plain DataLoader
+    departs from the uninterrupted run after the first resumed step, under DDP alone too.)"""
+    from deepseek_mini.checkpoint import load_checkpoint
+
+    out, ep_ckpt_path = str(tmp_path), str(tmp_path / f"ep{RESUME_AT}.ckpt")
+    _spawn(_fit_worker, "ddp", out, None, STEPS)
+    _spawn(_fit_worker, "ep", out, None, RESUME_AT)
+    _spawn(_fit_worker, "ep", out, ep_ckpt_path, STEPS)
+    _spawn(_fit_worker, "ddp", out, ep_ckpt_path, STEPS)  # the EP checkpoint into DDP (writes ddp5.ckpt again)
+    ddp = json.loads((tmp_path / f"ddp{STEPS}_fresh.json").read_text())
+    ep = json.loads((tmp_path / f"ep{RESUME_AT}_fresh.json").read_text())
+    ep_resumed = json.loads((tmp_path / f"ep{STEPS}_resumed.json").read_text())
+    ddp_resumed = json.loads((tmp_path / f"ddp{STEPS}_resumed.json").read_text())
+    assert sorted(ep) == [str(i) for i in range(RESUME_AT)]
+    assert sorted(ep_resumed) == sorted(ddp_resumed) == [str(i) for i in range(RESUME_AT, STEPS)]
+    for step, (loss, norm) in {**ep, str(RESUME_AT): ep_resumed[str(RESUME_AT)]}.items():
+        assert math.isclose(loss, ddp[step][0], rel_tol=2e-5), (step, loss, ddp[step])
+        assert math.isclose(norm, ddp[step][1], rel_tol=1e-6), (step, norm, ddp[step])
+    for step, (loss, norm) in ep_resumed.items():
+        assert math.isclose(loss, ddp_resumed[step][0], rel_tol=2e-5), (step, loss, ddp_resumed[step])
+        assert math.isclose(norm, ddp_resumed[step][1], rel_tol=1e-6), (step, norm, ddp_resumed[step])
+    # the EP checkpoint is the standard one: DDP's keys and shapes, experts and AdamW moments full size
+    ep_ckpt = torch.load(tmp_path / f"ep{STEPS}.ckpt", map_location="cpu", weights_only=False)
+    ddp_ckpt = torch.load(tmp_path / f"ddp{STEPS}.ckpt", map_location="cpu", weights_only=False)
+    assert {k: v.shape for k, v in ep_ckpt["state_dict"].items()} == {k: v.shape for k, v in
+                                                                     ddp_ckpt["state_dict"].items()}
+    for k, v in ep_ckpt["state_dict"].items():
+        torch.testing.assert_close(v, ddp_ckpt["state_dict"][k], rtol=1e-3, atol=1e-5, msg=k)
+    for i, st in ddp_ckpt["optimizer_states"][0]["state"].items():
+        assert ep_ckpt["optimizer_states"][0]["state"][i]["exp_avg"].shape == st["exp_avg"].shape
+    ckpt = tmp_path / "ep.ckpt"
+    ckpt.write_bytes((tmp_path / f"ep{STEPS}.ckpt").read_bytes())
+    (tmp_path / "model_config.json").write_text(json.dumps(dict(EP_MODEL, bias_update_speed=0.01)))
+    assert load_checkpoint(ckpt).model.model.layers[1].mlp.experts.gate_up_proj.shape[0] == EP_MODEL[
+        "n_routed_experts"], "loads into one process"
+
+
 # ---------------------------------------------------------------------- bad combinations: one line, rc 2
 @pytest.mark.parametrize("overrides, line", [
     (["trainer.strategy.expert_parallel=3"], "error: model.n_routed_experts=8: must be divisible by "
