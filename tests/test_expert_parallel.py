@@ -263,60 +263,40 @@ def _val(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def ep_runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
-    """DDP for 6 steps (the reference); EP=2 for 4 steps, then resumed to 6 under EP=2 and under DDP."""
+    """train.py trainer=ep for 4 steps (checkpoints at steps 2 and 4), and the same run resumed from step 2."""
     root = tmp_path_factory.mktemp("ep")
-    runs = {"ddp6": root / "ddp6", "ep4": root / "ep4", "ep_resumed": root / "ep_resumed", "ddp_from_ep": root / "dfe"}
-    common = [*CLI, f"paths.cache_dir={cache_dir}", "trainer.log_every_n_steps=1"]
-    run_cli("train.py", *common, "trainer=ddp", "trainer.max_steps=6", f"hydra.run.dir={runs['ddp6']}")
-    run_cli("train.py", *common, "trainer=ep", "trainer.max_steps=4", f"hydra.run.dir={runs['ep4']}")
-    last = runs["ep4"] / "checkpoints" / "last.ckpt"
-    run_cli("train.py", *common, "trainer=ep", "trainer.max_steps=6", f"ckpt_path={last}",
-            f"hydra.run.dir={runs['ep_resumed']}")
-    run_cli("train.py", *common, "trainer=ddp", "trainer.max_steps=6", f"ckpt_path={last}",
-            f"hydra.run.dir={runs['ddp_from_ep']}")
+    runs = {"ep4": root / "ep4", "resumed": root / "resumed"}
+    common = [*CLI, "trainer=ep", "trainer.max_steps=4", f"paths.cache_dir={cache_dir}", "trainer.log_every_n_steps=1"]
+    run_cli("train.py", *common, "callbacks.model_checkpoint.save_top_k=-1", f"hydra.run.dir={runs['ep4']}")
+    run_cli("train.py", *common, f"ckpt_path={runs['ep4'] / 'checkpoints' / 'best-step2.ckpt'}",
+            f"hydra.run.dir={runs['resumed']}")
     return runs
 
 
 @pytest.mark.slow
-def test_ep2_training_matches_ddp_and_resumes_across_degrees(ep_runs):
-    ref_train, ref_val = _train_losses(ep_runs["ddp6"]), _val(ep_runs["ddp6"])
-    ep_train, ep_val = _train_losses(ep_runs["ep4"]), _val(ep_runs["ep4"])
-    assert sorted(ep_train) == [0, 1, 2, 3] and ep_val.keys() == {2, 4}
-    for step, loss in ep_train.items():  # the same steps under EP=2 as under DDP (fp32; summation order differs)
-        assert math.isclose(loss, ref_train[step], rel_tol=1e-4), (step, loss, ref_train[step])
-    for step, loss in ep_val.items():
-        assert math.isclose(loss, ref_val[step], rel_tol=1e-4), (step, loss, ref_val[step])
-    # resumed from the EP=2 checkpoint, under EP=2 and under DDP: the losses after the resume point are the
-    # uninterrupted run's
-    for name in ("ep_resumed", "ddp_from_ep"):
-        train, val = _train_losses(ep_runs[name]), _val(ep_runs[name])
-        for step in (4, 5):
-            assert math.isclose(train[step], ref_train[step], rel_tol=1e-4), (name, step, train[step], ref_train[step])
-        assert math.isclose(val[6], ref_val[6], rel_tol=1e-4), (name, val[6], ref_val[6])
-    # per-device load and tokens received per device, in the CSV
+def test_ep2_cli_run_resumes_mid_run_to_the_same_losses(ep_runs):
+    full, resumed = _train_losses(ep_runs["ep4"]), _train_losses(ep_runs["resumed"])
+    assert sorted(full) == [0, 1, 2, 3] and sorted(resumed) == [2, 3]
+    for step in (2, 3):  # the real data module continues the sample stream where the checkpoint left it
+        assert math.isclose(resumed[step], full[step], rel_tol=1e-6), (step, resumed[step], full[step])
+    assert math.isclose(_val(ep_runs["resumed"])[4], _val(ep_runs["ep4"])[4], rel_tol=1e-6)
+    res = json.loads((ep_runs["ep4"] / "results.json").read_text())
+    assert res["world_size"] == 2 and res["config"]["n_group"] == 2
+    # per-device load and tokens received per device, and both device losses, in the CSV
     header = (ep_runs["ep4"] / "csv" / "metrics.csv").open().readline()
     for key in ("train/moe/layer1/device_max_load", "train/moe/layer1/device1_tokens_received",
-                "train/moe/layer1/device0_rows", "train/comm_balance", "train/device_balance"):
+                "train/moe/layer1/device0_rows", "train/comm_balance", "train/device_balance", "train/grad_norm"):
         assert key in header, key
 
 
 @pytest.mark.slow
-def test_ep2_checkpoint_is_the_standard_state_dict(ep_runs, tmp_path):
+def test_ep2_checkpoint_is_the_standard_state_dict_for_eval(ep_runs, tmp_path):
     from deepseek_mini.checkpoint import load_checkpoint
 
     last = ep_runs["ep4"] / "checkpoints" / "last.ckpt"
     loaded = load_checkpoint(last)  # one process, verified
-    cfg = loaded.config
-    for name, p in loaded.model.named_parameters():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            assert p.shape[0] == cfg.n_routed_experts, name
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    ddp = torch.load(ep_runs["ddp6"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["state_dict"].keys() == ddp["state_dict"].keys()
-    for k, v in ckpt["state_dict"].items():
-        assert v.shape == ddp["state_dict"][k].shape, k
-    moments = [s["exp_avg"] for s in ckpt["optimizer_states"][0]["state"].values() if s["exp_avg"].dim() == 3]
-    assert moments and all(m.shape[0] == cfg.n_routed_experts for m in moments), "AdamW moments gathered too"
-    proc = run_cli("eval.py", f"ckpt_path={last}", "limit_batches=2", "max_new_tokens=4", "prompt=def ",
-                   f"hydra.run.dir={tmp_path / 'eval'}")
-    assert math.isfinite(json.loads((tmp_path / "eval" / "eval.json").read_text())["loss"]), proc.stdout[-500:]
+    experts = [p for n, p in loaded.model.named_parameters() if n.endswith("experts.gate_up_proj")]
+    assert experts and all(p.shape[0] == loaded.config.n_routed_experts for p in experts)
+    run_cli("eval.py", f"ckpt_path={last}", "limit_batches=2", "max_new_tokens=4", "prompt=def ",
+            f"hydra.run.dir={tmp_path / 'eval'}")
+    assert math.isfinite(json.loads((tmp_path / "eval" / "eval.json").read_text())["loss"])
