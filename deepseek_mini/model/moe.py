@@ -18,7 +18,8 @@ parameters).
 
 Balancing, each switchable from the config:
 * expert-level loss      alpha1 * sum_i f_i P_i, per sequence (seq_aux) or over the batch
-* device / comm losses   alpha2, alpha3 with the n_group expert groups standing in for devices
+* device / comm losses   alpha2, alpha3 with the n_group expert groups standing in for devices (under
+                         expert parallelism the groups are the real devices: model/expert_parallel.py)
 * bias balancing (V3)    per-expert bias for selection only, nudged by gamma after each optimizer step
 * token dropping         per-expert capacity while training; lowest-affinity assignments dropped first
 The losses are returned, never hidden in backward: the trainer adds them to the loss itself.
@@ -293,6 +294,13 @@ class Router(nn.Module):
         counts_E.zero_()
 
 
+def _sum_over(counts: torch.Tensor, group) -> torch.Tensor:
+    """Hard counts summed over the ranks of an expert-parallel group (they carry no gradient)."""
+    counts = counts.detach().clone()
+    torch.distributed.all_reduce(counts, group=group)
+    return counts
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -302,6 +310,10 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(self.n_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
                                if cfg.n_shared_experts else None)
+        # Expert parallelism (model/expert_parallel.py): None in one process; else this rank holds only its
+        # E/ep experts and the dispatcher sends each row to the rank owning its expert. A plain attribute,
+        # not a submodule: it holds a process group, no parameters.
+        self.expert_parallel = None
 
     def forward(self, x_BSD: torch.Tensor):
         B, S, D = x_BSD.shape
@@ -356,7 +368,10 @@ class MoE(nn.Module):
         x_ND = _DispatchRows.apply(x_in, order_N, inverse_N, K)
         # each assignment's gate in expert order: the [T*K, 1] gates dispatched with one copy each
         gate_N = _DispatchRows.apply(gate_TK.reshape(-1, 1), order_N, inverse_N, 1).view(-1)
-        y_ND = self.experts(x_ND, offsets_E, gate_N)
+        if self.expert_parallel is None:
+            y_ND = self.experts(x_ND, offsets_E, gate_N)
+        else:  # the rows go to the ranks that own their experts and come back in the same order
+            y_ND = self.expert_parallel(self.experts, x_ND, counts_E, gate_N)
         # back to token order, summed over each token's K (already weighted) expert outputs
         out_TD = _CombineRows.apply(y_ND, order_N, inverse_N, K).to(x_TD.dtype)
         if self.shared_experts is not None:
@@ -364,6 +379,9 @@ class MoE(nn.Module):
 
         aux = self.balance_losses(scores_TE, routed_TE, B, S) if self.training else {}
         stats = {"tokens_per_expert": counts_E.detach(), "dropped_fraction": dropped_fraction.detach()}
+        if self.expert_parallel is not None:  # tokens this rank sends to each device (a token counts once)
+            ep = self.expert_parallel.size
+            stats["tokens_per_device"] = routed_TE.view(T, ep, E // ep).amax(-1).sum(0)
         return out_TD.view(B, S, D), aux, stats
 
     def balance_losses(self, scores_TE, routed_TE, B, S) -> dict[str, torch.Tensor]:
@@ -380,7 +398,17 @@ class MoE(nn.Module):
         else:
             scores_BSE, routed_BSE = scores_TE.view(1, B * S, E), routed_TE.view(1, B * S, E)
         n_tok = scores_BSE.shape[1]
-        f_BE = routed_BSE.sum(dim=1) * (E / (K * n_tok))
+        counts_BE = routed_BSE.sum(dim=1)
+        ep = self.expert_parallel
+        # Under expert parallelism the groups are the real devices (n_group = ep, checked at start). Per
+        # sequence (seq_aux) every count is local; over the batch, the hard counts f are those of the whole EP
+        # group's batch, the tokens its devices really computed and received (one small all-reduce; P keeps
+        # its gradient and is averaged over ranks with the other gradients).
+        batch_counts = ep is not None and not cfg.seq_aux
+        if batch_counts:
+            counts_BE = _sum_over(counts_BE, ep.group)
+            n_tok *= ep.size
+        f_BE = counts_BE * (E / (K * n_tok))
         P_BE = scores_BSE.mean(dim=1)
         losses = {}
         if cfg.aux_loss_alpha > 0:
@@ -393,7 +421,10 @@ class MoE(nn.Module):
             if cfg.comm_aux_loss_alpha > 0:
                 # M = devices a token may be sent to: topk_group when routing is group-limited
                 M = cfg.topk_group if cfg.topk_method == "group_limited_greedy" else min(K, G)
-                sent_BSG = routed_BSE.view(routed_BSE.shape[0], n_tok, G, E // G).amax(-1)
-                f_comm_BG = sent_BSG.sum(dim=1) * (G / (M * n_tok))
+                sent_BSG = routed_BSE.view(routed_BSE.shape[0], -1, G, E // G).amax(-1)
+                received_BG = sent_BSG.sum(dim=1)  # tokens each device receives (a token counts once per device)
+                if batch_counts:
+                    received_BG = _sum_over(received_BG, ep.group)
+                f_comm_BG = received_BG * (G / (M * n_tok))
                 losses["comm_balance"] = cfg.comm_aux_loss_alpha * (f_comm_BG * P_BG).sum(-1).mean()
         return losses

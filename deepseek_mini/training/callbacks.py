@@ -313,10 +313,13 @@ class SampleGenerations(L.Callback):
             return
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
-            # sharded parameters: a forward on rank 0 alone would wait forever for the other ranks' shards
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)) or hasattr(trainer.strategy,
+                                                                                          "reduce_expert_grads"):
+            # sharded parameters (FSDP, or experts under trainer=ep): a forward on rank 0 alone would wait forever
+            # for the other ranks' shards
             if not getattr(self, "_warned_sharded", False):
-                log.warning("sample generation is skipped under FSDP; sample from a consolidated checkpoint")
+                log.warning("sample generation is skipped under FSDP and expert parallelism; sample from the "
+                            "(consolidated) checkpoint")
                 self._warned_sharded = True
             return
         model = pl_module.model

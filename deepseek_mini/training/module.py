@@ -116,6 +116,11 @@ class LitDeepSeek(L.LightningModule):
             for k, v in expert_load_stats(stats["tokens_per_expert"]).items():
                 self.log(f"{prefix}/moe/layer{layer}/{k}", v)
             self.log(f"{prefix}/moe/layer{layer}/dropped_fraction", self._keep(stats["dropped_fraction"]))
+        if router_stats and "tokens_per_device" in router_stats[0]:  # expert parallelism: the real devices
+            from deepseek_mini.training.expert_parallel import device_load_metrics
+
+            for k, v in device_load_metrics(self.config.moe_layer_indices, router_stats, self.trainer.strategy).items():
+                self.log(f"{prefix}/{k}", v)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -142,7 +147,9 @@ class LitDeepSeek(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.global_step % self.log_every == 0:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if _sharded_grads(self.trainer):  # FSDP: each rank holds a shard; sum the squares over ranks
+            if hasattr(self.trainer.strategy, "reduce_expert_grads"):  # expert parallelism: every rank's experts
+                self.log("train/grad_norm", self.trainer.strategy.grad_norm(self))
+            elif _sharded_grads(self.trainer):  # FSDP: each rank holds a shard; sum the squares over ranks
                 sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=self.device))
                 torch.distributed.all_reduce(sq)
                 self.log("train/grad_norm", sq.sqrt())
@@ -154,7 +161,10 @@ class LitDeepSeek(L.LightningModule):
         # GradScaler would still have to unscale the gradients. bf16 has no scaler, so the gradients are
         # already true gradients and plain norm clipping is exact; only fp16 goes through Lightning.
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if gradient_clip_val and _sharded_grads(self.trainer) and gradient_clip_algorithm in (None, "norm"):
+        if (gradient_clip_val and hasattr(self.trainer.strategy, "reduce_expert_grads")
+                and gradient_clip_algorithm in (None, "norm")):  # expert parallelism: the norm over all experts
+            self.trainer.strategy.clip_grad_norm_(self, optimizer, gradient_clip_val)
+        elif gradient_clip_val and _sharded_grads(self.trainer) and gradient_clip_algorithm in (None, "norm"):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)  # FSDP root: the norm over all shards
         elif gradient_clip_val and scaler is None and gradient_clip_algorithm in (None, "norm"):
             raw = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer

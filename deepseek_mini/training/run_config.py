@@ -419,6 +419,11 @@ class RunConfig:
                               f"data.seq_len={self.data.seq_len} (each MTP depth predicts one token further ahead)")
         strategy = str(self.trainer.extra.get("strategy", ""))
         shards = self.trainer.devices if "fsdp" in strategy.lower() and isinstance(self.trainer.devices, int) else 1
+        if "expert_parallel" in strategy:  # trainer=ep: checked in training/expert_parallel.py
+            from deepseek_mini.training.expert_parallel import check_expert_parallel
+
+            shards = check_expert_parallel(self.model, self.trainer.extra["strategy"], self.trainer.devices,
+                                           self.trainer.num_nodes, self.compile, self.trainer.precision)
         check_fits_in_memory(self.model, shards)
 
     @property

@@ -1,0 +1,302 @@
+"""Expert parallelism on CPU with 2 gloo processes (model/expert_parallel.py, training/expert_parallel.py).
+
+* EP=2 forward + backward equals the single-process model with the same weights and the same global batch
+  (fp32, tight tolerance): device-limited routing over the 2 real devices, both device-level losses, per
+  sequence and over the batch;
+* a few optimizer steps of the Lightning EP strategy match the same steps under DDP (in process, 2 ranks);
+* checkpoints are EP-degree independent: the EP=2 state dict is the standard one, loads into one process and
+  back into EP=2 (optimizer state included);
+* bad combinations fail with one line naming the field.
+The CLI run (train.py trainer=ep) is marked slow.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import TINY_OVERRIDES, run_cli
+from model_helpers import SMALL_MODEL
+
+from deepseek_mini.config import ModelConfig
+from deepseek_mini.model import DeepSeekV2
+
+EP_MODEL = dict(SMALL_MODEL, topk_method="group_limited_greedy", n_group=2, topk_group=1, aux_loss_alpha=0.01,
+                device_aux_loss_alpha=0.05, comm_aux_loss_alpha=0.02)
+B, S = 3, 16  # per rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, *args, world: int = 2) -> None:
+    """Run fn(rank, world, port, *args) in `world` gloo processes, forked: they inherit the imported modules
+    (a spawned process would import torch and the package again, ~10 s each on a loaded 2-core machine)."""
+    mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=True, start_method="fork")
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _batch(cfg: ModelConfig, world: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, cfg.vocab_size, (B * world, S), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+# ---------------------------------------------------------------------- forward + backward equivalence
+def _grads_worker(rank, world, port, out_dir):
+    from deepseek_mini.model.expert_parallel import shard_experts
+
+    _init(rank, world, port)
+    for seq_aux in (True, False):  # balance losses per sequence, and over the batch (the EP group's counts)
+        cfg = ModelConfig.from_dict(dict(EP_MODEL, seq_aux=seq_aux))
+        torch.manual_seed(0)
+        model = DeepSeekV2(cfg).train()
+        names = set(shard_experts(model, dist.group.WORLD))
+        x, y = _batch(cfg, world)
+        rows = slice(rank * B, (rank + 1) * B)
+        out = model(x[rows], labels=y[rows], return_logits=False)
+        (out.loss + out.aux_loss).backward()
+        # the loss of the global batch is the mean of the ranks' losses: average every gradient over the ranks
+        # (an expert's local gradient already sums both ranks' tokens, so it is divided by the world size)
+        grads = {}
+        for n, p in model.named_parameters():
+            g = p.grad.clone()
+            if n not in names:
+                dist.all_reduce(g)
+            grads[n] = g / world
+        torch.save({"grads": grads, "names": sorted(names), "loss": out.loss.detach(),
+                    "aux": {k: v.detach() for k, v in out.aux_losses.items()}, "stats": out.router_stats},
+                   Path(out_dir) / f"rank{rank}_{seq_aux}.pt")
+    dist.destroy_process_group()
+
+
+def test_ep2_forward_backward_equals_one_process(tmp_path):
+    _spawn(_grads_worker, str(tmp_path))
+    for seq_aux in (True, False):
+        cfg = ModelConfig.from_dict(dict(EP_MODEL, seq_aux=seq_aux))
+        torch.manual_seed(0)
+        ref = DeepSeekV2(cfg).train()
+        x, y = _batch(cfg, 2)
+        out = ref(x, labels=y, return_logits=False)
+        (out.loss + out.aux_loss).backward()
+        r = [torch.load(tmp_path / f"rank{i}_{seq_aux}.pt", weights_only=False) for i in range(2)]
+        assert r[0]["names"], "no expert was sharded"
+        assert set(out.aux_losses) == {"expert_balance", "device_balance", "comm_balance"}
+        # the CE of the global batch is the mean of the ranks'; so are the balance losses, per sequence, and over
+        # the batch, where each rank multiplies the EP group's counts f by its own mean scores P
+        torch.testing.assert_close((r[0]["loss"] + r[1]["loss"]) / 2, out.loss.detach(), rtol=1e-5, atol=1e-6)
+        for k, v in out.aux_losses.items():
+            torch.testing.assert_close((r[0]["aux"][k] + r[1]["aux"][k]) / 2, v.detach(), rtol=1e-5, atol=1e-7)
+        E = cfg.n_routed_experts
+        for n, p in ref.named_parameters():
+            if n in r[0]["names"]:  # rank 0 holds experts 0..E/2-1, rank 1 the rest
+                assert r[0]["grads"][n].shape[0] == E // 2 and p.shape[0] == E
+                torch.testing.assert_close(torch.cat([r[0]["grads"][n], r[1]["grads"][n]]), p.grad, rtol=1e-4,
+                                           atol=1e-6)
+            else:
+                torch.testing.assert_close(r[0]["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+        # device-limited routing with M = topk_group = 1: each token's experts sit on one of the 2 devices
+        assert r[0]["stats"][0]["tokens_per_device"].sum() == B * S
+
+
+# ---------------------------------------------------------------------- the Lightning strategy, in process
+STEPS, RESUME_AT = 5, 3
+
+
+class _Windows(torch.utils.data.Dataset):
+    """Rank r's share of a fixed token stream: item i is global sample start + r + i * world."""
+
+    def __init__(self, vocab: int, rank: int, world: int, start: int):
+        g = torch.Generator().manual_seed(7)
+        self.x = torch.randint(0, vocab, (world * STEPS * B, S + 1), generator=g)
+        self.idx = list(range(start * world * B + rank, world * STEPS * B, world))
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        row = self.x[self.idx[i]]
+        return row[:-1], row[1:]
+
+
+def _fit_worker(rank, world, port, kind, out_dir, ckpt_in, max_steps):
+    import lightning as L
+
+    from deepseek_mini.training.expert_parallel import ExpertParallelStrategy
+    from deepseek_mini.training.module import LitDeepSeek
+
+    # Lightning's environment then sees processes it did not start (as under torchrun): no launcher
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    model_cfg = dict(EP_MODEL, bias_update_speed=0.01)
+    module = LitDeepSeek(model_cfg, optim={"lr": 3e-3}, scheduler={"name": "constant", "warmup_steps": 0},
+                         max_steps=max_steps, log_every_n_steps=1)
+    ddp = dict(find_unused_parameters=False, broadcast_buffers=False)
+    strategy = ExpertParallelStrategy(expert_parallel=2, **ddp) if kind == "ep" else L.pytorch.strategies.DDPStrategy(
+        **ddp)
+    losses = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            # the loss, and the global gradient norm (EP: replicated part + every rank's experts), before clipping
+            losses[trainer.global_step - 1] = [float(outputs["loss"]), float(trainer.callback_metrics["train/grad_norm"])]
+
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world, max_steps=max_steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        gradient_clip_val=0.5, num_sanity_val_steps=0, limit_val_batches=0,
+                        use_distributed_sampler=False, callbacks=[Record()])
+    start = RESUME_AT if ckpt_in else 0
+    loader = torch.utils.data.DataLoader(_Windows(model_cfg["vocab_size"], rank, world, start), batch_size=B)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_in)
+    trainer.save_checkpoint(Path(out_dir) / f"{kind}{max_steps}.ckpt")  # every rank: EP gathers its experts
+    if rank == 0:
+        (Path(out_dir) / f"{kind}{max_steps}_{'resumed' if ckpt_in else 'fresh'}.json").write_text(json.dumps(losses))
+
+
+def test_ep2_strategy_matches_ddp_and_its_checkpoint_resumes_under_both(tmp_path):
+    """A few optimizer steps of the Lightning EP=2 strategy (clipping, the bias update and the AdamW state
+    included) match DDP on the same data; its checkpoint is DDP's state dict, loads into one process, and
+    resumes under EP=2 and under DDP to the same losses. (That a resumed run continues exactly like an
+    uninterrupted one is the data module's part: the slow CLI test checks it; this harness's plain DataLoader
+    departs from the uninterrupted run after the first resumed step, under DDP alone too.)"""
+    from deepseek_mini.checkpoint import load_checkpoint
+
+    out, ep_ckpt_path = str(tmp_path), str(tmp_path / f"ep{RESUME_AT}.ckpt")
+    _spawn(_fit_worker, "ddp", out, None, STEPS)
+    _spawn(_fit_worker, "ep", out, None, RESUME_AT)
+    _spawn(_fit_worker, "ep", out, ep_ckpt_path, STEPS)
+    _spawn(_fit_worker, "ddp", out, ep_ckpt_path, STEPS)  # the EP checkpoint into DDP (writes ddp5.ckpt again)
+    ddp = json.loads((tmp_path / f"ddp{STEPS}_fresh.json").read_text())
+    ep = json.loads((tmp_path / f"ep{RESUME_AT}_fresh.json").read_text())
+    ep_resumed = json.loads((tmp_path / f"ep{STEPS}_resumed.json").read_text())
+    ddp_resumed = json.loads((tmp_path / f"ddp{STEPS}_resumed.json").read_text())
+    assert sorted(ep) == [str(i) for i in range(RESUME_AT)]
+    assert sorted(ep_resumed) == sorted(ddp_resumed) == [str(i) for i in range(RESUME_AT, STEPS)]
+    for step, (loss, norm) in {**ep, str(RESUME_AT): ep_resumed[str(RESUME_AT)]}.items():
+        assert math.isclose(loss, ddp[step][0], rel_tol=2e-5), (step, loss, ddp[step])
+        assert math.isclose(norm, ddp[step][1], rel_tol=1e-6), (step, norm, ddp[step])
+    for step, (loss, norm) in ep_resumed.items():
+        assert math.isclose(loss, ddp_resumed[step][0], rel_tol=2e-5), (step, loss, ddp_resumed[step])
+        assert math.isclose(norm, ddp_resumed[step][1], rel_tol=1e-6), (step, norm, ddp_resumed[step])
+    # the EP checkpoint is the standard one: DDP's keys and shapes, experts and AdamW moments full size
+    ep_ckpt = torch.load(tmp_path / f"ep{STEPS}.ckpt", map_location="cpu", weights_only=False)
+    ddp_ckpt = torch.load(tmp_path / f"ddp{STEPS}.ckpt", map_location="cpu", weights_only=False)
+    assert {k: v.shape for k, v in ep_ckpt["state_dict"].items()} == {k: v.shape for k, v in
+                                                                     ddp_ckpt["state_dict"].items()}
+    for k, v in ep_ckpt["state_dict"].items():
+        torch.testing.assert_close(v, ddp_ckpt["state_dict"][k], rtol=1e-3, atol=1e-5, msg=k)
+    for i, st in ddp_ckpt["optimizer_states"][0]["state"].items():
+        assert ep_ckpt["optimizer_states"][0]["state"][i]["exp_avg"].shape == st["exp_avg"].shape
+    ckpt = tmp_path / "ep.ckpt"
+    ckpt.write_bytes((tmp_path / f"ep{STEPS}.ckpt").read_bytes())
+    (tmp_path / "model_config.json").write_text(json.dumps(dict(EP_MODEL, bias_update_speed=0.01)))
+    assert load_checkpoint(ckpt).model.model.layers[1].mlp.experts.gate_up_proj.shape[0] == EP_MODEL[
+        "n_routed_experts"], "loads into one process"
+
+
+# ---------------------------------------------------------------------- bad combinations: one line, rc 2
+@pytest.mark.parametrize("overrides, line", [
+    (["trainer.strategy.expert_parallel=3"], "error: model.n_routed_experts=8: must be divisible by "
+                                             "trainer.strategy.expert_parallel=3"),
+    (["trainer.devices=1"], "error: trainer.devices=1: the world size 1 (devices x num_nodes) must be a multiple"),
+    (["model.device_aux_loss_alpha=0.01", "model.n_group=4"], "error: model.n_group=4: must equal "
+                                                               "trainer.strategy.expert_parallel=2"),
+    (["model.topk_method=group_limited_greedy", "model.n_group=4", "model.topk_group=1"],
+     "error: model.n_group=4: must equal"),
+    (["compile=true"], "error: compile=default: not with expert parallelism"),
+    (["trainer.strategy.expert_parallel=0"], "error: trainer.strategy.expert_parallel=0: must be a positive integer"),
+])
+def test_bad_expert_parallel_settings_fail_with_one_line(overrides, line, tmp_path):
+    from conftest import CONFIGS
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from deepseek_mini.config import ConfigError
+    from deepseek_mini.training.run_config import RunConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["trainer=ep", "trainer.accelerator=cpu", *overrides],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_cfg(cfg, tmp_path / "run")
+    assert f"error: {e.value}".startswith(line), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------- train.py trainer=ep, end to end (slow)
+CLI = [o for o in TINY_OVERRIDES if not o.startswith(("trainer.max_steps=", "scheduler."))] + [
+    "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv", "model.bias_update_speed=0.01",
+    "model.topk_method=group_limited_greedy", "model.n_group=2", "model.topk_group=1",
+    "model.device_aux_loss_alpha=0.01", "model.comm_aux_loss_alpha=0.01",  # per sequence (seq_aux): as DDP
+    "scheduler=constant", "scheduler.warmup_steps=2", "val_before_fit=false"]  # constant: lr independent of max_steps
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def _val(run_dir: Path) -> dict[int, float]:
+    return dict(json.loads((run_dir / "results.json").read_text())["val_history"])
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
+    """train.py trainer=ep for 4 steps (checkpoints at steps 2 and 4), and the same run resumed from step 2."""
+    root = tmp_path_factory.mktemp("ep")
+    runs = {"ep4": root / "ep4", "resumed": root / "resumed"}
+    common = [*CLI, "trainer=ep", "trainer.max_steps=4", f"paths.cache_dir={cache_dir}", "trainer.log_every_n_steps=1"]
+    run_cli("train.py", *common, "callbacks.model_checkpoint.save_top_k=-1", f"hydra.run.dir={runs['ep4']}")
+    run_cli("train.py", *common, f"ckpt_path={runs['ep4'] / 'checkpoints' / 'best-step2.ckpt'}",
+            f"hydra.run.dir={runs['resumed']}")
+    return runs
+
+
+@pytest.mark.slow
+def test_ep2_cli_run_resumes_mid_run_to_the_same_losses(ep_runs):
+    full, resumed = _train_losses(ep_runs["ep4"]), _train_losses(ep_runs["resumed"])
+    assert sorted(full) == [0, 1, 2, 3] and sorted(resumed) == [2, 3]
+    for step in (2, 3):  # the real data module continues the sample stream where the checkpoint left it
+        assert math.isclose(resumed[step], full[step], rel_tol=1e-6), (step, resumed[step], full[step])
+    assert math.isclose(_val(ep_runs["resumed"])[4], _val(ep_runs["ep4"])[4], rel_tol=1e-6)
+    res = json.loads((ep_runs["ep4"] / "results.json").read_text())
+    assert res["world_size"] == 2 and res["config"]["n_group"] == 2
+    # per-device load and tokens received per device, and both device losses, in the CSV
+    header = (ep_runs["ep4"] / "csv" / "metrics.csv").open().readline()
+    for key in ("train/moe/layer1/device_max_load", "train/moe/layer1/device1_tokens_received",
+                "train/moe/layer1/device0_rows", "train/comm_balance", "train/device_balance", "train/grad_norm"):
+        assert key in header, key
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_is_the_standard_state_dict_for_eval(ep_runs, tmp_path):
+    from deepseek_mini.checkpoint import load_checkpoint
+
+    last = ep_runs["ep4"] / "checkpoints" / "last.ckpt"
+    loaded = load_checkpoint(last)  # one process, verified
+    experts = [p for n, p in loaded.model.named_parameters() if n.endswith("experts.gate_up_proj")]
+    assert experts and all(p.shape[0] == loaded.config.n_routed_experts for p in experts)
+    run_cli("eval.py", f"ckpt_path={last}", "limit_batches=2", "max_new_tokens=4", "prompt=def ",
+            f"hydra.run.dir={tmp_path / 'eval'}")
+    assert math.isfinite(json.loads((tmp_path / "eval" / "eval.json").read_text())["loss"])
