@@ -331,8 +331,8 @@ def report(p: Parts, res: dict) -> None:
 def train(cfg: DictConfig) -> dict:
     import lightning as L
 
-    t_start = time.perf_counter()
-    start_job()  # time_to_first_step_sec counts from the process launch (training/startup.py)
+    # time_to_first_step_sec and wall_time_sec count from the process launch (training/startup.py)
+    t_start = start_job()
     output_dir = Path(cfg.paths.output_dir)
     quiet_console()  # library noise (litlogger tip, LeafSpec, matplotlib DEBUG, ...): see training/console.py
     run = RunConfig.from_cfg(cfg, output_dir)  # every setting, before data preparation or any write
