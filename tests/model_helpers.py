@@ -5,3 +5,30 @@ SMALL_MODEL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_atten
                    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
                    moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                    first_k_dense_replace=1, max_position_embeddings=64)
+
+
+def write_tiny_checkpoint(folder, texts, **config_fields):
+    """A hand-made Lightning-style checkpoint of a tiny MLA model (`folder/last.ckpt`) with a byte-level BPE
+    tokenizer.json trained on `texts` beside it, as a run's checkpoint directory holds them.
+    Returns (path, model, tokenizer)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from deepseek_mini.config import ModelConfig
+    from deepseek_mini.model.transformer import DeepSeekV2
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts) * 5, trainer)
+    cfg = ModelConfig.preset("tiny", **{"vocab_size": 320, "max_position_embeddings": 64, "hidden_size": 64,
+                                        "num_hidden_layers": 2, "intermediate_size": 128, **config_fields})
+    torch.manual_seed(0)
+    model = DeepSeekV2(cfg).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model_config": cfg.to_dict()}}, folder / "last.ckpt")
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "last.ckpt", model, tok

@@ -35,25 +35,11 @@ def _run(script: str, *args: str, cwd: Path, timeout: int = 120) -> subprocess.C
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A hand-made Lightning-style checkpoint of a tiny MLA model + a ByteLevel BPE tokenizer.json beside it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from model_helpers import write_tiny_checkpoint
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Once upon a time there was a model.",
-                             "It decoded one token at a time."] * 5, trainer)
-    cfg = ModelConfig.preset("tiny", vocab_size=320, max_position_embeddings=64, hidden_size=64,
-                             num_hidden_layers=2, intermediate_size=128)
-    torch.manual_seed(0)
-    model = DeepSeekV2(cfg).eval()
-    ckpt_dir = tmp_path_factory.mktemp("run") / "checkpoints"
-    ckpt_dir.mkdir()
-    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "hyper_parameters": {"model_config": cfg.to_dict()}}, ckpt_dir / "last.ckpt")
-    tok.save(str(ckpt_dir / "tokenizer.json"))
-    return ckpt_dir / "last.ckpt", model, tok
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("run") / "checkpoints",
+                                 ["The quick brown fox jumps over the lazy dog.", "Once upon a time there was a model.",
+                                  "It decoded one token at a time."])
 
 
 def test_generate_cli_greedy_matches_model_generate(tiny_ckpt, tmp_path):

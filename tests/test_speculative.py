@@ -191,25 +191,12 @@ def test_without_mtp_modules_speculative_is_refused():
 # ---------------------------------------------------------------------- scripts/generate.py speculative=true
 @pytest.fixture(scope="module")
 def mtp_ckpt(tmp_path_factory):
-    """A tiny MLA + MoE checkpoint with one MTP module, and a byte-level BPE tokenizer.json beside it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A tiny MLA + MoE checkpoint with two MTP modules, and a byte-level BPE tokenizer.json beside it."""
+    from model_helpers import write_tiny_checkpoint
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Once upon a time."] * 5, trainer)
-    cfg = ModelConfig.preset("tiny", vocab_size=320, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2,
-                             intermediate_size=128, num_nextn_predict_layers=2)
-    torch.manual_seed(0)
-    model = DeepSeekV2(cfg).eval()
-    folder = tmp_path_factory.mktemp("mtp_run") / "checkpoints"
-    folder.mkdir()
-    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-                "hyper_parameters": {"model_config": cfg.to_dict()}}, folder / "last.ckpt")
-    tok.save(str(folder / "tokenizer.json"))
-    return folder / "last.ckpt", model, tok
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("mtp_run") / "checkpoints",
+                                 ["The quick brown fox jumps over the lazy dog.", "Once upon a time."],
+                                 num_nextn_predict_layers=2)
 
 
 @pytest.mark.slow
