@@ -7,7 +7,7 @@
 #
 # Stages (MG_STAGES, comma-separated; default all, in this order):
 #   prep    tokenizer + token caches, one process, into $CACHE (so no rank builds them)
-#   gpu1    one-GPU baseline (trainer=gpu), the experiment's per-device batch          -> runs/gpu1
+#   gpu1    one-GPU baseline (trainer=gpu), the experiment's per-device batch, compile=$DDP_COMPILE -> runs/gpu1
 #   ddp     DDP on $NGPU GPUs, same per-device batch (weak scaling)                  -> runs/ddp
 #   fsdp    FSDP on $NGPU GPUs, same per-device batch, compile off                   -> runs/fsdp
 #   resume_ddp   the equal-token runs: per-device batch BATCH / NGPU, so one step sees the one-GPU run's
@@ -49,7 +49,10 @@ else
   ONE=(trainer.devices=1)
   DDP=(trainer=ddp "trainer.devices=$NGPU")
   FSDP=(trainer=fsdp "trainer.devices=$NGPU" compile=false)   # README: keep compile off with FSDP
-  DDP_COMPILE=${DDP_COMPILE:-reduce-overhead}   # retried with compile=default if the CUDA-graph run fails
+  # One compile setting for the baseline and DDP, so the scaling figure compares like with like. Regional:
+  # on two H200s (2026-11-29) DDP with a whole-model compile (default mode or reduce-overhead) had not reached
+  # its first step 150 s after validation (a cold backward compile on both ranks; docs/benchmarks.md).
+  DDP_COMPILE=${DDP_COMPILE:-regional}   # retried with compile=false if the run fails
 fi
 COMMON=("${BASE[@]}" "paths.cache_dir=$CACHE" "trainer.max_steps=$STEPS" "trainer.val_check_interval=$VAL_EVERY")
 HALF=$(( BATCH / NGPU > 0 ? BATCH / NGPU : 1 ))
@@ -97,15 +100,15 @@ if has prep; then
 fi
 
 if has gpu1; then
-  train gpu1 -- "${COMMON[@]}" "${ONE[@]}" "data.batch_size=$BATCH"
+  train gpu1 -- "${COMMON[@]}" "${ONE[@]}" "data.batch_size=$BATCH" "compile=$DDP_COMPILE"
 fi
 
 if has ddp; then
-  if ! train ddp -- "${COMMON[@]}" "${DDP[@]}" "data.batch_size=$BATCH" "compile=$DDP_COMPILE" && [ "$DDP_COMPILE" = reduce-overhead ]; then
-    log "ddp with compile=reduce-overhead failed (CUDA graphs + DDP?): see logs/ddp.log; retrying with compile=default"
-    mv "$OUT/logs/ddp.log" "$OUT/logs/ddp_reduce_overhead.log"
+  if ! train ddp -- "${COMMON[@]}" "${DDP[@]}" "data.batch_size=$BATCH" "compile=$DDP_COMPILE" && [ "$DDP_COMPILE" != false ]; then
+    log "ddp with compile=$DDP_COMPILE failed: see logs/ddp_compile.log; retrying with compile=false"
+    mv "$OUT/logs/ddp.log" "$OUT/logs/ddp_compile.log"
     rm -rf "$OUT/runs/ddp"
-    DDP_COMPILE=default
+    DDP_COMPILE=false
     train ddp -- "${COMMON[@]}" "${DDP[@]}" "data.batch_size=$BATCH" "compile=$DDP_COMPILE"
   fi
 fi
