@@ -221,7 +221,7 @@ def test_ep2_strategy_matches_ddp_and_its_checkpoint_resumes_under_both(tmp_path
                                                                "trainer.strategy.expert_parallel=2"),
     (["model.topk_method=group_limited_greedy", "model.n_group=4", "model.topk_group=1"],
      "error: model.n_group=4: must equal"),
-    (["compile=true"], "error: compile=default: not with expert parallelism"),
+    (["compile=true"], "error: compile=regional: not with expert parallelism"),
     (["trainer.strategy.expert_parallel=0"], "error: trainer.strategy.expert_parallel=0: must be a positive integer"),
 ])
 def test_bad_expert_parallel_settings_fail_with_one_line(overrides, line, tmp_path):
