@@ -62,9 +62,22 @@ def _batch(cfg: ModelConfig, world: int, seed: int = 0):
 # ---------------------------------------------------------------------- forward + backward equivalence
 # device-limited (M = 1), with the balance losses per sequence and over the batch (the EP group's counts); and
 # top-4 of 8 experts on 2 devices without a device limit, where every token has 2+ experts on some device
-# (the dispatcher must send it there once), with the communication loss's M = min(K, devices) = 2
+# (the dispatcher must send it there once)
+# (the communication loss's M = min(K, devices) = 2); and every token steered to device 0 by the selection bias
+# (device 1 receives no row at all, yet runs its collectives forward and backward)
 EQUIV_CONFIGS = {"seq": dict(EP_MODEL, seq_aux=True), "batch": dict(EP_MODEL, seq_aux=False),
-                 "top4": dict(EP_MODEL, num_experts_per_tok=4, topk_method="greedy")}
+                 "top4": dict(EP_MODEL, num_experts_per_tok=4, topk_method="greedy"),
+                 "one_device": dict(EP_MODEL, topk_method="greedy", bias_update_speed=0.01)}
+
+
+def _model(name: str) -> DeepSeekV2:
+    cfg = ModelConfig.from_dict(EQUIV_CONFIGS[name])
+    torch.manual_seed(0)
+    model = DeepSeekV2(cfg).train()
+    if name == "one_device":  # scores are softmax probabilities: a -1 bias keeps experts E/2.. out of every top-k
+        for moe in (m for m in model.modules() if isinstance(m, MoE)):
+            moe.gate.e_score_correction_bias[cfg.n_routed_experts // 2:] = -1.0
+    return model
 
 
 def _recording(route, into: list):
@@ -89,10 +102,9 @@ def _grads_worker(rank, world, port, out_dir):
         return to_all(x, out_splits, in_splits, group)
 
     expert_parallel._all_to_all = spy
-    for name, model_cfg in EQUIV_CONFIGS.items():
-        cfg = ModelConfig.from_dict(model_cfg)
-        torch.manual_seed(0)
-        model = DeepSeekV2(cfg).train()
+    for name in EQUIV_CONFIGS:
+        model = _model(name)
+        cfg = model.config
         names = set(shard_experts(model, dist.group.WORLD))
         routed = []  # each MoE layer's top-k expert ids on this rank
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
@@ -106,7 +118,7 @@ def _grads_worker(rank, world, port, out_dir):
         # (an expert's local gradient already sums both ranks' tokens, so it is divided by the world size)
         grads = {}
         for n, p in model.named_parameters():
-            g = p.grad.clone()
+            g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)  # experts that got no row
             if n not in names:
                 dist.all_reduce(g)
             grads[n] = g / world
@@ -126,10 +138,9 @@ def ep_grads(tmp_path_factory) -> Path:
 
 def test_ep2_forward_backward_equals_one_process(ep_grads):
     tmp_path = ep_grads
-    for name, model_cfg in EQUIV_CONFIGS.items():
-        cfg = ModelConfig.from_dict(model_cfg)
-        torch.manual_seed(0)
-        ref = DeepSeekV2(cfg).train()
+    for name in EQUIV_CONFIGS:
+        ref = _model(name)
+        cfg = ref.config
         x, y = _batch(cfg, 2)
         out = ref(x, labels=y, return_logits=False)
         (out.loss + out.aux_loss).backward()
@@ -151,6 +162,8 @@ def test_ep2_forward_backward_equals_one_process(ep_grads):
                 torch.testing.assert_close(r[0]["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=(name, n))
         if cfg.topk_method == "group_limited_greedy":  # M = topk_group = 1: each token's experts on one device
             assert r[0]["stats"][0]["tokens_per_device"].sum() == B * S
+        if name == "one_device":  # rank 1 received (and returned) no row in any layer
+            assert [shape[0] for shape in r[1]["sent"][2::3]] == [0] * (cfg.num_hidden_layers - cfg.first_k_dense_replace)
 
 
 def test_ep_dispatch_sends_each_token_once_per_device(ep_grads):
