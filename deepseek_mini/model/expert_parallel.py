@@ -50,9 +50,9 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
     return all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
 
 
-def _slots(keys_TX: torch.Tensor, n: int, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """T sources with X slots each, every slot keyed (n = unused). The used slots, ordered by key and stably by
-    source within a key, become n_valid rows. Returns order_R (the flat slot t*X + x of each row: its source
+def _slots(keys_TX: torch.Tensor, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T sources with X slots each, every slot keyed (an unused slot by a key above all used ones). The n_valid
+    used slots, ordered by key and stably by source within a key, become the rows. Returns order_R (the flat slot t*X + x of each row: its source
     is order // X) and slot_TX (the row each slot went to; n_valid, a zero padding row, for an unused one)."""
     T, X = keys_TX.shape
     order_R = torch.argsort(keys_TX.reshape(-1), stable=True)[:n_valid]
@@ -126,7 +126,7 @@ class ExpertParallel:
 
         # sender: (token, device) rows by device, then token; per row its local expert ids (-1 = not on that
         # device) and gates (0 there)
-        order_R, slot_TG = _slots(torch.where(sent_TG.bool(), torch.arange(ep, device=dev), ep), ep, n_send)
+        order_R, slot_TG = _slots(torch.where(sent_TG.bool(), torch.arange(ep, device=dev), ep), n_send)
         token_R, device_R = order_R // ep, order_R % ep
         x_RD = _Expand.apply(x_TD, token_R, slot_TG)
         here_RK = topk_idx_TK[token_R] // L == device_R[:, None]
@@ -139,7 +139,7 @@ class ExpertParallel:
         dist.all_to_all_single(local_MK, local_RK.contiguous(), recv_splits, send_splits, group=self.group)
 
         # receiver: (row, local expert) pairs by expert, then row; one grouped GEMM; each row's pairs summed
-        order_P, slot_MK = _slots(torch.where(local_MK >= 0, local_MK, L), L, n_pairs)
+        order_P, slot_MK = _slots(torch.where(local_MK >= 0, local_MK, L), n_pairs)
         row_P = order_P // K
         offsets_L = recv_GC[:, 1:].sum(0).cumsum(0).to(torch.int32)
         x_PD = _Expand.apply(x_MD, row_P, slot_MK)
