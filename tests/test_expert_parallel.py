@@ -28,6 +28,7 @@ from model_helpers import SMALL_MODEL
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import DeepSeekV2
+from deepseek_mini.model.moe import MoE
 
 EP_MODEL = dict(SMALL_MODEL, topk_method="group_limited_greedy", n_group=2, topk_group=1, aux_loss_alpha=0.01,
                 device_aux_loss_alpha=0.05, comm_aux_loss_alpha=0.02)
@@ -59,43 +60,91 @@ def _batch(cfg: ModelConfig, world: int, seed: int = 0):
 
 
 # ---------------------------------------------------------------------- forward + backward equivalence
+# device-limited (M = 1), with the balance losses per sequence and over the batch (the EP group's counts); and
+# top-4 of 8 experts on 2 devices without a device limit, where every token has 2+ experts on some device
+# (the dispatcher must send it there once)
+# (the communication loss's M = min(K, devices) = 2); and every token steered to device 0 by the selection bias
+# (device 1 receives no row at all, yet runs its collectives forward and backward)
+EQUIV_CONFIGS = {"seq": dict(EP_MODEL, seq_aux=True), "batch": dict(EP_MODEL, seq_aux=False),
+                 "top4": dict(EP_MODEL, num_experts_per_tok=4, topk_method="greedy"),
+                 "one_device": dict(EP_MODEL, topk_method="greedy", bias_update_speed=0.01)}
+
+
+def _model(name: str) -> DeepSeekV2:
+    cfg = ModelConfig.from_dict(EQUIV_CONFIGS[name])
+    torch.manual_seed(0)
+    model = DeepSeekV2(cfg).train()
+    if name == "one_device":  # scores are softmax probabilities: a -1 bias keeps experts E/2.. out of every top-k
+        for moe in (m for m in model.modules() if isinstance(m, MoE)):
+            moe.gate.e_score_correction_bias[cfg.n_routed_experts // 2:] = -1.0
+    return model
+
+
+def _recording(route, into: list):
+    """Router.route that also appends its top-k expert ids to `into`."""
+    def wrapped(logits):
+        out = route(logits)
+        into.append(out[1].detach())
+        return out
+    return wrapped
+
+
 def _grads_worker(rank, world, port, out_dir):
+    from deepseek_mini.model import expert_parallel
     from deepseek_mini.model.expert_parallel import shard_experts
 
     _init(rank, world, port)
-    for seq_aux in (True, False):  # balance losses per sequence, and over the batch (the EP group's counts)
-        cfg = ModelConfig.from_dict(dict(EP_MODEL, seq_aux=seq_aux))
-        torch.manual_seed(0)
-        model = DeepSeekV2(cfg).train()
+    sent = []  # shapes of every tensor the dispatcher sends by all_to_all_single, in call order
+    to_all = expert_parallel._all_to_all
+
+    def spy(x, out_splits, in_splits, group):
+        sent.append(tuple(x.shape))
+        return to_all(x, out_splits, in_splits, group)
+
+    expert_parallel._all_to_all = spy
+    for name in EQUIV_CONFIGS:
+        model = _model(name)
+        cfg = model.config
         names = set(shard_experts(model, dist.group.WORLD))
+        routed = []  # each MoE layer's top-k expert ids on this rank
+        for moe in (m for m in model.modules() if isinstance(m, MoE)):
+            moe.gate.route = _recording(moe.gate.route, routed)
         x, y = _batch(cfg, world)
         rows = slice(rank * B, (rank + 1) * B)
+        sent.clear()
         out = model(x[rows], labels=y[rows], return_logits=False)
         (out.loss + out.aux_loss).backward()
         # the loss of the global batch is the mean of the ranks' losses: average every gradient over the ranks
         # (an expert's local gradient already sums both ranks' tokens, so it is divided by the world size)
         grads = {}
         for n, p in model.named_parameters():
-            g = p.grad.clone()
+            g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)  # experts that got no row
             if n not in names:
                 dist.all_reduce(g)
             grads[n] = g / world
         torch.save({"grads": grads, "names": sorted(names), "loss": out.loss.detach(),
-                    "aux": {k: v.detach() for k, v in out.aux_losses.items()}, "stats": out.router_stats},
-                   Path(out_dir) / f"rank{rank}_{seq_aux}.pt")
+                    "aux": {k: v.detach() for k, v in out.aux_losses.items()}, "stats": out.router_stats,
+                    "sent": list(sent), "routed": routed}, Path(out_dir) / f"rank{rank}_{name}.pt")
     dist.destroy_process_group()
 
 
-def test_ep2_forward_backward_equals_one_process(tmp_path):
-    _spawn(_grads_worker, str(tmp_path))
-    for seq_aux in (True, False):
-        cfg = ModelConfig.from_dict(dict(EP_MODEL, seq_aux=seq_aux))
-        torch.manual_seed(0)
-        ref = DeepSeekV2(cfg).train()
+@pytest.fixture(scope="module")
+def ep_grads(tmp_path_factory) -> Path:
+    """Both ranks' losses, gradients, router stats, routing and sent shapes for each of EQUIV_CONFIGS."""
+    out = tmp_path_factory.mktemp("ep_grads")
+    _spawn(_grads_worker, str(out))
+    return out
+
+
+def test_ep2_forward_backward_equals_one_process(ep_grads):
+    tmp_path = ep_grads
+    for name in EQUIV_CONFIGS:
+        ref = _model(name)
+        cfg = ref.config
         x, y = _batch(cfg, 2)
         out = ref(x, labels=y, return_logits=False)
         (out.loss + out.aux_loss).backward()
-        r = [torch.load(tmp_path / f"rank{i}_{seq_aux}.pt", weights_only=False) for i in range(2)]
+        r = [torch.load(tmp_path / f"rank{i}_{name}.pt", weights_only=False) for i in range(2)]
         assert r[0]["names"], "no expert was sharded"
         assert set(out.aux_losses) == {"expert_balance", "device_balance", "comm_balance"}
         # the CE of the global batch is the mean of the ranks'; so are the balance losses, per sequence, and over
@@ -110,9 +159,34 @@ def test_ep2_forward_backward_equals_one_process(tmp_path):
                 torch.testing.assert_close(torch.cat([r[0]["grads"][n], r[1]["grads"][n]]), p.grad, rtol=1e-4,
                                            atol=1e-6)
             else:
-                torch.testing.assert_close(r[0]["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
-        # device-limited routing with M = topk_group = 1: each token's experts sit on one of the 2 devices
-        assert r[0]["stats"][0]["tokens_per_device"].sum() == B * S
+                torch.testing.assert_close(r[0]["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=(name, n))
+        if cfg.topk_method == "group_limited_greedy":  # M = topk_group = 1: each token's experts on one device
+            assert r[0]["stats"][0]["tokens_per_device"].sum() == B * S
+        if name == "one_device":  # rank 1 received (and returned) no row in any layer
+            assert [shape[0] for shape in r[1]["sent"][2::3]] == [0] * (cfg.num_hidden_layers - cfg.first_k_dense_replace)
+
+
+def test_ep_dispatch_sends_each_token_once_per_device(ep_grads):
+    """Top-4 of 8 experts on 2 devices: the hidden rows each rank sends are its unique (token, device) pairs
+    (at most 2 per token), not its T*K = 4 per token (token, expert) pairs, and one row per (token, device)
+    comes back; the logged tokens per device count exactly the rows sent. (The outputs and gradients of this
+    run equal the single process: test_ep2_forward_backward_equals_one_process, config "top4".)"""
+    cfg = ModelConfig.from_dict(EQUIV_CONFIGS["top4"])
+    T, K, D, L = B * S, cfg.num_experts_per_tok, cfg.hidden_size, cfg.n_routed_experts // 2
+    sent = returned = 0
+    for rank in range(2):
+        r = torch.load(ep_grads / f"rank{rank}_top4.pt", weights_only=False)
+        n_moe = len(r["routed"])
+        assert n_moe == cfg.num_hidden_layers - cfg.first_k_dense_replace and len(r["sent"]) == 3 * n_moe
+        for layer, (topk_idx, stats) in enumerate(zip(r["routed"], r["stats"])):
+            x_sent, gates_sent, y_returned = r["sent"][3 * layer: 3 * layer + 3]
+            unique = torch.zeros(T, 2).scatter_(1, topk_idx // L, 1.0)  # (token, device) pairs
+            n_unique = int(unique.sum())
+            assert x_sent == (n_unique, D) and gates_sent == (n_unique, K)
+            assert n_unique < T * K, "every token has several experts on one device: dedup must show"
+            assert stats["tokens_per_device"].tolist() == unique.sum(0).tolist()
+            sent, returned = sent + x_sent[0], returned + y_returned[0]
+    assert returned == sent  # one row back per (token, device) row received
 
 
 # ---------------------------------------------------------------------- the Lightning strategy, in process

@@ -1,25 +1,34 @@
 """Expert parallelism: each rank of an EP group holds E/ep of the routed experts; tokens travel to them.
 
-    rank r of the EP group holds experts r*L .. r*L + L-1   (L = E/ep, contiguous: expert groups = ranks)
+    rank r of the EP group holds experts r*L .. r*L + L-1   (L = E/ep, contiguous: expert groups = ranks = devices)
 
-MoE.forward routes every local token over all E experts exactly as in one process and sorts the T*K
-(token, expert) rows by expert. Because each rank's experts are contiguous, rows sorted by expert are also
-sorted by destination rank, so the dispatch is:
+As in DeepSeek-V2, a token is sent ONCE to every device that holds at least one of its K experts (at most M
+devices under device-limited routing), that device runs all of the token's experts it holds and sums their
+gated outputs, and one row per (token, device) comes back. Per MoE layer:
 
-1. counts: an all_to_all of the [ep, L] per-expert row counts, so each rank learns how many rows every
-   source sends to each of its L experts;
-2. one host sync: the send and receive split sizes (`.tolist()`), which all_to_all_single needs as
-   Python ints (the buffer sizes depend on the routing);
-3. rows (and their gate values) by all_to_all_single with those uneven splits;
-4. the received rows arrive by source rank, then by expert; a stable sort by local expert makes them one
-   grouped GEMM over L experts (GroupedExperts, the same kernel as in one process), then back to source order;
-5. the outputs return by the reverse all_to_all and MoE combines them with the gates as in one process.
+1. sender: the unique (token, device) pairs (`moe.tokens_to_groups`, the same definition that the
+   communication loss and the logged `device<d>_tokens_received` count), ordered by device, then token;
+2. counts: an all_to_all of [ep, 1 + L] counts (rows per device, and per local expert the (token, expert)
+   pairs), so each rank learns how many rows every source sends it and how many pairs each of its experts gets;
+3. one host sync: the send / receive split sizes and the number of received pairs (`.tolist()`):
+   all_to_all_single takes its splits as Python ints and the receive buffers are sized by the routing;
+4. three all_to_all_single with those uneven splits: the hidden rows [R, D] and the gates [R, K] (autograd),
+   the local expert ids [R, K] (-1 = none; integers, no gradient);
+5. receiver: each row expanded to its (row, local expert) pairs, sorted by local expert (stable: within an
+   expert by source rank, then token, the order of one process), one grouped GEMM (GroupedExperts, the
+   one-process kernel; the gate scales each pair inside it), and the pairs of each row summed (>= fp32);
+6. the reverse all_to_all returns one row per (token, device) and the sender sums each token's device rows.
 
-The all_to_alls are torch's autograd functional collectives: backward runs the same exchange with the
-splits swapped, so an expert's gradient sums the contributions of every rank's tokens. Nothing here loops
-over experts in Python. Per MoE layer and step: one small counts all_to_all and one host sync in forward,
-two all_to_alls each way for the rows (features and gates) and one back for the outputs; backward adds
-no host sync (the splits are remembered).
+The gates travel forward through the autograd all_to_all and are applied on the receiving device. Their
+gradient <grad_y, expert activation> is then computed there, where the expert's activation is, and the
+backward all_to_all brings it home: exact, and the return trip stays one row per (token, device). The
+alternative, returning one output per (token, expert) and gating on the sender, would undo the
+deduplication on the way back (up to K rows per token again).
+
+The row gathers and sums are written as transposes of each other (_Expand / _Reduce): every backward is a
+gather plus a sum over a few slots, no atomics. Per MoE layer and forward: one small counts all_to_all, one
+host sync, three all_to_alls out and one back; backward runs the autograd ones again with the splits swapped
+and no host sync. Nothing loops over experts in Python.
 
 Pure PyTorch: torch.distributed only. The training side (meshes, gradient averaging, checkpoints) is in
 deepseek_mini/training/expert_parallel.py.
@@ -32,13 +41,59 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from deepseek_mini.model.moe import MoE, _DispatchRows
+from deepseek_mini.model.moe import MoE, tokens_to_groups
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     # torch's functional collective with an autograd formula (backward: the same exchange, splits swapped).
     # It returns an AsyncCollectiveTensor, waited for by the first op that reads it.
     return all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
+
+
+def _slots(keys_TX: torch.Tensor, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T sources with X slots each, every slot keyed (an unused slot by a key above all used ones). The n_valid
+    used slots, ordered by key and stably by source within a key, become the rows. Returns order_R (the flat slot t*X + x of each row: its source
+    is order // X) and slot_TX (the row each slot went to; n_valid, a zero padding row, for an unused one)."""
+    T, X = keys_TX.shape
+    order_R = torch.argsort(keys_TX.reshape(-1), stable=True)[:n_valid]
+    slot_TX = torch.full((T * X,), n_valid, dtype=torch.long, device=keys_TX.device)
+    slot_TX.scatter_(0, order_R, torch.arange(n_valid, device=keys_TX.device))
+    return order_R, slot_TX.view(T, X)
+
+
+class _Expand(torch.autograd.Function):
+    """rows_R = x_T[src_R]: each source copied to its used slots. Backward: a source's gradient is the sum of
+    its slots' rows (a gather over slot_TX with a zero padding row, no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, src_R, slot_TX):
+        ctx.save_for_backward(slot_TX)
+        return x_TD[src_R]
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        (slot_TX,) = ctx.saved_tensors
+        return _sum_slots(grad_RD, slot_TX, grad_RD.dtype), None, None
+
+
+class _Reduce(torch.autograd.Function):
+    """out_T = the sum of the rows of its used slots, in >= fp32 (the transpose of _Expand)."""
+
+    @staticmethod
+    def forward(ctx, y_RD, src_R, slot_TX):
+        ctx.save_for_backward(src_R)
+        ctx.dtype = y_RD.dtype
+        return _sum_slots(y_RD, slot_TX, torch.promote_types(y_RD.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        (src_R,) = ctx.saved_tensors
+        return grad_TD.to(ctx.dtype)[src_R], None, None
+
+
+def _sum_slots(y_RD: torch.Tensor, slot_TX: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    padded = torch.cat([y_RD, y_RD.new_zeros(1, y_RD.shape[-1])])
+    return padded[slot_TX].sum(dim=1, dtype=dtype)
 
 
 class ExpertParallel:
@@ -52,39 +107,52 @@ class ExpertParallel:
             raise ValueError(f"n_routed_experts={n_experts} is not divisible by the expert-parallel degree {self.size}")
         self.n_experts, self.n_local = n_experts, n_experts // self.size
         self.first = self.rank * self.n_local  # global id of this rank's first expert
-        self.last_received = 0  # rows this rank's experts received in the last forward (for logging)
 
-    def __call__(self, experts: nn.Module, x_ND: torch.Tensor, counts_E: torch.Tensor,
-                 gate_N: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by global expert (counts_E rows each) -> their expert outputs, in the same order."""
+    def __call__(self, experts: nn.Module, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
+                 routed_TE: torch.Tensor) -> torch.Tensor:
+        """Tokens, their K experts and gates -> sum_k gate_k * expert_k(x) per token ([T, D], >= fp32)."""
         ep, L = self.size, self.n_local
-        send_RL = counts_E.detach().to(torch.int64).view(ep, L)
-        recv_RL = torch.empty_like(send_RL)
-        dist.all_to_all_single(recv_RL, send_RL, group=self.group)  # equal splits: L counts per rank
-        # the one host sync: all_to_all_single takes its split sizes as Python ints
-        sizes = torch.cat([send_RL.sum(1), recv_RL.sum(1), recv_RL.reshape(-1)]).tolist()
-        send_splits, recv_splits = sizes[:ep], sizes[ep:2 * ep]
-        n_recv = sum(recv_splits)
-        self.last_received = n_recv
+        T, K = topk_idx_TK.shape
+        dev = x_TD.device
+        sent_TG = tokens_to_groups(routed_TE, ep)  # 1 where the token goes to device g (once, whatever its experts)
+        send_GC = torch.cat([sent_TG.sum(0)[:, None], routed_TE.view(T, ep, L).sum(0)], dim=1).to(torch.int64)
+        recv_GC = torch.empty_like(send_GC)
+        dist.all_to_all_single(recv_GC, send_GC, group=self.group)  # equal splits: 1 + L counts per rank
+        # the one host sync: all_to_all_single takes its split sizes as Python ints, and the buffers below are
+        # sized by the routing (rows sent / received per rank, pairs received)
+        sizes = torch.cat([send_GC[:, 0], recv_GC[:, 0], recv_GC[:, 1:].sum().view(1)]).tolist()
+        send_splits, recv_splits, n_pairs = sizes[:ep], sizes[ep:2 * ep], sizes[-1]
+        n_send, n_recv = sum(send_splits), sum(recv_splits)
 
-        x_MD = _all_to_all(x_ND, recv_splits, send_splits, self.group)
-        gate_M = _all_to_all(gate_N, recv_splits, send_splits, self.group)
-        # received rows: by source rank, within a source by local expert; regroup by local expert (stable
-        # in source rank, so the order of rows within an expert is that of one process: by source, then token)
-        expert_M = torch.repeat_interleave(torch.arange(L, device=x_ND.device).repeat(ep), recv_RL.reshape(-1),
-                                           output_size=n_recv)
-        order_M = torch.argsort(expert_M, stable=True)
-        inverse_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(n_recv, device=order_M.device))
-        offsets_L = recv_RL.sum(0).cumsum(0).to(torch.int32)
-        x_sorted = _DispatchRows.apply(x_MD, order_M, inverse_M, 1)
-        gate_sorted = _DispatchRows.apply(gate_M.view(-1, 1), order_M, inverse_M, 1).view(-1)
-        if n_recv:
-            y_sorted = experts(x_sorted, offsets_L, gate_sorted)
+        # sender: (token, device) rows by device, then token; per row its local expert ids (-1 = not on that
+        # device) and gates (0 there)
+        order_R, slot_TG = _slots(torch.where(sent_TG.bool(), torch.arange(ep, device=dev), ep), n_send)
+        token_R, device_R = order_R // ep, order_R % ep
+        x_RD = _Expand.apply(x_TD, token_R, slot_TG)
+        here_RK = topk_idx_TK[token_R] // L == device_R[:, None]
+        local_RK = torch.where(here_RK, topk_idx_TK[token_R] % L, -1)
+        gate_RK = torch.where(here_RK, _Expand.apply(gate_TK, token_R, slot_TG), 0.0)
+
+        x_MD = _all_to_all(x_RD, recv_splits, send_splits, self.group)
+        gate_MK = _all_to_all(gate_RK, recv_splits, send_splits, self.group)
+        local_MK = torch.empty(n_recv, K, dtype=local_RK.dtype, device=dev)
+        dist.all_to_all_single(local_MK, local_RK.contiguous(), recv_splits, send_splits, group=self.group)
+
+        # receiver: (row, local expert) pairs by expert, then row; one grouped GEMM; each row's pairs summed
+        order_P, slot_MK = _slots(torch.where(local_MK >= 0, local_MK, L), n_pairs)
+        row_P = order_P // K
+        offsets_L = recv_GC[:, 1:].sum(0).cumsum(0).to(torch.int32)
+        x_PD = _Expand.apply(x_MD, row_P, slot_MK)
+        gate_P = _Expand.apply(gate_MK.reshape(-1, 1), order_P, slot_MK.reshape(-1, 1)).view(-1)
+        if n_pairs:
+            y_PD = experts(x_PD, offsets_L, gate_P)
         else:  # nothing routed here: no GEMM over zero rows, but keep the graph connected so that backward
-            # still reaches both all_to_alls, which the other ranks' backward waits for
-            y_sorted = x_sorted * 0 + gate_sorted[:, None] * 0
-        y_MD = _DispatchRows.apply(y_sorted, inverse_M, order_M, 1)  # back to the received (source) order
-        return _all_to_all(y_MD, send_splits, recv_splits, self.group)
+            # still reaches the all_to_alls, which the other ranks' backward waits for
+            y_PD = x_PD * 0 + gate_P[:, None] * 0
+        y_MD = _Reduce.apply(y_PD, row_P, slot_MK).to(y_PD.dtype)  # summed in >= fp32, sent in the experts' dtype
+
+        y_RD = _all_to_all(y_MD, send_splits, recv_splits, self.group)
+        return _Reduce.apply(y_RD, token_R, slot_TG)  # each token: the sum of its device rows
 
 
 @torch.no_grad()

@@ -301,6 +301,16 @@ def _sum_over(counts: torch.Tensor, group) -> torch.Tensor:
     return counts
 
 
+def tokens_to_groups(routed_XE: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """1 where a token has at least one expert in group g, over the last dim ([..., E] -> [..., G]).
+
+    The one definition of "tokens a device receives" (DeepSeek-V2's L_CommBal): a token goes once to each
+    device holding any of its experts, however many. The communication loss, the logged tokens received
+    per device and the expert-parallel dispatcher (the rows it sends) all count with it.
+    """
+    return routed_XE.view(*routed_XE.shape[:-1], n_groups, -1).amax(-1)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -311,8 +321,8 @@ class MoE(nn.Module):
         self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
                                if cfg.n_shared_experts else None)
         # Expert parallelism (model/expert_parallel.py): None in one process; else this rank holds only its
-        # E/ep experts and the dispatcher sends each row to the rank owning its expert. A plain attribute,
-        # not a submodule: it holds a process group, no parameters.
+        # E/ep experts and the dispatcher sends each token once to every rank owning one of its experts. A
+        # plain attribute, not a submodule: it holds a process group, no parameters.
         self.expert_parallel = None
 
     def forward(self, x_BSD: torch.Tensor):
@@ -359,29 +369,29 @@ class MoE(nn.Module):
             keep_TK = (rank_in_expert_N < capacity)[inverse_N].view(T, K)
             gate_TK = torch.where(keep_TK, gate_TK, torch.zeros_like(gate_TK))
             dropped_fraction = 1.0 - keep_TK.float().mean()
-        else:
+        elif self.expert_parallel is None:
             order_N, inverse_N = sort_by_expert(topk_idx_TK, routed_TE, start_E)
 
         x_in = x_TD
-        if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):  # move K copies of bf16, not of fp32
+        if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):  # move copies of bf16, not of fp32
             x_in = x_TD.to(torch.get_autocast_dtype("cuda"))
-        x_ND = _DispatchRows.apply(x_in, order_N, inverse_N, K)
-        # each assignment's gate in expert order: the [T*K, 1] gates dispatched with one copy each
-        gate_N = _DispatchRows.apply(gate_TK.reshape(-1, 1), order_N, inverse_N, 1).view(-1)
         if self.expert_parallel is None:
+            x_ND = _DispatchRows.apply(x_in, order_N, inverse_N, K)
+            # each assignment's gate in expert order: the [T*K, 1] gates dispatched with one copy each
+            gate_N = _DispatchRows.apply(gate_TK.reshape(-1, 1), order_N, inverse_N, 1).view(-1)
             y_ND = self.experts(x_ND, offsets_E, gate_N)
-        else:  # the rows go to the ranks that own their experts and come back in the same order
-            y_ND = self.expert_parallel(self.experts, x_ND, counts_E, gate_N)
-        # back to token order, summed over each token's K (already weighted) expert outputs
-        out_TD = _CombineRows.apply(y_ND, order_N, inverse_N, K).to(x_TD.dtype)
+            # back to token order, summed over each token's K (already weighted) expert outputs
+            out_TD = _CombineRows.apply(y_ND, order_N, inverse_N, K)
+        else:  # each token goes once to every device holding one of its experts; one summed row per device returns
+            out_TD = self.expert_parallel(self.experts, x_in, topk_idx_TK, gate_TK, routed_TE)
+        out_TD = out_TD.to(x_TD.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + (self.shared_experts(x_TD) if shared_TD is None else shared_TD)
 
         aux = self.balance_losses(scores_TE, routed_TE, B, S) if self.training else {}
         stats = {"tokens_per_expert": counts_E.detach(), "dropped_fraction": dropped_fraction.detach()}
-        if self.expert_parallel is not None:  # tokens this rank sends to each device (a token counts once)
-            ep = self.expert_parallel.size
-            stats["tokens_per_device"] = routed_TE.view(T, ep, E // ep).amax(-1).sum(0)
+        if self.expert_parallel is not None:  # tokens this rank sends to each device: the dispatcher's rows
+            stats["tokens_per_device"] = tokens_to_groups(routed_TE, self.expert_parallel.size).sum(0)
         return out_TD.view(B, S, D), aux, stats
 
     def balance_losses(self, scores_TE, routed_TE, B, S) -> dict[str, torch.Tensor]:
@@ -421,8 +431,7 @@ class MoE(nn.Module):
             if cfg.comm_aux_loss_alpha > 0:
                 # M = devices a token may be sent to: topk_group when routing is group-limited
                 M = cfg.topk_group if cfg.topk_method == "group_limited_greedy" else min(K, G)
-                sent_BSG = routed_BSE.view(routed_BSE.shape[0], -1, G, E // G).amax(-1)
-                received_BG = sent_BSG.sum(dim=1)  # tokens each device receives (a token counts once per device)
+                received_BG = tokens_to_groups(routed_BSE, G).sum(dim=1)  # tokens each device receives
                 if batch_counts:
                     received_BG = _sum_over(received_BG, ep.group)
                 f_comm_BG = received_BG * (G / (M * n_tok))

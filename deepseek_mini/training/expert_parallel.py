@@ -258,8 +258,9 @@ class ExpertParallelStrategy(DDPStrategy):
 @torch.no_grad()
 def device_load_metrics(layers, router_stats: list[dict], strategy: ExpertParallelStrategy) -> dict[str, torch.Tensor]:
     """Per MoE layer, summed over the EP group for this step (LitDeepSeek logs them every log_every_n_steps):
-    rows each device's experts computed (`device<d>_rows`, the compute load) and tokens each device received
-    (`device<d>_tokens_received`, a token counted once per device: the paper's communication measure), with
+    (token, expert) pairs each device's experts computed (`device<d>_rows`, the compute load) and tokens each
+    device received (`device<d>_tokens_received`, a token counted once per device: exactly the rows the
+    dispatcher sent there, and the paper's communication measure, moe.tokens_to_groups), with
     their max/mean. One small all-reduce over the EP group."""
     ep, n = strategy.expert_parallel, len(router_stats)
     rows = torch.stack([s["tokens_per_expert"] for s in router_stats]).float().view(n, ep, -1).sum(-1)
