@@ -136,6 +136,29 @@ def test_ragged_plain_generate_equals_each_row_alone(model, ragged):
             assert torch.equal(out[b, max(RAGGED):], plain_rows[b][L:L + 12]), (mode, b)
 
 
+def test_one_token_per_row_goes_to_the_fused_kernel_with_per_row_lengths(model, ragged, monkeypatch):
+    """On CUDA a one-token step runs the fused decode kernel, which takes no mask: the per-row path must hand it
+    each row's own length (kv_len = start_pos + 1). Here the kernel is stood in for by the same attention in
+    torch (honouring kv_len, as the kernel does), so a wrong bound fails on the CPU too."""
+    from deepseek_mini.kernels import mla_decode
+
+    calls = []
+
+    def kernel(q_lat, q_pe, kv, kv_len, scale):  # [B, H, C], [B, H, R], [B, L, C + R], [B]
+        calls.append(kv_len.clone())
+        scores = torch.einsum("bhc,blc->bhl", torch.cat([q_lat, q_pe], -1), kv) * scale
+        scores = scores.masked_fill(torch.arange(kv.shape[1])[None, None, :] >= kv_len[:, None, None], float("-inf"))
+        return torch.einsum("bhl,blc->bhc", scores.softmax(-1), kv[..., :q_lat.shape[-1]])
+
+    monkeypatch.setattr(mla_decode, "available", lambda t: True)
+    monkeypatch.setattr(mla_decode, "mla_decode_attention", kernel)
+    ids, lengths, plain_rows = ragged
+    out = model.generate(ids, 8, temperature=0, prompt_lengths=lengths)
+    assert calls and torch.equal(calls[0], (lengths + 1).int())  # the first step: row b at position length_b
+    for b, L in enumerate(RAGGED):
+        assert torch.equal(out[b, max(RAGGED):], plain_rows[b][L:L + 8]), b
+
+
 @pytest.mark.parametrize("attention", ["mha", "gqa"])
 def test_per_row_path_of_the_baselines(attention):
     """MHA / GQA caches (KVCache) take per-row positions too: ragged speculative decoding equals each row alone."""

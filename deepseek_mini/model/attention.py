@@ -178,6 +178,9 @@ class MLA(nn.Module):
         mask = row_decode_mask(T, start_pos)
         past = cache.kv[:q_nope.shape[0], :mask.shape[-1]]
         if self.decode_mode == "absorb":
+            if T == 1 and self.fused_decode and mla_decode.available(past):
+                # the fused kernel bounds each row by its own length (kv_len [B]) and takes no mask
+                return self._absorbed(q_nope, q_pe, past, None, kv_len=start_pos + 1)
             return self._absorbed(q_nope, q_pe, past, mask)
         c_past, kpe_past = past.to(q_nope.dtype).split([self.rank, self.rope_dim], dim=-1)
         return self._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
