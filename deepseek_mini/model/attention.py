@@ -88,12 +88,13 @@ def decode_mask(t: int, start_pos: int, device) -> torch.Tensor | None:
     return k_pos <= q_pos
 
 
-def row_decode_mask(t: int, start_pos: torch.Tensor) -> torch.Tensor:
-    """Per-row decode_mask [B, t, max(start_pos) + t]: row b's query i (at position start_pos[b] + i) sees keys
-    0..start_pos[b] + i, so each row attends to its own valid prefix only (speculative decoding, where rows sit
-    at different positions of one batched cache)."""
+def row_decode_mask(t: int, start_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Per-row decode_mask [B, t, length] over a whole preallocated cache: row b's query i (at position
+    start_pos[b] + i) sees keys 0..start_pos[b] + i, so each row attends to its own valid prefix only (speculative
+    decoding, where rows sit at different positions of one batched cache). The static length, not the furthest
+    row's, so no layer waits for the device to say where that row is."""
     q_pos = start_pos[:, None, None] + torch.arange(t, device=start_pos.device)[None, :, None]
-    k_pos = torch.arange(int(start_pos.max()) + t, device=start_pos.device)[None, None, :]
+    k_pos = torch.arange(length, device=start_pos.device)[None, None, :]
     return k_pos <= q_pos
 
 
@@ -172,11 +173,11 @@ class MLA(nn.Module):
 
     def _per_row(self, q_nope, q_pe, c_kv, k_pe, cache, start_pos):
         """Rows at different cache positions: write row b's latents at start_pos[b].., attend with a per-row
-        mask [B, T, S] over the cache up to the furthest row (the scalar path above stays as it is)."""
+        mask [B, T, S] over the whole cache (the scalar path above stays as it is)."""
         T = q_nope.shape[1]
         cache.kv[row_slots(start_pos, T)] = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype)
-        mask = row_decode_mask(T, start_pos)
-        past = cache.kv[:q_nope.shape[0], :mask.shape[-1]]
+        past = cache.kv[:q_nope.shape[0]]
+        mask = row_decode_mask(T, start_pos, past.shape[1])
         if self.decode_mode == "absorb":
             if T == 1 and self.fused_decode and mla_decode.available(past):
                 # the fused kernel bounds each row by its own length (kv_len [B]) and takes no mask
@@ -266,9 +267,8 @@ class GroupedQueryAttention(nn.Module):
             rows, slots = row_slots(start_pos, T)
             cache.k[rows, :, slots] = k.transpose(1, 2).to(cache.k.dtype)  # [B, T, kv heads, hd] at [B, T] slots
             cache.v[rows, :, slots] = v.transpose(1, 2).to(cache.v.dtype)
-            mask = row_decode_mask(T, start_pos)
-            k = cache.k[:B, :, :mask.shape[-1]].to(q.dtype)
-            v = cache.v[:B, :, :mask.shape[-1]].to(q.dtype)
+            mask = row_decode_mask(T, start_pos, cache.k.shape[2])
+            k, v = cache.k[:B].to(q.dtype), cache.v[:B].to(q.dtype)
             o = attend(q, k, v, self.scale, is_causal=False, mask=mask[:, None])
             return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
         if cache is not None:

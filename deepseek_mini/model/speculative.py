@@ -215,9 +215,6 @@ def speculative_stream(model, input_ids: torch.Tensor, max_new_tokens: int, temp
             ok = accept(p_d, q_d, u)
         accepted = ok.long().cumprod(1).sum(1)  # per row: the accepted prefix length
         m = torch.minimum(accepted, left - 1).clamp_min(0)  # what a row keeps: no more drafts than it has room for
-        for j in range(n):
-            stats.proposed[j] += int((live & (accepted >= j) & (left - 1 > j)).sum())
-            stats.accepted[j] += int((live & (accepted >= j + 1) & (left - 1 > j)).sum())
         if greedy:
             last = target[rows, m]
         else:
@@ -235,11 +232,21 @@ def speculative_stream(model, input_ids: torch.Tensor, max_new_tokens: int, temp
         if eos_token_id is not None:
             new = torch.arange(n + 1, device=device)[None, :] <= m[:, None]
             hit_eos |= live & ((vals == eos_token_id) & new).any(1)
+        # statistics, in one device-to-host copy: depth j+1 was proposed to a live row that accepted depths
+        # 1..j and had room for it, and accepted if it was too
+        j = torch.arange(n, device=device)[None, :]
+        room = live[:, None] & (j < (left - 1)[:, None])
+        host = torch.cat([(room & (accepted[:, None] >= j)).sum(0), (room & (accepted[:, None] > j)).sum(0),
+                          live.long(), m]).tolist()
         stats.rounds += 1
-        for b in live.nonzero().flatten().tolist():
-            stats.row_rounds[b] += 1
-            stats.row_tokens[b] += int(m[b]) + 1
-            stats.row_accepted[b] += int(m[b])
+        for d in range(n):
+            stats.proposed[d] += host[d]
+            stats.accepted[d] += host[n + d]
+        for b in range(B):
+            if host[2 * n + b]:
+                stats.row_rounds[b] += 1
+                stats.row_tokens[b] += host[2 * n + B + b] + 1
+                stats.row_accepted[b] += host[2 * n + B + b]
         N = torch.where(live, N + m + 1, N)
         committed = torch.where(live, committed + m + 1, committed)
         yield from columns()
