@@ -1,7 +1,9 @@
 """Self-speculative decoding (model/speculative.py): greedy output equals plain greedy decoding token for token
-whatever the drafts are (random MTP, drafts forced right, drafts forced wrong), the MTP caches' rollback
-drafts what a cache-free recomputation drafts, and sampling keeps the main model's distribution (measured on
-a tiny vocabulary, with wrong acceptance / resampling rules as negative controls)."""
+whatever the drafts are (random MTP, drafts forced right, drafts forced wrong), also when the rows of a batch
+(ragged prompts) accept different lengths and advance by their own (each row equals that row decoded alone, and
+the per-row verification counts show no row waits for another), the MTP caches' per-row rollback drafts what a
+cache-free recomputation drafts, and sampling keeps the main model's distribution (measured on a tiny
+vocabulary, with wrong acceptance / resampling rules as negative controls)."""
 
 from __future__ import annotations
 
@@ -32,16 +34,24 @@ def prompts():
     return torch.randint(0, SMALL_MODEL["vocab_size"], (3, 7), generator=torch.Generator().manual_seed(5))
 
 
-def forced_drafter(model, plain: torch.Tensor, wrong: bool):
-    """A drafter that proposes the plain greedy continuation (all right) or that plus one (all wrong)."""
+def forced_drafter(model, plain_rows: list[torch.Tensor], modes: list[str], seed: int = 0):
+    """A drafter that proposes, per row, the row's own plain greedy continuation (`right`), that plus one (`wrong`),
+    random tokens (`random`) or the MTP modules' drafts (`mtp`, the real drafter, which runs for every row so its
+    caches stay as they would be). plain_rows[b]: row b's prompt and plain greedy continuation, unpadded."""
     V = model.config.vocab_size
+    real = spec._Drafter.draft
+    g = torch.Generator().manual_seed(seed)
 
-    def draft(self, tokens, N, n, sampler):
-        drafts = plain[:, N + 1:N + n + 1].clone()
-        if drafts.shape[1] < n:  # past the plain run's end: anything
-            drafts = torch.cat([drafts, drafts.new_zeros(drafts.shape[0], n - drafts.shape[1])], 1)
-        drafts = (drafts + 1) % V if wrong else drafts
-        tokens[:, N + 1:N + n + 1] = drafts
+    def draft(self, tokens, N, n, sampler, live):
+        mtp, _ = real(self, tokens, N, n, sampler, live)
+        drafts = []
+        for b, mode in enumerate(modes):
+            ref = plain_rows[b][int(N[b]) + 1:int(N[b]) + n + 1]
+            ref = torch.cat([ref, ref.new_zeros(n - len(ref))])  # past the plain run's end: anything
+            drafts.append({"right": ref, "wrong": (ref + 1) % V, "mtp": mtp[b],
+                           "random": torch.randint(0, V, (n,), generator=g)}[mode])
+        drafts = torch.stack(drafts)
+        tokens[torch.arange(len(modes))[:, None], N[:, None] + 1 + torch.arange(n)] = drafts
         return drafts, None
     return draft
 
@@ -50,7 +60,7 @@ def forced_drafter(model, plain: torch.Tensor, wrong: bool):
 def test_greedy_equals_plain_greedy(model, prompts, drafts, monkeypatch):
     plain = model.generate(prompts, 20, temperature=0)
     if drafts != "mtp":
-        monkeypatch.setattr(spec._Drafter, "draft", forced_drafter(model, plain, wrong=drafts == "wrong"))
+        monkeypatch.setattr(spec._Drafter, "draft", forced_drafter(model, list(plain), [drafts] * 3))
     stats = SpeculativeStats()
     out = model.generate(prompts, 20, temperature=0, speculative=True, stats=stats)
     assert torch.equal(out, plain)
@@ -59,6 +69,117 @@ def test_greedy_equals_plain_greedy(model, prompts, drafts, monkeypatch):
         assert rates == [1.0, 1.0, 1.0] and stats.tokens_per_round() == pytest.approx(19 / 5)  # 4 + 4 + 4 + 4 + 3
     elif drafts == "wrong":
         assert rates[0] == 0.0 and stats.tokens_per_round() == 1.0
+
+
+RAGGED = [7, 4, 9, 5]  # prompt lengths of the batch below (right-padded to 9)
+
+
+@pytest.fixture(scope="module")
+def ragged(model):
+    """Four prompts of different lengths, right-padded, and each row's plain greedy run alone (batch 1)."""
+    ids = torch.randint(0, SMALL_MODEL["vocab_size"], (len(RAGGED), max(RAGGED)),
+                        generator=torch.Generator().manual_seed(7))
+    plain_rows = [model.generate(ids[b:b + 1, :L], 20, temperature=0)[0] for b, L in enumerate(RAGGED)]
+    return ids, torch.tensor(RAGGED), plain_rows
+
+
+def test_rows_accept_different_lengths_and_each_equals_its_own_greedy(model, ragged, monkeypatch):
+    """Rows with forced-right, forced-wrong, random and MTP drafts accept different lengths each round and
+    advance by their own: every row's output is plain greedy decoding of that row alone, token for token, and
+    the always-right row needs 5 verifications for its 19 tokens while the always-wrong one needs 19 (under the
+    old shortest-prefix rule every row took 19 rounds of 1 token)."""
+    ids, lengths, plain_rows = ragged
+    modes = ["right", "wrong", "random", "mtp"]
+    monkeypatch.setattr(spec._Drafter, "draft", forced_drafter(model, plain_rows, modes))
+    stats = SpeculativeStats()
+    out = model.generate(ids, 20, temperature=0, speculative=True, stats=stats, prompt_lengths=lengths)
+    for b, L in enumerate(RAGGED):
+        assert torch.equal(out[b, max(RAGGED):], plain_rows[b][L:]), modes[b]
+    assert stats.row_rounds[:2] == [5, 19] and stats.row_tokens == [19] * 4
+    assert stats.tokens_per_round_per_row()[:2] == [19 / 5, 1.0]
+    assert stats.row_accepted[:2] == [14, 0] and stats.rounds == 19
+    assert stats.as_dict()["tokens_per_round_per_row"] == stats.tokens_per_round_per_row()
+
+
+def test_right_row_finishes_in_fewer_rounds_than_the_shortest_prefix_would_take(model, ragged, monkeypatch):
+    """Two rows, one always right, one always wrong, and an EOS the right row emits early: the right row is
+    done after ceil(first EOS / 4) verifications, where the shortest-prefix rule (one token per round for both
+    rows) needed one per token."""
+    ids, lengths, plain_rows = ragged
+    order = [1, 0]  # ragged row 1 (the right one: its text does not loop early) and row 0
+    ids, lengths, plain_rows = ids[order], lengths[order], [plain_rows[b] for b in order]
+    new0 = plain_rows[0][int(lengths[0]):].tolist()
+    first_eos = next(i for i in range(6, 20) if new0[i] not in new0[:i])  # the right row's EOS, new token #i
+    eos = new0[first_eos]
+    expected = [model.generate(ids[b:b + 1, :int(lengths[b])], 20, temperature=0, eos_token_id=eos)[0, int(lengths[b]):]
+                for b in range(2)]
+    monkeypatch.setattr(spec._Drafter, "draft", forced_drafter(model, plain_rows, ["right", "wrong"]))
+    stats = SpeculativeStats()
+    out = model.generate(ids, 20, temperature=0, eos_token_id=eos, speculative=True, stats=stats,
+                         prompt_lengths=lengths)
+    for b in range(2):
+        row = out[b, ids.shape[1]:]
+        assert torch.equal(row[:len(expected[b])], expected[b]) and (row[len(expected[b]):] == eos).all()
+    assert len(expected[0]) == first_eos + 1 and len(expected[1]) == 20  # the wrong row runs to the end
+    assert stats.row_rounds[0] == -(-first_eos // 4) < first_eos  # 4 tokens per verification, not 1
+
+
+def test_ragged_plain_generate_equals_each_row_alone(model, ragged):
+    """Plain generate's per-row decode path (ragged prompts) equals each row decoded alone, through the
+    absorbed and the naive MLA decode."""
+    ids, lengths, plain_rows = ragged
+    for mode in ("absorb", "naive"):
+        model.set_mla_decode(mode)
+        try:
+            out = model.generate(ids, 12, temperature=0, prompt_lengths=lengths)
+        finally:
+            model.set_mla_decode("absorb")
+        for b, L in enumerate(RAGGED):
+            assert torch.equal(out[b, max(RAGGED):], plain_rows[b][L:L + 12]), (mode, b)
+
+
+def test_one_token_per_row_goes_to_the_fused_kernel_with_per_row_lengths(model, ragged, monkeypatch):
+    """On CUDA a one-token step runs the fused decode kernel, which takes no mask: the per-row path must hand it
+    each row's own length (kv_len = start_pos + 1). Here the kernel is stood in for by the same attention in
+    torch (honouring kv_len, as the kernel does), so a wrong bound fails on the CPU too."""
+    from deepseek_mini.kernels import mla_decode
+
+    calls = []
+
+    def kernel(q_lat, q_pe, kv, kv_len, scale):  # [B, H, C], [B, H, R], [B, L, C + R], [B]
+        calls.append(kv_len.clone())
+        scores = torch.einsum("bhc,blc->bhl", torch.cat([q_lat, q_pe], -1), kv) * scale
+        scores = scores.masked_fill(torch.arange(kv.shape[1])[None, None, :] >= kv_len[:, None, None], float("-inf"))
+        return torch.einsum("bhl,blc->bhc", scores.softmax(-1), kv[..., :q_lat.shape[-1]])
+
+    monkeypatch.setattr(mla_decode, "available", lambda t: True)
+    monkeypatch.setattr(mla_decode, "mla_decode_attention", kernel)
+    ids, lengths, plain_rows = ragged
+    out = model.generate(ids, 8, temperature=0, prompt_lengths=lengths)
+    assert calls and torch.equal(calls[0], (lengths + 1).int())  # the first step: row b at position length_b
+    for b, L in enumerate(RAGGED):
+        assert torch.equal(out[b, max(RAGGED):], plain_rows[b][L:L + 8]), b
+
+
+@pytest.mark.parametrize("attention", ["mha", "gqa"])
+def test_per_row_path_of_the_baselines(attention):
+    """MHA / GQA caches (KVCache) take per-row positions too: ragged speculative decoding equals each row alone."""
+    torch.manual_seed(0)
+    cfg = {**SMALL_MODEL, "attention": attention, "num_key_value_heads": 4 if attention == "mha" else 2,
+           "num_nextn_predict_layers": 2}
+    m = DeepSeekV2(ModelConfig.from_dict(cfg)).double().eval()
+    ids = torch.randint(0, SMALL_MODEL["vocab_size"], (3, 8), generator=torch.Generator().manual_seed(3))
+    lengths = torch.tensor([8, 3, 5])
+    out = m.generate(ids, 10, temperature=0, speculative=True, prompt_lengths=lengths)
+    for b, L in enumerate(lengths.tolist()):
+        assert torch.equal(out[b, 8:], m.generate(ids[b:b + 1, :L], 10, temperature=0)[0, L:]), b
+
+
+@pytest.mark.parametrize("lengths", [[3, 0, 2], [3, 9, 2], [3, 2]])
+def test_bad_prompt_lengths_are_refused(model, lengths):
+    with pytest.raises(ValueError, match=r"prompt_lengths must hold 3 lengths in 1\.\.7"):
+        model.generate(torch.zeros(3, 7, dtype=torch.long), 4, temperature=0, speculative=True,
+                       prompt_lengths=torch.tensor(lengths))
 
 
 def test_greedy_with_eos_matches_plain(model, prompts):
@@ -70,30 +191,33 @@ def test_greedy_with_eos_matches_plain(model, prompts):
     assert (out[:, expected.shape[1]:] == eos).all()
 
 
-def test_mtp_drafts_equal_a_cache_free_recomputation(model, prompts, monkeypatch):
-    """The drafter keeps per-depth caches and hidden states across rounds and rolls them back past rejected
-    drafts; each round's drafts must equal the MTP chain recomputed from scratch on the committed tokens."""
+def test_mtp_drafts_equal_a_cache_free_recomputation(model, ragged, monkeypatch):
+    """The drafter keeps per-depth caches and hidden states across rounds, per row, and rolls them back past
+    rejected drafts; each round's drafts of every live row must equal the MTP chain recomputed from scratch on
+    that row's committed tokens alone (ragged prompts: the rows sit at different positions throughout)."""
+    ids, lengths, _ = ragged
     seen = []
     real = spec._Drafter.draft
 
-    def recording(self, tokens, N, n, sampler):
-        committed = tokens[:, :N + 1].clone()
-        drafts, q = real(self, tokens, N, n, sampler)
-        seen.append((committed, n, drafts.clone()))
+    def recording(self, tokens, N, n, sampler, live):
+        committed = [tokens[b, :int(N[b]) + 1].clone() for b in range(len(N))]
+        drafts, q = real(self, tokens, N, n, sampler, live)
+        seen.append((committed, n, drafts.clone(), live.clone()))
         return drafts, q
 
     monkeypatch.setattr(spec._Drafter, "draft", recording)
-    model.generate(prompts, 24, temperature=0, speculative=True)
-    assert len(seen) >= 6
-    for committed, n, drafts in seen:
-        N = committed.shape[1] - 1
-        ext = committed
-        h, _, _ = model.hidden_states(committed[:, :N])
-        for k in range(1, n + 1):
-            h, _, _ = model.mtp[k - 1](h, model.model.embed_tokens(ext[:, k:N + k]), torch.arange(N))
-            d = model.lm_head(model.mtp[k - 1].shared_head.norm(h[:, -1])).argmax(-1)
-            assert torch.equal(d, drafts[:, k - 1]), (N, k)
-            ext = torch.cat([ext, d[:, None]], 1)
+    model.generate(ids, 24, temperature=0, speculative=True, prompt_lengths=lengths)
+    assert len(seen) >= 6 and len({len(c) for c in seen[2][0]}) > 1
+    for committed, n, drafts, live in seen:
+        for b in live.nonzero().flatten().tolist():
+            ext = committed[b][None]
+            N = ext.shape[1] - 1
+            h, _, _ = model.hidden_states(ext[:, :N])
+            for k in range(1, n + 1):
+                h, _, _ = model.mtp[k - 1](h, model.model.embed_tokens(ext[:, k:N + k]), torch.arange(N))
+                d = model.lm_head(model.mtp[k - 1].shared_head.norm(h[:, -1])).argmax(-1)
+                assert torch.equal(d, drafts[b:b + 1, k - 1]), (b, N, k)
+                ext = torch.cat([ext, d[:, None]], 1)
 
 
 # ---------------------------------------------------------------------- sampling keeps the distribution
@@ -123,15 +247,19 @@ def stat_model():
 
 
 def oracle_then_flat(m, generator):
-    """Depth 1 drafts from the main model's own distribution (always accepted, so every row reaches depth 2
-    even though a batch advances by its smallest accepted prefix); depth 2 from a flattened one (p^0.3)."""
-    def draft(self, tokens, N, n, sampler):
+    """Depth 1 drafts from the main model's own distribution (always accepted, so every row reaches depth 2);
+    depth 2 from a flattened one (p^0.3). Rows sit at their own N_b: the forwards go by groups of equal N_b."""
+    def draft(self, tokens, N, n, sampler, live):
         drafts, qs = [], []
+        rows = torch.arange(len(N))
         for k in range(1, n + 1):
-            p = sampling_probs(m(tokens[:, :N + k]).logits[:, -1], **SAMPLING)
+            p = torch.empty(len(N), V)
+            for pos in N.unique().tolist():
+                at = N == pos
+                p[at] = sampling_probs(m(tokens[at, :pos + k]).logits[:, -1], **SAMPLING)
             q = p if k == 1 else p.pow(0.3) / p.pow(0.3).sum(-1, keepdim=True)
             d = torch.multinomial(q, 1, generator=generator).squeeze(1)
-            tokens[:, N + k] = d
+            tokens[rows, N + k] = d
             drafts.append(d)
             qs.append(q)
         return torch.stack(drafts, 1), torch.stack(qs, 1)
@@ -152,8 +280,9 @@ def sampled_tv(stat_model, drafter: str, monkeypatch, seed: int = 0) -> tuple[fl
     return 0.5 * (counts.view(V, V, V) / DRAWS - exact).abs().sum().item(), stats.acceptance()
 
 
-# at 8,000 draws (seed 0): the right rule gives 0.018 (MTP drafts) and 0.017 (oracle drafts); the wrong rules
-# below 0.10 (resample from p), 0.098 (70% of the ratio) and 0.53 (accept always). Seeds 1-2 at 20,000 draws: 0.008-0.01
+# at 8,000 draws (seed 0), rows advancing by their own accepted prefix: the right rule gives 0.017 (MTP drafts)
+# and 0.017 (oracle drafts); the wrong rules below 0.17 (resample from p), 0.13 (70% of the ratio) and 0.53
+# (accept always). (The earlier shortest-prefix rounds: 0.018, 0.017; 0.10, 0.098, 0.53; seeds 1-2 at 20,000 draws 0.008-0.01.)
 TV_LIMIT = 0.035
 
 

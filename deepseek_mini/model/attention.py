@@ -88,6 +88,22 @@ def decode_mask(t: int, start_pos: int, device) -> torch.Tensor | None:
     return k_pos <= q_pos
 
 
+def row_decode_mask(t: int, start_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Per-row decode_mask [B, t, length] over a whole preallocated cache: row b's query i (at position
+    start_pos[b] + i) sees keys 0..start_pos[b] + i, so each row attends to its own valid prefix only (speculative
+    decoding, where rows sit at different positions of one batched cache). The static length, not the furthest
+    row's, so no layer waits for the device to say where that row is."""
+    q_pos = start_pos[:, None, None] + torch.arange(t, device=start_pos.device)[None, :, None]
+    k_pos = torch.arange(length, device=start_pos.device)[None, None, :]
+    return k_pos <= q_pos
+
+
+def row_slots(start_pos: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pair (rows [B, 1], positions [B, t]) of the cache slots row b writes at start_pos[b] .. + t - 1."""
+    rows = torch.arange(start_pos.shape[0], device=start_pos.device)[:, None]
+    return rows, start_pos[:, None] + torch.arange(t, device=start_pos.device)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -133,9 +149,13 @@ class MLA(nn.Module):
         k_pe = self.rotary(k_pe.unsqueeze(2), positions)  # [B, T, 1, rope]: one key shared by all heads
         return q_nope, q_pe, c_kv, k_pe
 
-    def forward(self, x, positions, cache: LatentCache | None = None, start_pos: int = 0):
+    def forward(self, x, positions, cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0):
+        """`start_pos`: where these T tokens go in the cache, one int for the batch, or a [B] tensor of per-row
+        positions (then `positions` is [B, T]): the per-row path writes and masks each row at its own place."""
         B, T, _ = x.shape
         q_nope, q_pe, c_kv, k_pe = self.project(x, positions)
+        if isinstance(start_pos, torch.Tensor):
+            return self.o_proj(self._per_row(q_nope, q_pe, c_kv, k_pe, cache, start_pos).reshape(B, T, -1))
         if cache is not None:
             cache.kv[:B, start_pos:start_pos + T] = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype)
         if cache is None or start_pos == 0:
@@ -151,12 +171,28 @@ class MLA(nn.Module):
                 o = self._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
         return self.o_proj(o.reshape(B, T, self.n_heads * self.v_dim))
 
+    def _per_row(self, q_nope, q_pe, c_kv, k_pe, cache, start_pos):
+        """Rows at different cache positions: write row b's latents at start_pos[b].., attend with a per-row
+        mask [B, T, S] over the whole cache (the scalar path above stays as it is)."""
+        T = q_nope.shape[1]
+        cache.kv[row_slots(start_pos, T)] = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype)
+        past = cache.kv[:q_nope.shape[0]]
+        mask = row_decode_mask(T, start_pos, past.shape[1])
+        if self.decode_mode == "absorb":
+            if T == 1 and self.fused_decode and mla_decode.available(past):
+                # the fused kernel bounds each row by its own length (kv_len [B]) and takes no mask
+                return self._absorbed(q_nope, q_pe, past, None, kv_len=start_pos + 1)
+            return self._absorbed(q_nope, q_pe, past, mask)
+        c_past, kpe_past = past.to(q_nope.dtype).split([self.rank, self.rope_dim], dim=-1)
+        return self._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
+
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
         B, S, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        mask = mask[:, None] if mask is not None and mask.dim() == 3 else mask  # per-row [B, T, S]: over heads
         o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale,
                    is_causal=True, mask=mask, pad_v=q.is_cuda and self._pad_v(q.device))
         return o.transpose(1, 2)  # [B, T, H, v_dim]
@@ -189,8 +225,9 @@ class MLA(nn.Module):
         # softmax in >= fp32 (fp64 stays fp64, or absorbed and naive decode differ at 1e-7)
         scores = torch.bmm(q_full, kv.transpose(1, 2))
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.scale  # [B, T*H, S]
-        if mask is not None:
-            scores = scores.view(B, T, H, -1).masked_fill(~mask[None, :, None, :], float("-inf")).view(B, T * H, -1)
+        if mask is not None:  # [T, S] for the batch, or [B, T, S] per row
+            mask = mask[None] if mask.dim() == 2 else mask
+            scores = scores.view(B, T, H, -1).masked_fill(~mask[:, :, None, :], float("-inf")).view(B, T * H, -1)
         p = scores.softmax(-1).to(kv.dtype)
         o_lat = torch.bmm(p, kv[..., :self.rank]).view(B, T, H, self.rank)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
@@ -221,10 +258,19 @@ class GroupedQueryAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         return q, k, v
 
-    def forward(self, x, positions, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, positions, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0):
+        """`start_pos` as in MLA.forward: an int, or per-row positions [B] (`positions` then [B, T])."""
         B, T, _ = x.shape
         q, k, v = self.project(x, positions)
         mask = None
+        if isinstance(start_pos, torch.Tensor):
+            rows, slots = row_slots(start_pos, T)
+            cache.k[rows, :, slots] = k.transpose(1, 2).to(cache.k.dtype)  # [B, T, kv heads, hd] at [B, T] slots
+            cache.v[rows, :, slots] = v.transpose(1, 2).to(cache.v.dtype)
+            mask = row_decode_mask(T, start_pos, cache.k.shape[2])
+            k, v = cache.k[:B].to(q.dtype), cache.v[:B].to(q.dtype)
+            o = attend(q, k, v, self.scale, is_causal=False, mask=mask[:, None])
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
         if cache is not None:
             cache.k[:B, :, start_pos:start_pos + T] = k.to(cache.k.dtype)
             cache.v[:B, :, start_pos:start_pos + T] = v.to(cache.v.dtype)

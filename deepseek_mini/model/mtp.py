@@ -52,7 +52,7 @@ class MTPModule(nn.Module):
         self.block = block
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev_BTD, emb_BTD, positions, cache=None, start_pos: int = 0):
+    def forward(self, h_prev_BTD, emb_BTD, positions, cache=None, start_pos: int | torch.Tensor = 0):
         """h_k [B, T, D] (before shared_head.norm), and the block's aux losses and router stats."""
         x_BTD = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], dim=-1))
         return self.block(x_BTD, positions, cache, start_pos)

@@ -59,9 +59,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", (angles.sin() * mscale).float(), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, H, dim]; positions: [T] (int). Rotates pairs (2i, 2i+1) in >= fp32, returns x's dtype."""
-        cos = self.cos[positions][None, :, None, :]  # [1, T, 1, dim/2]
-        sin = self.sin[positions][None, :, None, :]
+        """x: [B, T, H, dim]; positions: [T], or [B, T] when rows sit at different positions (batched speculative
+        decoding). Rotates pairs (2i, 2i+1) in >= fp32, returns x's dtype."""
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, dim/2] or [B, T, dim/2]
+        cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if positions.dim() == 1 else (cos[:, :, None], sin[:, :, None])
         xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # fp64 stays fp64
         x0, x1 = xf[..., 0], xf[..., 1]
         out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)

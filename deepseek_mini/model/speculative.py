@@ -13,14 +13,17 @@ One round, with x_0..x_N committed (the main model has cached positions < N; x_N
 
 Rollback is free: every cache is written at `start_pos` and read only up to the current position, so the
 entries of rejected drafts lie beyond the next round's start and are overwritten before anything reads them.
-Each MTP depth keeps its own latent cache and hidden-state buffer with a frontier `valid[k]`: positions below
-it were computed from committed tokens only; a round recomputes depth k from there to N-1 (its last k-1
+Each MTP depth keeps its own latent cache and hidden-state buffer with a frontier `valid[k]` per row: positions
+below it were computed from committed tokens only; a round recomputes depth k from there to N-1 (its last k-1
 positions read drafts, so they are redone next round).
 
-Batch > 1: all rows share one cache position, so a round commits the smallest accepted prefix of the batch
-(plus one token each). Each row's tokens are still exactly its own greedy / sampled continuation (a row that
-accepted further simply takes its accepted draft as its correction token), but the batch advances at the pace
-of its least lucky row. The acceptance statistics are per row and depth, as if each row ran alone.
+Batch > 1: every row advances by its own accepted prefix. Row b has its own N_b (a [B] tensor); the verifying
+forward and the drafter's forwards take per-row start positions, so each row's cache writes, RoPE positions and
+causal mask are its own (attention.py's per-row path; plain decoding keeps the scalar one). A round drafts and
+verifies n = D tokens for every live row (fewer only near max_new_tokens); rows that are done (EOS, or all
+their tokens) stop growing and ride along until the whole batch is done. Prompts may be ragged
+(`prompt_lengths`, right-padded ids): row b then starts at N_b = its own length. The stream still yields one
+[B] token at a time, each step as soon as every row has committed it.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ class SpeculativeStats:
 
     proposed: list[int] = field(default_factory=list)  # per depth
     accepted: list[int] = field(default_factory=list)
-    rounds: int = 0  # verification forwards
-    tokens: int = 0  # tokens committed per row, summed over rounds (prefill's first token excluded)
+    rounds: int = 0  # verification forwards (of the whole batch)
+    row_rounds: list[int] = field(default_factory=list)  # per row: the verifications it took part in (not yet done)
+    row_tokens: list[int] = field(default_factory=list)  # per row: tokens they committed (prefill's excluded)
+    row_accepted: list[int] = field(default_factory=list)  # per row: drafts accepted
 
     def acceptance(self) -> list[float | None]:
         """Accepted / proposed per depth (depth 1 first): the conditional acceptance rate of each draft position
@@ -48,11 +53,16 @@ class SpeculativeStats:
         return [a / p if p else None for a, p in zip(self.accepted, self.proposed)]
 
     def tokens_per_round(self) -> float:
-        return self.tokens / self.rounds if self.rounds else 0.0
+        """Tokens a row commits per verification it takes part in, over all rows."""
+        return sum(self.row_tokens) / sum(self.row_rounds) if sum(self.row_rounds) else 0.0
+
+    def tokens_per_round_per_row(self) -> list[float]:
+        return [t / r if r else 0.0 for t, r in zip(self.row_tokens, self.row_rounds)]
 
     def as_dict(self) -> dict:
         return {"acceptance_per_depth": self.acceptance(), "proposed": list(self.proposed),
-                "accepted": list(self.accepted), "rounds": self.rounds, "tokens_per_round": self.tokens_per_round()}
+                "accepted": list(self.accepted), "rounds": self.rounds, "tokens_per_round": self.tokens_per_round(),
+                "tokens_per_round_per_row": self.tokens_per_round_per_row()}
 
 
 def check_speculative(model, temperature: float) -> None:
@@ -77,30 +87,39 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 class _Drafter:
-    """The MTP modules as a drafter: per depth a latent cache, a hidden-state buffer and a valid frontier."""
+    """The MTP modules as a drafter: per depth a latent cache, a hidden-state buffer and a per-row valid frontier."""
 
     def __init__(self, model, batch: int, max_len: int, device, dtype):
         self.model = model
         self.caches = [m.block.self_attn.new_cache(batch, max_len, device, dtype) for m in model.mtp]
         D, d = len(model.mtp), model.config.hidden_size
         self.hidden = [torch.zeros(batch, max_len, d, device=device, dtype=dtype) for _ in range(D)]  # H_0..H_{D-1}
-        self.valid = [0] * D
+        self.valid = [torch.zeros(batch, dtype=torch.long, device=device) for _ in range(D)]
 
-    def draft(self, tokens: torch.Tensor, N: int, n: int, sampler) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Drafts d_1..d_n [B, n] for x_{N+1}..x_{N+n}, written into tokens[:, N+1:N+n+1], and their
-        distributions q [B, n, V] (None when greedy). hidden[0] must hold the trunk's states below N."""
+    def draft(self, tokens: torch.Tensor, N: torch.Tensor, n: int, sampler,
+              live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts d_1..d_n [B, n] for x_{N_b+1}..x_{N_b+n} of every row b, written into tokens[b, N_b+1:N_b+n+1],
+        and their distributions q [B, n, V] (None when greedy). hidden[0] must hold the trunk's states below N_b.
+
+        Depth k recomputes positions valid_b..N_b-1 of each row as one [B, L] forward at per-row start positions
+        s_b = max(N_b - L, 0), L the longest range a live row needs: the ranges end at N_b - 1 (a row whose N_b
+        is below L runs a few positions past it, on whatever tokens lie there, which causality keeps away from
+        everything before), so each row's draft is read at index N_b - 1 - s_b."""
         model, drafts, qs = self.model, [], []
+        rows = torch.arange(N.shape[0], device=N.device)
         for k in range(1, n + 1):
-            start = self.valid[k - 1]
-            positions = torch.arange(start, N, device=tokens.device)
-            emb = model.model.embed_tokens(tokens[:, start + k:N + k])  # x_{i+k}: drafts at the tail for k >= 2
-            h, _, _ = model.mtp[k - 1](self.hidden[k - 1][:, start:N], emb, positions, self.caches[k - 1], start)
+            L = int(torch.where(live, N - self.valid[k - 1], 1).max())
+            start = (N - L).clamp_min(0)
+            pos = start[:, None] + torch.arange(L, device=N.device)  # [B, L]
+            emb = model.model.embed_tokens(tokens.gather(1, pos + k))  # x_{i+k}: drafts at the tail for k >= 2
+            h, _, _ = model.mtp[k - 1](self.hidden[k - 1][rows[:, None], pos], emb, pos, self.caches[k - 1], start)
             if k < len(self.hidden):
-                self.hidden[k][:, start:N] = h
+                self.hidden[k][rows[:, None], pos] = h
             self.valid[k - 1] = N - k + 1  # positions <= N-k read committed tokens only
-            logits = model.lm_head(model.mtp[k - 1].shared_head.norm(h[:, -1]))
+            last = h[rows, N - 1 - start]
+            logits = model.lm_head(model.mtp[k - 1].shared_head.norm(last))
             token, q = sampler(logits)
-            tokens[:, N + k] = token
+            tokens[rows, N + k] = token
             drafts.append(token)
             qs.append(q)
         return torch.stack(drafts, 1), (torch.stack(qs, 1) if qs[0] is not None else None)
@@ -109,20 +128,26 @@ class _Drafter:
 @torch.no_grad()
 def speculative_stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                       generator: torch.Generator | None = None,
-                       stats: SpeculativeStats | None = None) -> Iterator[torch.Tensor]:
-    """Yields the next token [B] at a time, like DeepSeekV2.generate_stream, drafting with the MTP modules."""
+                       generator: torch.Generator | None = None, stats: SpeculativeStats | None = None,
+                       prompt_lengths: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Yields the next token [B] at a time, like DeepSeekV2.generate_stream, drafting with the MTP modules.
+    `prompt_lengths` [B] (optional): row b's prompt is input_ids[b, :prompt_lengths[b]] (right-padded)."""
     check_speculative(model, temperature)
     D = model.config.num_nextn_predict_layers
     stats = stats if stats is not None else SpeculativeStats()
     stats.proposed = stats.proposed or [0] * D
     stats.accepted = stats.accepted or [0] * D
     B, T = input_ids.shape
-    max_len = T + max_new_tokens  # verification never writes past T + max_new_tokens - 2 (drafts <= tokens left - 1)
-    if max_len > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"max_position_embeddings={model.config.max_position_embeddings}")
     device, dtype = input_ids.device, model.lm_head.weight.dtype
+    # prompt_lengths as generate_stream checked them
+    lengths = torch.full((B,), T, device=device) if prompt_lengths is None else prompt_lengths.to(device).long()
+    for name, v in (("row_rounds", 0), ("row_tokens", 0), ("row_accepted", 0)):
+        setattr(stats, name, getattr(stats, name) or [v] * B)
+    max_pos = model.config.max_position_embeddings
+    if T + max_new_tokens > max_pos:
+        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_position_embeddings={max_pos}")
+    max_len = T + max_new_tokens + D  # a live row writes below N_b + D + 1 <= T + max_new_tokens + D - 1
     greedy = temperature == 0
 
     def draw(logits):  # a token [B] and, when sampling, the distribution it came from [B, V]
@@ -133,33 +158,51 @@ def speculative_stream(model, input_ids: torch.Tensor, max_new_tokens: int, temp
 
     cache = model.new_cache(B, max_len, device=device)
     drafter = _Drafter(model, B, max_len, device, dtype)
-    tokens = torch.zeros(B, max_len + D + 1, dtype=torch.long, device=device)  # committed, then drafts
+    tokens = torch.zeros(B, max_len + 2 * D + 2, dtype=torch.long, device=device)  # committed, then drafts
     tokens[:, :T] = input_ids
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     rows = torch.arange(B, device=device)
 
-    def emit(token):
-        if eos_token_id is not None:
-            token = torch.where(finished, torch.full_like(token, eos_token_id), token)
-            finished.logical_or_(token == eos_token_id)
-        return token
-
-    h, _, _ = model.hidden_states(input_ids, cache, 0)  # prefill
+    h, _, _ = model.hidden_states(input_ids, cache, 0)  # prefill (a padded row's tail is overwritten unread)
     drafter.hidden[0][:, :T] = h
-    token, _ = draw(model.lm_head(h[:, -1]))
-    tokens[:, T] = token
-    yield emit(token)
-    emitted, N = 1, T  # x_N = the last committed token, not yet fed to the main model
-    while emitted < max_new_tokens and not (eos_token_id is not None and bool(finished.all())):
-        n = min(D, max_new_tokens - emitted - 1)  # a round commits at most n + 1 tokens
-        if n == 0:  # one token left: a plain decode step
-            h, _, _ = model.hidden_states(tokens[:, N:N + 1], cache, N)
-            token, _ = draw(model.lm_head(h[:, -1]))
-            yield emit(token)
-            return
-        drafts, q = drafter.draft(tokens, N, n, draw)
-        h, _, _ = model.hidden_states(tokens[:, N:N + n + 1], cache, N)  # verify all n drafts in one forward
-        drafter.hidden[0][:, N:N + n + 1] = h
+    token, _ = draw(model.lm_head(h[rows, lengths - 1]))
+    N = lengths.clone()  # per row: x_{N_b} = the last committed token, not yet fed to the main model
+    tokens[rows, N] = token
+    out = torch.zeros(B, max_new_tokens + D + 1, dtype=torch.long, device=device)  # per row: its new tokens
+    out[:, 0] = token
+    committed = torch.ones(B, dtype=torch.long, device=device)  # new tokens per row, the first included
+    hit_eos = token == eos_token_id if eos_token_id is not None else torch.zeros(B, dtype=torch.bool, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # what the stream has emitted
+    emitted = 0
+
+    def columns():  # the steps every row has committed, emitted as plain generate_stream would
+        nonlocal emitted
+        ready = int(torch.where(hit_eos, max_new_tokens, committed).min())
+        while emitted < ready:
+            token = out[:, emitted].clone()
+            if eos_token_id is not None:
+                token = torch.where(finished | (committed <= emitted), torch.full_like(token, eos_token_id), token)
+                finished.logical_or_(token == eos_token_id)
+            emitted += 1
+            yield token
+            if emitted == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+                return
+
+    yield from columns()
+    while True:
+        live = ~hit_eos & (committed < max_new_tokens)
+        if emitted == max_new_tokens or not bool(live.any()) or (eos_token_id is not None and bool(finished.all())):
+            break
+        left = max_new_tokens - committed  # per row: tokens still to commit
+        n = min(D, int(torch.where(live, left, 1).max()) - 1)  # a round commits at most n + 1 tokens per row
+        start = torch.where(live, N, 0)  # done rows ride along at position 0 (their cache is no longer read)
+        n = min(n, max_pos - 1 - int(start.max()))
+        if n > 0:
+            drafts, q = drafter.draft(tokens, start, n, draw, live)
+        else:
+            drafts, q = tokens.new_zeros(B, 0), None
+        pos = start[:, None] + torch.arange(n + 1, device=device)
+        h, _, _ = model.hidden_states(tokens.gather(1, pos), cache, start)  # verify all n drafts in one forward
+        drafter.hidden[0][rows[:, None], pos] = h
         logits = model.lm_head(h)  # [B, n + 1, V]: p_j predicts x_{N+1+j}
         if greedy:
             target = logits.argmax(-1)
@@ -167,30 +210,43 @@ def speculative_stream(model, input_ids: torch.Tensor, max_new_tokens: int, temp
         else:
             p = sampling_probs(logits, temperature, top_k, top_p)  # [B, n + 1, V]
             p_d = p[:, :n].gather(-1, drafts[..., None])[..., 0]
-            q_d = q.gather(-1, drafts[..., None])[..., 0]
+            q_d = q.gather(-1, drafts[..., None])[..., 0] if n else p_d
             u = torch.rand(B, n, generator=generator, device=device)
             ok = accept(p_d, q_d, u)
         accepted = ok.long().cumprod(1).sum(1)  # per row: the accepted prefix length
-        live = ~finished
-        for j in range(n):
-            stats.proposed[j] += int((live & (accepted >= j)).sum())
-            stats.accepted[j] += int((live & (accepted >= j + 1)).sum())
-        m = int(accepted.min())  # all rows keep d_1..d_m; position m gets each row's own token
+        m = torch.minimum(accepted, left - 1).clamp_min(0)  # what a row keeps: no more drafts than it has room for
         if greedy:
-            last = target[:, m]
-        elif m == n:
-            last = torch.multinomial(p[:, n], 1, generator=generator).squeeze(1)
+            last = target[rows, m]
         else:
-            resampled = torch.multinomial(residual(p[:, m], q[:, m]), 1, generator=generator).squeeze(1)
-            kept = accepted > m  # this row accepted d_{m+1}: that draft is its sample from p
-            last = torch.where(kept, drafts[rows, m], resampled)
-        new = torch.cat([drafts[:, :m], last[:, None]], 1)
-        tokens[:, N + 1:N + m + 2] = new
+            last = torch.multinomial(p[rows, m], 1, generator=generator).squeeze(1)  # m == n: p_{n+1}'s own sample
+            if n:
+                mq = m.clamp_max(n - 1)
+                resampled = torch.multinomial(residual(p[rows, mq], q[rows, mq]), 1, generator=generator).squeeze(1)
+                kept = accepted > m  # d_{m+1} accepted (the row ran out of room): that draft is its sample from p
+                last = torch.where(m == n, last, torch.where(kept, drafts[rows, mq], resampled))
+        # row b commits d_1..d_{m_b} (already in `tokens`) and `last` at N_b + m_b + 1; done rows commit nothing
+        vals = torch.cat([drafts, drafts.new_zeros(B, 1)], 1)
+        vals[rows, m] = last  # [B, n + 1]: the row's new tokens up to index m_b, then stale drafts
+        tokens[rows[live], (N + m + 1)[live]] = last[live]
+        out[rows[live, None], committed[live, None] + torch.arange(n + 1, device=device)] = vals[live]
+        if eos_token_id is not None:
+            new = torch.arange(n + 1, device=device)[None, :] <= m[:, None]
+            hit_eos |= live & ((vals == eos_token_id) & new).any(1)
+        # statistics, in one device-to-host copy: depth j+1 was proposed to a live row that accepted depths
+        # 1..j and had room for it, and accepted if it was too
+        j = torch.arange(n, device=device)[None, :]
+        room = live[:, None] & (j < (left - 1)[:, None])
+        host = torch.cat([(room & (accepted[:, None] >= j)).sum(0), (room & (accepted[:, None] > j)).sum(0),
+                          live.long(), m]).tolist()
         stats.rounds += 1
-        stats.tokens += m + 1
-        for j in range(m + 1):
-            yield emit(new[:, j])
-            emitted += 1
-            if eos_token_id is not None and bool(finished.all()):
-                return
-        N += m + 1
+        for d in range(n):
+            stats.proposed[d] += host[d]
+            stats.accepted[d] += host[n + d]
+        for b in range(B):
+            if host[2 * n + b]:
+                stats.row_rounds[b] += 1
+                stats.row_tokens[b] += host[2 * n + B + b] + 1
+                stats.row_accepted[b] += host[2 * n + B + b]
+        N = torch.where(live, N + m + 1, N)
+        committed = torch.where(live, committed + m + 1, committed)
+        yield from columns()

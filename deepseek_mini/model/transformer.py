@@ -51,7 +51,7 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, positions, cache=None, start_pos: int = 0):
+    def forward(self, x, positions, cache=None, start_pos: int | torch.Tensor = 0):
         x = x + self.self_attn(self.input_layernorm(x), positions, cache, start_pos)
         if self.is_moe:
             h, aux, stats = self.mlp(self.post_attention_layernorm(x))
@@ -108,14 +108,21 @@ class DeepSeekV2(nn.Module):
                 nn.init.ones_(module.weight)
 
     # ------------------------------------------------------------------ forward
-    def hidden_states(self, input_ids: torch.Tensor, cache=None, start_pos: int = 0):
+    def hidden_states(self, input_ids: torch.Tensor, cache=None, start_pos: int | torch.Tensor = 0):
         """The trunk: final hidden states [B, T, D] after the last norm (what the head reads), the summed aux
-        losses and the router statistics (one dict per MoE layer)."""
+        losses and the router statistics (one dict per MoE layer). `start_pos` is where the T tokens go in the
+        cache: one int for the batch, or a [B] tensor when rows sit at different positions (speculative decoding
+        with per-row accepted lengths; the attention then writes, ropes and masks each row at its own place)."""
         B, T = input_ids.shape
-        if start_pos + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings="
+        per_row = isinstance(start_pos, torch.Tensor)
+        end = int(start_pos.max()) + T if per_row else start_pos + T
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {end} tokens exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        if per_row:
+            positions = start_pos[:, None] + torch.arange(T, device=input_ids.device)  # [B, T]
+        else:
+            positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
         aux_losses: dict[str, torch.Tensor] = {}
         router_stats = []
@@ -181,23 +188,32 @@ class DeepSeekV2(nn.Module):
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                         generator: torch.Generator | None = None, speculative: bool = False,
-                        stats: SpeculativeStats | None = None) -> Iterator[torch.Tensor]:
+                        stats: SpeculativeStats | None = None,
+                        prompt_lengths: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Yields the next token [B] at each step: prefill once, then one cached decode step per token.
 
         speculative=True drafts with the MTP modules and verifies the drafts in one forward (speculative.py):
         the same tokens as greedy decoding at temperature 0, the same distribution when sampling; `stats`
-        (a SpeculativeStats) collects the acceptance per depth."""
+        (a SpeculativeStats) collects the acceptance per depth and per row.
+
+        prompt_lengths [B] (optional): ragged prompts, right-padded: row b's prompt is input_ids[b, :length_b]
+        and its continuation starts at position length_b (each row at its own cache position)."""
+        B, T = input_ids.shape
+        lengths = None if prompt_lengths is None else torch.as_tensor(prompt_lengths, device=input_ids.device).long()
+        if lengths is not None and (lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > T):
+            raise ValueError(f"prompt_lengths must hold {B} lengths in 1..{T}, got {prompt_lengths}")
         if speculative:
             yield from speculative_stream(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                          generator, stats)
+                                          generator, stats, lengths)
             return
-        B, T = input_ids.shape
         max_len = T + max_new_tokens
         if max_len > self.config.max_position_embeddings:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embeddings={self.config.max_position_embeddings}")
         cache = self.new_cache(B, max_len, device=input_ids.device)
-        logits = self(input_ids, cache=cache, start_pos=0).logits[:, -1]
+        logits = self(input_ids, cache=cache, start_pos=0).logits
+        # ragged rows: each row's last prompt token, then per-row decode positions (the scalar path otherwise)
+        logits = logits[:, -1] if lengths is None else logits[torch.arange(B, device=logits.device), lengths - 1]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)
@@ -207,19 +223,20 @@ class DeepSeekV2(nn.Module):
             yield token
             if i + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
                 return
-            logits = self(token[:, None], cache=cache, start_pos=T + i).logits[:, -1]
+            logits = self(token[:, None], cache=cache, start_pos=T + i if lengths is None else lengths + i).logits[:, -1]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None, speculative: bool = False,
-                 stats: SpeculativeStats | None = None) -> torch.Tensor:
-        """Returns [B, T + new] token ids. temperature=0 means greedy. speculative: see generate_stream."""
+                 stats: SpeculativeStats | None = None, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns [B, T + new] token ids. temperature=0 means greedy. speculative, prompt_lengths: see
+        generate_stream (with ragged prompts row b's new tokens are out[b, T:], after its padded prompt)."""
         was_training = self.training
         self.eval()
         try:
             new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p,
-                                            eos_token_id, generator, speculative, stats))
+                                            eos_token_id, generator, speculative, stats, prompt_lengths))
         finally:
             self.train(was_training)
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
