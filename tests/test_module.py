@@ -14,7 +14,8 @@ from deepseek_mini.optim.clip import clip_in_fused_step
 from deepseek_mini.optim.policy import param_groups
 from deepseek_mini.optim.precision import bf16_weights_on
 from deepseek_mini.optim.schedule import lr_lambda
-from deepseek_mini.training.module import LitDeepSeek, compile_mode, expert_load_stats
+from deepseek_mini.training.compile import parse_compile
+from deepseek_mini.training.module import LitDeepSeek, expert_load_stats
 from deepseek_mini.training.run import build_loggers
 
 TINY = ModelConfig.preset("tiny", vocab_size=300, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
@@ -64,12 +65,13 @@ def test_compiled_module_keeps_plain_state_dict_names():
                                              ("true", "default"), ("reduce-overhead", "reduce-overhead"),
                                              ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
 def test_compile_mode(value, mode):
-    assert compile_mode(value) == mode
+    spec = parse_compile(value)
+    assert (spec.mode if spec is not None else None) == mode
 
 
 def test_compile_mode_rejects_unknown():
     with pytest.raises(ValueError, match="compile='fast'.*reduce-overhead"):
-        compile_mode("fast")
+        parse_compile("fast")
 
 
 def test_cuda_graph_mode_keeps_logged_values_out_of_graph_buffers():

@@ -44,12 +44,6 @@ def expert_load_stats(tokens_per_expert: torch.Tensor) -> dict[str, torch.Tensor
     return {"max_load": tpe.max() / mean, "min_load": tpe.min() / mean, "entropy": entropy}
 
 
-def compile_mode(value: bool | str | None) -> str | None:
-    """`compile` as the config gives it -> its torch.compile mode name, or None for off (see training/compile.py)."""
-    spec = parse_compile(value)
-    return spec.mode if spec is not None else None
-
-
 def _sharded_grads(trainer) -> bool:
     """True under FSDP with sharding: p.grad is this rank's shard, so norms need a cross-rank sum."""
     from lightning.pytorch.strategies import FSDPStrategy
