@@ -417,9 +417,9 @@ class RunConfig:
         if self.data.seq_len <= self.model.num_nextn_predict_layers:  # MTP depth k needs k + 1 tokens ahead
             raise ConfigError(f"model.num_nextn_predict_layers={self.model.num_nextn_predict_layers}: must be < "
                               f"data.seq_len={self.data.seq_len} (each MTP depth predicts one token further ahead)")
-        strategy = str(self.trainer.extra.get("strategy", ""))
-        shards = self.trainer.devices if "fsdp" in strategy.lower() and isinstance(self.trainer.devices, int) else 1
-        if "expert_parallel" in strategy:  # trainer=ep: checked in training/expert_parallel.py
+        strategy = self.trainer.extra.get("strategy")
+        shards = self.trainer.devices if _is_fsdp(strategy) and isinstance(self.trainer.devices, int) else 1
+        if "expert_parallel" in str(strategy or ""):  # trainer=ep: checked in training/expert_parallel.py
             from deepseek_mini.training.expert_parallel import check_expert_parallel
 
             shards = check_expert_parallel(self.model, self.trainer.extra["strategy"], self.trainer.devices,
