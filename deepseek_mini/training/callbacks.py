@@ -313,8 +313,9 @@ class SampleGenerations(L.Callback):
             return
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)) or hasattr(trainer.strategy,
-                                                                                          "reduce_expert_grads"):
+        from deepseek_mini.training.expert_parallel import is_expert_parallel
+
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)) or is_expert_parallel(trainer.strategy):
             # sharded parameters (FSDP, or experts under trainer=ep): a forward on rank 0 alone would wait forever
             # for the other ranks' shards
             if not getattr(self, "_warned_sharded", False):

@@ -283,4 +283,10 @@ def expert_parallel_strategy(expert_parallel: int = 2, **kwargs: Any) -> ExpertP
     return ExpertParallelStrategy(expert_parallel=expert_parallel, **kwargs)
 
 
-__all__ = ["ExpertParallelStrategy", "check_expert_parallel", "device_load_metrics", "expert_parallel_strategy"]
+def is_expert_parallel(strategy: Any) -> bool:
+    """trainer=ep: experts are sharded over ranks (gradient norm, clipping and sampling need every rank)."""
+    return isinstance(strategy, ExpertParallelStrategy)
+
+
+__all__ = ["ExpertParallelStrategy", "check_expert_parallel", "device_load_metrics", "expert_parallel_strategy",
+           "is_expert_parallel"]

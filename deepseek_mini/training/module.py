@@ -32,6 +32,7 @@ from deepseek_mini.optim.policy import build_adamw, param_groups
 from deepseek_mini.optim.precision import bf16_weight_parameters, bf16_weights_on
 from deepseek_mini.optim.schedule import lr_lambda
 from deepseek_mini.training.compile import compile_model, parse_compile
+from deepseek_mini.training.expert_parallel import is_expert_parallel
 from deepseek_mini.training.val_loss import TokenMeanLoss
 
 
@@ -141,7 +142,7 @@ class LitDeepSeek(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.global_step % self.log_every == 0:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if hasattr(self.trainer.strategy, "reduce_expert_grads"):  # expert parallelism: every rank's experts
+            if is_expert_parallel(self.trainer.strategy):  # expert parallelism: every rank's experts
                 self.log("train/grad_norm", self.trainer.strategy.grad_norm(self))
             elif _sharded_grads(self.trainer):  # FSDP: each rank holds a shard; sum the squares over ranks
                 sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=self.device))
@@ -155,7 +156,7 @@ class LitDeepSeek(L.LightningModule):
         # GradScaler would still have to unscale the gradients. bf16 has no scaler, so the gradients are
         # already true gradients and plain norm clipping is exact; only fp16 goes through Lightning.
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if (gradient_clip_val and hasattr(self.trainer.strategy, "reduce_expert_grads")
+        if (gradient_clip_val and is_expert_parallel(self.trainer.strategy)
                 and gradient_clip_algorithm in (None, "norm")):  # expert parallelism: the norm over all experts
             self.trainer.strategy.clip_grad_norm_(self, optimizer, gradient_clip_val)
         elif gradient_clip_val and _sharded_grads(self.trainer) and gradient_clip_algorithm in (None, "norm"):
