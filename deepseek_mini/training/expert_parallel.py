@@ -185,13 +185,14 @@ class ExpertParallelStrategy(DDPStrategy):
     @torch.no_grad()
     def clip_grad_norm_(self, module, optimizer, max_norm: float) -> torch.Tensor:
         """Norm clipping with the global norm (the same factor on every rank, so replicas stay identical)."""
+        from deepseek_mini.optim.clip import fold_clip_into_step, is_fused
+
         norm = self.grad_norm(module)
         raw = getattr(optimizer, "_optimizer", optimizer)
-        if isinstance(raw, torch.optim.Adam) and raw.defaults.get("fused"):  # fold into the fused step
-            raw.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # as optim.clip.clip_in_fused_step
+        if is_fused(raw):  # folded into the fused step, as optim.clip.clip_in_fused_step does
+            fold_clip_into_step(raw, norm, max_norm)
         else:
-            grads = [p.grad for p in module.parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+            torch.nn.utils.clip_grads_with_norm_(module.parameters(), max_norm, norm, foreach=True)
         return norm
 
     # ------------------------------------------------------------------ checkpoints
