@@ -264,6 +264,35 @@ def test_cuda_graphs_with_gradient_accumulation_is_one_config_error(two_gpus, tm
     assert not (tmp_path / "run").exists()
 
 
+def test_cuda_graphs_only_for_the_whole_model_on_one_gpu(two_gpus, tmp_path, monkeypatch):
+    """DDP with compile=regional:reduce-overhead trained nothing on two H200s (grad norm inf from step 19, loss
+    stuck near 8.4) and finished as "completed"; per-block CUDA graphs and CUDA graphs on several devices are
+    refused in one line before data preparation, naming what to use instead."""
+    from deepseek_mini.config import ConfigError
+    from deepseek_mini.training import run_config as run_config_module
+    from deepseek_mini.training.run_config import RunConfig
+
+    def run_config(*overrides):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, "trainer.accelerator=gpu", *overrides],
+                          return_hydra_config=True)
+        cfg.paths.output_dir = str(tmp_path / "run")
+        return RunConfig.from_cfg(cfg, tmp_path / "run")
+
+    monkeypatch.setattr(run_config_module, "_available_memory", lambda: None)  # no real GPU to ask
+    for mode in ("regional:reduce-overhead", "regional:max-autotune"):
+        with pytest.raises(ConfigError, match=rf"^compile='{mode}': CUDA graphs per block are refused: .* use "
+                                              r"compile=regional, or compile=full:reduce-overhead on one GPU$"):
+            run_config(f"compile={mode}")
+    for devices in ("trainer.devices=2", "trainer.devices=-1", "trainer.devices=[0,1]"):
+        with pytest.raises(ConfigError, match=r"^compile='full:reduce-overhead': CUDA graphs are refused on 2 devices"):
+            run_config("trainer=ddp", devices, "compile=reduce-overhead")
+    assert run_config("trainer=ddp", "trainer.devices=2", "compile=regional").compile == "regional"
+    assert run_config("trainer=ddp", "trainer.devices=2", "compile=full:max-autotune-no-cudagraphs")
+    assert run_config("compile=reduce-overhead").compile == "full:reduce-overhead"  # one GPU: measured right
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_killed_sharded_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     """Lightning writes a sharded checkpoint's shards over the previous ones in place; a save that dies midway
     used to leave neither. AtomicFSDPStrategy writes beside the target and moves the directory in when done.

@@ -102,6 +102,12 @@ def _grads_worker(rank, world, port, out_dir):
         return to_all(x, out_splits, in_splits, group)
 
     expert_parallel._all_to_all = spy
+    autograd_a2a = expert_parallel.all_to_all_single_autograd
+
+    def no_autograd_without_grad(*args):
+        assert torch.is_grad_enabled(), "the autograd all_to_all was called under inference_mode"
+        return autograd_a2a(*args)
+
     for name in EQUIV_CONFIGS:
         model = _model(name)
         cfg = model.config
@@ -122,9 +128,17 @@ def _grads_worker(rank, world, port, out_dir):
             if n not in names:
                 dist.all_reduce(g)
             grads[n] = g / world
+        # inference_mode (validation, generation): the same loss, and no autograd collective, which has no
+        # CUDA kernel to fall back on there (torch 2.11 on GPUs; on CPU it happens to have one): refused here
+        expert_parallel.all_to_all_single_autograd = no_autograd_without_grad
+        sent_train, routed_train = list(sent), list(routed)
+        with torch.inference_mode():
+            loss_inference = model(x[rows], labels=y[rows], return_logits=False).loss.clone()
+        expert_parallel.all_to_all_single_autograd = autograd_a2a
         torch.save({"grads": grads, "names": sorted(names), "loss": out.loss.detach(),
+                    "loss_inference": loss_inference,
                     "aux": {k: v.detach() for k, v in out.aux_losses.items()}, "stats": out.router_stats,
-                    "sent": list(sent), "routed": routed}, Path(out_dir) / f"rank{rank}_{name}.pt")
+                    "sent": sent_train, "routed": routed_train}, Path(out_dir) / f"rank{rank}_{name}.pt")
     dist.destroy_process_group()
 
 
@@ -150,6 +164,7 @@ def test_ep2_forward_backward_equals_one_process(ep_grads):
         # the CE of the global batch is the mean of the ranks'; so are the balance losses, per sequence, and over
         # the batch, where each rank multiplies the EP group's counts f by its own mean scores P
         torch.testing.assert_close((r[0]["loss"] + r[1]["loss"]) / 2, out.loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r[0]["loss_inference"] + r[1]["loss_inference"], r[0]["loss"] + r[1]["loss"])
         for k, v in out.aux_losses.items():
             torch.testing.assert_close((r[0]["aux"][k] + r[1]["aux"][k]) / 2, v.detach(), rtol=1e-5, atol=1e-7)
         E = cfg.n_routed_experts

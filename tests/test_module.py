@@ -245,6 +245,33 @@ def test_trainer_clipping_through_fused_adamw_matches_plain_clipping():
     assert any(not torch.allclose(plain[k], unclipped[k], atol=1e-4) for k in plain), "clipping must be active"
 
 
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_an_inf_gradient_norm_stops_the_run(clip):
+    """DDP with per-block CUDA graphs on two H200s produced an inf gradient norm from step 19 on with finite
+    losses: clipping by it zeroed every update and the run ended "completed" at loss 8.4. The guard now stops
+    at the first check after such a step, with clipping (the norm of every step) and without (logged steps)."""
+    import lightning as L
+
+    from deepseek_mini.training.errors import NonFiniteLossError
+    from deepseek_mini.training.guards import NonFiniteLossGuard
+
+    class InfGradAtStep3(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 2:
+                next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+    torch.manual_seed(0)
+    data = torch.randint(0, 300, (6, 2, 17))
+    loader = torch.utils.data.DataLoader([(b[:, :-1], b[:, 1:]) for b in data], batch_size=None)
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, gradient_clip_val=clip, logger=False, log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[InfGradAtStep3(), NonFiniteLossGuard()])
+    module = LitDeepSeek(TINY, optim={"lr": 1e-2}, max_steps=6, log_every_n_steps=1)
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite gradient norm \(inf\) at step 3; training stopped"):
+        trainer.fit(module, train_dataloaders=loader)
+
+
 def test_progress_bar_shows_the_loss_without_a_per_step_conversion():
     """train/loss is not a prog_bar metric (Lightning would .item() it after every batch, a host sync per
     step on a GPU); callbacks.ProgressBar reads it from callback_metrics every `every_n_steps` instead."""

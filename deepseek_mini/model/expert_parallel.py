@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
 from deepseek_mini.model.moe import MoE, tokens_to_groups
 
@@ -47,7 +47,13 @@ from deepseek_mini.model.moe import MoE, tokens_to_groups
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     # torch's functional collective with an autograd formula (backward: the same exchange, splits swapped).
     # It returns an AsyncCollectiveTensor, waited for by the first op that reads it.
-    return all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
+    # Without autograd (validation and generation run under torch.inference_mode) the plain functional op:
+    # the autograd op has no CUDA kernel of its own, so under inference_mode (which skips the autograd
+    # dispatch keys) torch 2.11 raised "Could not run '_c10d_functional_autograd::all_to_all_single' with
+    # arguments from the 'CUDA' backend" on two H200s.
+    return all_to_all_single(x.contiguous(), out_splits, in_splits, group).wait()
 
 
 def _slots(keys_TX: torch.Tensor, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:

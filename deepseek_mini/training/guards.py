@@ -1,6 +1,6 @@
 """Guards around the training loop: non-finite losses, interrupts, and the fault-injection test hook.
 
-* `NonFiniteLossGuard`: stops on a NaN/Inf loss and refuses to checkpoint the bad state.
+* `NonFiniteLossGuard`: stops on a NaN/Inf loss or gradient norm and refuses to checkpoint the bad state.
 * `InterruptCheckpoint`: Ctrl-C (SIGINT) or SIGTERM stops training at the next step boundary through
   Lightning's own SIGTERM path (`trainer.received_sigterm` -> `SIGTERMException` -> `on_exception`), where
   last.ckpt is saved; train() then writes results.json (`"status": "interrupted"`) and prints the resume
@@ -27,11 +27,15 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossGuard(L.Callback):
-    """Stops training on a NaN/Inf training loss; never lets a checkpoint of the bad state be written.
+    """Stops training on a NaN/Inf training loss or gradient norm; never lets a checkpoint of the bad state be
+    written.
 
     On CPU the loss is checked every step. On a GPU a device-side flag is accumulated every step (no
     host sync) and read every `check_every` steps (default: trainer.log_every_n_steps) and before every
-    checkpoint save, where the weights are checked too.
+    checkpoint save, where the weights are checked too. The gradient norm is the one LitDeepSeek computed
+    for this step (`last_grad_norm`: every step when gradients are clipped, at logging steps otherwise). A
+    non-finite norm with finite losses is the silent case: clipping by it zeroes the update, so the run went on
+    without learning (DDP with per-block CUDA graphs on two H200s: norm inf from step 19, "completed").
     """
 
     def __init__(self, ckpt_dir: str | os.PathLike | None = None, check_every: int | None = None):
@@ -39,6 +43,8 @@ class NonFiniteLossGuard(L.Callback):
         self.check_every = check_every
         self._bad: torch.Tensor | None = None
         self._last_loss: torch.Tensor | None = None
+        self._bad_norm: torch.Tensor | None = None  # device flags, as _bad: no host sync between checks
+        self._nan_norm: torch.Tensor | None = None
 
     def _fail(self, trainer, what: str) -> None:
         last = self.ckpt_dir / "last.ckpt" if self.ckpt_dir else None
@@ -56,6 +62,9 @@ class NonFiniteLossGuard(L.Callback):
     def _check(self, trainer) -> None:
         if self._bad is not None and bool(self._bad):
             self._fail(trainer, f"non-finite loss ({self._kind()})")
+        if self._bad_norm is not None and bool(self._bad_norm):
+            kind = "nan" if self._nan_norm is not None and bool(self._nan_norm) else "inf"
+            self._fail(trainer, f"non-finite gradient norm ({kind})")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -65,6 +74,12 @@ class NonFiniteLossGuard(L.Callback):
         bad = ~torch.isfinite(loss).all()
         self._bad = bad if self._bad is None else self._bad | bad
         self._last_loss = loss
+        norm = getattr(pl_module, "last_grad_norm", None)
+        if isinstance(norm, torch.Tensor):  # this step's norm (the module sets it again when it computes one)
+            pl_module.last_grad_norm = None
+            bad, nan = ~torch.isfinite(norm), torch.isnan(norm)
+            self._bad_norm = bad if self._bad_norm is None else self._bad_norm | bad
+            self._nan_norm = nan if self._nan_norm is None else self._nan_norm | nan
         every = self.check_every or max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
         if loss.device.type == "cpu" or trainer.global_step % every == 0:
             self._check(trainer)

@@ -142,31 +142,43 @@ class LitDeepSeek(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.global_step % self.log_every == 0:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
+            norm = None
             if is_expert_parallel(self.trainer.strategy):  # expert parallelism: every rank's experts
-                self.log("train/grad_norm", self.trainer.strategy.grad_norm(self))
+                norm = self.trainer.strategy.grad_norm(self)
             elif _sharded_grads(self.trainer):  # FSDP: each rank holds a shard; sum the squares over ranks
                 sq = sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=self.device))
                 torch.distributed.all_reduce(sq)
-                self.log("train/grad_norm", sq.sqrt())
+                norm = sq.sqrt()
             elif grads:  # before clipping (Lightning clips after this hook)
-                self.log("train/grad_norm", grad_norm(optimizer, grads))
+                norm = grad_norm(optimizer, grads)
+            if norm is not None:
+                self.log("train/grad_norm", norm)
+                if getattr(self.trainer.precision_plugin, "scaler", None) is None:  # fp16's scaled grads may be inf
+                    self.last_grad_norm = norm.detach()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Lightning refuses to clip for a fused AdamW under any AMP precision, because with fp16 a
         # GradScaler would still have to unscale the gradients. bf16 has no scaler, so the gradients are
         # already true gradients and plain norm clipping is exact; only fp16 goes through Lightning.
+        # The total norm each clipping path computes is kept for NonFiniteLossGuard (training/guards.py), which
+        # stops a run whose gradient norm is inf or NaN: clipping by an inf norm zeroes every update, so such a
+        # run would otherwise go on, learn nothing and end "completed".
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        norm = None
         if (gradient_clip_val and is_expert_parallel(self.trainer.strategy)
                 and gradient_clip_algorithm in (None, "norm")):  # expert parallelism: the norm over all experts
-            self.trainer.strategy.clip_grad_norm_(self, optimizer, gradient_clip_val)
+            norm = self.trainer.strategy.clip_grad_norm_(self, optimizer, gradient_clip_val)
         elif gradient_clip_val and _sharded_grads(self.trainer) and gradient_clip_algorithm in (None, "norm"):
-            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # FSDP root: the norm over all shards
+            norm = self.trainer.model.clip_grad_norm_(gradient_clip_val)  # FSDP root: the norm over all shards
         elif gradient_clip_val and scaler is None and gradient_clip_algorithm in (None, "norm"):
             raw = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
-            if clip_in_fused_step(raw, self.parameters(), gradient_clip_val) is None:
-                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
+            norm = clip_in_fused_step(raw, self.parameters(), gradient_clip_val)
+            if norm is None:
+                norm = torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val, foreach=True)
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if isinstance(norm, torch.Tensor):
+            self.last_grad_norm = norm.detach()
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)

@@ -276,6 +276,19 @@ class TrainerSettings:
         accel = str(self.accelerator).lower()
         return accel in ("gpu", "cuda") or accel == "auto" and _visible_gpus() > 0
 
+    @property
+    def world_size(self) -> int:
+        """Processes the run will have: devices per node (a count, a list, or -1 / auto = every visible GPU or
+        one CPU process) times nodes."""
+        d = self.devices
+        if isinstance(d, (list, tuple)):
+            per_node = len(d)
+        elif d in ("auto", -1, "-1"):
+            per_node = max(_visible_gpus(), 1) if self.on_gpu else 1
+        else:
+            per_node = int(d)
+        return per_node * int(self.num_nodes)
+
 
 @dataclass(frozen=True)
 class DataSettings:
@@ -390,6 +403,28 @@ def check_cuda_graphs_accumulation(compile_spec: str | None, accumulate_grad_bat
               f"compile={spec.scope} (no CUDA graphs), or accumulate_grad_batches=1 with a larger data.batch_size")
 
 
+def check_cuda_graphs_placement(compile_spec: str | None, world_size: int) -> None:
+    """CUDA graphs (compile=...:reduce-overhead / max-autotune) only where a run has shown them right: the whole
+    model on one GPU. On two H200s (torch 2.11, 2026-11-30) DDP with compile=regional:reduce-overhead ran at 1.4x
+    the speed of compile=regional and trained nothing: the gradient norm was inf from step 19 on and the loss
+    stayed near 8.4 (4.7 with compile=regional, same steps), while torch warned that the AccumulateGrad node's
+    stream did not match the stream of the graph that produced the gradient. Per-block graphs have not been
+    shown right on one GPU either, and whole-model graphs under DDP never reached a first step (docs/benchmarks.md)."""
+    from deepseek_mini.training.compile import parse_compile
+
+    spec = parse_compile(compile_spec) if compile_spec else None
+    if spec is None or not spec.cudagraphs:
+        return
+    if spec.scope == "regional":
+        _fail("compile", compile_spec, "CUDA graphs per block are refused: under DDP on two H200s they gave wrong "
+              "gradients (grad norm inf, loss stuck; docs/benchmarks.md) and no run has shown them right on one GPU; "
+              "use compile=regional, or compile=full:reduce-overhead on one GPU")
+    if world_size > 1:
+        _fail("compile", compile_spec, f"CUDA graphs are refused on {world_size} devices (on two H200s under DDP, "
+              "per-block graphs gave wrong gradients and whole-model graphs reached no first step; "
+              "docs/benchmarks.md); use compile=regional, the multi-GPU setting measured")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything train() runs with, checked together."""
@@ -414,6 +449,7 @@ class RunConfig:
                               f"{self.model.max_position_embeddings}: lower data.seq_len or raise the model's")
         if self.trainer.on_gpu:  # CUDA graphs exist only there
             check_cuda_graphs_accumulation(self.compile, self.trainer.accumulate_grad_batches)
+            check_cuda_graphs_placement(self.compile, self.trainer.world_size)
         if self.data.seq_len <= self.model.num_nextn_predict_layers:  # MTP depth k needs k + 1 tokens ahead
             raise ConfigError(f"model.num_nextn_predict_layers={self.model.num_nextn_predict_layers}: must be < "
                               f"data.seq_len={self.data.seq_len} (each MTP depth predicts one token further ahead)")

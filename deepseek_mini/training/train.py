@@ -238,8 +238,8 @@ def finish(run: RunConfig, p: Parts) -> tuple[str | None, str | None]:
         p.ckpt_dir.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(p.ckpt_dir / "last.ckpt")
     best = p.ckpt_cb.best_model_path if p.ckpt_cb is not None and p.ckpt_cb.best_model_path else None
-    if best is not None and (Path(best).resolve().parent != p.ckpt_dir.resolve() or not Path(best).is_file()):
-        best = None  # the restored ModelCheckpoint state may name another run's file
+    if best is not None and (Path(best).resolve().parent != p.ckpt_dir.resolve() or not Path(best).exists()):
+        best = None  # the restored ModelCheckpoint state may name another run's file (FSDP's is a directory)
     return str((p.ckpt_dir / "last.ckpt").resolve()), best
 
 

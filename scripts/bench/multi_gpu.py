@@ -3,6 +3,7 @@
     python scripts/bench/multi_gpu.py prepare <train.py overrides...>   build tokenizer + token caches, one process
     python scripts/bench/multi_gpu.py compare REF_RUN RESUMED_RUN FROM_STEP    train/loss after FROM_STEP, step by step
     python scripts/bench/multi_gpu.py summary OUT                            the table of every run under OUT/runs
+    python scripts/bench/multi_gpu.py device_limit OUT RUN...                 tokens received per device, val loss
 
 `prepare` composes the training config exactly as train.py does (same overrides) and runs the data module's
 prepare_data(), so the multi-process runs that follow find the caches and never build them on several ranks.
@@ -10,7 +11,12 @@ prepare_data(), so the multi-process runs that follow find the caches and never 
 appends the rest) and prints how many logged steps are bit-identical and the largest difference.
 `summary` reads each run's results.json (tokens_per_sec counts all ranks and leaves out the first throughput
 window, which holds compilation), the per-GPU memory peaks nvidia-smi sampled (mem_<run>.csv, when there
-were GPUs) and the comparisons, prints one table and writes OUT/summary.json.
+were GPUs) and the comparisons, prints one table and writes OUT/summary.json. Scaling efficiency is the
+per-GPU rate of ddp / fsdp over gpu1's (same per-device batch, same compile setting for gpu1 and ddp); `ep` is
+set against `ddp_eager` (both compile=false: EP refuses torch.compile).
+`device_limit` reads the EP experiment's runs (metrics_<run>.csv): per MoE layer the max/mean of tokens received
+per device (`device_max_received`) and of rows computed per device (`device_max_load`), averaged over the layers
+and over the logged steps of the run's second half, with each run's val loss; it writes OUT/device_limit.json.
 """
 
 from __future__ import annotations
@@ -100,11 +106,15 @@ def summary(out: Path) -> None:
         if run.name == "gpu1":
             base = row
         rows.append(row)
+    by_name = {r["run"]: r for r in rows}
     for row in rows:  # only the runs with the baseline's per-device batch (the *_ref / *_kill runs halve it)
         if row["run"] in ("gpu1", "ddp", "fsdp") and base and base.get("per_gpu_tokens_per_sec") \
                 and row.get("per_gpu_tokens_per_sec"):
             # scaling efficiency: N-GPU tokens/s / (N x one-GPU tokens/s) = per-GPU rate / one-GPU rate
             row["scaling_efficiency"] = row["per_gpu_tokens_per_sec"] / base["per_gpu_tokens_per_sec"]
+    ep, ref = by_name.get("ep"), by_name.get("ddp_eager")
+    if ep and ref and ep.get("tokens_per_sec") and ref.get("tokens_per_sec"):
+        ep["vs_ddp_eager"] = ep["tokens_per_sec"] / ref["tokens_per_sec"]
     compares = [c for p in sorted(out.glob("compare_*.json")) if (c := _read_json(p))]
     head = f"{'run':<14}{'status':<16}{'ranks':>5}{'steps':>7}{'tok/s/GPU':>12}{'scaling':>9}{'alloc GiB':>11}" \
            f"{'nvsmi GiB':>16}{'val loss':>10}"
@@ -119,11 +129,42 @@ def summary(out: Path) -> None:
               f"{f(r.get('val_loss'), '.4f'):>10}")
         if r.get("error"):
             print(f"    error: {r['error']}")
+    if ep and ep.get("vs_ddp_eager"):
+        print(f"ep tokens/s / ddp_eager tokens/s = {ep['vs_ddp_eager']:.3f} (same GPUs, same global batch, both eager)")
     for c in compares:
-        print(f"resume {Path(c['resumed']).name} vs {Path(c['reference']).name} after step {c['after_step']}: "
+        print(f"{Path(c['resumed']).name} vs {Path(c['reference']).name} after step {c['after_step']}: "
               f"{c['bit_identical']}/{c['steps_compared']} logged train/loss values bit-identical, "
               f"max |diff| {c['max_abs_diff']}")
-    (out / "summary.json").write_text(json.dumps({"runs": rows, "resume_comparisons": compares}, indent=2))
+    (out / "summary.json").write_text(json.dumps({"runs": rows, "comparisons": compares}, indent=2))
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def device_limit(out: Path, runs: list[str]) -> dict:
+    table = {}
+    for name in runs:
+        rows = _csv_rows(out / f"metrics_{name}.csv")
+        steps = sorted({int(float(r["step"])) for r in rows if r.get("step")})
+        half = steps[len(steps) // 2] if steps else 0
+        entry: dict = {"val_loss": (_read_json(out / f"results_{name}.json") or {}).get("val_loss")}
+        for key in ("device_max_received", "device_max_load"):
+            vals = [float(v) for r in rows if r.get("step") and int(float(r["step"])) >= half
+                    for k, v in r.items() if k.startswith("train/moe/layer") and k.endswith("/" + key) and v]
+            entry[key] = sum(vals) / len(vals) if vals else None
+        table[name] = entry
+    print(f"{'run':<20}{'received max/mean':>19}{'rows max/mean':>15}{'val loss':>10}")
+    for name, e in table.items():
+        def f(v, fmt):
+            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+        print(f"{name:<20}{f(e['device_max_received'], '.3f'):>19}{f(e['device_max_load'], '.3f'):>15}"
+              f"{f(e['val_loss'], '.4f'):>10}")
+    (out / "device_limit.json").write_text(json.dumps(table, indent=2))
+    return table
 
 
 if __name__ == "__main__":
@@ -135,5 +176,7 @@ if __name__ == "__main__":
         sys.exit(0 if result["steps_compared"] else 1)
     elif cmd == "summary" and len(args) == 1:
         summary(Path(args[0]))
+    elif cmd == "device_limit" and len(args) >= 2:
+        device_limit(Path(args[0]), args[1:])
     else:
         sys.exit(__doc__)
