@@ -56,6 +56,23 @@ def run_cli(script: str, *args: str, cwd: Path = ROOT, check: bool = True, timeo
     return proc
 
 
+def run_script_inprocess(script: str, args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """`python <script> <args>` (a path from the repo root) run in this process: its __main__ block, Hydra and
+    the one-line error handling included, without a fresh interpreter's imports. For command lines that end
+    before any model work (argument errors). Returns (exit code, stdout, stderr)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    code = 0
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One tokenizer / token cache shared by the CLI tests of a session (they reuse it, as users do)."""

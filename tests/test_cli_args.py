@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_script_inprocess
 from omegaconf import OmegaConf
 
 from deepseek_mini.config import ConfigError
@@ -71,13 +71,12 @@ def test_export_hf_files_share_one_mode(tmp_path):
     assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script", ["eval.py", "scripts/generate.py"])
-def test_cli_sampling_errors_before_loading(script, tmp_path):
+def test_cli_sampling_errors_before_loading(script, tmp_path, capsys, monkeypatch):
     """One rule for both entry points: top_p=1.5 is refused in one line, rc 2, before the checkpoint is read."""
-    proc = run_cli(script, f"ckpt_path={tmp_path / 'missing.ckpt'}", "top_p=1.5", f"hydra.run.dir={tmp_path}",
-                   check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: top_p=1.5: must be in (0, 1] (null = off)"]
+    code, _, err = run_script_inprocess(script, [f"ckpt_path={tmp_path / 'missing.ckpt'}", "top_p=1.5",
+                                                 f"hydra.run.dir={tmp_path}"], capsys, monkeypatch)
+    assert code == 2 and err.strip().splitlines() == ["error: top_p=1.5: must be in (0, 1] (null = off)"]
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_script_inprocess
 
 from deepseek_mini.analysis.kv_cache import (
     equivalent_gqa_groups,
@@ -73,13 +74,14 @@ def test_generate_cli_streams_sampled_text(tiny_ckpt, tmp_path):
     ([], "ckpt_path is required"),
     (["prompt=x", "max_new_tokens=100"], "exceeds the model's max_position_embeddings=64"),
 ])
-def test_generate_cli_errors(tiny_ckpt, tmp_path, args, message):
+def test_generate_cli_errors(tiny_ckpt, tmp_path, args, message, capsys, monkeypatch):
     if args and args[0] == "prompt=x":
         args = [f"ckpt_path={tiny_ckpt[0]}", *args]
-    proc = _run("generate.py", *args, cwd=tmp_path)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = proc.stderr.strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_script_inprocess("scripts/generate.py", args, capsys, monkeypatch)
+    assert code != 0
+    assert "Traceback" not in err + out
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
 
 

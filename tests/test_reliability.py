@@ -245,10 +245,11 @@ def test_bad_config_is_one_line_error_before_data_prep(overrides, names, tmp_pat
 
 
 @pytest.mark.slow
-def test_unknown_key_from_the_command_line(tmp_path):
-    proc = cli("train.py", "model.foo=1", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'r'}")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip().splitlines() == [
+def test_unknown_key_from_the_command_line(tmp_path, capsys, monkeypatch):
+    code, out = run_inprocess("train.py", ["model.foo=1", f"paths.cache_dir={tmp_path / 'cache'}",
+                                           f"hydra.run.dir={tmp_path / 'r'}"], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in out
+    assert out.strip().splitlines() == [
         "error: unknown config key 'model.foo' (check the spelling; to add a new key use +model.foo=...)"]
     full = cli("train.py", "model.foo=1", f"hydra.run.dir={tmp_path / 'r'}", env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode != 0 and "Traceback" in full.stderr  # the full error stays available

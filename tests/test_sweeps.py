@@ -188,11 +188,12 @@ SMOKE_MODEL = ["model.vocab_size=512", "model.max_position_embeddings=64", "mode
 @pytest.mark.slow
 def test_cpu_multirun_2x2_then_report(tmp_path, cache_dir):
     """experiment=rank_x_experts shrunk to a 2x2 grid of n_routed_experts x num_experts_per_tok with the iso-FLOP
-    rule at fixed top-k; (1 expert, top-2) is invalid, so that job fails and the other three finish."""
+    rule at fixed top-k; (1 expert, top-2) is invalid, so that job fails and the other three finish, each with
+    its own offline wandb run (the preset's csv + wandb loggers)."""
     sweep = tmp_path / "sweep"
     tiny = [o for o in TINY_OVERRIDES if not o.startswith(("callbacks.samples", "callbacks.progress_bar",
                                                            "model."))]
-    run_cli("train.py", "experiment=rank_x_experts", "data=stdlib", "logger=csv", *SMOKE_MODEL, *tiny,
+    run_cli("train.py", "experiment=rank_x_experts", "data=stdlib", *SMOKE_MODEL, *tiny,
             "model.kv_lora_rank=16", "model.n_routed_experts=4,1", "model.num_experts_per_tok=1,2",
             "sizing.scale_topk=false", "sizing.reference.moe_intermediate_size=64", "data.num_workers=0",
             "data.num_proc=1", f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}", check=False, timeout=300)
@@ -206,6 +207,12 @@ def test_cpu_multirun_2x2_then_report(tmp_path, cache_dir):
         assert math.isfinite(res["val_loss"])
     # iso-FLOP at fixed top-k: width = 64 * 1 / top-k, shared count keeps the shared width at 64
     assert ok == {"0": (4, 1, 64, 1), "1": (4, 2, 32, 2), "2": (1, 1, 64, 1)}
+    run_ids = set()
+    for j in ("0", "1", "2"):
+        runs = list((sweep / j / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, f"job {j}: one wandb run per job, got {runs}"
+        run_ids.add(runs[0].name.rsplit("-", 1)[-1])
+    assert len(run_ids) == 3, "each job its own wandb run"
 
     proc = run_cli("scripts/sweep_report.py", str(sweep), timeout=120)
     assert "4 jobs (3 ok, 1 failed)" in proc.stdout
