@@ -8,8 +8,9 @@
 # Stages (MG_STAGES, comma-separated; default all but the EP experiments, in this order):
 #   prep    tokenizer + token caches, one process, into $CACHE (so no rank builds them)
 #   gpu1    one-GPU baseline (trainer=gpu), the experiment's per-device batch, compile=$DDP_COMPILE -> runs/gpu1
-#   gpu1_fast  one GPU with the experiment's own compile setting (small_gpu: whole model + CUDA graphs); with
-#           gpu1 and NGPU >= 2 both run at once, gpu1 on GPU 0 and gpu1_fast on GPU 1
+#   gpu1_fast  one GPU with the experiment's own compile setting (small_gpu: whole model + CUDA graphs);
+#           MG_GPU1_PAIR=1 runs gpu1 and gpu1_fast at once (GPU 0 and GPU 1) to save time, at the price of a shared
+#           host: on 2026-11-30 that may have understated gpu1's launch-bound rate (docs/benchmarks.md)
 #   ddp     DDP on $NGPU GPUs, same per-device batch (weak scaling), compile=$DDP_COMPILE   -> runs/ddp
 #   fsdp    FSDP on $NGPU GPUs, same per-device batch, compile off                        -> runs/fsdp
 #   ddp_eager  DDP with compile=false: the reference of the EP run (EP refuses torch.compile)
@@ -145,10 +146,10 @@ if has ep_limit; then  # the device-limit experiment's own tokenizer and caches,
   PREP_EP=$!
 fi
 
-# ---------------------------------------------------------------- throughput runs (one at a time, except gpu1 pair)
+# ---------------------------------------------------------------- throughput runs (one at a time)
 FAST=("${COMMON[@]}" "${ONE[@]}" "data.batch_size=$BATCH")
 [ -n "$FAST_COMPILE" ] && FAST+=("compile=$FAST_COMPILE")
-if has gpu1 && has gpu1_fast && [ "$NGPU" -ge 2 ] && [ "${MG_CPU:-0}" != 1 ]; then
+if has gpu1 && has gpu1_fast && [ "${MG_GPU1_PAIR:-0}" = 1 ] && [ "$NGPU" -ge 2 ] && [ "${MG_CPU:-0}" != 1 ]; then
   log "gpu1 on GPU 0 and gpu1_fast on GPU 1, at once"
   train gpu1 CUDA_VISIBLE_DEVICES=0 -- "${COMMON[@]}" "${ONE[@]}" "data.batch_size=$BATCH" "compile=$DDP_COMPILE" &
   p1=$!
