@@ -197,6 +197,26 @@ def two_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
 
 
+def _run_config(tmp_path, *overrides):
+    """RunConfig.from_cfg of `train.py <TINY_OVERRIDES> <overrides>`, as cli_entry checks a command before Hydra
+    runs (the run dir is tmp_path/run, which a refused command must leave uncreated)."""
+    from deepseek_mini.training.run_config import RunConfig
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, *overrides], return_hydra_config=True)
+    cfg.paths.output_dir = str(tmp_path / "run")
+    return RunConfig.from_cfg(cfg, tmp_path / "run")
+
+
+@pytest.fixture
+def gpu_run_config(two_gpus, tmp_path, monkeypatch):
+    """_run_config with trainer.accelerator=gpu on a faked two-GPU machine (no real GPU to ask for memory)."""
+    from deepseek_mini.training import run_config as run_config_module
+
+    monkeypatch.setattr(run_config_module, "_available_memory", lambda: None)
+    return lambda *overrides: _run_config(tmp_path, "trainer.accelerator=gpu", *overrides)
+
+
 @pytest.mark.parametrize("accelerator", ["gpu", "cuda", "auto"])
 def test_more_devices_than_visible_gpus_is_refused(two_gpus, accelerator):
     from deepseek_mini.config import ConfigError
@@ -222,13 +242,9 @@ def test_fsdp_without_gpus_is_one_config_error(monkeypatch, tmp_path):
     """trainer=fsdp with accelerator=cpu used to pass the checks and fail inside Lightning's setup, after data
     preparation; now it is refused with one line that points at trainer=ddp for a CPU check."""
     from deepseek_mini.config import ConfigError
-    from deepseek_mini.training.run_config import RunConfig
 
-    def run_config(*overrides):  # as cli_entry checks a command before Hydra runs
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, *overrides], return_hydra_config=True)
-        cfg.paths.output_dir = str(tmp_path / "run")
-        return RunConfig.from_cfg(cfg, tmp_path / "run")
+    def run_config(*overrides):
+        return _run_config(tmp_path, *overrides)
 
     with pytest.raises(ConfigError, match=r"^trainer=fsdp: FSDP needs CUDA GPUs.*trainer=ddp trainer.accelerator=cpu"):
         run_config("trainer=fsdp", "trainer.accelerator=cpu")
@@ -239,21 +255,12 @@ def test_fsdp_without_gpus_is_one_config_error(monkeypatch, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_cuda_graphs_with_gradient_accumulation_is_one_config_error(two_gpus, tmp_path, monkeypatch):
+def test_cuda_graphs_with_gradient_accumulation_is_one_config_error(gpu_run_config, tmp_path):
     """compile=reduce-overhead with accumulate_grad_batches=2 failed on an H200 at the first step (the second
     micro-batch's CUDA-graph replay overwrote the first one's gradients); it is refused before data preparation."""
     from deepseek_mini.config import ConfigError
-    from deepseek_mini.training import run_config as run_config_module
-    from deepseek_mini.training.run_config import RunConfig
 
-    def run_config(*overrides):
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, "trainer.accelerator=gpu", *overrides],
-                          return_hydra_config=True)
-        cfg.paths.output_dir = str(tmp_path / "run")
-        return RunConfig.from_cfg(cfg, tmp_path / "run")
-
-    monkeypatch.setattr(run_config_module, "_available_memory", lambda: None)  # no real GPU to ask
+    run_config = gpu_run_config
     for mode in ("reduce-overhead", "regional:reduce-overhead", "full:max-autotune"):
         with pytest.raises(ConfigError, match=r"^trainer.accumulate_grad_batches=2: gradient accumulation cannot run "
                                               r"with CUDA graphs"):
@@ -264,22 +271,13 @@ def test_cuda_graphs_with_gradient_accumulation_is_one_config_error(two_gpus, tm
     assert not (tmp_path / "run").exists()
 
 
-def test_cuda_graphs_only_for_the_whole_model_on_one_gpu(two_gpus, tmp_path, monkeypatch):
+def test_cuda_graphs_only_for_the_whole_model_on_one_gpu(gpu_run_config, tmp_path):
     """DDP with compile=regional:reduce-overhead trained nothing on two H200s (grad norm inf from step 19, loss
     stuck near 8.4) and finished as "completed"; per-block CUDA graphs and CUDA graphs on several devices are
     refused in one line before data preparation, naming what to use instead."""
     from deepseek_mini.config import ConfigError
-    from deepseek_mini.training import run_config as run_config_module
-    from deepseek_mini.training.run_config import RunConfig
 
-    def run_config(*overrides):
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, "trainer.accelerator=gpu", *overrides],
-                          return_hydra_config=True)
-        cfg.paths.output_dir = str(tmp_path / "run")
-        return RunConfig.from_cfg(cfg, tmp_path / "run")
-
-    monkeypatch.setattr(run_config_module, "_available_memory", lambda: None)  # no real GPU to ask
+    run_config = gpu_run_config
     for mode in ("regional:reduce-overhead", "regional:max-autotune"):
         with pytest.raises(ConfigError, match=rf"^compile='{mode}': CUDA graphs per block are refused: .* use "
                                               r"compile=regional, or compile=full:reduce-overhead on one GPU$"):

@@ -278,16 +278,12 @@ class TrainerSettings:
 
     @property
     def world_size(self) -> int:
-        """Processes the run will have: devices per node (a count, a list, or -1 / auto = every visible GPU or
-        one CPU process) times nodes."""
-        d = self.devices
-        if isinstance(d, (list, tuple)):
-            per_node = len(d)
-        elif d in ("auto", -1, "-1"):
-            per_node = max(_visible_gpus(), 1) if self.on_gpu else 1
-        else:
-            per_node = int(d)
-        return per_node * int(self.num_nodes)
+        """Processes the run will have: devices x num_nodes, as resume's world-size check counts them (1 where
+        Lightning decides at start-up: devices=auto / -1 on a CPU)."""
+        from deepseek_mini.training.resume import requested_world_size
+
+        return requested_world_size({"devices": self.devices, "num_nodes": self.num_nodes,
+                                     "accelerator": self.accelerator}) or 1
 
 
 @dataclass(frozen=True)

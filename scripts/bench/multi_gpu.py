@@ -43,16 +43,19 @@ def prepare(overrides: list[str]) -> None:
     print(f"token caches ready: vocab {dm.vocab_size}, seq_len {dm.seq_len}")
 
 
+def _csv_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> train/loss from csv/metrics.csv (the last row of a step wins: a resumed run re-logs it)."""
-    path = run_dir / "csv" / "metrics.csv"
     out: dict[int, float] = {}
-    if not path.is_file():
-        return out
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            if row.get("train/loss") not in (None, "") and row.get("step") not in (None, ""):
-                out[int(float(row["step"]))] = float(row["train/loss"])
+    for row in _csv_rows(run_dir / "csv" / "metrics.csv"):
+        if row.get("train/loss") not in (None, "") and row.get("step") not in (None, ""):
+            out[int(float(row["step"]))] = float(row["train/loss"])
     return out
 
 
@@ -136,13 +139,6 @@ def summary(out: Path) -> None:
               f"{c['bit_identical']}/{c['steps_compared']} logged train/loss values bit-identical, "
               f"max |diff| {c['max_abs_diff']}")
     (out / "summary.json").write_text(json.dumps({"runs": rows, "comparisons": compares}, indent=2))
-
-
-def _csv_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
 
 
 def device_limit(out: Path, runs: list[str]) -> dict:
