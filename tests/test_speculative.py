@@ -395,3 +395,29 @@ def test_bench_decode_speculative_on_a_checkpoint_cpu(mtp_ckpt, tmp_path, monkey
     assert [(r["batch"], r["mode"], r["status"]) for r in data["rows"]] == [(2, "plain", "ok"), (2, "speculative", "ok")]
     r = data["rows"][1]
     assert r["same_tokens_as_plain"] == 1.0 and len(r["acceptance_per_depth"]) == 2 and r["tokens_per_s"] > 0
+
+
+def test_mtp_experiment_pairs_each_seed_with_its_own_baseline(tmp_path, monkeypatch):
+    """scripts/bench/mtp_experiment.py's table: val loss MTP - baseline per seed at the validation steps both
+    logged (a run stopped early contributes only its own steps), and the mean over seeds."""
+    import importlib.util
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "bench"))
+    spec_ = importlib.util.spec_from_file_location("mtp_experiment", ROOT / "scripts" / "bench" / "mtp_experiment.py")
+    exp = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(exp)
+    curves = {"mtp_s1": {0: 9.0, 10: 5.0, 20: 4.0}, "base_s1": {0: 9.0, 10: 5.1, 20: 4.3},
+              "mtp_s2": {0: 8.0, 10: 6.0}, "base_s2": {0: 8.0, 10: 5.8, 20: 4.0}}  # mtp_s2 stopped early
+    for name, curve in curves.items():
+        rows = ["step,train/loss,val/loss" + (",train/mtp_loss_1" if name.startswith("mtp") else "")]
+        for step, v in curve.items():
+            rows.append(f"{step},7.0,{v}" + (",7.5" if name.startswith("mtp") else ""))
+        (tmp_path / f"metrics_{name}.csv").write_text("\n".join(rows) + "\n")
+        (tmp_path / f"results_{name}.json").write_text(json.dumps({"status": "completed", "global_step": 20}))
+    result = exp.summarize(tmp_path, [1, 2])
+    assert result["mtp_minus_base"][1] == pytest.approx({0: 0.0, 10: -0.1, 20: -0.3})
+    assert result["mtp_minus_base"][2] == pytest.approx({0: 0.0, 10: 0.2})
+    assert result["mean_mtp_minus_base"] == pytest.approx({0: 0.0, 10: 0.05})  # only steps every seed has
+    assert result["runs"]["mtp_s1"]["mtp_loss_1_last"] == 7.5 and result["runs"]["base_s1"]["mtp_loss_1_last"] is None
+    assert "| MTP - base, mean | | | | +0.0000 | +0.0500 |" in (tmp_path / "mtp_experiment.md").read_text()

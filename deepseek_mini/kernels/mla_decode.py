@@ -8,13 +8,16 @@ writes and re-reads an fp32 score matrix; this kernel streams the cache once, fl
   all heads (heads share the key, so one tile of cache serves every head);
 * scores for a block of positions = q_lat . c^T + q_pe . k_R^T, online softmax in fp32 registers,
   acc += p . c;
-* the per-split partial results (acc, running max, running sum) are merged afterwards in PyTorch.
+* the per-split partial results (acc, running max, running sum) are merged by a second, small kernel
+  (one program per sequence and head).
 
 The valid length is read from a device tensor, so the call has static shapes and can be captured in a
 CUDA graph. Used by MLA._absorbed for single-token decode on CUDA; everything else takes the PyTorch path.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -24,10 +27,10 @@ if triton is not None:
 
     @triton.jit
     def _mla_decode_split(q_lat, q_pe, kv, kv_len, acc_out, m_out, l_out, scale,
-                          stride_qb, stride_qh, stride_pb, stride_ph, stride_kb, stride_kn,
+                          stride_qb, stride_qh, stride_pb, stride_ph, stride_kb, stride_kn, SPLIT_LEN, SPLITS,
                           H: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SPLIT_LEN: tl.constexpr, SPLITS: tl.constexpr):
+                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        # SPLIT_LEN / SPLITS are runtime values (one compiled kernel for every batch size and cache length)
         b = tl.program_id(0).to(tl.int64)  # b * stride_kb overflows int32 for long caches
         split = tl.program_id(1)
         n_valid = tl.load(kv_len + b)
@@ -63,9 +66,64 @@ if triton is not None:
         tl.store(m_out + base + offs_h, m_i)
         tl.store(l_out + base + offs_h, l_i)
 
+    @triton.jit
+    def _mla_decode_merge(acc, m, lsum, out, SPLITS, stride_ob, stride_oh, C: tl.constexpr, BLOCK_H: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        # one program per (sequence, head), BLOCK_S splits at a time (batch 1 has ~130 splits: one program per
+        # sequence walked them one by one and took twice as long as the PyTorch merge it replaced)
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_c = tl.arange(0, BLOCK_C)
+        m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            rows = (b * SPLITS + s0 + offs_s) * BLOCK_H + h
+            m_max = tl.maximum(m_max, tl.load(m + rows, mask=s0 + offs_s < SPLITS, other=float("-inf")))
+        m_all = tl.max(m_max, axis=0)
+        num = tl.zeros([BLOCK_C], tl.float32)
+        den = tl.zeros([BLOCK_S], tl.float32)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            valid = s0 + offs_s < SPLITS
+            rows = (b * SPLITS + s0 + offs_s) * BLOCK_H + h
+            w = tl.exp(tl.load(m + rows, mask=valid, other=float("-inf")) - m_all)  # empty split (m = -inf): 0
+            den += w * tl.load(lsum + rows, mask=valid, other=0.0)
+            part = tl.load(acc + rows[:, None] * BLOCK_C + offs_c[None, :], mask=valid[:, None], other=0.0)
+            num += tl.sum(w[:, None] * part, axis=0)
+        o = num / tl.sum(den, axis=0)
+        tl.store(out + b * stride_ob + h * stride_oh + offs_c, o.to(out.dtype.element_ty), mask=offs_c < C)
+
 
 def available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How one call is cut up: `splits` programs per sequence, each streaming `block_n` positions at a time."""
+
+    splits: int
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_config(B: int, L: int, C: int, n_sm: int, smem_per_sm: int = 0) -> LaunchConfig:
+    """Streaming the cache is the whole cost, so the programs should cover the SMs evenly and keep enough loads in
+    flight. Measured on an H200 (2026-11-30, batch 32 x 32K, scripts/bench/mla_decode_tune.py): one program per SM
+    with 128-position blocks in a 3-stage pipeline read 4.08 TB/s; 288 programs of 64-position blocks in 2 stages
+    (~2.2 per SM, the rule before) 3.23 TB/s. That pipeline needs ~200 KB of shared memory per program (Hopper);
+    GPUs with less keep ~2 programs per SM with the smaller blocks. Every program streams >= 256 positions."""
+    if C <= 256 and smem_per_sm >= 200 * 1024:
+        return LaunchConfig(splits=max(1, min(triton.cdiv(L, 256), n_sm // B)), block_n=128, num_warps=4,
+                            num_stages=3)
+    splits = max(1, min(triton.cdiv(L, 256), triton.cdiv(2 * n_sm, B)))
+    return LaunchConfig(splits=splits, block_n=64 if C <= 256 else 32)
+
+
+def _device_shape(device: torch.device) -> tuple[int, int]:
+    """(SM count, shared memory per SM) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_multiprocessor", 0)
 
 
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv_len: torch.Tensor,
@@ -78,16 +136,37 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tens
 def _mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv_len: torch.Tensor,
                 scale: float) -> torch.Tensor:
     B, H, C = q_lat.shape
+    return launch(q_lat, q_pe, kv, kv_len, scale, choose_config(B, kv.shape[1], C, *_device_shape(kv.device)))
+
+
+choose_config = default_config  # the rule the op uses; scripts/bench/mla_decode_tune.py compares others
+
+
+def launch(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv_len: torch.Tensor, scale: float,
+           config: LaunchConfig) -> torch.Tensor:
+    """The kernel and the merge of its splits with an explicit launch configuration."""
+    B, H, C = q_lat.shape
+    acc, m, lsum = split_partials(q_lat, q_pe, kv, kv_len, scale, config)
+    # the merge is one more launch (in PyTorch it was ~10 small kernels per layer, which torch.compile cannot
+    # fuse inside this opaque op)
+    out = torch.empty(B, H, C, device=kv.device, dtype=q_lat.dtype)
+    _mla_decode_merge[(B, H)](acc, m, lsum, out, acc.shape[1], out.stride(0), out.stride(1), C=C,
+                              BLOCK_H=acc.shape[2], BLOCK_C=acc.shape[3], BLOCK_S=16, num_warps=4)
+    return out
+
+
+def split_partials(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv_len: torch.Tensor, scale: float,
+                   config: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each split's unnormalised output acc [B, splits, BLOCK_H, BLOCK_C], running max m and sum l
+    [B, splits, BLOCK_H] (fp32; heads and channels padded to the blocks; an empty split has m = -inf)."""
+    B, H, C = q_lat.shape
     R = q_pe.shape[-1]
     L = kv.shape[1]
-    out_dtype = q_lat.dtype
     q_lat, q_pe = q_lat.to(kv.dtype).contiguous(), q_pe.to(kv.dtype).contiguous()
     BLOCK_H = max(16, triton.next_power_of_2(H))
     BLOCK_C, BLOCK_R = triton.next_power_of_2(C), max(16, triton.next_power_of_2(R))
-    BLOCK_N = 64 if BLOCK_C <= 256 else 32
-    # enough programs to fill the GPU (~2 waves of 132 SMs), each streaming >= 256 positions
-    splits = max(1, min(triton.cdiv(L, 256), triton.cdiv(264, B)))
-    split_len = triton.cdiv(triton.cdiv(L, splits), BLOCK_N) * BLOCK_N
+    BLOCK_N = config.block_n
+    split_len = triton.cdiv(triton.cdiv(L, max(1, config.splits)), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(L, split_len)
     acc = torch.empty(B, splits, BLOCK_H, BLOCK_C, device=kv.device, dtype=torch.float32)
     m = torch.empty(B, splits, BLOCK_H, device=kv.device, dtype=torch.float32)
@@ -95,13 +174,9 @@ def _mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv_le
     _mla_decode_split[(B, splits)](
         q_lat, q_pe, kv, kv_len, acc, m, lsum, scale,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), kv.stride(1),
-        H=H, C=C, R=R, BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-        SPLIT_LEN=split_len, SPLITS=splits, num_warps=4, num_stages=2)
-    # merge the splits: softmax over per-split maxima (empty splits have m = -inf and weigh 0)
-    m_all = m.amax(dim=1, keepdim=True)
-    w = torch.exp(m - m_all).nan_to_num(0.0)  # [B, splits, BLOCK_H]
-    out = (acc * w[..., None]).sum(1) / (lsum * w).sum(1)[..., None]
-    return out[:, :H, :C].to(out_dtype).contiguous()
+        split_len, splits, H=H, C=C, R=R, BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return acc, m, lsum
 
 
 if triton is not None:
