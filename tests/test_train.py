@@ -120,3 +120,39 @@ def test_resume_from_checkpoint(trained, cache_dir, tmp_path):
     # step 7 is no validation step (every 2): the final validate() must not wipe the training loss from the results
     assert res["val_history"][-1][0] == 7 and math.isfinite(res["train_loss"])
 
+
+
+def test_the_model_is_built_on_the_strategys_device(tmp_path, cache_dir, capsys, monkeypatch):
+    """The model LitDeepSeek trains (and with it every weight's initialisation) is created inside the Trainer strategy's tensor-init
+    context, so a GPU run draws its weights on its GPU instead of the host (seconds at `small`, minutes for the
+    10B of experiment=ep_big_gpu). On CPU the context is the CPU: the same weights as before."""
+    from contextlib import contextmanager
+
+    from conftest import run_script_inprocess
+    from lightning.pytorch.strategies.strategy import Strategy
+
+    from deepseek_mini.model import DeepSeekV2
+
+    inside, seen = [False], []
+    original_ctx, original_init = Strategy.tensor_init_context, DeepSeekV2.__init__
+
+    @contextmanager
+    def tensor_init_context(self, empty_init=None):
+        with original_ctx(self, empty_init=empty_init):
+            inside[0] = True
+            try:
+                yield
+            finally:
+                inside[0] = False
+
+    def init(self, cfg):
+        seen.append((inside[0], torch.get_default_device().type))
+        original_init(self, cfg)
+
+    monkeypatch.setattr(Strategy, "tensor_init_context", tensor_init_context)
+    monkeypatch.setattr(DeepSeekV2, "__init__", init)
+    code, out, err = run_script_inprocess("train.py", [*TINY_OVERRIDES, "trainer.max_steps=1", "callbacks.model_checkpoint=null",
+                                                       f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}"],
+                                          capsys, monkeypatch)
+    assert code == 0, err[-2000:]
+    assert seen[0] == (True, "cpu")  # the training model (the first one built)

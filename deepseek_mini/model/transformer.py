@@ -79,8 +79,10 @@ class DeepSeekV2(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         if cfg.num_nextn_predict_layers:
             # built without drawing from the global RNG (reset_parameters draws every weight, the trunk's
-            # first), so a seed gives the main model the same initial weights with and without MTP
-            with torch.random.fork_rng(devices=[]):
+            # first), so a seed gives the main model the same initial weights with and without MTP; built on a
+            # GPU (torch.device context), that GPU's generator is the one drawn from
+            device = torch.get_default_device()
+            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
                 self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.num_hidden_layers + k))
                                          for k in range(cfg.num_nextn_predict_layers))
         else:

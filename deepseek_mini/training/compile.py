@@ -23,6 +23,12 @@ eager, as it does next to a fully compiled forward. Compiling `forward` itself r
 each region kind's cache entries on its own code object (Block.forward, RMSNorm.forward), so training, eval
 mode and a short last validation batch stay within dynamo's recompile limit per code object.
 
+Not used: torch.compiler.nested_compile_region on Block.forward (a whole-model graph that compiles the repeated
+block once, keeping whole-model CUDA graphs). On torch 2.13 (CPU, 2026-11-30) it halved a cold full compile of a
+12-layer `small`-structured model (194 -> 92 s) with the same loss, but the parameter gradients were wrong
+(relative error ~1, also with dense blocks and MHA), while a stack of our RMSNorm / SwiGLU / RoPE / SDPA pieces
+alone was right: unexplained, so the scopes above stay.
+
 CUDA graphs with regional compilation (regional:reduce-overhead) parse here but the run config refuses them
 (training/run_config.check_cuda_graphs_placement): on two H200s under DDP (torch 2.11) they ran 1.4x faster than
 plain regional compilation and trained nothing, the gradient norm inf from step 19 on, with torch warning that
