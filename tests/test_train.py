@@ -156,3 +156,30 @@ def test_the_model_is_built_on_the_strategys_device(tmp_path, cache_dir, capsys,
                                           capsys, monkeypatch)
     assert code == 0, err[-2000:]
     assert seen[0] == (True, "cpu")  # the training model (the first one built)
+
+
+def test_the_validation_before_fit_runs_uncompiled(tmp_path, cache_dir, capsys, monkeypatch):
+    """The validation before fit() runs the eager model (compiled, it would compile the eval graph before the
+    first training step); the training steps and the validation inside fit() run the compiled one. The
+    compiled module is stood in for by a recorder around the eager model (no real compilation)."""
+    from conftest import run_script_inprocess
+
+    from deepseek_mini.training import module as module_mod
+
+    calls = []
+
+    def fake_compile(model, spec, dynamic=False):
+        def compiled(*args, **kwargs):
+            calls.append("train" if model.training else "eval")
+            return model(*args, **kwargs)
+        return compiled
+
+    monkeypatch.setattr(module_mod, "compile_model", fake_compile)
+    code, out, err = run_script_inprocess("train.py", [*TINY_OVERRIDES, "compile=full", "callbacks.model_checkpoint=null",
+                                                       f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}"],
+                                          capsys, monkeypatch)
+    assert code == 0, err[-2000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert math.isfinite(res["val_loss_start"])
+    # 4 steps, validation at steps 2 and 4 (2 batches each): nothing compiled ran before the first step
+    assert calls[0] == "train" and calls.count("train") == 4 and calls.count("eval") == 4, calls

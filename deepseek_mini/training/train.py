@@ -196,7 +196,8 @@ def validate_before_fit(run: RunConfig, resume: Resume, p: Parts) -> None:
     if _single_entry(p.trainer):
         log.info("FSDP: no validation before fit() or after it; val_loss is that of the last in-fit validation")
     if run.val_before_fit and resume.path is None and not fast and not _single_entry(p.trainer):
-        p.history.val_loss_start = float(p.trainer.validate(p.module, datamodule=p.dm, verbose=False)[0]["val/loss"])
+        with p.module.eager():  # no eval-graph compilation before the first step (LitDeepSeek.eager)
+            p.history.val_loss_start = float(p.trainer.validate(p.module, datamodule=p.dm, verbose=False)[0]["val/loss"])
         log.info("val loss before training: %.4f", p.history.val_loss_start)
 
 
