@@ -25,9 +25,10 @@ mode and a short last validation batch stay within dynamo's recompile limit per 
 
 Not used: torch.compiler.nested_compile_region on Block.forward (a whole-model graph that compiles the repeated
 block once, keeping whole-model CUDA graphs). On torch 2.13 (CPU, 2026-11-30) it halved a cold full compile of a
-12-layer `small`-structured model (194 -> 92 s) with the same loss, but the parameter gradients were wrong
-(relative error ~1, also with dense blocks and MHA), while a stack of our RMSNorm / SwiGLU / RoPE / SDPA pieces
-alone was right: unexplained, so the scopes above stay.
+12-layer `small`-structured model (194 -> 92 s) with the same loss, but wrong parameter gradients: the last
+block's off by ~100% (also with dense blocks, MHA, and a block cut down to x + RMSNorm(x) inside DeepSeekV2),
+while standalone stacks of the same pieces (RMSNorm, SwiGLU, RoPE, SDPA, the fused loss) came out right.
+Unexplained, so the scopes above stay.
 
 CUDA graphs with regional compilation (regional:reduce-overhead) parse here but the run config refuses them
 (training/run_config.check_cuda_graphs_placement): on two H200s under DDP (torch 2.11) they ran 1.4x faster than
