@@ -23,12 +23,13 @@ eager, as it does next to a fully compiled forward. Compiling `forward` itself r
 each region kind's cache entries on its own code object (Block.forward, RMSNorm.forward), so training, eval
 mode and a short last validation batch stay within dynamo's recompile limit per code object.
 
-Not used: torch.compiler.nested_compile_region on Block.forward (a whole-model graph that compiles the repeated
-block once, keeping whole-model CUDA graphs). On torch 2.13 (CPU, 2026-11-30) it halved a cold full compile of a
-12-layer `small`-structured model (194 -> 92 s) with the same loss, but wrong parameter gradients: the last
-block's off by ~100% (also with dense blocks, MHA, and a block cut down to x + RMSNorm(x) inside DeepSeekV2),
-while standalone stacks of the same pieces (RMSNorm, SwiGLU, RoPE, SDPA, the fused loss) came out right.
-Unexplained, so the scopes above stay.
+Not used yet: torch.compiler.nested_compile_region on Block.forward (a whole-model graph that compiles the
+repeated block once, keeping whole-model CUDA graphs). On torch 2.13 (CPU, 2026-11-30), a cold full compile of a
+12-layer `small`-structured model (narrow dims): 194 s plain, 92 s with it, same loss, but the last block's
+parameter gradients ~100% wrong. The trigger, reduced: blocks in the region followed by a norm and a linear head;
+correct under backend="aot_eager", and correct with torch._inductor.config.allow_buffer_reuse = False (an Inductor
+buffer-reuse bug around the region). With that setting: 101 s, gradients equal to eager. Not adopted until a GPU
+run shows the cold compile, the steady-state step and the memory without buffer reuse.
 
 CUDA graphs with regional compilation (regional:reduce-overhead) parse here but the run config refuses them
 (training/run_config.check_cuda_graphs_placement): on two H200s under DDP (torch 2.11) they ran 1.4x faster than
