@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -71,6 +72,22 @@ def run_script_inprocess(script: str, args: list[str], capsys, monkeypatch) -> t
         code = e.code if isinstance(e.code, int) else 1
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                     reason="Triton is not installed (CPU-only torch)")
+
+
+def max_diff_under_interpreter(module: str, compare: str) -> float:
+    """Runs tests/<module>.py's `compare()` (a kernel against its reference, returning the largest difference) in a
+    fresh interpreter with TRITON_INTERPRET=1 (Triton reads it at import), so the kernel runs on CPU tensors."""
+    code = ("import sys; sys.path.insert(0, 'tests'); from deepseek_mini.kernels import runtime; "
+            "assert runtime.INTERPRET and runtime.triton is not None; "
+            f"from {module} import {compare}; print('MAXDIFF', {compare}())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return float(proc.stdout.split("MAXDIFF")[1])
 
 
 @pytest.fixture(scope="session")

@@ -7,21 +7,15 @@ falls back to torch's fused step, which the in-process test checks.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import max_diff_under_interpreter, requires_triton
 
 from deepseek_mini.kernels import runtime
 from deepseek_mini.optim.adamw import TritonAdamW
 from deepseek_mini.optim.policy import adamw_kind
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -179,20 +173,14 @@ def test_fallback_step_matches_torch_adamw():
     assert compare_with_torch() < 1e-6
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU-only torch)")
+@requires_triton
 @pytest.mark.parametrize("compare", ["compare_with_torch", "compare_masters_with_torch", "compare_bf16_moments",
                                      "compare_grad_norm"])
 def test_triton_kernel_matches_torch_adamw_under_the_interpreter(compare):
     """The kernel on fp32 parameters, on bf16 parameters with fp32 masters, and with bf16 moments, against
     torch's AdamW (or, for bf16 moments, the same update with its moments rounded every step); and the
     gradient-norm kernel against the fp64 norm."""
-    code = ("import sys; sys.path.insert(0, 'tests'); from deepseek_mini.kernels import runtime; "
-            "assert runtime.INTERPRET and runtime.triton is not None; "
-            f"from test_adamw import {compare}; print('MAXDIFF', {compare}())")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    diff = float(proc.stdout.split("MAXDIFF")[1])
+    diff = max_diff_under_interpreter("test_adamw", compare)
     assert diff < 1e-6, diff
 
 

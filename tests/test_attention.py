@@ -5,15 +5,11 @@ Exactness checks run in float64 so that "equal" can mean 1e-10, not "close in fp
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import max_diff_under_interpreter, requires_triton
 from model_helpers import SMALL_MODEL
 
 from deepseek_mini.config import ModelConfig
@@ -308,11 +304,6 @@ def compare_mla_decode_kernel_with_reference() -> float:
     return worst
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU-only torch)")
+@requires_triton
 def test_mla_decode_kernel_matches_attention_under_the_interpreter():
-    code = ("import sys; sys.path.insert(0, 'tests'); from test_attention import compare_mla_decode_kernel_with_reference; "
-            "print('MAXDIFF', compare_mla_decode_kernel_with_reference())")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert float(proc.stdout.split("MAXDIFF")[1]) < 1e-5
+    assert max_diff_under_interpreter("test_attention", "compare_mla_decode_kernel_with_reference") < 1e-5

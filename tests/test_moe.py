@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import max_diff_under_interpreter, requires_triton
 from model_helpers import SMALL_MODEL
 
 from deepseek_mini.config import ModelConfig
@@ -386,14 +382,10 @@ def compare_swiglu_kernel_with_pytorch() -> float:
     return worst
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU-only torch)")
+@requires_triton
 def test_swiglu_kernel_matches_pytorch_backward_under_the_interpreter():
-    code = ("import sys; sys.path.insert(0, 'tests'); from test_moe import compare_swiglu_kernel_with_pytorch; "
-            "print('MAXDIFF', compare_swiglu_kernel_with_pytorch())")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert float(proc.stdout.split("MAXDIFF")[1]) <= 1.0  # within one bf16 rounding of the largest value
+    # within one bf16 rounding of the largest value
+    assert max_diff_under_interpreter("test_moe", "compare_swiglu_kernel_with_pytorch") <= 1.0
 
 
 def test_counting_sort_is_the_stable_argsort_of_the_expert_ids():

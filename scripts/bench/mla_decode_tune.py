@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -92,7 +93,7 @@ def sweep(B: int, L: int, args, shape: tuple[int, int]) -> dict:
     for splits, block_n, warps, stages in itertools.product(split_candidates(B, L, n_sm, shape), args.block_n, args.warps,
                                                             args.stages):
         cfg = mla_decode.LaunchConfig(splits, block_n, warps, stages)
-        row = {"splits": splits, "block_n": block_n, "num_warps": warps, "num_stages": stages}
+        row = dataclasses.asdict(cfg)
         try:
             out = mla_decode.launch(q_lat, q_pe, kv, kv_len, scale, cfg).float()
             row["max_rel_diff"] = float((out - ref).abs().max() / ref.abs().max())
@@ -103,11 +104,11 @@ def sweep(B: int, L: int, args, shape: tuple[int, int]) -> dict:
         rows.append(row)
     old = old_rule(B, L, LATENT, n_sm)
     us = time_calls(lambda: torch_merge_launch(q_lat, q_pe, kv, kv_len, scale, old), args.reps)
-    before = {"config": vars_of(old), "us": us, "gbps": nbytes / (us * 1e-6) / 1e9}
+    before = {"config": dataclasses.asdict(old), "us": us, "gbps": nbytes / (us * 1e-6) / 1e9}
     ok = [r for r in rows if "us" in r and r["max_rel_diff"] < 2e-2]
     best = min(ok, key=lambda r: r["us"])
-    dflt = next((r for r in ok if (r["splits"], r["block_n"], r["num_warps"], r["num_stages"])
-                 == (default.splits, default.block_n, default.num_warps, default.num_stages)), None)
+    want = dataclasses.asdict(default)
+    dflt = next((r for r in ok if {k: r[k] for k in want} == want), None)
     dflt = dflt or {"us": float("nan"), "gbps": float("nan")}  # the default is not among the candidates
     print(f"kernel B={B} L={L} ({nbytes / 1e9:.2f} GB): before (torch merge, old launch rule) {before['us']:.1f} us "
           f"{before['gbps']:,.0f} GB/s | merge kernel, default {dflt['us']:.1f} us {dflt['gbps']:,.0f} GB/s | best "
@@ -118,10 +119,6 @@ def sweep(B: int, L: int, args, shape: tuple[int, int]) -> dict:
         print(f"    {r['us']:8.1f} us {r['gbps']:7,.0f} GB/s  splits {r['splits']:4d} block_n {r['block_n']:3d} "
               f"warps {r['num_warps']} stages {r['num_stages']}", flush=True)
     return {"batch": B, "length": L, "bytes": nbytes, "before": before, "default": dflt, "best": best, "rows": rows}
-
-
-def vars_of(cfg: mla_decode.LaunchConfig) -> dict:
-    return {"splits": cfg.splits, "block_n": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def step_points(args, best_by_shape: dict) -> list[dict]:

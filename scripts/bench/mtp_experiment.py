@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from multi_gpu import _csv_rows, _read_json  # noqa: E402  (the sibling script's CSV / JSON readers)
+from multi_gpu import _csv_rows, _read_json, by_step  # noqa: E402  (the sibling script's CSV / JSON readers)
 
 CPU_OVERRIDES = ["experiment=tiny_cpu", "model.vocab_size=512", "model.max_position_embeddings=64", "data.seq_len=32",
                  "data.batch_size=4", "data.max_chars=200000", "callbacks.samples=null", "callbacks.progress_bar=null",
@@ -59,12 +59,6 @@ def train_command(args, seed: int, mtp: bool, keep_ckpt: bool) -> list[str]:
     return cmd + args.overrides
 
 
-def val_curve(rows: list[dict]) -> dict[int, float]:
-    """step -> val/loss (the last row of a step wins)."""
-    return {int(float(r["step"])): float(r["val/loss"]) for r in rows if r.get("val/loss") not in (None, "")
-            and r.get("step") not in (None, "")}
-
-
 def last_mean(rows: list[dict], key: str, n: int = 5) -> float | None:
     vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
     return sum(vals[-n:]) / len(vals[-n:]) if vals else None
@@ -77,7 +71,7 @@ def summarize(out: Path, seeds: list[int]) -> dict:
         res = _read_json(out / f"results_{name}.json") or {}
         runs[name] = {"seed": seed, "mtp": mtp, "status": res.get("status"), "steps": res.get("global_step"),
                       "tokens_seen": res.get("tokens_seen"), "val_loss": res.get("val_loss"),
-                      "val_curve": val_curve(rows), "train_loss_last": last_mean(rows, "train/loss"),
+                      "val_curve": by_step(rows, "val/loss"), "train_loss_last": last_mean(rows, "train/loss"),
                       "mtp_loss_1_last": last_mean(rows, "train/mtp_loss_1"), "params_mtp": res.get("params_mtp")}
     diffs = {}
     for s in seeds:

@@ -50,13 +50,15 @@ def _csv_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def by_step(rows: list[dict], key: str) -> dict[int, float]:
+    """step -> the metric `key` from CSV rows (the last row of a step wins: a resumed run re-logs it)."""
+    return {int(float(r["step"])): float(r[key]) for r in rows
+            if r.get(key) not in (None, "") and r.get("step") not in (None, "")}
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
-    """step -> train/loss from csv/metrics.csv (the last row of a step wins: a resumed run re-logs it)."""
-    out: dict[int, float] = {}
-    for row in _csv_rows(run_dir / "csv" / "metrics.csv"):
-        if row.get("train/loss") not in (None, "") and row.get("step") not in (None, ""):
-            out[int(float(row["step"]))] = float(row["train/loss"])
-    return out
+    """step -> train/loss from csv/metrics.csv."""
+    return by_step(_csv_rows(run_dir / "csv" / "metrics.csv"), "train/loss")
 
 
 def compare(ref: Path, resumed: Path, from_step: int) -> dict:
