@@ -109,6 +109,28 @@ def test_lit_module_compiles_the_configured_scope():
         assert all(k.startswith("model.") and "_orig_mod" not in k for k in module.state_dict())
 
 
+def test_whole_model_cuda_graphs_compile_as_one_graph_under_ddp(monkeypatch):
+    """Under DDP, dynamo cuts a compiled model at the gradient buckets unless optimize_ddp is off; with CUDA
+    graphs that would make one graph per bucket (the per-block shape that trained nothing on two H200s). The
+    compiled call of `full:reduce-overhead` runs with optimize_ddp=False; `full` without graphs keeps the
+    bucket split (its all-reduces overlap the backward)."""
+    import torch._dynamo.config as dynamo_config
+
+    from deepseek_mini.training import compile as compile_mod
+
+    seen = []
+
+    def fake_compile(model, **kwargs):
+        return lambda *a, **k: seen.append((kwargs.get("mode"), dynamo_config.optimize_ddp))
+
+    monkeypatch.setattr(compile_mod.torch, "compile", fake_compile)
+    model = torch.nn.Linear(2, 2)
+    compile_mod.compile_model(model, parse_compile("full:reduce-overhead"))()
+    compile_mod.compile_model(model, parse_compile("full"))()
+    assert seen == [("reduce-overhead", False), (None, True)]
+    assert dynamo_config.optimize_ddp is True  # patched for the call only
+
+
 @pytest.mark.parametrize("value", ["regional:fast", "partial"])
 def test_bad_compile_value_is_one_line_error_before_data_prep(value, tmp_path, capsys, monkeypatch):
     """`python train.py compile=<bad>` (in process, the console-script entry): one line, exit status 2."""

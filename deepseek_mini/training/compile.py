@@ -23,19 +23,22 @@ eager, as it does next to a fully compiled forward. Compiling `forward` itself r
 each region kind's cache entries on its own code object (Block.forward, RMSNorm.forward), so training, eval
 mode and a short last validation batch stay within dynamo's recompile limit per code object.
 
-Not used yet: torch.compiler.nested_compile_region on Block.forward (a whole-model graph that compiles the
+Not used: torch.compiler.nested_compile_region on Block.forward (a whole-model graph that compiles the
 repeated block once, keeping whole-model CUDA graphs). On torch 2.13 (CPU, 2026-11-30), a cold full compile of a
 12-layer `small`-structured model (narrow dims): 194 s plain, 92 s with it, same loss, but the last block's
 parameter gradients ~100% wrong. The trigger, reduced: blocks in the region followed by a norm and a linear head;
 correct under backend="aot_eager", and correct with torch._inductor.config.allow_buffer_reuse = False (an Inductor
-buffer-reuse bug around the region). With that setting: 101 s, gradients equal to eager. Not adopted until a GPU
-run shows the cold compile, the steady-state step and the memory without buffer reuse.
+buffer-reuse bug around the region). With that setting: 101 s, gradients equal to eager. On the GPU image's torch
+2.11 (H200, 2026-11-30) the same code does not compile: dynamo raises "KeyError: example_value" in
+are_same_graph_modules while deduplicating the region's subgraphs. Worth retrying on a newer torch.
 
 CUDA graphs with regional compilation (regional:reduce-overhead) parse here but the run config refuses them
 (training/run_config.check_cuda_graphs_placement): on two H200s under DDP (torch 2.11) they ran 1.4x faster than
 plain regional compilation and trained nothing, the gradient norm inf from step 19 on, with torch warning that
 the AccumulateGrad node's stream did not match that of the graph that produced the gradient. A bare CUDA-graph
-mode keeps its old meaning (full), the only CUDA-graph setting a run has shown right (one GPU).
+mode keeps its old meaning (full). The whole model with CUDA graphs trained right on one GPU and, compiled as one
+graph (OneGraphUnderDDP below), under DDP on two H200s (1.47x one GPU, the all-reduce not overlapped;
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -118,9 +121,28 @@ def compile_regions(model: nn.Module, **compile_kwargs) -> RegionalCompile:
     return RegionalCompile(model, **compile_kwargs)
 
 
+class OneGraphUnderDDP:
+    """Calls a whole-model compiled module with dynamo's DDP graph splitting off (optimize_ddp=False).
+
+    Under DDP, dynamo by default cuts a compiled model at the gradient-bucket boundaries ("DDPOptimizer") so
+    that each bucket's all-reduce can start while the rest of the backward runs. With CUDA graphs that turns
+    one whole-model graph into one graph per bucket, each handing its gradients to DDP's hooks from a graph:
+    the shape that trained nothing per block (module docstring). Kept whole, the forward and the backward are
+    one graph each and DDP all-reduces its buckets after the backward, without overlap. The flag is read when
+    dynamo compiles, which happens inside a call, so every call runs under it (a cheap config patch)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, *args, **kwargs):
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return self.compiled(*args, **kwargs)
+
+
 def compile_model(model: nn.Module, spec: CompileSpec, **compile_kwargs):
     """The callable LitDeepSeek runs its steps through: the model, compiled as `spec` says."""
     mode = None if spec.mode == "default" else spec.mode
     if spec.scope == "full":
-        return torch.compile(model, mode=mode, **compile_kwargs)
+        compiled = torch.compile(model, mode=mode, **compile_kwargs)
+        return OneGraphUnderDDP(compiled) if spec.cudagraphs else compiled
     return compile_regions(model, mode=mode, **compile_kwargs)

@@ -34,7 +34,9 @@ Variants
                        at our shape: softmax routing, no balancing bias, grouped-mm experts, flex attention,
                        bf16 weights, each block compiled as torchtitan's apply_compile does + the compiled loss,
                        torch's fused AdamW (a benchmark peer only: `pip install torchtitan==0.3.0`, not a
-                       dependency of the package; docs/benchmarks.md has its setup)
+                       dependency of the package; docs/benchmarks.md has its setup). 0.3.0 needs a torch newer
+                       than 2.11; with torchtitan 0.2.x installed the same model is built through 0.2's
+                       DeepSeekV3ModelArgs and compiled by 0.2's own apply_compile (tt_model_v02)
 """
 
 from __future__ import annotations
@@ -111,8 +113,12 @@ def tt_model(cfg, seq_len: int, device):
 
     import torch
     from torch import nn
-    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
-    from torchtitan.models.deepseek_v3 import DeepSeekV3Model, build_mla_moe_layers
+
+    try:
+        from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+        from torchtitan.models.deepseek_v3 import DeepSeekV3Model, build_mla_moe_layers
+    except ImportError:  # torchtitan 0.2.x: the model built from its DeepSeekV3ModelArgs instead
+        return tt_model_v02(cfg, seq_len, device)
 
     normal = partial(nn.init.normal_, std=cfg.initializer_range)  # our init (speed does not depend on it)
     linear_init = {"weight": normal, "bias": nn.init.zeros_}
@@ -148,6 +154,51 @@ def tt_model(cfg, seq_len: int, device):
     return model
 
 
+def tt_model_v02(cfg, seq_len: int, device):
+    """torchtitan 0.2.x's DeepSeek-V3 at our config's shape: the same model family as tt_model's 0.3.0 one, through
+    0.2's DeepSeekV3ModelArgs + MoEArgs (0.3.0 imports torch.distributed.fsdp.DataParallelMeshDims, which torch
+    2.11 lacks). Its own init (init_weights); flex attention with its causal mask; the two shared experts as one
+    FFN of twice the width (torchtitan's layout, the same parameters); no yarn (original_seq_len = seq_len)."""
+    import torch
+    from torch import nn
+    from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
+    from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
+    from torchtitan.models.moe import MoEArgs
+
+    moe = MoEArgs(num_experts=cfg.n_routed_experts, num_shared_experts=cfg.n_shared_experts,
+                  score_func=cfg.scoring_func, route_norm=cfg.norm_topk_prob, route_scale=cfg.routed_scaling_factor,
+                  top_k=cfg.num_experts_per_tok, use_grouped_mm=True, load_balance_coeff=None)
+    args = DeepSeekV3ModelArgs(
+        max_seq_len=seq_len, vocab_size=cfg.vocab_size, dim=cfg.hidden_size, inter_dim=cfg.intermediate_size,
+        moe_inter_dim=cfg.moe_intermediate_size, n_layers=cfg.num_hidden_layers,
+        n_dense_layers=cfg.first_k_dense_replace, n_heads=cfg.num_attention_heads, norm_eps=cfg.rms_norm_eps,
+        moe_args=moe, q_lora_rank=cfg.q_lora_rank or 0, kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+        attn_type="flex", attn_mask_type="causal", original_seq_len=seq_len, rope_theta=cfg.rope_theta)
+    args.moe_impl = "standard"  # set by update_from_config from a JobConfig in torchtitan's trainer
+    with torch.device("meta"):
+        model = DeepSeekV3Model(args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    for m in model.modules():
+        if isinstance(m, nn.RMSNorm):
+            m.eps = cfg.rms_norm_eps if m.normalized_shape[0] == cfg.hidden_size else 1e-6
+    model.tt_version = "0.2"
+    return model
+
+
+def tt_attention_masks(model, batch_size: int, seq_len: int, device):
+    """torchtitan's causal block mask, built once (0.3.0 takes the positions, 0.2.x also a tokenizer it needs only
+    for document masks)."""
+    import torch
+
+    positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+    if getattr(model, "tt_version", None) == "0.2":
+        return model.get_attention_masks(positions, tokenizer=None)
+    return model.get_attention_masks(positions)
+
+
 def run_plain_loop(variant: str, args, mode: str, scope: str = "full") -> dict:
     """Plain PyTorch training loop on random tokens (ours_raw*, baselines and the transformers peer)."""
     import torch
@@ -175,7 +226,7 @@ def run_plain_loop(variant: str, args, mode: str, scope: str = "full") -> dict:
             for param in model.parameters():  # the complex RoPE cache buffers into real bf16 ones
                 param.data = param.data.to(torch.bfloat16)
         # torchtitan's block mask (causal within each document; here one document per row), built once
-        tt_masks = model.get_attention_masks(torch.arange(T, device=dev).expand(B, T))
+        tt_masks = tt_attention_masks(model, B, T, dev)
     else:
         model = DeepSeekV2(cfg).to(dev)
     # ours: the AdamW LitDeepSeek builds for --fused; the peers: torch's fused kernel
@@ -193,11 +244,16 @@ def run_plain_loop(variant: str, args, mode: str, scope: str = "full") -> dict:
     if variant == "tt_deepseek_v3":
         from torchtitan.components.loss import cross_entropy_loss
 
-        # torchtitan's apply_compile: each TransformerBlock compiled in place (fullgraph), and its loss
-        torch._dynamo.config.capture_scalar_outputs = True
-        for block in model.layers.values():
-            block.compile(fullgraph=True)
-        tt_loss = torch.compile(cross_entropy_loss)
+        if getattr(model, "tt_version", None) == "0.2":  # 0.2's own apply_compile: blocks, MoE parts, experts
+            from torchtitan.config.job_config import Compile
+            from torchtitan.models.llama4.infra.parallelize import apply_compile
+
+            apply_compile(model, Compile(enable=True), ep_enabled=False)
+        else:  # torchtitan's apply_compile: each TransformerBlock compiled in place (fullgraph)
+            torch._dynamo.config.capture_scalar_outputs = True
+            for block in model.layers.values():
+                block.compile(fullgraph=True)
+        tt_loss = torch.compile(cross_entropy_loss)  # and its loss
     elif compiled and scope == "regional":
         from deepseek_mini.training.compile import compile_regions
 

@@ -68,10 +68,10 @@ else
   DDP=(trainer=ddp "trainer.devices=$NGPU")
   EP=(trainer=ep "trainer.devices=$NGPU" compile=false)                  # = experiment=ep_small_gpu
   FSDP=(trainer=fsdp "trainer.devices=$NGPU" compile=false)   # README: keep compile off with FSDP
-  # One compile setting for the baseline and DDP, so the scaling figure compares like with like. Regional:
-  # on two H200s (2026-11-29) DDP with a whole-model compile (default mode or reduce-overhead) had not reached
-  # its first step 150 s after validation (a cold backward compile on both ranks; docs/benchmarks.md).
-  DDP_COMPILE=${DDP_COMPILE:-regional}   # retried with compile=false if the run fails (unless DDP_FALLBACK=0)
+  # One compile setting for the baseline and DDP, so the scaling figure compares like with like: small_gpu's
+  # own, the whole model with CUDA graphs, which DDP compiles as one graph (training/compile.OneGraphUnderDDP;
+  # 2026-11-30: the fastest DDP setting, on the eager DDP loss curve; docs/benchmarks.md)
+  DDP_COMPILE=${DDP_COMPILE:-full:reduce-overhead}   # retried with compile=false if the run fails (unless DDP_FALLBACK=0)
   FAST_COMPILE=${FAST_COMPILE:-}         # empty: the experiment's own setting
   # the resume comparisons are about the checkpointed state: eager kernels, no compile-time autotuning
   RESUME_COMPILE=${RESUME_COMPILE:-false}
