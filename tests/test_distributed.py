@@ -284,9 +284,9 @@ def test_cuda_graphs_only_for_the_whole_model_and_not_under_fsdp(gpu_run_config,
             with pytest.raises(ConfigError, match=rf"^compile='{mode}': CUDA graphs per block are refused: .* use "
                                                   r"compile=regional, or compile=full:reduce-overhead \(one GPU or DDP\)$"):
                 run_config(*extra, f"compile={mode}")
-    for devices in ("trainer.devices=2", "trainer.devices=-1", "trainer.devices=[0,1]"):
+    for devices in ("trainer.devices=2", "trainer.devices=-1", "trainer.devices=[0,1]", "trainer.devices=1"):
         with pytest.raises(ConfigError, match=r"^compile='full:reduce-overhead': CUDA graphs are refused with FSDP "
-                                              r"on 2 devices .* use compile=false, FSDP's measured setting"):
+                                              r"\(.*\); use compile=false, FSDP's measured setting, or trainer=ddp$"):
             run_config("trainer=fsdp", devices, "compile=reduce-overhead")
         assert run_config("trainer=ddp", devices, "compile=reduce-overhead").compile == "full:reduce-overhead"
     assert run_config("trainer=ddp", "trainer.devices=2", "compile=regional").compile == "regional"

@@ -399,14 +399,15 @@ def check_cuda_graphs_accumulation(compile_spec: str | None, accumulate_grad_bat
               f"compile={spec.scope} (no CUDA graphs), or accumulate_grad_batches=1 with a larger data.batch_size")
 
 
-def check_cuda_graphs_placement(compile_spec: str | None, world_size: int, strategy: Any = None) -> None:
+def check_cuda_graphs_placement(compile_spec: str | None, strategy: Any = None) -> None:
     """CUDA graphs (compile=...:reduce-overhead / max-autotune) only where a run has shown them right: the whole
     model, on one GPU or under DDP. On two H200s (torch 2.11, 2026-11-30) DDP with compile=regional:reduce-overhead
     ran at 1.4x the speed of compile=regional and trained nothing: the gradient norm was inf from step 19 on and
     the loss stayed near 8.4 (4.7 with compile=regional, same steps), while torch warned that the AccumulateGrad
     node's stream did not match the stream of the graph that produced the gradient. The whole model as one graph
     under DDP (training/compile.OneGraphUnderDDP) trained right there (losses on the eager DDP curve,
-    docs/benchmarks.md). FSDP shards and gathers parameters around each block, which one graph cannot hold."""
+    docs/benchmarks.md). No run has tried them under FSDP (which gathers each block's parameters in hooks around
+    it), so FSDP is refused whatever the number of devices."""
     from deepseek_mini.training.compile import parse_compile
 
     spec = parse_compile(compile_spec) if compile_spec else None
@@ -416,9 +417,9 @@ def check_cuda_graphs_placement(compile_spec: str | None, world_size: int, strat
         _fail("compile", compile_spec, "CUDA graphs per block are refused: under DDP on two H200s they gave wrong "
               "gradients (grad norm inf, loss stuck; docs/benchmarks.md) and no run has shown them right on one GPU; "
               "use compile=regional, or compile=full:reduce-overhead (one GPU or DDP)")
-    if world_size > 1 and _is_fsdp(strategy):
-        _fail("compile", compile_spec, f"CUDA graphs are refused with FSDP on {world_size} devices (no run has "
-              "shown them right there; docs/benchmarks.md); use compile=false, FSDP's measured setting, or trainer=ddp")
+    if _is_fsdp(strategy):
+        _fail("compile", compile_spec, "CUDA graphs are refused with FSDP (no run has shown them right there; "
+              "docs/benchmarks.md); use compile=false, FSDP's measured setting, or trainer=ddp")
 
 
 @dataclass(frozen=True)
@@ -445,7 +446,7 @@ class RunConfig:
                               f"{self.model.max_position_embeddings}: lower data.seq_len or raise the model's")
         if self.trainer.on_gpu:  # CUDA graphs exist only there
             check_cuda_graphs_accumulation(self.compile, self.trainer.accumulate_grad_batches)
-            check_cuda_graphs_placement(self.compile, self.trainer.world_size, self.trainer.extra.get("strategy"))
+            check_cuda_graphs_placement(self.compile, self.trainer.extra.get("strategy"))
         if self.data.seq_len <= self.model.num_nextn_predict_layers:  # MTP depth k needs k + 1 tokens ahead
             raise ConfigError(f"model.num_nextn_predict_layers={self.model.num_nextn_predict_layers}: must be < "
                               f"data.seq_len={self.data.seq_len} (each MTP depth predicts one token further ahead)")
