@@ -229,6 +229,14 @@ BAD_CONFIGS = [
     (["compile=fast"], "compile='fast'"),                                  # not a torch.compile mode
     (["optim.fused=apex"], "optim.fused='apex'"),                          # not an AdamW step we have
     (["optim.bf16_weights=fp8"], "optim.bf16_weights='fp8'"),              # not a setting
+    # options handed on to Lightning's Trainer, the strategy and torch's wrapper: checked against their signatures
+    (["+trainer.foo=1"], "trainer.foo=1: not an argument of lightning's Trainer"),
+    (["trainer=ddp", "trainer.accelerator=cpu", "+trainer.strategy.bucket_cap=50"],
+     "trainer.strategy.bucket_cap=50: not an option of DDPStrategy or DistributedDataParallel"),
+    (["trainer=ddp", "trainer.accelerator=cpu", "trainer.strategy.find_unused_parameters=maybe"],
+     "trainer.strategy.find_unused_parameters='maybe': must be true or false"),
+    (["trainer=ep", "trainer.accelerator=cpu", "+trainer.strategy.ep_degree=3"],
+     "trainer.strategy.ep_degree=3: not an option of expert_parallel_strategy or DistributedDataParallel"),
 ]
 
 

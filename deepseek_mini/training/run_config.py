@@ -13,6 +13,7 @@ given; the data module is still built by Hydra from `cfg.data`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -194,6 +195,95 @@ def check_multi_device(accelerator: Any, devices: Any, strategy: Any) -> None:
                           "for a CPU check of multi-process training use trainer=ddp trainer.accelerator=cpu")
 
 
+def _parameters(fn) -> tuple[dict[str, inspect.Parameter], bool]:
+    """The named parameters of a function or class (its __init__), and whether it also takes **kwargs."""
+    params = inspect.signature(fn).parameters
+    named = {k: p for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k != "self"}
+    return named, any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _locate(path: str) -> Any:
+    """`a.b.C` -> the object, as Hydra's `_target_` names it (the longest importable module, then attributes)."""
+    import importlib
+
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(f"no module of {path!r} can be imported")
+
+
+def _strategy_parameters(target: str) -> tuple[dict[str, inspect.Parameter] | None, list[str]]:
+    """What a `trainer.strategy` node's `_target_` accepts, following where its **kwargs go: a subclass's to its
+    base class, Lightning's DDPStrategy's to torch's DistributedDataParallel, FSDPStrategy's to
+    FullyShardedDataParallel; a factory function is followed through its return annotation. None where that
+    cannot be told (a target whose **kwargs lead somewhere unknown). Also the names of the wrappers followed."""
+    import typing
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    wraps = {DDPStrategy: DistributedDataParallel, FSDPStrategy: FullyShardedDataParallel}
+    obj, followed = _locate(target), []
+    accepted, open_ended = _parameters(obj)
+    cls = obj if isinstance(obj, type) else typing.get_type_hints(obj).get("return")
+    while open_ended and isinstance(cls, type):
+        nxt = None
+        for base in cls.__mro__:
+            if base is object or "__init__" not in vars(base):
+                continue
+            named, open_ended = _parameters(base)
+            accepted.update(named)
+            if base in wraps:  # its **kwargs go to the torch wrapper, not to its own base classes
+                nxt = wraps[base]
+                followed.append(nxt.__name__)
+                break
+            if not open_ended:
+                break
+        cls = nxt
+    return (None if open_ended else accepted), followed
+
+
+def _check_option(key: str, value: Any, param: inspect.Parameter) -> None:
+    if isinstance(param.default, bool) and not isinstance(value, bool):
+        _fail(key, value, "must be true or false")
+
+
+def check_trainer_options(extra: dict) -> None:
+    """The Trainer arguments and strategy options a config or a `+trainer.x=...` override adds, checked against
+    the signatures that will receive them. An unknown name, or a word where a flag is expected, used to surface
+    as a TypeError traceback from Lightning's Trainer, or from DDP on every rank after data preparation."""
+    import lightning.pytorch as pl
+
+    trainer_args, _ = _parameters(pl.Trainer)
+    for key, value in extra.items():
+        if key not in trainer_args:
+            _fail(f"trainer.{key}", value, "not an argument of lightning's Trainer")
+        _check_option(f"trainer.{key}", value, trainer_args[key])
+    strategy = extra.get("strategy")
+    if not (isinstance(strategy, dict) and "_target_" in strategy):
+        return
+    target = strategy["_target_"]
+    try:
+        accepted, followed = _strategy_parameters(target)
+    except (ImportError, AttributeError) as e:
+        _fail("trainer.strategy._target_", target, f"cannot be imported ({str(e).splitlines()[0]})")
+    if accepted is None:
+        return
+    for key, value in strategy.items():
+        if key.startswith("_"):
+            continue
+        if key not in accepted:
+            _fail(f"trainer.strategy.{key}", value, f"not an option of {' or '.join([target.rsplit('.', 1)[-1], *followed])}")
+        _check_option(f"trainer.strategy.{key}", value, accepted[key])
+
+
 @dataclass(frozen=True)
 class TrainerSettings:
     """configs/trainer/*.yaml: the checked fields; `extra` holds every other Trainer argument as given."""
@@ -233,6 +323,7 @@ class TrainerSettings:
             _fail("trainer.gradient_clip_algorithm", self.gradient_clip_algorithm, "use norm or value")
         if str(self.precision) not in PRECISIONS:
             _fail("trainer.precision", self.precision, f"use one of {', '.join(PRECISIONS[:8])}")
+        check_trainer_options(self.extra)
         check_multi_device(self.accelerator, self.devices, self.extra.get("strategy"))
         self._check_devices()
 

@@ -95,7 +95,7 @@ class AtomicFSDPStrategy(FSDPStrategy):
 def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", state_dict_type: str = "sharded",
                   param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32",
                   buffer_dtype: str | None = "float32", activation_checkpointing: bool = False,
-                  cpu_offload: bool = False, **kwargs: Any):
+                  cpu_offload: bool = False, **kwargs: Any) -> AtomicFSDPStrategy:
     """Lightning FSDPStrategy wrapping each transformer `Block` in its own FSDP unit.
 
     Mixed precision is set here, never left to Lightning's `bf16-mixed` plugin: the plugin would also
