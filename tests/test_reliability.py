@@ -229,6 +229,8 @@ BAD_CONFIGS = [
     (["compile=fast"], "compile='fast'"),                                  # not a torch.compile mode
     (["optim.fused=apex"], "optim.fused='apex'"),                          # not an AdamW step we have
     (["optim.bf16_weights=fp8"], "optim.bf16_weights='fp8'"),              # not a setting
+    (["+optim.foo=1"], "optim.foo=1: not one of the optim settings"),                # recorded but used by nothing
+    (["+scheduler.warmup=5"], "scheduler.warmup=5: not one of the scheduler settings"),
     # options handed on to Lightning's Trainer, the strategy and torch's wrapper: checked against their signatures
     (["+trainer.foo=1"], "trainer.foo=1: not an argument of lightning's Trainer"),
     (["trainer=ddp", "trainer.accelerator=cpu", "+trainer.strategy.bucket_cap=50"],

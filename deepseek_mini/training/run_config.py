@@ -453,12 +453,18 @@ def _group(cfg: DictConfig, key: str) -> dict:
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
 
 
-def _fields(cls, d: dict, group: str, extra: bool = False) -> dict:
-    """The dataclass's fields out of a config group; a required field the group lacks is named."""
+def _fields(cls, d: dict, group: str, extra: bool = False, strict: bool = False) -> dict:
+    """The dataclass's fields out of a config group; a required field the group lacks is named. `extra`: the
+    other keys go to the dataclass's `extra`; `strict`: any other key is refused (a group the dataclass covers
+    whole, where an unknown key, e.g. a misspelt `+optim.x=...`, would otherwise be recorded but do nothing)."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
     known = {k: v for k, v in d.items() if k in fields}
     if extra:
         known["extra"] = {k: v for k, v in d.items() if k not in fields and k != "_target_"}
+    elif strict:
+        for k, v in d.items():
+            if k not in fields:
+                _fail(f"{group}.{k}", v, f"not one of the {group} settings ({', '.join(fields)})")
     for name, f in fields.items():
         if name not in known and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{group}.{name}: missing (set it in configs/{group}/ or on the command line)")
@@ -558,8 +564,8 @@ class RunConfig:
     def from_cfg(cls, cfg: DictConfig, output_dir: str | os.PathLike) -> RunConfig:
         as_int("seed", cfg.get("seed", 1234), low=0)  # first: data.seed follows it (${seed})
         model = model_config_from(cfg)
-        optim = OptimConfig(**_fields(OptimConfig, _group(cfg, "optim"), "optim"))
-        scheduler = SchedulerConfig(**_fields(SchedulerConfig, _group(cfg, "scheduler"), "scheduler"))
+        optim = OptimConfig(**_fields(OptimConfig, _group(cfg, "optim"), "optim", strict=True))
+        scheduler = SchedulerConfig(**_fields(SchedulerConfig, _group(cfg, "scheduler"), "scheduler", strict=True))
         trainer = TrainerSettings(**_fields(TrainerSettings, _group(cfg, "trainer"), "trainer", extra=True))
         data = DataSettings(**_fields(DataSettings, _group(cfg, "data"), "data"))
         compile_spec = check_compile(cfg.get("compile", False))
