@@ -237,6 +237,8 @@ BAD_CONFIGS = [
      "trainer.strategy.bucket_cap=50: not an option of DDPStrategy or DistributedDataParallel"),
     (["trainer=ddp", "trainer.accelerator=cpu", "trainer.strategy.find_unused_parameters=maybe"],
      "trainer.strategy.find_unused_parameters='maybe': must be true or false"),
+    (["+callbacks.model_checkpoint.every_n_step=5"],                       # was refused after data preparation
+     "callbacks.model_checkpoint.every_n_step=5: not an option of RunCheckpoint"),
     (["trainer=ep", "trainer.accelerator=cpu", "+trainer.strategy.ep_degree=3"],
      "trainer.strategy.ep_degree=3: not an option of expert_parallel_strategy or DistributedDataParallel"),
 ]
@@ -263,6 +265,28 @@ def test_unknown_key_from_the_command_line(tmp_path, capsys, monkeypatch):
         "error: unknown config key 'model.foo' (check the spelling; to add a new key use +model.foo=...)"]
     full = cli("train.py", "model.foo=1", f"hydra.run.dir={tmp_path / 'r'}", env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode != 0 and "Traceback" in full.stderr  # the full error stays available
+
+
+def test_instantiated_nodes_are_checked_against_their_targets():
+    """Every option of a node Hydra instantiates must be one its target accepts, following **kwargs through
+    base classes and, for strategies, into torch's wrapper; targets whose **kwargs lead nowhere known pass."""
+    from deepseek_mini.config import ConfigError
+    from deepseek_mini.training.run_config import check_node_options, target_parameters
+
+    csv = {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": "${paths.output_dir}", "name": "csv"}
+    check_node_options("logger.csv", csv)
+    with pytest.raises(ConfigError, match=r"^logger.csv.flush_every=5: not an option of CSVLogger$"):
+        check_node_options("logger.csv", {**csv, "flush_every": 5})
+    with pytest.raises(ConfigError, match=r"^callbacks.x.enabled='yes please': must be true or false$"):
+        check_node_options("callbacks.x", {"_target_": "deepseek_mini.training.console.ModelSummary",
+                                           "enabled": "yes please"})
+    check_node_options("callbacks.x", {"_target_": "deepseek_mini.training.console.ModelSummary",
+                                       "enabled": "${trainer.enable_model_summary}"})  # checked where it points
+    accepted, complete, followed = target_parameters("deepseek_mini.training.expert_parallel.expert_parallel_strategy")
+    assert {"expert_parallel", "process_group_backend", "bucket_cap_mb"} <= set(accepted) and complete
+    assert followed == ["DistributedDataParallel"]
+    assert not target_parameters("lightning.pytorch.loggers.WandbLogger")[1]  # its **kwargs go to wandb.init
+    check_node_options("logger.wandb", {"_target_": "lightning.pytorch.loggers.WandbLogger", "entity": "me"})
 
 
 # ---------------------------------------------------------------------- 4. bad data

@@ -218,11 +218,12 @@ def _locate(path: str) -> Any:
     raise ImportError(f"no module of {path!r} can be imported")
 
 
-def _strategy_parameters(target: str) -> tuple[dict[str, inspect.Parameter] | None, list[str]]:
-    """What a `trainer.strategy` node's `_target_` accepts, following where its **kwargs go: a subclass's to its
-    base class, Lightning's DDPStrategy's to torch's DistributedDataParallel, FSDPStrategy's to
-    FullyShardedDataParallel; a factory function is followed through its return annotation. None where that
-    cannot be told (a target whose **kwargs lead somewhere unknown). Also the names of the wrappers followed."""
+def target_parameters(target: str) -> tuple[dict[str, inspect.Parameter], bool, list[str]]:
+    """What a config node's `_target_` accepts, following where its **kwargs go: a subclass's to its base
+    class, Lightning's DDPStrategy's to torch's DistributedDataParallel, FSDPStrategy's to
+    FullyShardedDataParallel; a factory function is followed through its return annotation. Returns the named
+    parameters found, whether they are all it accepts (False when **kwargs lead somewhere unknown), and the
+    names of the wrappers followed."""
     import typing
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
@@ -247,12 +248,31 @@ def _strategy_parameters(target: str) -> tuple[dict[str, inspect.Parameter] | No
             if not open_ended:
                 break
         cls = nxt
-    return (None if open_ended else accepted), followed
+    return accepted, not open_ended, followed
 
 
 def _check_option(key: str, value: Any, param: inspect.Parameter) -> None:
-    if isinstance(param.default, bool) and not isinstance(value, bool):
+    interpolation = isinstance(value, str) and value.startswith("${")  # checked where it points to
+    if isinstance(param.default, bool) and not isinstance(value, bool) and not interpolation:
         _fail(key, value, "must be true or false")
+
+
+def check_node_options(group: str, node: Any) -> None:
+    """A config node Hydra will instantiate (`_target_` + options): every option is one its target accepts."""
+    if not (isinstance(node, dict) and "_target_" in node):
+        return
+    target = node["_target_"]
+    try:
+        accepted, complete, followed = target_parameters(target)
+    except (ImportError, AttributeError) as e:
+        _fail(f"{group}._target_", target, f"cannot be imported ({str(e).splitlines()[0]})")
+    for key, value in node.items():
+        if key.startswith("_"):
+            continue
+        if key in accepted:
+            _check_option(f"{group}.{key}", value, accepted[key])
+        elif complete:
+            _fail(f"{group}.{key}", value, f"not an option of {' or '.join([target.rsplit('.', 1)[-1], *followed])}")
 
 
 def check_trainer_options(extra: dict) -> None:
@@ -266,22 +286,17 @@ def check_trainer_options(extra: dict) -> None:
         if key not in trainer_args:
             _fail(f"trainer.{key}", value, "not an argument of lightning's Trainer")
         _check_option(f"trainer.{key}", value, trainer_args[key])
-    strategy = extra.get("strategy")
-    if not (isinstance(strategy, dict) and "_target_" in strategy):
-        return
-    target = strategy["_target_"]
-    try:
-        accepted, followed = _strategy_parameters(target)
-    except (ImportError, AttributeError) as e:
-        _fail("trainer.strategy._target_", target, f"cannot be imported ({str(e).splitlines()[0]})")
-    if accepted is None:
-        return
-    for key, value in strategy.items():
-        if key.startswith("_"):
-            continue
-        if key not in accepted:
-            _fail(f"trainer.strategy.{key}", value, f"not an option of {' or '.join([target.rsplit('.', 1)[-1], *followed])}")
-        _check_option(f"trainer.strategy.{key}", value, accepted[key])
+    check_node_options("trainer.strategy", extra.get("strategy"))
+
+
+def check_instantiated_options(cfg: DictConfig) -> None:
+    """The callbacks and loggers the run will instantiate, checked before data preparation (Hydra would raise
+    on a misspelt option only when it builds them, after the tokenizer and token caches)."""
+    for group in ("callbacks", "logger"):
+        nodes = cfg.get(group)
+        if isinstance(nodes, DictConfig):
+            for name, node in OmegaConf.to_container(nodes, resolve=False).items():
+                check_node_options(f"{group}.{name}", node)
 
 
 @dataclass(frozen=True)
@@ -569,6 +584,7 @@ class RunConfig:
         trainer = TrainerSettings(**_fields(TrainerSettings, _group(cfg, "trainer"), "trainer", extra=True))
         data = DataSettings(**_fields(DataSettings, _group(cfg, "data"), "data"))
         compile_spec = check_compile(cfg.get("compile", False))
+        check_instantiated_options(cfg)
         ckpt = cfg.get("ckpt_path")
         ckpt = None if ckpt in (None, "", "null") else str(ckpt)
         return cls(model=model, optim=optim, scheduler=scheduler, trainer=trainer, data=data,
