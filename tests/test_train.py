@@ -122,18 +122,24 @@ def test_resume_from_checkpoint(trained, cache_dir, tmp_path):
 
 
 
-def test_the_model_is_built_on_the_strategys_device(tmp_path, cache_dir, capsys, monkeypatch):
-    """The model LitDeepSeek trains (and with it every weight's initialisation) is created inside the Trainer strategy's tensor-init
-    context, so a GPU run draws its weights on its GPU instead of the host (seconds at `small`, minutes for the
-    10B of experiment=ep_big_gpu). On CPU the context is the CPU: the same weights as before."""
+def test_the_model_is_built_on_the_strategys_device_and_validated_uncompiled_before_fit(tmp_path, cache_dir, capsys,
+                                                                                       monkeypatch):
+    """Two things that used to happen before the first step, checked in one tiny run:
+    * the model LitDeepSeek trains (and with it every weight's initialisation) is created inside the Trainer
+      strategy's tensor-init context, so a GPU run draws its weights on its GPU instead of the host (seconds at
+      `small`, minutes for the 10B of experiment=ep_big_gpu); on CPU the context is the CPU: the same weights;
+    * the validation before fit() runs the eager model (compiled, it would compile the eval graph before the
+      first training step); the training steps and the validation inside fit() run the compiled one. The
+      compiled module is stood in for by a recorder around the eager model (no real compilation)."""
     from contextlib import contextmanager
 
     from conftest import run_script_inprocess
     from lightning.pytorch.strategies.strategy import Strategy
 
     from deepseek_mini.model import DeepSeekV2
+    from deepseek_mini.training import module as module_mod
 
-    inside, seen = [False], []
+    inside, seen, calls = [False], [], []
     original_ctx, original_init = Strategy.tensor_init_context, DeepSeekV2.__init__
 
     @contextmanager
@@ -149,36 +155,20 @@ def test_the_model_is_built_on_the_strategys_device(tmp_path, cache_dir, capsys,
         seen.append((inside[0], torch.get_default_device().type))
         original_init(self, cfg)
 
-    monkeypatch.setattr(Strategy, "tensor_init_context", tensor_init_context)
-    monkeypatch.setattr(DeepSeekV2, "__init__", init)
-    code, out, err = run_script_inprocess("train.py", [*TINY_OVERRIDES, "trainer.max_steps=1", "callbacks.model_checkpoint=null",
-                                                       f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}"],
-                                          capsys, monkeypatch)
-    assert code == 0, err[-2000:]
-    assert seen[0] == (True, "cpu")  # the training model (the first one built)
-
-
-def test_the_validation_before_fit_runs_uncompiled(tmp_path, cache_dir, capsys, monkeypatch):
-    """The validation before fit() runs the eager model (compiled, it would compile the eval graph before the
-    first training step); the training steps and the validation inside fit() run the compiled one. The
-    compiled module is stood in for by a recorder around the eager model (no real compilation)."""
-    from conftest import run_script_inprocess
-
-    from deepseek_mini.training import module as module_mod
-
-    calls = []
-
     def fake_compile(model, spec, dynamic=False):
         def compiled(*args, **kwargs):
             calls.append("train" if model.training else "eval")
             return model(*args, **kwargs)
         return compiled
 
+    monkeypatch.setattr(Strategy, "tensor_init_context", tensor_init_context)
+    monkeypatch.setattr(DeepSeekV2, "__init__", init)
     monkeypatch.setattr(module_mod, "compile_model", fake_compile)
     code, out, err = run_script_inprocess("train.py", [*TINY_OVERRIDES, "compile=full", "callbacks.model_checkpoint=null",
                                                        f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}"],
                                           capsys, monkeypatch)
     assert code == 0, err[-2000:]
+    assert seen[0] == (True, "cpu")  # the training model (the first one built)
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert math.isfinite(res["val_loss_start"])
     # 4 steps, validation at steps 2 and 4 (2 batches each): nothing compiled ran before the first step
