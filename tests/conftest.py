@@ -78,16 +78,22 @@ requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                      reason="Triton is not installed (CPU-only torch)")
 
 
-def max_diff_under_interpreter(module: str, compare: str) -> float:
+def max_diff_under_interpreter(module: str, compare: str | list[str]) -> float | dict[str, float]:
     """Runs tests/<module>.py's `compare()` (a kernel against its reference, returning the largest difference) in a
-    fresh interpreter with TRITON_INTERPRET=1 (Triton reads it at import), so the kernel runs on CPU tensors."""
+    fresh interpreter with TRITON_INTERPRET=1 (Triton reads it at import), so the kernel runs on CPU tensors.
+    Several compare functions (a list) share one interpreter, whose start-up (torch + Triton) is most of the
+    time; then the result is {name: largest difference}."""
+    names = [compare] if isinstance(compare, str) else list(compare)
     code = ("import sys; sys.path.insert(0, 'tests'); from deepseek_mini.kernels import runtime; "
             "assert runtime.INTERPRET and runtime.triton is not None; "
-            f"from {module} import {compare}; print('MAXDIFF', {compare}())")
+            f"import {module} as m; "
+            f"[print('MAXDIFF', name, getattr(m, name)()) for name in {names!r}]")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return float(proc.stdout.split("MAXDIFF")[1])
+    diffs = {line.split()[1]: float(line.split()[2]) for line in proc.stdout.splitlines() if line.startswith("MAXDIFF")}
+    assert list(diffs) == names, proc.stdout[-2000:]
+    return diffs[compare] if isinstance(compare, str) else diffs
 
 
 @pytest.fixture(scope="session")
