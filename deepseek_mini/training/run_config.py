@@ -219,11 +219,11 @@ def _locate(path: str) -> Any:
 
 
 def target_parameters(target: str) -> tuple[dict[str, inspect.Parameter], bool, list[str]]:
-    """What a config node's `_target_` accepts, following where its **kwargs go: a subclass's to its base
-    class, Lightning's DDPStrategy's to torch's DistributedDataParallel, FSDPStrategy's to
-    FullyShardedDataParallel; a factory function is followed through its return annotation. Returns the named
-    parameters found, whether they are all it accepts (False when **kwargs lead somewhere unknown), and the
-    names of the wrappers followed."""
+    """What a config node's `_target_` accepts, following where its **kwargs go where that is known: this
+    package's classes hand them to their base class, Lightning's DDPStrategy to torch's DistributedDataParallel,
+    FSDPStrategy to FullyShardedDataParallel; a factory function is followed through its return annotation.
+    Returns the named parameters found, whether they are all it accepts (False when **kwargs lead somewhere
+    else, e.g. WandbLogger's to wandb.init, or the target cannot be inspected), and the wrappers followed."""
     import typing
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
@@ -232,22 +232,25 @@ def target_parameters(target: str) -> tuple[dict[str, inspect.Parameter], bool, 
 
     wraps = {DDPStrategy: DistributedDataParallel, FSDPStrategy: FullyShardedDataParallel}
     obj, followed = _locate(target), []
-    accepted, open_ended = _parameters(obj)
-    cls = obj if isinstance(obj, type) else typing.get_type_hints(obj).get("return")
-    while open_ended and isinstance(cls, type):
-        nxt = None
-        for base in cls.__mro__:
-            if base is object or "__init__" not in vars(base):
-                continue
-            named, open_ended = _parameters(base)
-            accepted.update(named)
-            if base in wraps:  # its **kwargs go to the torch wrapper, not to its own base classes
-                nxt = wraps[base]
-                followed.append(nxt.__name__)
-                break
-            if not open_ended:
-                break
-        cls = nxt
+    try:
+        accepted, open_ended = _parameters(obj)
+        cls = obj if isinstance(obj, type) else typing.get_type_hints(obj).get("return")
+        while open_ended and isinstance(cls, type):
+            nxt = None
+            for base in cls.__mro__:
+                if base is object or "__init__" not in vars(base):
+                    continue
+                named, open_ended = _parameters(base)
+                accepted.update(named)
+                if base in wraps:  # its **kwargs go to the torch wrapper, not to its own base classes
+                    nxt = wraps[base]
+                    followed.append(nxt.__name__)
+                    break
+                if not open_ended or not base.__module__.startswith("deepseek_mini."):
+                    break  # all named, or **kwargs that a class not of this package may send anywhere
+            cls = nxt
+    except (TypeError, ValueError, NameError):  # no signature, or annotations that do not resolve: unchecked
+        return {}, False, followed
     return accepted, not open_ended, followed
 
 
