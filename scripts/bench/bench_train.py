@@ -111,7 +111,6 @@ def tt_model(cfg, seq_len: int, device):
     """
     from functools import partial
 
-    import torch
     from torch import nn
 
     try:
@@ -143,14 +142,23 @@ def tt_model(cfg, seq_len: int, device):
         tok_embeddings=Embedding.Config(num_embeddings=V, embedding_dim=D, param_init={"weight": normal}),
         norm=RMSNorm.Config(normalized_shape=D, param_init={"weight": nn.init.ones_}),
         lm_head=Linear.Config(in_features=D, out_features=V, param_init=linear_init))
-    with torch.device("meta"):  # as torchtitan's trainer builds it: on meta, then materialised and initialised
-        model = tt_cfg.build()
+    return tt_materialise(tt_cfg.build, cfg, device)
+
+
+def tt_materialise(build, cfg, device):
+    """A torchtitan model as its trainer builds one: on the meta device, then materialised on `device` and
+    initialised by its own init_weights; then our RMSNorm eps (ours: 1e-6 in the MLA latents too)."""
+    import torch
+    from torch import nn
+
+    with torch.device("meta"):
+        model = build()
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights(buffer_device=device)
     for m in model.modules():
         if isinstance(m, nn.RMSNorm):
-            m.eps = cfg.rms_norm_eps if m.normalized_shape[0] == D else 1e-6  # ours: 1e-6 in the MLA latents too
+            m.eps = cfg.rms_norm_eps if m.normalized_shape[0] == cfg.hidden_size else 1e-6
     return model
 
 
@@ -159,8 +167,6 @@ def tt_model_v02(cfg, seq_len: int, device):
     0.2's DeepSeekV3ModelArgs + MoEArgs (0.3.0 imports torch.distributed.fsdp.DataParallelMeshDims, which torch
     2.11 lacks). Its own init (init_weights); flex attention with its causal mask; the two shared experts as one
     FFN of twice the width (torchtitan's layout, the same parameters); no yarn (original_seq_len = seq_len)."""
-    import torch
-    from torch import nn
     from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
     from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
     from torchtitan.models.moe import MoEArgs
@@ -176,14 +182,7 @@ def tt_model_v02(cfg, seq_len: int, device):
         qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
         attn_type="flex", attn_mask_type="causal", original_seq_len=seq_len, rope_theta=cfg.rope_theta)
     args.moe_impl = "standard"  # set by update_from_config from a JobConfig in torchtitan's trainer
-    with torch.device("meta"):
-        model = DeepSeekV3Model(args)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights(buffer_device=device)
-    for m in model.modules():
-        if isinstance(m, nn.RMSNorm):
-            m.eps = cfg.rms_norm_eps if m.normalized_shape[0] == cfg.hidden_size else 1e-6
+    model = tt_materialise(lambda: DeepSeekV3Model(args), cfg, device)
     model.tt_version = "0.2"
     return model
 
