@@ -203,7 +203,8 @@ def _parameters(fn) -> tuple[dict[str, inspect.Parameter], bool]:
 
 
 def _locate(path: str) -> Any:
-    """`a.b.C` -> the object, as Hydra's `_target_` names it (the longest importable module, then attributes)."""
+    """`a.b.C` -> the object, as Hydra's `_target_` names it (the longest importable module, then attributes).
+    Not hydra.utils.get_object: it logs its own error line before raising, and a bad target is one line here."""
     import importlib
 
     parts = path.split(".")
