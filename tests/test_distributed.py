@@ -20,7 +20,7 @@ from conftest import CONFIGS, TINY_OVERRIDES, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from deepseek_mini.training.strategies import build_strategy, global_batch, is_sharded_checkpoint
+from deepseek_mini.training.strategies import build_trainer_nodes, global_batch, is_sharded_checkpoint
 
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv",
            "model.bias_update_speed=0.01", "callbacks.samples.max_new_tokens=4"]
@@ -57,11 +57,20 @@ def test_ddp_config_builds_a_ddp_strategy():
 
     cfg = _compose("trainer=ddp")
     assert cfg.trainer.use_distributed_sampler is False and cfg.trainer.devices == 2
-    kwargs = build_strategy({"strategy": OmegaConf.to_container(cfg.trainer.strategy, resolve=True)})
+    kwargs = build_trainer_nodes({"strategy": OmegaConf.to_container(cfg.trainer.strategy, resolve=True)})
     strategy = kwargs["strategy"]
     assert isinstance(strategy, DDPStrategy)
     assert strategy._ddp_kwargs["find_unused_parameters"] is False
     assert strategy._ddp_kwargs["gradient_as_bucket_view"] is True
+    # any Trainer argument given as a node is built, not passed on as a dict (a profiler node used to reach
+    # Lightning as a dict: AttributeError "'dict' object has no attribute 'profile'" after data preparation)
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    built = build_trainer_nodes({"profiler": {"_target_": "lightning.pytorch.profilers.SimpleProfiler"}, "max_steps": 3,
+                                 "plugins": [{"_target_": "lightning.pytorch.plugins.io.TorchCheckpointIO"}, "x"]})
+    assert isinstance(built["profiler"], SimpleProfiler) and built["max_steps"] == 3
+    assert isinstance(built["plugins"][0], TorchCheckpointIO) and built["plugins"][1] == "x"
     # broadcast_buffers, the name every torch 2.x DDP takes (forward_sync_buffers exists only from 2.13 on:
     # torch 2.11 on the GPU machine refused it)
     assert strategy._ddp_kwargs["broadcast_buffers"] is False and "forward_sync_buffers" not in strategy._ddp_kwargs
@@ -75,7 +84,7 @@ def test_fsdp_config_wraps_each_block_and_keeps_buffers_fp32():
     cfg = _compose("trainer=fsdp")
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.use_distributed_sampler is False
     assert cfg.get("compile") is False, "torch.compile stays off by default (not combined with FSDP)"
-    strategy = build_strategy({"strategy": OmegaConf.to_container(cfg.trainer.strategy, resolve=True)})["strategy"]
+    strategy = build_trainer_nodes({"strategy": OmegaConf.to_container(cfg.trainer.strategy, resolve=True)})["strategy"]
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert strategy.sharding_strategy.name == "FULL_SHARD" and strategy._state_dict_type == "sharded"
@@ -286,8 +295,9 @@ def test_cuda_graphs_only_for_the_whole_model_and_not_under_fsdp(gpu_run_config,
                 run_config(*extra, f"compile={mode}")
     for devices in ("trainer.devices=2", "trainer.devices=-1", "trainer.devices=[0,1]", "trainer.devices=1"):
         with pytest.raises(ConfigError, match=r"^compile='full:reduce-overhead': CUDA graphs are refused with FSDP "
-                                              r"\(.*\); use compile=false, FSDP's measured setting, or trainer=ddp$"):
+                                              r"\(.*\); use compile=regional, FSDP's fastest measured setting, or trainer=ddp$"):
             run_config("trainer=fsdp", devices, "compile=reduce-overhead")
+        assert run_config("trainer=fsdp", devices, "compile=regional").compile == "regional"
         assert run_config("trainer=ddp", devices, "compile=reduce-overhead").compile == "full:reduce-overhead"
     assert run_config("trainer=ddp", "trainer.devices=2", "compile=regional").compile == "regional"
     assert run_config("trainer=ddp", "trainer.devices=2", "compile=full:max-autotune-no-cudagraphs")

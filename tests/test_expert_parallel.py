@@ -123,6 +123,7 @@ def _grads_worker(rank, world, port, out_dir):
         # the loss of the global batch is the mean of the ranks' losses: average every gradient over the ranks
         # (an expert's local gradient already sums both ranks' tokens, so it is divided by the world size)
         grads = {}
+        local_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         for n, p in model.named_parameters():
             g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)  # experts that got no row
             if n not in names:
@@ -135,8 +136,21 @@ def _grads_worker(rank, world, port, out_dir):
         with torch.inference_mode():
             loss_inference = model(x[rows], labels=y[rows], return_logits=False).loss.clone()
         expert_parallel.all_to_all_single_autograd = autograd_a2a
+        compiled = {}
+        if name == "batch":  # regional torch.compile (trainer=ep compile=regional): each block's graph breaks at
+            # the dispatcher, which runs eager; the batch-level counts' all-reduce too. aot_eager traces forward and
+            # backward as Inductor would receive them, without its (slow on CPU) code generation.
+            from deepseek_mini.training.compile import compile_regions
+
+            model.zero_grad(set_to_none=True)
+            torch._dynamo.reset()
+            out_c = compile_regions(model, backend="aot_eager")(x[rows], labels=y[rows], return_logits=False)
+            (out_c.loss + out_c.aux_loss).backward()
+            compiled = {"loss": out_c.loss.detach(), "aux": {k: v.detach() for k, v in out_c.aux_losses.items()},
+                        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
         torch.save({"grads": grads, "names": sorted(names), "loss": out.loss.detach(),
-                    "loss_inference": loss_inference,
+                    "loss_inference": loss_inference, "compiled": compiled, "local_grads": local_grads,
                     "aux": {k: v.detach() for k, v in out.aux_losses.items()}, "stats": out.router_stats,
                     "sent": sent_train, "routed": routed_train}, Path(out_dir) / f"rank{rank}_{name}.pt")
     dist.destroy_process_group()
@@ -175,6 +189,13 @@ def test_ep2_forward_backward_equals_one_process(ep_grads):
                                            atol=1e-6)
             else:
                 torch.testing.assert_close(r[0]["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=(name, n))
+        for rank in range(2) if name == "batch" else ():  # compiled regionally, the same loss and local gradients
+            c = r[rank]["compiled"]
+            assert c["graphs"] >= 2, "nothing was compiled"
+            torch.testing.assert_close(c["loss"], r[rank]["loss"], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(c["aux"], r[rank]["aux"], rtol=1e-6, atol=1e-8)
+            assert c["grads"].keys() == r[rank]["local_grads"].keys()
+            torch.testing.assert_close(c["grads"], r[rank]["local_grads"], rtol=1e-5, atol=1e-7)
         if cfg.topk_method == "group_limited_greedy":  # M = topk_group = 1: each token's experts on one device
             assert r[0]["stats"][0]["tokens_per_device"].sum() == B * S
         if name == "one_device":  # rank 1 received (and returned) no row in any layer
@@ -310,7 +331,8 @@ def test_ep2_strategy_matches_ddp_and_its_checkpoint_resumes_under_both(tmp_path
                                                                "trainer.strategy.expert_parallel=2"),
     (["model.topk_method=group_limited_greedy", "model.n_group=4", "model.topk_group=1"],
      "error: model.n_group=4: must equal"),
-    (["compile=true"], "error: compile=regional: not with expert parallelism"),
+    (["compile=reduce-overhead"], "error: compile=full:reduce-overhead: CUDA graphs are refused with expert "
+                                  "parallelism"),
     (["trainer.strategy.expert_parallel=0"], "error: trainer.strategy.expert_parallel=0: must be a positive integer"),
 ])
 def test_bad_expert_parallel_settings_fail_with_one_line(overrides, line, tmp_path):

@@ -237,6 +237,8 @@ BAD_CONFIGS = [
      "trainer.strategy.bucket_cap=50: not an option of DDPStrategy or DistributedDataParallel"),
     (["trainer=ddp", "trainer.accelerator=cpu", "trainer.strategy.find_unused_parameters=maybe"],
      "trainer.strategy.find_unused_parameters='maybe': must be true or false"),
+    (["+trainer.profiler._target_=lightning.pytorch.profilers.SimpleProfiler", "+trainer.profiler.bogus=1"],
+     "trainer.profiler.bogus=1: not an option of SimpleProfiler"),
     (["+callbacks.model_checkpoint.every_n_step=5"],                       # was refused after data preparation
      "callbacks.model_checkpoint.every_n_step=5: not an option of RunCheckpoint"),
     (["trainer=ep", "trainer.accelerator=cpu", "+trainer.strategy.ep_degree=3"],

@@ -16,7 +16,7 @@ from deepseek_mini.config import ModelConfig
 pytestmark = pytest.mark.slow
 
 RESULT_KEYS = {"val_loss", "val_loss_start", "train_loss", "tokens_seen", "tokens_per_sec", "params_total",
-               "params_active", "kv_cache_bytes_per_token", "checkpoint", "config"}
+               "params_active", "kv_cache_bytes_per_token", "checkpoint", "config", "compile"}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,7 @@ def test_train_writes_results(trained):
     assert math.isfinite(res["val_loss"]) and math.isfinite(res["val_loss_start"]) and math.isfinite(res["train_loss"])
     assert res["val_loss"] < res["val_loss_start"], "even 4 steps lower the loss of a fresh model"
     assert res["tokens_per_sec"] > 0
+    assert res["compile"] is None  # compile=false, the default: what ran
     assert res["config"] == ModelConfig.from_dict(res["config"]).to_dict() and res["config"]["kv_lora_rank"] == 16
     assert res["kv_cache_bytes_per_token"] == ModelConfig.from_dict(res["config"]).kv_cache_bytes_per_token(2)
     assert res["params_active"] < res["params_total"]

@@ -28,7 +28,8 @@ deduplication on the way back (up to K rows per token again).
 The row gathers and sums are written as transposes of each other (_Expand / _Reduce): every backward is a
 gather plus a sum over a few slots, no atomics. Per MoE layer and forward: one small counts all_to_all, one
 host sync, three all_to_alls out and one back; backward runs the autograd ones again with the splits swapped
-and no host sync. Nothing loops over experts in Python.
+and no host sync. Nothing loops over experts in Python. Under torch.compile the dispatcher runs eager (a graph
+break per MoE layer); CUDA graphs, which need fixed shapes, are refused with it.
 
 Pure PyTorch: torch.distributed only. The training side (meshes, gradient averaging, checkpoints) is in
 deepseek_mini/training/expert_parallel.py.
@@ -114,6 +115,10 @@ class ExpertParallel:
         self.n_experts, self.n_local = n_experts, n_experts // self.size
         self.first = self.rank * self.n_local  # global id of this rank's first expert
 
+    # Never traced by torch.compile: the split sizes are host ints read from the routing (step 3 above) and the
+    # buffers are sized by them, so a compiled model breaks its graph here and runs the dispatch eager, between the
+    # compiled code before (attention, router, shared experts) and after it (the residual, the next block).
+    @torch.compiler.disable
     def __call__(self, experts: nn.Module, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
                  routed_TE: torch.Tensor) -> torch.Tensor:
         """Tokens, their K experts and gates -> sum_k gate_k * expert_k(x) per token ([T, D], >= fp32)."""

@@ -294,6 +294,7 @@ class Router(nn.Module):
         counts_E.zero_()
 
 
+@torch.compiler.disable  # an in-place c10d collective: run eager, as the dispatcher does (model/expert_parallel.py)
 def _sum_over(counts: torch.Tensor, group) -> torch.Tensor:
     """Hard counts summed over the ranks of an expert-parallel group (they carry no gradient)."""
     counts = counts.detach().clone()

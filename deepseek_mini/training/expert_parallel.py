@@ -63,8 +63,12 @@ def check_expert_parallel(model, strategy: dict, devices: Any, num_nodes: int, c
     if ep > 1 and device_limited and model.topk_group > ep:  # implied by topk_group <= n_group = ep; said plainly
         raise ConfigError(f"model.topk_group={model.topk_group}: the device limit M must be <= {key}={ep}")
     if compile_mode is not None and ep > 1:
-        raise ConfigError(f"compile={compile_mode}: not with expert parallelism (the all-to-all split sizes are read "
-                          "on the host every MoE layer, a graph break per layer; use compile=false)")
+        from deepseek_mini.training.compile import parse_compile
+
+        if parse_compile(compile_mode).cudagraphs:
+            raise ConfigError(f"compile={compile_mode}: CUDA graphs are refused with expert parallelism (the "
+                              "all-to-all sizes change with the routing every step, so the dispatch runs eager between "
+                              "compiled graphs); use compile=regional")
     if str(precision) in ("16-mixed", "16"):
         raise ConfigError(f"trainer.precision={precision}: fp16 needs a gradient scaler, whose inf check does not see "
                           "the other ranks' experts; use bf16-mixed or 32-true")

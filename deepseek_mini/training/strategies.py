@@ -1,7 +1,8 @@
 """Multi-device training: strategy factories for `configs/trainer/{ddp,fsdp}.yaml`, batch arithmetic, helpers.
 
 Hydra YAML cannot express a set of classes (FSDP's `auto_wrap_policy={Block}`) or a torch dtype, so
-`trainer.strategy` may be a node with a `_target_`; `build_strategy` instantiates it (run.py calls it), and
+`trainer.strategy` may be a node with a `_target_`; `build_trainer_nodes` instantiates it (and any other Trainer
+argument given as such a node, e.g. `+trainer.profiler._target_=...`; training/train.py calls it), and
 `fsdp_strategy` builds the FSDPStrategy from plain strings.
 
 Batch arithmetic: `data.batch_size` is per device, so one optimizer step sees
@@ -123,13 +124,21 @@ def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", state_dict_type: str = 
                cpu_offload=cpu_offload, **kwargs)
 
 
-def build_strategy(trainer_kwargs: dict) -> dict:
-    """Instantiate `trainer.strategy` when it is a config node with a `_target_` (in place; returns the dict)."""
-    strategy = trainer_kwargs.get("strategy")
-    if isinstance(strategy, dict) and "_target_" in strategy:
-        import hydra
+def build_trainer_nodes(trainer_kwargs: dict) -> dict:
+    """Instantiate every Trainer argument that is a config node with a `_target_` (`trainer.strategy`, a
+    `+trainer.profiler._target_=...`, the items of a `trainer.plugins` list), in place; returns the dict.
+    Lightning takes those arguments as objects: a node passed on as a dict failed deep inside the run."""
+    import hydra
 
-        trainer_kwargs["strategy"] = hydra.utils.instantiate(strategy)
+    def build(value):
+        if isinstance(value, dict) and "_target_" in value:
+            return hydra.utils.instantiate(value)
+        if isinstance(value, (list, tuple)):
+            return [build(v) for v in value]
+        return value
+
+    for key, value in trainer_kwargs.items():
+        trainer_kwargs[key] = build(value)
     return trainer_kwargs
 
 
@@ -170,5 +179,5 @@ class DumpWeights(L.Callback):
         torch.save(state, self.dirpath / f"rank{trainer.global_rank}.pt")
 
 
-__all__ = ["AtomicFSDPStrategy", "DumpWeights", "build_strategy", "consolidate_checkpoint", "fsdp_strategy", "global_batch",
+__all__ = ["AtomicFSDPStrategy", "DumpWeights", "build_trainer_nodes", "consolidate_checkpoint", "fsdp_strategy", "global_batch",
            "is_sharded_checkpoint"]

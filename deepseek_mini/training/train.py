@@ -122,14 +122,14 @@ def build_parts(cfg: DictConfig, run: RunConfig, resume: Resume, dm, model_cfg: 
     from deepseek_mini.training.module import LitDeepSeek
     from deepseek_mini.training.run import build_callbacks, build_loggers, model_stats
     from deepseek_mini.training.sizing import wandb_sweep_fields
-    from deepseek_mini.training.strategies import build_strategy, global_batch
+    from deepseek_mini.training.strategies import build_trainer_nodes, global_batch
 
     stats = model_stats(model_cfg)
     log.info("model: %s attention, %.2fM parameters (%.2fM active), %d KV-cache bytes/token",
              model_cfg.attention, stats["params_total"] / 1e6, stats["params_active"] / 1e6,
              stats["kv_cache_bytes_per_token"])
     trainer_kwargs = run.trainer.trainer_kwargs()
-    build_strategy(trainer_kwargs)  # trainer.strategy may be a node with a _target_ (ddp, fsdp)
+    build_trainer_nodes(trainer_kwargs)  # trainer.strategy (ddp, fsdp, ep) and any other _target_ node
 
     callbacks = build_callbacks(cfg)
     ckpt_cb = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -286,6 +286,7 @@ def results(cfg: DictConfig, run: RunConfig, resume: Resume, p: Parts, t_start: 
         "time_to_first_step_sec": _first_step_secs(p, "time_to_first_step"),
         "fit_to_first_step_sec": _first_step_secs(p, "fit_to_first_step"),
         "compile_time_sec": _first_step_secs(p, "compile_time"),
+        "compile": run.compile,  # what was compiled and how ("regional", "full:reduce-overhead"), None: eager
         "wall_time_sec": round(time.perf_counter() - t_start, 2),
         # this rank's peak of torch's allocator (rank 0 writes results.json); None on CPU
         "peak_gpu_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)

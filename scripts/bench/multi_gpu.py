@@ -13,7 +13,7 @@ appends the rest) and prints how many logged steps are bit-identical and the lar
 window, which holds compilation), the per-GPU memory peaks nvidia-smi sampled (mem_<run>.csv, when there
 were GPUs) and the comparisons, prints one table and writes OUT/summary.json. Scaling efficiency is the
 per-GPU rate of ddp / fsdp over gpu1's (same per-device batch, same compile setting for gpu1 and ddp); `ep` is
-set against `ddp_eager` (both compile=false: EP refuses torch.compile).
+set against the DDP run with its compile setting (results.json's `compile`: `ddp` or `ddp_eager`).
 `device_limit` reads the EP experiment's runs (metrics_<run>.csv): per MoE layer the max/mean of tokens received
 per device (`device_max_received`) and of rows computed per device (`device_max_load`), averaged over the layers
 and over the logged steps of the run's second half, with each run's val loss; it writes OUT/device_limit.json.
@@ -107,7 +107,7 @@ def summary(out: Path) -> None:
                "global_batch_tokens": res.get("global_batch_tokens"), "tokens_seen": res.get("tokens_seen"),
                "tokens_per_sec": tps, "per_gpu_tokens_per_sec": tps / world if tps else None,
                "peak_alloc_gib_rank0": res.get("peak_gpu_memory_gib"), "gpu_mem_used_gib": _gpu_peaks(out / f"mem_{run.name}.csv"),
-               "val_loss": res.get("val_loss"), "error": res.get("error")}
+               "val_loss": res.get("val_loss"), "error": res.get("error"), "compile": res.get("compile", "?")}
         if run.name == "gpu1":
             base = row
         rows.append(row)
@@ -117,9 +117,12 @@ def summary(out: Path) -> None:
                 and row.get("per_gpu_tokens_per_sec"):
             # scaling efficiency: N-GPU tokens/s / (N x one-GPU tokens/s) = per-GPU rate / one-GPU rate
             row["scaling_efficiency"] = row["per_gpu_tokens_per_sec"] / base["per_gpu_tokens_per_sec"]
-    ep, ref = by_name.get("ep"), by_name.get("ddp_eager")
+    ep = by_name.get("ep")
+    ref = next((by_name[n] for n in ("ddp", "ddp_eager") if ep and n in by_name
+                and by_name[n].get("compile") == ep.get("compile") != "?"), None)
     if ep and ref and ep.get("tokens_per_sec") and ref.get("tokens_per_sec"):
-        ep["vs_ddp_eager"] = ep["tokens_per_sec"] / ref["tokens_per_sec"]
+        ep["vs_ddp"] = ep["tokens_per_sec"] / ref["tokens_per_sec"]
+        ep["ddp_reference"] = ref["run"]
     compares = [c for p in sorted(out.glob("compare_*.json")) if (c := _read_json(p))]
     head = f"{'run':<14}{'status':<16}{'ranks':>5}{'steps':>7}{'tok/s/GPU':>12}{'scaling':>9}{'alloc GiB':>11}" \
            f"{'nvsmi GiB':>16}{'val loss':>10}"
@@ -134,8 +137,9 @@ def summary(out: Path) -> None:
               f"{f(r.get('val_loss'), '.4f'):>10}")
         if r.get("error"):
             print(f"    error: {r['error']}")
-    if ep and ep.get("vs_ddp_eager"):
-        print(f"ep tokens/s / ddp_eager tokens/s = {ep['vs_ddp_eager']:.3f} (same GPUs, same global batch, both eager)")
+    if ep and ep.get("vs_ddp"):
+        print(f"ep tokens/s / {ep['ddp_reference']} tokens/s = {ep['vs_ddp']:.3f} (same GPUs, same global batch, both "
+              f"compile={ep['compile'] or 'false'})")
     for c in compares:
         print(f"{Path(c['resumed']).name} vs {Path(c['reference']).name} after step {c['after_step']}: "
               f"{c['bit_identical']}/{c['steps_compared']} logged train/loss values bit-identical, "

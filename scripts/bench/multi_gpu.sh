@@ -12,9 +12,11 @@
 #           MG_GPU1_PAIR=1 runs gpu1 and gpu1_fast at once (GPU 0 and GPU 1) to save time, at the price of a shared
 #           host: on 2026-11-30 that may have understated gpu1's launch-bound rate (docs/benchmarks.md)
 #   ddp     DDP on $NGPU GPUs, same per-device batch (weak scaling), compile=$DDP_COMPILE   -> runs/ddp
-#   fsdp    FSDP on $NGPU GPUs, same per-device batch, compile off                        -> runs/fsdp
-#   ddp_eager  DDP with compile=false: the reference of the EP run (EP refuses torch.compile)
-#   ep      expert parallelism (trainer=ep, EP=$NGPU; = experiment=ep_small_gpu), same per-device batch
+#   fsdp    FSDP on $NGPU GPUs, same per-device batch, compile=$FSDP_COMPILE (default regional) -> runs/fsdp
+#   ddp_eager  DDP with compile=false
+#   ep      expert parallelism (trainer=ep, EP=$NGPU; = experiment=ep_small_gpu), same per-device batch,
+#           compile=$EP_COMPILE (default regional: the dispatcher runs eager between the compiled graphs; CUDA graphs
+#           are refused with EP); its like-for-like DDP reference: the ddp stage with DDP_COMPILE=regional
 #   resume_ddp / resume_fsdp   the equal-token runs: per-device batch BATCH / NGPU, so one step sees the one-GPU
 #           run's samples (rank-strided from the same stream) and their val loss compares with gpu1's.
 #           <p>_ref runs uninterrupted; <p>_kill is SIGKILLed at step $KILL_AT by the project's DSMINI_FAULT
@@ -55,7 +57,7 @@ if [ "${MG_CPU:-0}" = 1 ]; then
         callbacks.samples=null callbacks.progress_bar=null logger=csv)
   ONE=(trainer.accelerator=cpu trainer.devices=1)
   DDP=(trainer=ddp trainer.accelerator=cpu "trainer.devices=$NGPU")
-  EP=(trainer=ep trainer.accelerator=cpu "trainer.devices=$NGPU" compile=false)
+  EP=(trainer=ep trainer.accelerator=cpu "trainer.devices=$NGPU" "compile=${EP_COMPILE:-false}")
   FSDP=()
   DDP_COMPILE=false; FAST_COMPILE=false; RESUME_COMPILE=false
 else
@@ -66,8 +68,10 @@ else
         logger=csv callbacks.samples=null callbacks.progress_bar=null)
   ONE=(trainer.devices=1)
   DDP=(trainer=ddp "trainer.devices=$NGPU")
-  EP=(trainer=ep "trainer.devices=$NGPU" compile=false)                  # = experiment=ep_small_gpu
-  FSDP=(trainer=fsdp "trainer.devices=$NGPU" compile=false)   # README: keep compile off with FSDP
+  EP=(trainer=ep "trainer.devices=$NGPU" "compile=${EP_COMPILE:-regional}")   # = experiment=ep_small_gpu
+  # FSDP_COMPILE: the fsdp stage's compile setting. CUDA graphs are refused under FSDP; regional is its fastest
+  # measured setting (2026-11-30: 1.73x FSDP eager, same loss curve; docs/benchmarks.md)
+  FSDP=(trainer=fsdp "trainer.devices=$NGPU" "compile=${FSDP_COMPILE:-regional}")
   # One compile setting for the baseline and DDP, so the scaling figure compares like with like: small_gpu's
   # own, the whole model with CUDA graphs, which DDP compiles as one graph (training/compile.OneGraphUnderDDP;
   # 2026-11-30: the fastest DDP setting, on the eager DDP loss curve; docs/benchmarks.md)
