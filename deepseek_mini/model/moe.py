@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseek_mini.config import ModelConfig
+from deepseek_mini.kernels import moe_decode
 from deepseek_mini.kernels import swiglu as swiglu_kernel
 from deepseek_mini.model.layers import SwiGLU, fused_linears
 
@@ -226,6 +227,10 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
     def forward(self, x_ND: torch.Tensor, offsets_E: torch.Tensor, weights_N: torch.Tensor) -> torch.Tensor:
+        if moe_decode.available(x_ND, self.gate_up_proj, self.down_proj, weights_N):
+            # inference at decode sizes on CUDA (a few rows per expert): the products are weight-bandwidth bound, and
+            # kernels/moe_decode.py reads each busy expert's weights once, with the SwiGLU and the gates fused in
+            return moe_decode.grouped_swiglu_experts(x_ND, self.gate_up_proj, self.down_proj, offsets_E, weights_N)
         h_NH = grouped_mm(x_ND, self.gate_up_proj, offsets_E)  # H = 2I: [gate | up]
         return grouped_mm(_GatedSwiGLU.apply(h_NH, weights_N), self.down_proj, offsets_E)
 

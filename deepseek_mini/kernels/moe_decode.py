@@ -1,0 +1,231 @@
+"""The routed experts at decode sizes for CUDA (Triton): grouped matrix-vector products that read each busy
+expert's weights once.
+
+At decode the routed experts see N = T*K rows: batch 32 x top-6 = 192 rows over 64 experts in `small`, ~3 per
+expert; batch 1, 6 rows on 6 experts. Their two grouped GEMMs are then really grouped GEMVs: the multiply-adds cost
+nothing, reading the expert weights is the whole cost (113 MB per MoE layer of `small` in bf16). F.grouped_mm's
+CUTLASS tiles are built for large N; in the compiled, graph-captured decode step of `small` at batch 32 they took
+2.3x the time to read those bytes (H200, issue 24). Here, per MoE layer, two kernels:
+
+* _grouped_gate_up_swiglu, grid (expert, tile of BLOCK_N of the I outputs): streams the tile's gate rows and up
+  rows of gate_up_proj[e] once, BLOCK_K of D at a time, against the expert's rows BLOCK_M at a time (16, the
+  smallest tl.dot), and writes a = silu(g) * u * gate for its columns. The SwiGLU and the routing gate ride along
+  in registers: the [N, 2I] gate/up projection never reaches memory.
+* _grouped_down, grid (expert, tile of BLOCK_N of the D outputs): y = a @ down_proj[e]^T the same way.
+
+Expert e's rows are offsets[e-1]:offsets[e], read on the device: no host sync, the call has static shapes and a
+CUDA graph captures it. The programs of an expert without rows load nothing and end, so a call reads exactly the
+weights of the experts that have rows (6 of 64 at batch 1). An expert with more than BLOCK_M rows streams its tile
+again for each further block of rows (from L2: the tile is small), and the 16-row products start to count: the
+kernel is for small N only, and GroupedExperts takes it for inference with at most MAX_ROWS_PER_EXPERT rows per
+expert on average (`available`); training and prefill keep grouped_mm.
+
+Rounding follows the grouped_mm path under torch.compile: products accumulated in fp32, the gate/up projection
+rounded to x's dtype (grouped_mm's output), silu(g) * u * gate in fp32 rounded once to x's dtype (_GatedSwiGLU as
+Inductor fuses it), the down projection accumulated in fp32 and rounded to x's dtype. Weights are cast to x's dtype
+as they are loaded, as grouped_mm casts them (under autocast with fp32 weights, without a cast copy of them).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from deepseek_mini.kernels import runtime
+from deepseek_mini.kernels.runtime import tl, triton
+
+if triton is not None:
+
+    @triton.jit
+    def _expert_rows(offsets_ptr, e):
+        """Expert e's rows: offsets[e-1] (0 for the first expert) to offsets[e]."""
+        start = tl.where(e > 0, tl.load(offsets_ptr + tl.maximum(e - 1, 0)), 0)
+        return start, tl.load(offsets_ptr + e)
+
+    @triton.jit
+    def _grouped_gate_up_swiglu(x_ptr, w_ptr, offsets_ptr, gate_ptr, a_ptr, stride_we,
+                                D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        e = tl.program_id(0)
+        start, end = _expert_rows(offsets_ptr, e)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's columns of I = WIDTH
+        offs_k = tl.arange(0, BLOCK_K)
+        n_mask = offs_n < WIDTH
+        w_gate = w_ptr + e.to(tl.int64) * stride_we + offs_n[:, None] * D  # rows [0, I) of gate_up_proj[e]
+        w_up = w_gate + WIDTH * D  # rows [I, 2I)
+        for m0 in range(start, end, BLOCK_M):  # no rows: no iteration, nothing read
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < end
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                k_mask = k0 + offs_k < D
+                x = tl.load(x_ptr + offs_m[:, None] * D + k0 + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                            other=0.0)
+                w_mask = n_mask[:, None] & k_mask[None, :]
+                wg = tl.load(w_gate + k0 + offs_k[None, :], mask=w_mask, other=0.0).to(x.dtype)
+                wu = tl.load(w_up + k0 + offs_k[None, :], mask=w_mask, other=0.0).to(x.dtype)
+                if UPCAST:  # the same values multiplied in fp32: see _dot_options
+                    x, wg, wu = x.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+                acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision=PRECISION)
+            # h = [g | u] rounded as grouped_mm returns it; the SwiGLU and the row's gate in fp32, rounded once
+            g = acc_g.to(x_ptr.dtype.element_ty).to(tl.float32)
+            u = acc_u.to(x_ptr.dtype.element_ty).to(tl.float32)
+            gate = tl.load(gate_ptr + offs_m, mask=m_mask, other=0.0).to(tl.float32)
+            a = g * tl.sigmoid(g) * u * gate[:, None]
+            tl.store(a_ptr + offs_m[:, None] * WIDTH + offs_n[None, :], a.to(a_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _grouped_down(a_ptr, w_ptr, offsets_ptr, y_ptr, stride_we, D: tl.constexpr, WIDTH: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr):
+        e = tl.program_id(0)
+        start, end = _expert_rows(offsets_ptr, e)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's columns of D
+        offs_k = tl.arange(0, BLOCK_K)
+        n_mask = offs_n < D
+        w_row = w_ptr + e.to(tl.int64) * stride_we + offs_n[:, None] * WIDTH  # rows of down_proj[e]
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < end
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, WIDTH, BLOCK_K):
+                k_mask = k0 + offs_k < WIDTH
+                a = tl.load(a_ptr + offs_m[:, None] * WIDTH + k0 + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                            other=0.0)
+                w = tl.load(w_row + k0 + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(a.dtype)
+                if UPCAST:
+                    a, w = a.to(tl.float32), w.to(tl.float32)
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+            tl.store(y_ptr + offs_m[:, None] * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & n_mask[None, :])
+
+
+# At most this many rows per expert on average (N <= 16 * E: T <= 170 tokens of `small`, top-6 of 64): one BLOCK_M
+# block per expert, so each weight tile is streamed once. Decode (batch x top-k) and speculative verification stay
+# far below; prefill and training (thousands of rows) are GEMMs, where grouped_mm's large tiles win.
+# scripts/bench/moe_decode_tune.py --crossover times both paths across N.
+MAX_ROWS_PER_EXPERT = 16
+
+
+def available(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Inference at decode sizes: 16-bit rows on CUDA (or under the interpreter), nothing that needs a gradient (the
+    kernels have no backward), the autocast dtype if autocast is on (grouped_mm would cast to it), few rows."""
+    if not (runtime.runs_on(x) and x.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj, weights)):
+        return False
+    if x.is_cuda and torch.is_autocast_enabled("cuda") and x.dtype != torch.get_autocast_dtype("cuda"):
+        return False
+    return x.shape[0] <= MAX_ROWS_PER_EXPERT * gate_up_proj.shape[0]
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One kernel's launch: BLOCK_N output columns per program, the reduction BLOCK_K at a time, rows BLOCK_M at a time."""
+
+    block_n: int
+    block_k: int = 128
+    block_m: int = 16
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(n_rows: int, n_experts: int, out_cols: int, reduce_dim: int, n_sm: int) -> LaunchConfig:
+    """Streaming the weights is the whole cost, so the programs that have rows should cover the SMs, each streaming
+    long contiguous weight rows. At most min(N, E) experts have rows; each has one program per BLOCK_N output columns.
+    BLOCK_N halves from 128 (down to 32) until those programs cover the SMs twice; BLOCK_K is 128 (256 bytes of each
+    weight row per step), 64 with BLOCK_N = 128 (the 3-stage pipeline's tiles stay the same size).
+    Measured on an H200 (132 SMs, 2026-11-30, scripts/bench/moe_decode_tune.py, `small`, 24 configurations per kernel
+    and batch): at batch 32 (~62 busy experts) gate/up gets 64 x 128 (20.6 us; the best 20.2) and down 128 x 64 (6.9 us,
+    the best; 9.1 with 64 x 128); at batch 1 (6 experts) both get 32 x 128 (5.9 and 4.1 us; the best 5.9 and 4.0;
+    BLOCK_N = 16, a first rule's choice there, took 14.2 us for the two kernels together, 9.9 with these)."""
+    busy = max(1, min(n_rows, n_experts))
+    block_n = 128
+    while block_n > 32 and busy * triton.cdiv(out_cols, block_n) < 2 * n_sm:
+        block_n //= 2
+    block_n = min(block_n, max(16, triton.next_power_of_2(out_cols)))
+    block_k = 64 if block_n >= 128 else 128
+    return LaunchConfig(block_n=block_n, block_k=min(block_k, max(16, triton.next_power_of_2(reduce_dim))))
+
+
+choose_config = default_config  # the rule the op uses; scripts/bench/moe_decode_tune.py compares others
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # the interpreter, on CPU tensors
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _dot_options(t: torch.Tensor) -> dict:
+    """fp32 rows (the tests) multiply in full fp32, not TF32. Triton's interpreter (3.9) multiplies bf16 tiles as
+    their raw uint16 bits, so there bf16 operands are widened to fp32 first: the products of two bf16 values are exact
+    in fp32 and the sums are fp32 either way, so the result is what the GPU's bf16 MMA computes."""
+    upcast = runtime.INTERPRET and t.dtype == torch.bfloat16
+    return dict(PRECISION="ieee" if t.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
+
+
+def gate_up_swiglu(x: torch.Tensor, gate_up_proj: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
+                   config: LaunchConfig) -> torch.Tensor:
+    """x [N, D] sorted by expert, gate_up_proj [E, 2I, D], offsets int32 [E], weights [N] ->
+    a = silu(g) * u * weights [N, I] in x's dtype, for h = [g | u] = x @ gate_up_proj[e]^T."""
+    N, D = x.shape
+    E, H, _ = gate_up_proj.shape
+    x, w = x.contiguous(), gate_up_proj.contiguous()
+    a = torch.empty(N, H // 2, device=x.device, dtype=x.dtype)
+    _grouped_gate_up_swiglu[(E, triton.cdiv(H // 2, config.block_n))](
+        x, w, offsets, weights.contiguous(), a, w.stride(0), D=D, WIDTH=H // 2, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        **_dot_options(x))
+    return a
+
+
+def down(a: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor, config: LaunchConfig) -> torch.Tensor:
+    """a [N, I] sorted by expert, down_proj [E, D, I] -> y = a @ down_proj[e]^T [N, D] in a's dtype."""
+    N, width = a.shape
+    E, D, _ = down_proj.shape
+    a, w = a.contiguous(), down_proj.contiguous()
+    y = torch.empty(N, D, device=a.device, dtype=a.dtype)
+    _grouped_down[(E, triton.cdiv(D, config.block_n))](
+        a, w, offsets, y, w.stride(0), D=D, WIDTH=width, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **_dot_options(a))
+    return y
+
+
+def launch(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor,
+           weights: torch.Tensor, up_config: LaunchConfig, down_config: LaunchConfig) -> torch.Tensor:
+    """Both kernels with explicit launch configurations."""
+    offsets = offsets.to(torch.int32)
+    return down(gate_up_swiglu(x, gate_up_proj, offsets, weights, up_config), down_proj, offsets, down_config)
+
+
+def grouped_swiglu_experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                           offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """GroupedExperts.forward: x [N, D] sorted by expert (expert e owns rows offsets[e-1]:offsets[e]), gate_up_proj
+    [E, 2I, D] (gate rows first), down_proj [E, D, I], offsets int32 [E], weights [N] (each row's gate) ->
+    (silu(g) * u * weights) @ down_proj[e]^T for [g | u] = x @ gate_up_proj[e]^T, [N, D] in x's dtype."""
+    return torch.ops.deepseek_mini.moe_decode(x, gate_up_proj, down_proj, offsets, weights)
+
+
+def _moe_decode(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+    N, D = x.shape
+    E, H, _ = gate_up_proj.shape
+    n_sm = _sm_count(x.device)
+    return launch(x, gate_up_proj, down_proj, offsets, weights, choose_config(N, E, H // 2, D, n_sm),
+                  choose_config(N, E, D, H // 2, n_sm))
+
+
+if triton is not None:
+    # An opaque custom op, so torch.compile can fuse the code around it without a graph break.
+    torch.library.custom_op("deepseek_mini::moe_decode", _moe_decode, mutates_args=())
+
+    @torch.library.register_fake("deepseek_mini::moe_decode")
+    def _moe_decode_fake(x, gate_up_proj, down_proj, offsets, weights):
+        return x.new_empty(x.shape[0], down_proj.shape[1])  # contiguous, like the real op's result
