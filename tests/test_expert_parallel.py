@@ -68,6 +68,10 @@ def _batch(cfg: ModelConfig, world: int, seed: int = 0):
 EQUIV_CONFIGS = {"seq": dict(EP_MODEL, seq_aux=True), "batch": dict(EP_MODEL, seq_aux=False),
                  "top4": dict(EP_MODEL, num_experts_per_tok=4, topk_method="greedy"),
                  "one_device": dict(EP_MODEL, topk_method="greedy", bias_update_speed=0.01)}
+# every config with the exact dispatch; the padded one (no host sync) on the batch-level losses and on the routing
+# that leaves one device idle (it receives only padding)
+EP_RUNS = [(name, "exact") for name in EQUIV_CONFIGS] + [("batch", "padded"), ("one_device", "padded")]
+SUFFIX = {"exact": "", "padded": "_padded"}
 
 
 def _model(name: str) -> DeepSeekV2:
@@ -108,10 +112,10 @@ def _grads_worker(rank, world, port, out_dir):
         assert torch.is_grad_enabled(), "the autograd all_to_all was called under inference_mode"
         return autograd_a2a(*args)
 
-    for name in EQUIV_CONFIGS:
+    for name, dispatch in EP_RUNS:
         model = _model(name)
         cfg = model.config
-        names = set(shard_experts(model, dist.group.WORLD))
+        names = set(shard_experts(model, dist.group.WORLD, dispatch))
         routed = []  # each MoE layer's top-k expert ids on this rank
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
             moe.gate.route = _recording(moe.gate.route, routed)
@@ -137,22 +141,25 @@ def _grads_worker(rank, world, port, out_dir):
             loss_inference = model(x[rows], labels=y[rows], return_logits=False).loss.clone()
         expert_parallel.all_to_all_single_autograd = autograd_a2a
         compiled = {}
-        if name == "batch":  # regional torch.compile (trainer=ep compile=regional): each block's graph breaks at
-            # the dispatcher, which runs eager; the batch-level counts' all-reduce too. aot_eager traces forward and
-            # backward as Inductor would receive them, without its (slow on CPU) code generation.
+        if name == "batch":  # regional torch.compile (trainer=ep compile=regional): with the exact dispatch each
+            # block's graph breaks at the dispatcher, which runs eager (the batch-level counts' all-reduce too); the
+            # padded dispatch is traced. aot_eager traces forward and backward as Inductor would receive them,
+            # without its (slow on CPU) code generation.
             from deepseek_mini.training.compile import compile_regions
 
             model.zero_grad(set_to_none=True)
             torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
             out_c = compile_regions(model, backend="aot_eager")(x[rows], labels=y[rows], return_logits=False)
             (out_c.loss + out_c.aux_loss).backward()
             compiled = {"loss": out_c.loss.detach(), "aux": {k: v.detach() for k, v in out_c.aux_losses.items()},
                         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                        "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+                        "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+                        "breaks": dict(torch._dynamo.utils.counters["graph_break"])}
         torch.save({"grads": grads, "names": sorted(names), "loss": out.loss.detach(),
                     "loss_inference": loss_inference, "compiled": compiled, "local_grads": local_grads,
                     "aux": {k: v.detach() for k, v in out.aux_losses.items()}, "stats": out.router_stats,
-                    "sent": sent_train, "routed": routed_train}, Path(out_dir) / f"rank{rank}_{name}.pt")
+                    "sent": sent_train, "routed": routed_train}, Path(out_dir) / f"rank{rank}_{name}{SUFFIX[dispatch]}.pt")
     dist.destroy_process_group()
 
 
@@ -165,14 +172,21 @@ def ep_grads(tmp_path_factory) -> Path:
 
 
 def test_ep2_forward_backward_equals_one_process(ep_grads):
+    """Both dispatches; the padded one also equals the exact one to the bit (the same pairs in the same order, plus
+    zero rows), and compiled regionally it traces whole (no graph break) where the exact one breaks per MoE layer."""
     tmp_path = ep_grads
-    for name in EQUIV_CONFIGS:
+    for name, dispatch in EP_RUNS:
         ref = _model(name)
         cfg = ref.config
         x, y = _batch(cfg, 2)
         out = ref(x, labels=y, return_logits=False)
         (out.loss + out.aux_loss).backward()
-        r = [torch.load(tmp_path / f"rank{i}_{name}.pt", weights_only=False) for i in range(2)]
+        r = [torch.load(tmp_path / f"rank{i}_{name}{SUFFIX[dispatch]}.pt", weights_only=False) for i in range(2)]
+        if dispatch == "padded":
+            exact = [torch.load(tmp_path / f"rank{i}_{name}.pt", weights_only=False) for i in range(2)]
+            for i in range(2):
+                assert torch.equal(r[i]["loss"], exact[i]["loss"]) and r[i]["aux"] == exact[i]["aux"]
+                torch.testing.assert_close(r[i]["grads"], exact[i]["grads"], rtol=0, atol=0)  # experts without rows: 0
         assert r[0]["names"], "no expert was sharded"
         assert set(out.aux_losses) == {"expert_balance", "device_balance", "comm_balance"}
         # the CE of the global batch is the mean of the ranks'; so are the balance losses, per sequence, and over
@@ -192,13 +206,16 @@ def test_ep2_forward_backward_equals_one_process(ep_grads):
         for rank in range(2) if name == "batch" else ():  # compiled regionally, the same loss and local gradients
             c = r[rank]["compiled"]
             assert c["graphs"] >= 2, "nothing was compiled"
+            n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
+            n_breaks = sum(c["breaks"].values())
+            assert (n_breaks == 0) if dispatch == "padded" else (n_breaks >= n_moe), (dispatch, c["breaks"])
             torch.testing.assert_close(c["loss"], r[rank]["loss"], rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(c["aux"], r[rank]["aux"], rtol=1e-6, atol=1e-8)
             assert c["grads"].keys() == r[rank]["local_grads"].keys()
             torch.testing.assert_close(c["grads"], r[rank]["local_grads"], rtol=1e-5, atol=1e-7)
         if cfg.topk_method == "group_limited_greedy":  # M = topk_group = 1: each token's experts on one device
             assert r[0]["stats"][0]["tokens_per_device"].sum() == B * S
-        if name == "one_device":  # rank 1 received (and returned) no row in any layer
+        if name == "one_device" and dispatch == "exact":  # rank 1 received (and returned) no row in any layer
             assert [shape[0] for shape in r[1]["sent"][2::3]] == [0] * (cfg.num_hidden_layers - cfg.first_k_dense_replace)
 
 
@@ -334,6 +351,7 @@ def test_ep2_strategy_matches_ddp_and_its_checkpoint_resumes_under_both(tmp_path
     (["compile=reduce-overhead"], "error: compile=full:reduce-overhead: CUDA graphs are refused with expert "
                                   "parallelism"),
     (["trainer.strategy.expert_parallel=0"], "error: trainer.strategy.expert_parallel=0: must be a positive integer"),
+    (["trainer.strategy.dispatch=fast"], "error: trainer.strategy.dispatch='fast': must be one of exact, padded"),
 ])
 def test_bad_expert_parallel_settings_fail_with_one_line(overrides, line, tmp_path):
     from conftest import CONFIGS

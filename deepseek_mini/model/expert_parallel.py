@@ -31,6 +31,16 @@ host sync, three all_to_alls out and one back; backward runs the autograd ones a
 and no host sync. Nothing loops over experts in Python. Under torch.compile the dispatcher runs eager (a graph
 break per MoE layer); CUDA graphs, which need fixed shapes, are refused with it.
 
+Padded dispatch (`dispatch="padded"`): the same exchange with sizes that do not depend on the routing. Every token
+goes to every device of its EP group (T rows to each, where the exact dispatch sends only the (token, device)
+pairs in use: ~1.33x the rows at EP=2 and top-6 of 64 experts, ep/M x at larger degrees), with its local expert ids
+(-1 where it has none there) and gates (0) beside it in one tensor; a device computes only the pairs it owns (the
+grouped GEMM stops at the last offset; the pair buffer is sized for every slot) and returns T rows to each source,
+zeros for tokens it did not serve. No counts exchange and no host sync, so torch.compile traces the MoE layer whole
+(no graph break, nothing the host waits for), and the result equals the exact dispatch's: the same pairs in the
+same order, plus zero rows. The exact dispatch moves fewer bytes; the padded one keeps the GPU fed (on two H200s the
+exact dispatch's host syncs left the GPU idle two thirds of a step: docs/benchmarks.md).
+
 Pure PyTorch: torch.distributed only. The training side (meshes, gradient averaging, checkpoints) is in
 deepseek_mini/training/expert_parallel.py.
 """
@@ -103,25 +113,38 @@ def _sum_slots(y_RD: torch.Tensor, slot_TX: torch.Tensor, dtype: torch.dtype) ->
     return padded[slot_TX].sum(dim=1, dtype=dtype)
 
 
+DISPATCH_MODES = ("exact", "padded")
+
+
 class ExpertParallel:
     """The dispatcher an MoE calls instead of running all E experts itself (MoE.expert_parallel)."""
 
-    def __init__(self, group, n_experts: int):
+    def __init__(self, group, n_experts: int, dispatch: str = "exact"):
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         if n_experts % self.size:
             raise ValueError(f"n_routed_experts={n_experts} is not divisible by the expert-parallel degree {self.size}")
+        if dispatch not in DISPATCH_MODES:
+            raise ValueError(f"dispatch={dispatch!r}: use one of {', '.join(DISPATCH_MODES)}")
         self.n_experts, self.n_local = n_experts, n_experts // self.size
         self.first = self.rank * self.n_local  # global id of this rank's first expert
+        self.dispatch = dispatch
+
+    def __call__(self, experts: nn.Module, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
+                 routed_TE: torch.Tensor) -> torch.Tensor:
+        """Tokens, their K experts and gates -> sum_k gate_k * expert_k(x) per token ([T, D], >= fp32)."""
+        if self.dispatch == "padded":
+            return self.padded(experts, x_TD, topk_idx_TK, gate_TK)
+        return self.exact(experts, x_TD, topk_idx_TK, gate_TK, routed_TE)
 
     # Never traced by torch.compile: the split sizes are host ints read from the routing (step 3 above) and the
     # buffers are sized by them, so a compiled model breaks its graph here and runs the dispatch eager, between the
     # compiled code before (attention, router, shared experts) and after it (the residual, the next block).
     @torch.compiler.disable
-    def __call__(self, experts: nn.Module, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
-                 routed_TE: torch.Tensor) -> torch.Tensor:
-        """Tokens, their K experts and gates -> sum_k gate_k * expert_k(x) per token ([T, D], >= fp32)."""
+    def exact(self, experts: nn.Module, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
+              routed_TE: torch.Tensor) -> torch.Tensor:
+        """Each token sent once to every device holding one of its experts (steps 1-6 above)."""
         ep, L = self.size, self.n_local
         T, K = topk_idx_TK.shape
         dev = x_TD.device
@@ -165,9 +188,42 @@ class ExpertParallel:
         y_RD = _all_to_all(y_MD, send_splits, recv_splits, self.group)
         return _Reduce.apply(y_RD, token_R, slot_TG)  # each token: the sum of its device rows
 
+    def padded(self, experts: nn.Module, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+               gate_TK: torch.Tensor) -> torch.Tensor:
+        """Every token to every device, with its ids and gates there (module docstring): static sizes, no host sync."""
+        ep, L = self.size, self.n_local
+        (T, K), D = topk_idx_TK.shape, x_TD.shape[-1]
+        M = ep * T  # rows every rank receives: T from each source
+        splits = [T] * ep
+        # sender: block g of T rows goes to device g; per row the local expert ids there (-1: none) and the gates (0),
+        # one fp32 tensor (ids below 2^24 are exact in fp32): one collective for both, the gates' part differentiable
+        here_GTK = topk_idx_TK[None] // L == torch.arange(ep, device=x_TD.device)[:, None, None]
+        local_GTK = torch.where(here_GTK, topk_idx_TK[None] % L, -1)
+        gate_GTK = torch.where(here_GTK, gate_TK[None].float(), 0.0)
+        meta_GT2K = torch.cat([gate_GTK, local_GTK.float()], dim=-1)
+        x_MD = _all_to_all(x_TD[None].expand(ep, T, D).reshape(M, D), splits, splits, self.group)
+        meta_M2K = _all_to_all(meta_GT2K.reshape(M, 2 * K), splits, splits, self.group)
+        gate_MK, local_MK = meta_M2K[:, :K], meta_M2K[:, K:].detach().long()
+
+        # receiver: all M*K (row, slot) pairs sorted by local expert, the unused ones (-1 -> L) last; the grouped GEMM
+        # stops at the last expert's offset, the rows after it (undefined there) are masked on the way in and out
+        order_P, slot_MK = _slots(torch.where(local_MK >= 0, local_MK, L), M * K)
+        row_P = order_P // K
+        counts_L = (local_MK[..., None] == torch.arange(L, device=x_TD.device)).sum((0, 1))
+        offsets_L = counts_L.cumsum(0).to(torch.int32)
+        used_P = (torch.arange(M * K, device=x_TD.device) < offsets_L[-1])[:, None]
+        x_PD = torch.where(used_P, _Expand.apply(x_MD, row_P, slot_MK), 0.0)
+        gate_P = _Expand.apply(gate_MK.reshape(-1, 1), order_P, slot_MK.reshape(-1, 1)).view(-1)
+        y_PD = torch.where(used_P, experts(x_PD, offsets_L, gate_P), 0.0)
+        y_MD = _Reduce.apply(y_PD, row_P, slot_MK).to(y_PD.dtype)  # summed in >= fp32, sent in the experts' dtype
+
+        # back: T rows from every device (zeros where it served none of a token's experts), summed per token
+        y_GTD = _all_to_all(y_MD, splits, splits, self.group).view(ep, T, D)
+        return y_GTD.sum(0, dtype=torch.promote_types(y_GTD.dtype, torch.float32))
+
 
 @torch.no_grad()
-def shard_experts(model: nn.Module, group) -> list[str]:
+def shard_experts(model: nn.Module, group, dispatch: str = "exact") -> list[str]:
     """Keep only this rank's E/ep experts in every MoE of `model` and attach the dispatcher.
 
     The model is built whole first (same seed on every rank), so the experts a rank keeps are exactly the
@@ -177,7 +233,7 @@ def shard_experts(model: nn.Module, group) -> list[str]:
     for mod_name, module in model.named_modules():
         if not isinstance(module, MoE) or module.expert_parallel is not None:
             continue
-        ep = ExpertParallel(group, module.n_experts)
+        ep = ExpertParallel(group, module.n_experts, dispatch)
         rows = slice(ep.first, ep.first + ep.n_local)
         for pname, p in list(module.experts.named_parameters(recurse=False)):
             setattr(module.experts, pname, nn.Parameter(p[rows].clone(), requires_grad=p.requires_grad))
@@ -186,4 +242,4 @@ def shard_experts(model: nn.Module, group) -> list[str]:
     return names
 
 
-__all__ = ["ExpertParallel", "shard_experts"]
+__all__ = ["DISPATCH_MODES", "ExpertParallel", "shard_experts"]

@@ -43,7 +43,8 @@ from deepseek_mini.model.layers import SwiGLU, fused_linears
 
 
 def grouped_mm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Rows of x (sorted by expert, expert e owns rows offsets[e-1]:offsets[e]) times w[e]^T.
+    """Rows of x (sorted by expert, expert e owns rows offsets[e-1]:offsets[e]) times w[e]^T. Rows after the last
+    offset belong to no expert: their output is undefined (expert parallelism's padded dispatch masks them).
 
     w is stored nn.Linear-style [E, out, in]; the kernel wants [E, in, out], and a transposed view is
     the column-major operand the CUDA kernel prefers. On CUDA the bf16 CUTLASS kernel is the fast path
@@ -62,6 +63,7 @@ def grouped_mm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor)
         for e, end in enumerate(offsets_E.tolist()):
             out.append(x_ND[start:end] @ w_EOI[e].transpose(0, 1))
             start = end
+        out.append(x_ND.new_zeros(x_ND.shape[0] - start, w_EOI.shape[1]))  # rows of no expert
         return torch.cat(out)
     if not x_ND.is_cuda and torch.compiler.is_compiling():
         return _cpu_grouped_mm(x_ND, w_EOI.contiguous(), offsets_E)
@@ -299,12 +301,12 @@ class Router(nn.Module):
         counts_E.zero_()
 
 
-@torch.compiler.disable  # an in-place c10d collective: run eager, as the dispatcher does (model/expert_parallel.py)
 def _sum_over(counts: torch.Tensor, group) -> torch.Tensor:
-    """Hard counts summed over the ranks of an expert-parallel group (they carry no gradient)."""
-    counts = counts.detach().clone()
-    torch.distributed.all_reduce(counts, group=group)
-    return counts
+    """Hard counts summed over the ranks of an expert-parallel group (they carry no gradient). The functional
+    collective, which torch.compile traces (an in-place c10d all_reduce would break the graph)."""
+    from torch.distributed._functional_collectives import all_reduce
+
+    return all_reduce(counts.detach(), "sum", group).wait()
 
 
 def tokens_to_groups(routed_XE: torch.Tensor, n_groups: int) -> torch.Tensor:

@@ -48,6 +48,12 @@ def check_expert_parallel(model, strategy: dict, devices: Any, num_nodes: int, c
         raise ConfigError(f"{key}={ep!r}: must be a positive integer (the expert-parallel degree)")
     if not model.is_moe:
         raise ConfigError(f"{key}={ep}: the model has no routed experts (model.n_routed_experts=0)")
+    from deepseek_mini.model.expert_parallel import DISPATCH_MODES
+
+    dispatch = strategy.get("dispatch", "exact")
+    if dispatch not in DISPATCH_MODES:
+        raise ConfigError(f"trainer.strategy.dispatch={dispatch!r}: must be one of {', '.join(DISPATCH_MODES)} (exact: "
+                          "each token once per device it uses; padded: every token to every device, no host sync)")
     E = model.n_routed_experts
     if E % ep:
         raise ConfigError(f"model.n_routed_experts={E}: must be divisible by {key}={ep} (E/ep experts per rank)")
@@ -66,9 +72,9 @@ def check_expert_parallel(model, strategy: dict, devices: Any, num_nodes: int, c
         from deepseek_mini.training.compile import parse_compile
 
         if parse_compile(compile_mode).cudagraphs:
-            raise ConfigError(f"compile={compile_mode}: CUDA graphs are refused with expert parallelism (the "
-                              "all-to-all sizes change with the routing every step, so the dispatch runs eager between "
-                              "compiled graphs); use compile=regional")
+            raise ConfigError(f"compile={compile_mode}: CUDA graphs are refused with expert parallelism (no run has "
+                              "shown collectives right inside them here, and the exact dispatch reads its all-to-all "
+                              "sizes on the host); use compile=regional")
     if str(precision) in ("16-mixed", "16"):
         raise ConfigError(f"trainer.precision={precision}: fp16 needs a gradient scaler, whose inf check does not see "
                           "the other ranks' experts; use bf16-mixed or 32-true")
@@ -80,9 +86,10 @@ class ExpertParallelStrategy(DDPStrategy):
 
     strategy_name = "expert_parallel"
 
-    def __init__(self, expert_parallel: int = 2, **kwargs: Any):
+    def __init__(self, expert_parallel: int = 2, dispatch: str = "exact", **kwargs: Any):
         super().__init__(**kwargs)
         self.expert_parallel = int(expert_parallel)
+        self.dispatch = dispatch  # model/expert_parallel.py: "exact" (each token once per device it uses) or "padded"
         self.mesh = None
         self._expert_params: dict[str, torch.nn.Parameter] = {}  # state-dict name -> this rank's shard
 
@@ -110,7 +117,7 @@ class ExpertParallelStrategy(DDPStrategy):
 
         module = self.lightning_module
         if not self._expert_params:
-            names = shard_experts(module, self.ep_group)
+            names = shard_experts(module, self.ep_group, self.dispatch)
             params = dict(module.named_parameters())
             self._expert_params = {n: params[n] for n in names}
             log.info("expert parallelism: %d-way over %d ranks (dp=%d); this rank holds experts %d..%d of each MoE "
@@ -283,9 +290,9 @@ def device_load_metrics(layers, router_stats: list[dict], strategy: ExpertParall
     return out
 
 
-def expert_parallel_strategy(expert_parallel: int = 2, **kwargs: Any) -> ExpertParallelStrategy:
+def expert_parallel_strategy(expert_parallel: int = 2, dispatch: str = "exact", **kwargs: Any) -> ExpertParallelStrategy:
     """The `_target_` of configs/trainer/ep.yaml (kwargs are DDPStrategy's)."""
-    return ExpertParallelStrategy(expert_parallel=expert_parallel, **kwargs)
+    return ExpertParallelStrategy(expert_parallel=expert_parallel, dispatch=dispatch, **kwargs)
 
 
 def is_expert_parallel(strategy: Any) -> bool:

@@ -15,8 +15,8 @@
 #   fsdp    FSDP on $NGPU GPUs, same per-device batch, compile=$FSDP_COMPILE (default regional) -> runs/fsdp
 #   ddp_eager  DDP with compile=false
 #   ep      expert parallelism (trainer=ep, EP=$NGPU; = experiment=ep_small_gpu), same per-device batch,
-#           compile=$EP_COMPILE (default regional: the dispatcher runs eager between the compiled graphs; CUDA graphs
-#           are refused with EP); its like-for-like DDP reference: the ddp stage with DDP_COMPILE=regional
+#           compile=$EP_COMPILE (default regional; CUDA graphs are refused with EP), trainer.strategy.dispatch=
+#           $EP_DISPATCH (exact | padded); its like-for-like DDP reference: the ddp stage with DDP_COMPILE=regional
 #   resume_ddp / resume_fsdp   the equal-token runs: per-device batch BATCH / NGPU, so one step sees the one-GPU
 #           run's samples (rank-strided from the same stream) and their val loss compares with gpu1's.
 #           <p>_ref runs uninterrupted; <p>_kill is SIGKILLed at step $KILL_AT by the project's DSMINI_FAULT
@@ -57,7 +57,8 @@ if [ "${MG_CPU:-0}" = 1 ]; then
         callbacks.samples=null callbacks.progress_bar=null logger=csv)
   ONE=(trainer.accelerator=cpu trainer.devices=1)
   DDP=(trainer=ddp trainer.accelerator=cpu "trainer.devices=$NGPU")
-  EP=(trainer=ep trainer.accelerator=cpu "trainer.devices=$NGPU" "compile=${EP_COMPILE:-false}")
+  EP=(trainer=ep trainer.accelerator=cpu "trainer.devices=$NGPU" "compile=${EP_COMPILE:-false}"
+      "trainer.strategy.dispatch=${EP_DISPATCH:-exact}")
   FSDP=()
   DDP_COMPILE=false; FAST_COMPILE=false; RESUME_COMPILE=false
 else
@@ -68,7 +69,8 @@ else
         logger=csv callbacks.samples=null callbacks.progress_bar=null)
   ONE=(trainer.devices=1)
   DDP=(trainer=ddp "trainer.devices=$NGPU")
-  EP=(trainer=ep "trainer.devices=$NGPU" "compile=${EP_COMPILE:-regional}")   # = experiment=ep_small_gpu
+  EP=(trainer=ep "trainer.devices=$NGPU" "compile=${EP_COMPILE:-regional}"      # = experiment=ep_small_gpu
+      "trainer.strategy.dispatch=${EP_DISPATCH:-exact}")
   # FSDP_COMPILE: the fsdp stage's compile setting. CUDA graphs are refused under FSDP; regional is its fastest
   # measured setting (2026-11-30: 1.73x FSDP eager, same loss curve; docs/benchmarks.md)
   FSDP=(trainer=fsdp "trainer.devices=$NGPU" "compile=${FSDP_COMPILE:-regional}")
