@@ -150,9 +150,12 @@ def _grads_worker(rank, world, port, out_dir):
             model.zero_grad(set_to_none=True)
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
-            out_c = compile_regions(model, backend="aot_eager")(x[rows], labels=y[rows], return_logits=False)
+            compiled_model = compile_regions(model, backend="aot_eager")
+            out_c = compiled_model(x[rows], labels=y[rows], return_logits=False)
             (out_c.loss + out_c.aux_loss).backward()
-            compiled = {"loss": out_c.loss.detach(), "aux": {k: v.detach() for k, v in out_c.aux_losses.items()},
+            with torch.inference_mode():  # validation under compile: the collectives without autograd, traced too
+                loss_c_inference = compiled_model(x[rows], labels=y[rows], return_logits=False).loss.clone()
+            compiled = {"loss": out_c.loss.detach(), "loss_inference": loss_c_inference, "aux": {k: v.detach() for k, v in out_c.aux_losses.items()},
                         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
                         "breaks": dict(torch._dynamo.utils.counters["graph_break"])}
@@ -210,6 +213,7 @@ def test_ep2_forward_backward_equals_one_process(ep_grads):
             n_breaks = sum(c["breaks"].values())
             assert (n_breaks == 0) if dispatch == "padded" else (n_breaks >= n_moe), (dispatch, c["breaks"])
             torch.testing.assert_close(c["loss"], r[rank]["loss"], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(c["loss_inference"], r[rank]["loss_inference"], rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(c["aux"], r[rank]["aux"], rtol=1e-6, atol=1e-8)
             assert c["grads"].keys() == r[rank]["local_grads"].keys()
             torch.testing.assert_close(c["grads"], r[rank]["local_grads"], rtol=1e-5, atol=1e-7)

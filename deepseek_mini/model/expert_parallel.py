@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
-from deepseek_mini.model.moe import MoE, tokens_to_groups
+from deepseek_mini.model.moe import MoE, tokens_to_groups, waited
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -64,7 +64,7 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
     # the autograd op has no CUDA kernel of its own, so under inference_mode (which skips the autograd
     # dispatch keys) torch 2.11 raised "Could not run '_c10d_functional_autograd::all_to_all_single' with
     # arguments from the 'CUDA' backend" on two H200s.
-    return all_to_all_single(x.contiguous(), out_splits, in_splits, group).wait()
+    return waited(all_to_all_single(x.contiguous(), out_splits, in_splits, group))
 
 
 def _slots(keys_TX: torch.Tensor, n_valid: int) -> tuple[torch.Tensor, torch.Tensor]:

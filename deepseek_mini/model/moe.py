@@ -301,12 +301,21 @@ class Router(nn.Module):
         counts_E.zero_()
 
 
+def waited(t: torch.Tensor) -> torch.Tensor:
+    """A functional collective's result as a plain tensor. Eager, it is an AsyncCollectiveTensor to wait for; in
+    code torch.compile traced it is already a plain tensor (Inductor waits inside the graph), and calling .wait()
+    there failed on two H200s ("'Tensor' object has no attribute 'wait'") where the CPU backends kept the wrapper."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return t.wait() if isinstance(t, AsyncCollectiveTensor) else t
+
+
 def _sum_over(counts: torch.Tensor, group) -> torch.Tensor:
     """Hard counts summed over the ranks of an expert-parallel group (they carry no gradient). The functional
     collective, which torch.compile traces (an in-place c10d all_reduce would break the graph)."""
     from torch.distributed._functional_collectives import all_reduce
 
-    return all_reduce(counts.detach(), "sum", group).wait()
+    return waited(all_reduce(counts.detach(), "sum", group))
 
 
 def tokens_to_groups(routed_XE: torch.Tensor, n_groups: int) -> torch.Tensor:
