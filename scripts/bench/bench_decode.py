@@ -145,6 +145,19 @@ def bench_point(model, variant, batch, ctx, args, mode) -> dict:
 
 
 # ---------------------------------------------------------------------- capacity
+def describe_step(row: dict, label: str, top: int = 8) -> str:
+    """A profiled decode step as printed lines: its time against the floor, GPU time by kernel category, idle time
+    and kernel count, then the `top` kernels (the tuning scripts print every setting they time this way)."""
+    p = row.get("profile", {})
+    cats = ", ".join(f"{c} {ms:.3f}" for c, ms in p.get("by_category_ms", {}).items())
+    lines = [f"step {label}: {row['step_ms']:.3f} ms ({row['step_over_floor']:.2f}x floor {row['floor_ms']:.3f} ms) | "
+             f"GPU kernels {p.get('gpu_ms_per_step', 0):.3f} ms, idle {p.get('gpu_idle_ms_per_step', 0):.3f} ms, "
+             f"{p.get('kernels_per_step', 0):.0f} kernels: {cats}"]
+    lines += [f"      {k['ms_per_step']:.3f} ms x{k['calls_per_step']:.0f} {k['name'][:110]}"
+              for k in p.get("top_kernels", [])[:top]]
+    return "\n".join(lines)
+
+
 def capacity(models: dict, args) -> list[dict]:
     """Largest batch x context that fits: free memory after the weights / KV bytes per token, for MLA and MHA;
     one point (batch 32) verified by allocating 90% of it and running a decode step."""

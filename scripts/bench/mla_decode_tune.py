@@ -155,14 +155,7 @@ def step_points(args, best_by_shape: dict) -> list[dict]:
             if row.get("status") != "ok":
                 print(f"step {variant} {label} ctx {ctx}: {row.get('status')}", flush=True)
                 continue
-            p = row.get("profile", {})
-            cats = ", ".join(f"{c} {ms:.3f}" for c, ms in p.get("by_category_ms", {}).items())
-            print(f"step {variant} {label} batch {batch} ctx {ctx}: {row['step_ms']:.3f} ms "
-                  f"({row['step_over_floor']:.2f}x floor {row['floor_ms']:.3f} ms) | GPU kernels "
-                  f"{p.get('gpu_ms_per_step', 0):.3f} ms, idle {p.get('gpu_idle_ms_per_step', 0):.3f} ms, "
-                  f"{p.get('kernels_per_step', 0):.0f} kernels: {cats}", flush=True)
-            for k in p.get("top_kernels", [])[:10]:
-                print(f"      {k['ms_per_step']:.3f} ms x{k['calls_per_step']:.0f} {k['name'][:110]}", flush=True)
+            print(bd.describe_step(row, f"{variant} {label} batch {batch} ctx {ctx}", top=10), flush=True)
         del model
         bd.free_memory()
     for batch, ctx in itertools.product(args.batches, args.contexts):

@@ -241,13 +241,7 @@ def step_points(args, sweeps: list[dict]) -> list[dict]:
         if row.get("status") != "ok":
             print(f"step {label} batch {batch}: {row.get('status')}", flush=True)
             continue
-        p = row.get("profile", {})
-        cats = ", ".join(f"{c} {ms:.3f}" for c, ms in p.get("by_category_ms", {}).items())
-        print(f"step {label} batch {batch} ctx {args.context}: {row['step_ms']:.3f} ms ({row['step_over_floor']:.2f}x "
-              f"floor {row['floor_ms']:.3f} ms) | GPU kernels {p.get('gpu_ms_per_step', 0):.3f} ms, idle "
-              f"{p.get('gpu_idle_ms_per_step', 0):.3f} ms: {cats}", flush=True)
-        for k in p.get("top_kernels", [])[:8]:
-            print(f"      {k['ms_per_step']:.3f} ms x{k['calls_per_step']:.0f} {k['name'][:110]}", flush=True)
+        print(bd.describe_step(row, f"{label} batch {batch} ctx {args.context}"), flush=True)
     del model
     bd.free_memory()
     return rows
