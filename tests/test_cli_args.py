@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_cli, run_script_inprocess
+from conftest import ROOT, run_script_inprocess
 from omegaconf import OmegaConf
 
 from deepseek_mini.config import ConfigError
@@ -80,7 +80,7 @@ def test_cli_sampling_errors_before_loading(script, tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.slow
-def test_generate_reads_the_prompt_from_stdin_and_keeps_stdout_for_text(tmp_path):
+def test_generate_reads_the_prompt_from_stdin_and_keeps_stdout_for_text(tmp_path, capsys, monkeypatch):
     from test_hf import cfg_of, make_model, train_tokenizer
 
     from deepseek_mini.interop.hf import save_pretrained
@@ -94,9 +94,9 @@ def test_generate_reads_the_prompt_from_stdin_and_keeps_stdout_for_text(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def main(") and "tokens/s" not in proc.stdout
     assert "new tokens in" in proc.stderr and "KV cache" in proc.stderr
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}  # as a user runs it (run_cli sets it)
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), f"ckpt_path={out}", "prompt=def main("],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env, stdin=subprocess.DEVNULL)
-    assert bad.returncode == 2 and "prompt_file=" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    helped = run_cli("scripts/generate.py", "--help")
-    assert "ckpt_path" in helped.stdout and "optim" not in helped.stdout and "trainer" not in helped.stdout
+    # as a user runs them (no HYDRA_FULL_ERROR), in this process: both end before any model work
+    code, _, err = run_script_inprocess("scripts/generate.py", [f"ckpt_path={out}", "prompt=def main("], capsys,
+                                        monkeypatch)
+    assert code == 2 and "prompt_file=" in err and len(err.strip().splitlines()) == 1, err
+    code, helped, _ = run_script_inprocess("scripts/generate.py", ["--help"], capsys, monkeypatch)
+    assert code == 0 and "ckpt_path" in helped and "optim" not in helped and "trainer" not in helped
