@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_OVERRIDES, run_cli
+from lightning.pytorch.profilers import SimpleProfiler
 
 from deepseek_mini.checkpoint import load_checkpoint
 from deepseek_mini.config import ModelConfig
@@ -123,15 +124,29 @@ def test_resume_from_checkpoint(trained, cache_dir, tmp_path):
 
 
 
+class StageRecorder(SimpleProfiler):
+    """A profiler that records the trainer stages (fit, validate) it is set up for."""
+
+    stages: list[str] = []
+
+    def setup(self, stage, local_rank=None, log_dir=None):
+        StageRecorder.stages.append(getattr(stage, "value", stage))
+        super().setup(stage, local_rank, log_dir)
+
+
 def test_the_model_is_built_on_the_strategys_device_and_validated_uncompiled_before_fit(tmp_path, cache_dir, capsys,
                                                                                        monkeypatch):
-    """Two things that used to happen before the first step, checked in one tiny run:
+    """Three things that used to go wrong around fit(), checked in one tiny run:
     * the model LitDeepSeek trains (and with it every weight's initialisation) is created inside the Trainer
       strategy's tensor-init context, so a GPU run draws its weights on its GPU instead of the host (seconds at
       `small`, minutes for the 10B of experiment=ep_big_gpu); on CPU the context is the CPU: the same weights;
     * the validation before fit() runs the eager model (compiled, it would compile the eval graph before the
       first training step); the training steps and the validation inside fit() run the compiled one. The
-      compiled module is stood in for by a recorder around the eager model (no real compilation)."""
+      compiled module is stood in for by a recorder around the eager model (no real compilation);
+    * with Lightning's PyTorchProfiler (`+trainer.profiler=pytorch`) the run used to end in a traceback without
+      results.json: it failed in the teardown of the run's own validate() calls, which now run outside any
+      profiler (a recorder of the stages a profiler is set up for stands in: PyTorchProfiler costs ~25 s here).
+      The profiler is given as a node with a _target_, which used to reach Lightning as a dict."""
     from contextlib import contextmanager
 
     from conftest import run_script_inprocess
@@ -166,11 +181,14 @@ def test_the_model_is_built_on_the_strategys_device_and_validated_uncompiled_bef
     monkeypatch.setattr(DeepSeekV2, "__init__", init)
     monkeypatch.setattr(module_mod, "compile_model", fake_compile)
     code, out, err = run_script_inprocess("train.py", [*TINY_OVERRIDES, "compile=full", "callbacks.model_checkpoint=null",
+                                                       # a Trainer argument as a _target_ node: built, not a dict
+                                                       "+trainer.profiler._target_=test_train.StageRecorder",
                                                        f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}"],
                                           capsys, monkeypatch)
     assert code == 0, err[-2000:]
     assert seen[0] == (True, "cpu")  # the training model (the first one built)
     res = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert math.isfinite(res["val_loss_start"])
+    assert res["status"] == "completed" and math.isfinite(res["val_loss_start"]) and math.isfinite(res["val_loss"])
+    assert StageRecorder.stages == ["fit"]  # the profiler saw the fit, not the validations before and after it
     # 4 steps, validation at steps 2 and 4 (2 batches each): nothing compiled ran before the first step
     assert calls[0] == "train" and calls.count("train") == 4 and calls.count("eval") == 4, calls

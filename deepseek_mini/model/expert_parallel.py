@@ -28,8 +28,8 @@ deduplication on the way back (up to K rows per token again).
 The row gathers and sums are written as transposes of each other (_Expand / _Reduce): every backward is a
 gather plus a sum over a few slots, no atomics. Per MoE layer and forward: one small counts all_to_all, one
 host sync, three all_to_alls out and one back; backward runs the autograd ones again with the splits swapped
-and no host sync. Nothing loops over experts in Python. Under torch.compile the dispatcher runs eager (a graph
-break per MoE layer); CUDA graphs, which need fixed shapes, are refused with it.
+and no host sync. Nothing loops over experts in Python. Under torch.compile this dispatch runs eager (a graph
+break per MoE layer). CUDA graphs are refused under EP (training/expert_parallel.check_expert_parallel).
 
 Padded dispatch (`dispatch="padded"`): the same exchange with sizes that do not depend on the routing. Every token
 goes to every device of its EP group (T rows to each, where the exact dispatch sends only the (token, device)
@@ -39,7 +39,7 @@ grouped GEMM stops at the last offset; the pair buffer is sized for every slot) 
 zeros for tokens it did not serve. No counts exchange and no host sync, so torch.compile traces the MoE layer whole
 (no graph break, nothing the host waits for), and the result equals the exact dispatch's: the same pairs in the
 same order, plus zero rows. The exact dispatch moves fewer bytes; the padded one keeps the GPU fed (on two H200s the
-exact dispatch's host syncs left the GPU idle two thirds of a step: docs/benchmarks.md).
+exact dispatch's host syncs left the GPU idle two thirds of a profiled forward: docs/benchmarks.md).
 
 Pure PyTorch: torch.distributed only. The training side (meshes, gradient averaging, checkpoints) is in
 deepseek_mini/training/expert_parallel.py.
@@ -196,11 +196,13 @@ class ExpertParallel:
         M = ep * T  # rows every rank receives: T from each source
         splits = [T] * ep
         # sender: block g of T rows goes to device g; per row the local expert ids there (-1: none) and the gates (0),
-        # one fp32 tensor (ids below 2^24 are exact in fp32): one collective for both, the gates' part differentiable
+        # one tensor in the gates' >= fp32 dtype (ids below 2^24 are exact): one collective for both, the gates' part
+        # differentiable
         here_GTK = topk_idx_TK[None] // L == torch.arange(ep, device=x_TD.device)[:, None, None]
         local_GTK = torch.where(here_GTK, topk_idx_TK[None] % L, -1)
-        gate_GTK = torch.where(here_GTK, gate_TK[None].float(), 0.0)
-        meta_GT2K = torch.cat([gate_GTK, local_GTK.float()], dim=-1)
+        meta_dtype = torch.promote_types(gate_TK.dtype, torch.float32)
+        gate_GTK = torch.where(here_GTK, gate_TK[None].to(meta_dtype), 0.0)
+        meta_GT2K = torch.cat([gate_GTK, local_GTK.to(meta_dtype)], dim=-1)
         x_MD = _all_to_all(x_TD[None].expand(ep, T, D).reshape(M, D), splits, splits, self.group)
         meta_M2K = _all_to_all(meta_GT2K.reshape(M, 2 * K), splits, splits, self.group)
         gate_MK, local_MK = meta_M2K[:, :K], meta_M2K[:, K:].detach().long()

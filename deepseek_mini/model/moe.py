@@ -303,8 +303,9 @@ class Router(nn.Module):
 
 def waited(t: torch.Tensor) -> torch.Tensor:
     """A functional collective's result as a plain tensor. Eager, it is an AsyncCollectiveTensor to wait for; in
-    code torch.compile traced it is already a plain tensor (Inductor waits inside the graph), and calling .wait()
-    there failed on two H200s ("'Tensor' object has no attribute 'wait'") where the CPU backends kept the wrapper."""
+    code torch.compile traced it can be a plain tensor already: an unconditional .wait() failed there on two H200s
+    ("'Tensor' object has no attribute 'wait'", the padded EP dispatch in a compiled validation step; not
+    reproduced on CPU with gloo)."""
     from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
     return t.wait() if isinstance(t, AsyncCollectiveTensor) else t

@@ -191,13 +191,27 @@ def _single_entry(trainer) -> bool:
     return isinstance(trainer.strategy, FSDPStrategy)
 
 
+def _validate(p: Parts) -> list[dict]:
+    """The run's own validations (before fit, and on the final weights after it), outside any trainer.profiler:
+    the profiler is there for the fit, which it reports when fit() ends, and Lightning's PyTorchProfiler
+    (`+trainer.profiler=pytorch`) fails in the teardown of a validate() entry ("Profiler must be initialized
+    before accessing events"), which ended such a run with a traceback and no results.json."""
+    from lightning.pytorch.profilers import PassThroughProfiler
+
+    profiler, p.trainer.profiler = p.trainer.profiler, PassThroughProfiler()
+    try:
+        return p.trainer.validate(p.module, datamodule=p.dm, verbose=False)
+    finally:
+        p.trainer.profiler = profiler
+
+
 def validate_before_fit(run: RunConfig, resume: Resume, p: Parts) -> None:
     fast = bool(run.trainer.extra.get("fast_dev_run"))
     if _single_entry(p.trainer):
         log.info("FSDP: no validation before fit() or after it; val_loss is that of the last in-fit validation")
     if run.val_before_fit and resume.path is None and not fast and not _single_entry(p.trainer):
         with p.module.eager():  # no eval-graph compilation before the first step (LitDeepSeek.eager)
-            p.history.val_loss_start = float(p.trainer.validate(p.module, datamodule=p.dm, verbose=False)[0]["val/loss"])
+            p.history.val_loss_start = float(_validate(p)[0]["val/loss"])
         log.info("val loss before training: %.4f", p.history.val_loss_start)
 
 
@@ -238,7 +252,7 @@ def finish(run: RunConfig, p: Parts) -> tuple[str | None, str | None]:
         return None, None
     trainer, module = p.trainer, p.module
     if (not module.val_history or module.val_history[-1][0] != trainer.global_step) and not _single_entry(trainer):
-        trainer.validate(module, datamodule=p.dm, verbose=False)  # make val_loss describe the final weights
+        _validate(p)  # make val_loss describe the final weights
     if p.ckpt_cb is None or getattr(p.ckpt_cb, "_last_global_step_saved", -1) != trainer.global_step:
         p.ckpt_dir.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(p.ckpt_dir / "last.ckpt")
