@@ -4,8 +4,6 @@ no bytes twice (last.ckpt a hard link of the best when they are the same state) 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -107,12 +105,13 @@ def test_kv_cache_report_refuses_a_flipped_byte(ckpts, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_generate_refuses_a_flipped_byte(ckpts):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), f"ckpt_path={ckpts['flipped']}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(error_lines(proc.stderr)) == 1 and "corrupt member" in proc.stderr, proc.stderr
+def test_generate_refuses_a_flipped_byte(ckpts, tmp_path, capsys, monkeypatch):
+    from conftest import run_script_inprocess
+
+    code, _, err = run_script_inprocess("scripts/generate.py", [f"ckpt_path={ckpts['flipped']}",
+                                                                f"hydra.run.dir={tmp_path}"], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err, err
+    assert len(error_lines(err)) == 1 and "corrupt member" in err, err
 
 
 def test_from_pretrained_refuses_a_truncated_safetensors_file(tmp_path):

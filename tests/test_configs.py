@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -114,12 +114,14 @@ def test_precision_auto():
     assert resolve_precision({"precision": "16-mixed"}) == "16-mixed"
 
 
-def test_cli_bad_model_value_fails_cleanly_before_data(tmp_path):
-    proc = run_cli("train.py", "model.num_experts_per_tok=16", f"hydra.run.dir={tmp_path}/run",
-                   f"paths.cache_dir={tmp_path}/cache", check=False, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "error: model.num_experts_per_tok=16" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_cli_bad_model_value_fails_cleanly_before_data(tmp_path, capsys, monkeypatch):
+    from conftest import run_script_inprocess
+
+    code, _, err = run_script_inprocess("train.py", ["model.num_experts_per_tok=16", f"hydra.run.dir={tmp_path}/run",
+                                                     f"paths.cache_dir={tmp_path}/cache"], capsys, monkeypatch)
+    assert code == 2, err[-2000:]
+    assert "error: model.num_experts_per_tok=16" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "cache").exists(), "validation must happen before any data preparation"
 
 

@@ -85,13 +85,16 @@ def test_generate_cli_errors(tiny_ckpt, tmp_path, args, message, capsys, monkeyp
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
 
 
-def test_generate_cli_no_tokenizer(tiny_ckpt, tmp_path):
+def test_generate_cli_no_tokenizer(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    from conftest import run_script_inprocess
+
     lone = tmp_path / "a" / "b" / "last.ckpt"
     lone.parent.mkdir(parents=True)
     lone.write_bytes(tiny_ckpt[0].read_bytes())
-    proc = _run("generate.py", f"ckpt_path={lone}", cwd=tmp_path)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("error: no tokenizer.json")
+    code, _, err = run_script_inprocess("scripts/generate.py", [f"ckpt_path={lone}", f"hydra.run.dir={tmp_path}"],
+                                        capsys, monkeypatch)
+    assert code != 0 and "Traceback" not in err
+    assert err.strip().startswith("error: no tokenizer.json"), err
 
 
 def test_kv_cache_numbers():

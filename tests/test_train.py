@@ -103,9 +103,12 @@ def test_eval_uses_the_checkpoint_config_and_tokenizer(trained, cache_dir, tmp_p
     assert "run dir:" in proc.stdout
 
 
-def test_eval_missing_checkpoint_fails_cleanly(tmp_path):
-    proc = run_cli("eval.py", f"ckpt_path={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path / 'eval'}", check=False)
-    assert proc.returncode == 2 and "error: checkpoint not found" in proc.stderr
+def test_eval_missing_checkpoint_fails_cleanly(tmp_path, capsys, monkeypatch):
+    from conftest import run_script_inprocess
+
+    code, _, err = run_script_inprocess("eval.py", [f"ckpt_path={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path / 'eval'}"],
+                                        capsys, monkeypatch)
+    assert code == 2 and "error: checkpoint not found" in err, err
 
 
 def test_resume_from_checkpoint(trained, cache_dir, tmp_path):
