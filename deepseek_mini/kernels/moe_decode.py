@@ -213,13 +213,18 @@ def grouped_swiglu_experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_pro
     return torch.ops.deepseek_mini.moe_decode(x, gate_up_proj, down_proj, offsets, weights)
 
 
-def _moe_decode(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
+def launch_configs(x: torch.Tensor, gate_up_proj: torch.Tensor) -> tuple[LaunchConfig, LaunchConfig]:
+    """The launches of the gate/up kernel (I outputs, reducing D) and of the down kernel (D outputs, reducing I) for
+    these rows and experts, by the op's rule (choose_config)."""
     N, D = x.shape
     E, H, _ = gate_up_proj.shape
     n_sm = _sm_count(x.device)
-    return launch(x, gate_up_proj, down_proj, offsets, weights, choose_config(N, E, H // 2, D, n_sm),
-                  choose_config(N, E, D, H // 2, n_sm))
+    return choose_config(N, E, H // 2, D, n_sm), choose_config(N, E, D, H // 2, n_sm)
+
+
+def _moe_decode(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+    return launch(x, gate_up_proj, down_proj, offsets, weights, *launch_configs(x, gate_up_proj))
 
 
 if triton is not None:

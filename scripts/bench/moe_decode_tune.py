@@ -78,13 +78,6 @@ def grouped_mms(layer) -> torch.Tensor:
     return grouped_mm(h[:, :width], layer["down"], layer["offsets"])
 
 
-def default_configs(layer) -> tuple[moe_decode.LaunchConfig, moe_decode.LaunchConfig]:
-    N, D = layer["x"].shape
-    E, width = layer["down"].shape[0], layer["down"].shape[2]
-    n_sm = moe_decode._sm_count(layer["x"].device)
-    return moe_decode.default_config(N, E, width, D, n_sm), moe_decode.default_config(N, E, D, width, n_sm)
-
-
 def kernels(layer, up_cfg, down_cfg) -> torch.Tensor:
     return moe_decode.launch(layer["x"], layer["gate_up"], layer["down"], layer["offsets"], layer["gate"], up_cfg,
                              down_cfg)
@@ -125,7 +118,7 @@ def sweep(batch: int, args, shape: dict, device) -> dict:
         layer = make_layer(shape, batch, device)
         N = layer["x"].shape[0]
         nbytes = layer["bytes"]
-        up_default, down_default = default_configs(layer)
+        up_default, down_default = moe_decode.launch_configs(layer["x"], layer["gate_up"])  # the op's rule
         ref = torch_path(layer)
         a_default = moe_decode.gate_up_swiglu(layer["x"], layer["gate_up"], layer["offsets"], layer["gate"], up_default)
         y_default = moe_decode.down(a_default, layer["down"], layer["offsets"], down_default)
@@ -192,7 +185,7 @@ def crossover(batches: list[int], args, shape: dict, device) -> list[dict]:
     for batch in batches:
         with torch.no_grad():
             layer = make_layer(shape, batch, device)
-            cfgs = default_configs(layer)
+            cfgs = moe_decode.launch_configs(layer["x"], layer["gate_up"])
             N, nbytes = layer["x"].shape[0], layer["bytes"]
             row = {"batch": batch, "rows": N, "model_uses_kernels": N <= limit, "busy_experts": layer["busy_experts"],
                    "max_rows_per_expert": layer["max_rows"], "bytes": nbytes,
