@@ -52,6 +52,26 @@ def test_global_batch_arithmetic():
         global_batch(4, 32, world_size=0)
 
 
+def test_a_run_ends_by_freeing_cuda_graphs_then_destroying_the_process_group(tmp_path, monkeypatch):
+    """release_process_group (train()'s last step): a live CUDA graph holding NCCL collectives made a GPU run hang
+    at exit, so the compiled state (its CUDA-graph trees) goes first, then the group; without a group, nothing."""
+    import torch.distributed as dist
+
+    from deepseek_mini.training.strategies import release_process_group
+
+    calls = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: calls.append(dist.is_initialized()))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        release_process_group()
+        assert calls == [True] and not dist.is_initialized()
+        release_process_group()
+        assert calls == [True]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_ddp_config_builds_a_ddp_strategy():
     from lightning.pytorch.strategies import DDPStrategy
 

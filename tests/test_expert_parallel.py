@@ -344,6 +344,22 @@ def test_ep2_strategy_matches_ddp_and_its_checkpoint_resumes_under_both(tmp_path
 
 
 # ---------------------------------------------------------------------- bad combinations: one line, rc 2
+def _ep_run_config(overrides, tmp_path):
+    from conftest import CONFIGS
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from deepseek_mini.training.run_config import RunConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["trainer=ep", "trainer.accelerator=cpu", *overrides],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return RunConfig.from_cfg(cfg, tmp_path / "run")
+
+
 @pytest.mark.parametrize("overrides, line", [
     (["trainer.strategy.expert_parallel=3"], "error: model.n_routed_experts=8: must be divisible by "
                                              "trainer.strategy.expert_parallel=3"),
@@ -352,29 +368,24 @@ def test_ep2_strategy_matches_ddp_and_its_checkpoint_resumes_under_both(tmp_path
                                                                "trainer.strategy.expert_parallel=2"),
     (["model.topk_method=group_limited_greedy", "model.n_group=4", "model.topk_group=1"],
      "error: model.n_group=4: must equal"),
-    (["compile=reduce-overhead"], "error: compile=full:reduce-overhead: CUDA graphs are refused with expert "
-                                  "parallelism"),
+    (["compile=reduce-overhead"], "error: compile=full:reduce-overhead: CUDA graphs need "
+                                  "trainer.strategy.dispatch=padded under expert parallelism"),
     (["trainer.strategy.expert_parallel=0"], "error: trainer.strategy.expert_parallel=0: must be a positive integer"),
     (["trainer.strategy.dispatch=fast"], "error: trainer.strategy.dispatch='fast': must be one of exact, padded"),
 ])
 def test_bad_expert_parallel_settings_fail_with_one_line(overrides, line, tmp_path):
-    from conftest import CONFIGS
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
     from deepseek_mini.config import ConfigError
-    from deepseek_mini.training.run_config import RunConfig
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["trainer=ep", "trainer.accelerator=cpu", *overrides],
-                      return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
     with pytest.raises(ConfigError) as e:
-        RunConfig.from_cfg(cfg, tmp_path / "run")
+        _ep_run_config(overrides, tmp_path)
     assert f"error: {e.value}".startswith(line), str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_cuda_graphs_are_accepted_with_the_padded_dispatch(tmp_path):
+    """The padded dispatch has no host sync, so the whole model (collectives included) may run as CUDA graphs."""
+    run = _ep_run_config(["compile=reduce-overhead", "trainer.strategy.dispatch=padded"], tmp_path)
+    assert run.compile == "full:reduce-overhead"
 
 
 # ---------------------------------------------------------------------- train.py trainer=ep, end to end (slow)

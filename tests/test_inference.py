@@ -148,9 +148,10 @@ def test_bench_decode_cpu_smoke(tmp_path):
     import json
 
     proc = _run("bench/bench_decode.py", "--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--check",
-                "--out", str(tmp_path / "b.json"), cwd=tmp_path)
+                "--inductor", "max_autotune=True", "--out", str(tmp_path / "b.json"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "b.json").read_text())
+    assert data["args"]["inductor"] == {"max_autotune": True}  # what the compiled step would be built with
     assert len(data["rows"]) == 3 * 2 * 2 and all(r["status"] == "ok" for r in data["rows"])
     diffs = [float(line.rsplit(" ", 1)[1]) for line in proc.stdout.splitlines() if "max abs diff" in line]
     assert len(diffs) == 3 and max(diffs) < 1e-4  # the graph-mode step computes what the model's decode does

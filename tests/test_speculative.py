@@ -386,6 +386,7 @@ def test_bench_decode_speculative_on_a_checkpoint_cpu(mtp_ckpt, tmp_path, monkey
     spec_ = importlib.util.spec_from_file_location("bench_decode", ROOT / "scripts" / "bench" / "bench_decode.py")
     bench = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(bench)
+    assert bench.main(["--inductor", "no_such_option=1"]) == 2  # refused before any work
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
     rc = bench.main(["--device", "cpu", "--ckpt", str(mtp_ckpt[0]), "--prompt-file", str(tmp_path / "text.txt"),
                      "--prompt-tokens", "8", "--gen-tokens", "5", "--batches", "2", "--out", str(tmp_path / "s.json")])

@@ -29,7 +29,7 @@ The row gathers and sums are written as transposes of each other (_Expand / _Red
 gather plus a sum over a few slots, no atomics. Per MoE layer and forward: one small counts all_to_all, one
 host sync, three all_to_alls out and one back; backward runs the autograd ones again with the splits swapped
 and no host sync. Nothing loops over experts in Python. Under torch.compile this dispatch runs eager (a graph
-break per MoE layer). CUDA graphs are refused under EP (training/expert_parallel.check_expert_parallel).
+break per MoE layer), and CUDA graphs are refused with it (training/expert_parallel.check_expert_parallel).
 
 Padded dispatch (`dispatch="padded"`): the same exchange with sizes that do not depend on the routing. Every token
 goes to every device of its EP group (T rows to each, where the exact dispatch sends only the (token, device)
@@ -37,9 +37,10 @@ pairs in use: ~1.33x the rows at EP=2 and top-6 of 64 experts, ep/M x at larger 
 (-1 where it has none there) and gates (0) beside it in one tensor; a device computes only the pairs it owns (the
 grouped GEMM stops at the last offset; the pair buffer is sized for every slot) and returns T rows to each source,
 zeros for tokens it did not serve. No counts exchange and no host sync, so torch.compile traces the MoE layer whole
-(no graph break, nothing the host waits for), and the result equals the exact dispatch's: the same pairs in the
-same order, plus zero rows. The exact dispatch moves fewer bytes; the padded one keeps the GPU fed (on two H200s the
-exact dispatch's host syncs left the GPU idle two thirds of a profiled forward: docs/benchmarks.md).
+(no graph break, nothing the host waits for; the whole model can run as CUDA graphs), and the result equals the
+exact dispatch's: the same pairs in the same order, plus zero rows. The exact dispatch moves fewer bytes; the padded
+one keeps the GPU fed (on two H200s the exact dispatch's host syncs left the GPU idle two thirds of a profiled
+forward; the padded one as CUDA graphs trained at 0.93x DDP's speed: docs/benchmarks.md).
 
 Pure PyTorch: torch.distributed only. The training side (meshes, gradient averaging, checkpoints) is in
 deepseek_mini/training/expert_parallel.py.

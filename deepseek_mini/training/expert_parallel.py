@@ -71,10 +71,11 @@ def check_expert_parallel(model, strategy: dict, devices: Any, num_nodes: int, c
     if compile_mode is not None and ep > 1:
         from deepseek_mini.training.compile import parse_compile
 
-        if parse_compile(compile_mode).cudagraphs:
-            raise ConfigError(f"compile={compile_mode}: CUDA graphs are refused with expert parallelism (no run has "
-                              "shown collectives right inside them here, and the exact dispatch reads its all-to-all "
-                              "sizes on the host); use compile=regional")
+        spec = parse_compile(compile_mode)
+        if spec.cudagraphs and dispatch != "padded":
+            raise ConfigError(f"compile={compile_mode}: CUDA graphs need trainer.strategy.dispatch=padded under expert "
+                              "parallelism (the exact dispatch reads its all-to-all sizes on the host, which a CUDA "
+                              "graph cannot replay); use dispatch=padded or compile=regional")
     if str(precision) in ("16-mixed", "16"):
         raise ConfigError(f"trainer.precision={precision}: fp16 needs a gradient scaler, whose inf check does not see "
                           "the other ranks' experts; use bf16-mixed or 32-true")

@@ -519,7 +519,8 @@ def check_cuda_graphs_accumulation(compile_spec: str | None, accumulate_grad_bat
 
 def check_cuda_graphs_placement(compile_spec: str | None, strategy: Any = None) -> None:
     """CUDA graphs (compile=...:reduce-overhead / max-autotune) only where a run has shown them right: the whole
-    model, on one GPU or under DDP. On two H200s (torch 2.11, 2026-11-30) DDP with compile=regional:reduce-overhead
+    model, on one GPU, under DDP, or under EP with the padded dispatch (checked in training/expert_parallel.py;
+    0.93x DDP's speed on two H200s, DDP's loss curve). On two H200s (torch 2.11, 2026-11-30) DDP with compile=regional:reduce-overhead
     ran at 1.4x the speed of compile=regional and trained nothing: the gradient norm was inf from step 19 on and
     the loss stayed near 8.4 (4.7 with compile=regional, same steps), while torch warned that the AccumulateGrad
     node's stream did not match the stream of the graph that produced the gradient. The whole model as one graph

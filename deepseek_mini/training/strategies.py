@@ -179,5 +179,23 @@ class DumpWeights(L.Callback):
         torch.save(state, self.dirpath / f"rank{trainer.global_rank}.pt")
 
 
+def release_process_group() -> None:
+    """The end of a distributed run: CUDA graphs freed, then the process group destroyed (PyTorch's documented
+    shutdown: every rank calls destroy_process_group once communication is over).
+
+    The order matters: a CUDA graph that captured NCCL collectives keeps their communicator in use, and
+    destroying it under a live graph can wait forever (pytorch/pytorch#115388). With the padded expert-parallel
+    dispatch and compile=full:reduce-overhead the all-to-alls are inside the graphs: on two H200s (2026-11-30,
+    torch 2.11) such a run printed its summary and then did not exit until killed 30 s later. torch.compiler.reset
+    drops the compiled code and its CUDA-graph trees (a later run in the same process, a multirun job, compiles
+    afresh anyway)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    torch.compiler.reset()
+    dist.destroy_process_group()
+
+
 __all__ = ["AtomicFSDPStrategy", "DumpWeights", "build_trainer_nodes", "consolidate_checkpoint", "fsdp_strategy", "global_batch",
-           "is_sharded_checkpoint"]
+           "is_sharded_checkpoint", "release_process_group"]

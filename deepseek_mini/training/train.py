@@ -4,7 +4,8 @@
 2. lock the run dir, clear temporary files of a killed save;
 3. prepare the data, build the LightningModule, callbacks, loggers and Trainer;
 4. fit; Ctrl-C / SIGTERM saves last.ckpt and reports `"status": "interrupted"`, a failure `"status": "failed"`;
-5. validate the final weights, checkpoint them, write results.json (counters cumulative over resumes).
+5. validate the final weights, checkpoint them, write results.json (counters cumulative over resumes);
+6. under a distributed strategy, free the CUDA graphs and destroy the process group (so every rank exits).
 """
 
 from __future__ import annotations
@@ -351,6 +352,8 @@ def report(p: Parts, res: dict) -> None:
 def train(cfg: DictConfig) -> dict:
     import lightning as L
 
+    from deepseek_mini.training.strategies import release_process_group
+
     # time_to_first_step_sec and wall_time_sec count from the process launch (training/startup.py)
     t_start = start_job()
     output_dir = Path(cfg.paths.output_dir)
@@ -370,6 +373,7 @@ def train(cfg: DictConfig) -> dict:
         checkpoint, best = finish(run, parts)
         res = results(cfg, run, resume, parts, t_start, fit_time, checkpoint=checkpoint, best=best)
         report(parts, res)
+        release_process_group()  # 6. every rank, once communication is over (training/strategies.py)
         return res
     finally:
         release_run_lock(output_dir)

@@ -41,11 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from decode_step import (  # noqa: E402  (this folder, on sys.path when the script runs)
-    COMPILED_STEP,
     PROFILE,
     Timer,
     check_fused_kernel,
     check_static_matches_eager,
+    compiled_step,
     eager_step,
     fill_cache,
     time_eager,
@@ -98,6 +98,24 @@ def kv_bytes_read(cfg: ModelConfig, batch: int, tokens: float, elem: int = 2) ->
     return cfg.kv_cache_bytes_per_token(elem) * batch * tokens
 
 
+def inductor_options(pairs: list[str]) -> dict:
+    """["max_autotune=True", ...] -> {"max_autotune": True, ...}, each key checked against Inductor's config."""
+    import ast
+
+    from torch._inductor import config as inductor_config
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not hasattr(inductor_config, key.split(".")[0]):
+            raise ValueError(f"{pair!r}: expected KEY=VALUE with KEY an Inductor config option")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{pair!r}: the value is not a Python literal") from None
+    return out
+
+
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -121,7 +139,9 @@ def bench_point(model, variant, batch, ctx, args, mode) -> dict:
         elif mode == "graph":
             ms = time_graph(model, cache, batch, ctx, args.steps, args.warmup, device, max_len)
         else:  # "compiled": torch.compile fuses the per-step glue, then the compiled step is graph-captured
-            ms = time_graph(model, cache, batch, ctx, args.steps, args.warmup, device, max_len, step_fn=COMPILED_STEP)
+            ms = time_graph(model, cache, batch, ctx, args.steps, args.warmup, device, max_len,
+                            step_fn=compiled_step(args.inductor))
+            row["inductor"] = args.inductor
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
         return row
@@ -405,6 +425,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", nargs="+", default=None, choices=["eager", "graph", "compiled"],
                     help="default: eager and graph on CUDA, eager on CPU")
+    ap.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="--modes compiled: Inductor options of the compiled step, e.g. max_autotune=True "
+                         "coordinate_descent_tuning=True (values read as Python literals)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--bandwidth", type=float, default=3.0, help="TB/s for the floor (measured device copy)")
@@ -422,6 +445,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=128, help="--ckpt: tokens generated per row")
     ap.add_argument("--temperature", type=float, default=0.0, help="--ckpt: 0 = greedy")
     args = ap.parse_args(argv)
+    try:
+        args.inductor = inductor_options(args.inductor)
+    except ValueError as e:
+        print(f"error: --inductor: {e}", file=sys.stderr)
+        return 2
     PROFILE["steps"] = args.profile
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")

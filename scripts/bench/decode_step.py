@@ -69,7 +69,18 @@ def static_step(model, tok, pos_t, cache, key_pos) -> torch.Tensor:
     return static_logits(model, tok, pos_t, cache, key_pos).argmax(-1)
 
 
-COMPILED_STEP = torch.compile(static_step, dynamic=False)
+_COMPILED: dict = {}
+
+
+def compiled_step(options: dict | None = None):
+    """static_step through torch.compile, one compiled function per set of Inductor options (bench_decode.py's
+    --inductor, e.g. max_autotune=True: Triton GEMM templates tuned per shape; coordinate_descent_tuning=True)."""
+    key = tuple(sorted((options or {}).items()))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(static_step, dynamic=False, options=dict(key) or None)
+    return _COMPILED[key]
+
+
 # every (variant, batch, cache length) point is its own static graph: allow them all, instead of dynamo silently
 # falling back to the uncompiled step after its default limit of 8
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)

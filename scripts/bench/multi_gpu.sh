@@ -15,8 +15,9 @@
 #   fsdp    FSDP on $NGPU GPUs, same per-device batch, compile=$FSDP_COMPILE (default regional) -> runs/fsdp
 #   ddp_eager  DDP with compile=false
 #   ep      expert parallelism (trainer=ep, EP=$NGPU; = experiment=ep_small_gpu), same per-device batch,
-#           compile=$EP_COMPILE (default regional; CUDA graphs are refused with EP), trainer.strategy.dispatch=
-#           $EP_DISPATCH (exact | padded); its like-for-like DDP reference: the ddp stage with DDP_COMPILE=regional
+#           compile=$EP_COMPILE (default full:reduce-overhead, small_gpu's own; CUDA graphs need the padded
+#           dispatch), trainer.strategy.dispatch=$EP_DISPATCH (default padded; exact needs EP_COMPILE=regional or
+#           false); its like-for-like DDP reference: the ddp stage with the same compile setting (DDP_COMPILE)
 #   resume_ddp / resume_fsdp   the equal-token runs: per-device batch BATCH / NGPU, so one step sees the one-GPU
 #           run's samples (rank-strided from the same stream) and their val loss compares with gpu1's.
 #           <p>_ref runs uninterrupted; <p>_kill is SIGKILLed at step $KILL_AT by the project's DSMINI_FAULT
@@ -69,8 +70,8 @@ else
         logger=csv callbacks.samples=null callbacks.progress_bar=null)
   ONE=(trainer.devices=1)
   DDP=(trainer=ddp "trainer.devices=$NGPU")
-  EP=(trainer=ep "trainer.devices=$NGPU" "compile=${EP_COMPILE:-regional}"      # = experiment=ep_small_gpu
-      "trainer.strategy.dispatch=${EP_DISPATCH:-exact}")
+  EP=(trainer=ep "trainer.devices=$NGPU" "compile=${EP_COMPILE:-full:reduce-overhead}"  # = experiment=ep_small_gpu
+      "trainer.strategy.dispatch=${EP_DISPATCH:-padded}")
   # FSDP_COMPILE: the fsdp stage's compile setting. CUDA graphs are refused under FSDP; regional is its fastest
   # measured setting (2026-11-30: 1.73x FSDP eager, same loss curve; docs/benchmarks.md)
   FSDP=(trainer=fsdp "trainer.devices=$NGPU" "compile=${FSDP_COMPILE:-regional}")
