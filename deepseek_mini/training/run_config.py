@@ -520,14 +520,14 @@ def check_cuda_graphs_accumulation(compile_spec: str | None, accumulate_grad_bat
 def check_cuda_graphs_placement(compile_spec: str | None, strategy: Any = None) -> None:
     """CUDA graphs (compile=...:reduce-overhead / max-autotune) only where a run has shown them right: the whole
     model, on one GPU, under DDP, or under EP with the padded dispatch (checked in training/expert_parallel.py;
-    0.93x DDP's speed on two H200s, DDP's loss curve). On two H200s (torch 2.11, 2026-11-30) DDP with compile=regional:reduce-overhead
-    ran at 1.4x the speed of compile=regional and trained nothing: the gradient norm was inf from step 19 on and
-    the loss stayed near 8.4 (4.7 with compile=regional, same steps), while torch warned that the AccumulateGrad
-    node's stream did not match the stream of the graph that produced the gradient. The whole model as one graph
-    under DDP (training/compile.OneGraphUnderDDP) trained right there (losses on the eager DDP curve,
-    docs/benchmarks.md). No run has tried them under FSDP (which gathers each block's parameters in hooks around
-    it), so FSDP is refused whatever the number of devices; compile=regional is FSDP's measured setting (two H200s,
-    2026-11-30: 1.73x its eager speed, on the eager loss curve)."""
+    0.93x DDP's speed on two H200s, DDP's loss curve). On two H200s (torch 2.11, 2026-11-30) DDP with
+    compile=regional:reduce-overhead ran at 1.4x the speed of compile=regional and trained nothing: the gradient
+    norm was inf from step 19 on and the loss stayed near 8.4 (4.7 with compile=regional, same steps), while torch
+    warned that the AccumulateGrad node's stream did not match the stream of the graph that produced the gradient.
+    The whole model as one graph under DDP (training/compile.OneGraphUnderDDP) trained right there (losses on the
+    eager DDP curve, docs/benchmarks.md). No run has tried them under FSDP (which gathers each block's parameters
+    in hooks around it), so FSDP is refused whatever the number of devices; compile=regional is FSDP's measured
+    setting (two H200s, 2026-11-30: 1.73x its eager speed, on the eager loss curve)."""
     from deepseek_mini.training.compile import parse_compile
 
     spec = parse_compile(compile_spec) if compile_spec else None
