@@ -57,6 +57,19 @@ def run_cli(script: str, *args: str, cwd: Path = ROOT, check: bool = True, timeo
     return proc
 
 
+def load_script(relpath: str, monkeypatch):
+    """A script of the repository (e.g. "scripts/bench/bench_decode.py") as a module, its folder on sys.path as when
+    it runs: its main() or helpers are then called in this process, without a fresh interpreter's imports."""
+    import importlib.util
+
+    path = ROOT / relpath
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script_inprocess(script: str, args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     """`python <script> <args>` (a path from the repo root) run in this process: its __main__ block, Hydra and
     the one-line error handling included, without a fresh interpreter's imports. For command lines that end

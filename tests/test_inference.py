@@ -43,20 +43,23 @@ def tiny_ckpt(tmp_path_factory):
                                   "It decoded one token at a time."])
 
 
-def test_generate_cli_greedy_matches_model_generate(tiny_ckpt, tmp_path):
+def test_generate_cli_greedy_matches_model_generate(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    from conftest import run_script_inprocess
+
     path, model, tok = tiny_ckpt
     prompt = "Once upon a time"
-    proc = _run("generate.py", f"ckpt_path={path}", f"prompt={prompt}", "max_new_tokens=12", "temperature=0",
-                cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)  # in this process (the next test runs generate.py as its own process)
+    code, stdout, stderr = run_script_inprocess("scripts/generate.py", [f"ckpt_path={path}", f"prompt={prompt}",
+                                                "max_new_tokens=12", "temperature=0"], capsys, monkeypatch)
+    assert code == 0, stderr[-3000:]
     ids = tok.encode(prompt).ids
     eos = tok.token_to_id("<|endoftext|>")
     out = model.generate(torch.tensor([ids]), 12, temperature=0, eos_token_id=eos)[0, len(ids):].tolist()
     if eos in out:
         out = out[:out.index(eos)]
     expected = prompt + tok.decode(out, skip_special_tokens=False)
-    assert proc.stdout == expected + "\n"  # only the text on stdout; the statistics line goes to stderr
-    last = proc.stderr.rstrip("\n").split("\n")[-1]
+    assert stdout == expected + "\n"  # only the text on stdout; the statistics line goes to stderr
+    last = stderr.rstrip("\n").split("\n")[-1]
     assert "tokens/s" in last and "KV cache" in last and "MLA latent cache, absorb decode" in last
     assert list(tmp_path.iterdir()) == []  # no outputs/ or .hydra/ or log file left behind
 
@@ -144,16 +147,19 @@ def test_measure_kv_bytes_cpu(attention):
     assert r16["measured_bytes"] == cfg.kv_cache_bytes_per_token(2) * 2 * 8
 
 
-def test_bench_decode_cpu_smoke(tmp_path):
+def test_bench_decode_cpu_smoke(tmp_path, capsys, monkeypatch):
     import json
 
-    proc = _run("bench/bench_decode.py", "--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--check",
-                "--inductor", "max_autotune=True", "--out", str(tmp_path / "b.json"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from conftest import load_script
+
+    rc = load_script("scripts/bench/bench_decode.py", monkeypatch).main(["--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--check",
+                     "--inductor", "max_autotune=True", "--out", str(tmp_path / "b.json")])
+    proc = capsys.readouterr()
+    assert rc == 0, proc.err[-3000:]
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["args"]["inductor"] == {"max_autotune": True}  # what the compiled step would be built with
     assert len(data["rows"]) == 3 * 2 * 2 and all(r["status"] == "ok" for r in data["rows"])
-    diffs = [float(line.rsplit(" ", 1)[1]) for line in proc.stdout.splitlines() if "max abs diff" in line]
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in proc.out.splitlines() if "max abs diff" in line]
     assert len(diffs) == 3 and max(diffs) < 1e-4  # the graph-mode step computes what the model's decode does
     assert data["capacity"][0]["vs_mha"] == pytest.approx(4096 / 768)
-    assert proc.stdout.rstrip().endswith("MLA fits 5.33x MHA's batch x context.")
+    assert proc.out.rstrip().endswith("MLA fits 5.33x MHA's batch x context.")

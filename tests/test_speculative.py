@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from model_helpers import SMALL_MODEL
 
 from deepseek_mini.config import ModelConfig
@@ -342,11 +343,9 @@ def test_generate_cli_speculative_greedy_matches_plain(mtp_ckpt, tmp_path):
     assert "speculative: 2 MTP draft(s), acceptance per depth" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_generate_speculative_needs_mtp_modules(tmp_path):
+def test_generate_speculative_needs_mtp_modules(tmp_path, monkeypatch):
     """A checkpoint without MTP modules is refused right after reading its config, before any token (generate.py
     prints ConfigError as its one line `error: ...` with exit status 2, as tests/test_inference.py checks)."""
-    import importlib.util
-
     from omegaconf import OmegaConf
 
     from deepseek_mini.config import ConfigError
@@ -355,9 +354,7 @@ def test_generate_speculative_needs_mtp_modules(tmp_path):
     cfg = ModelConfig.preset("tiny", vocab_size=320, max_position_embeddings=64, hidden_size=64, num_hidden_layers=2)
     torch.save({"state_dict": {"model." + k: v for k, v in DeepSeekV2(cfg).state_dict().items()},
                 "hyper_parameters": {"model_config": cfg.to_dict()}}, tmp_path / "plain.ckpt")
-    spec_ = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
-    script = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(script)
+    script = load_script("scripts/generate.py", monkeypatch)
     run_cfg = OmegaConf.load(ROOT / "configs" / "generate.yaml")
     run_cfg.merge_with({"ckpt_path": str(tmp_path / "plain.ckpt"), "speculative": True})
     with pytest.raises(ConfigError) as e:
@@ -377,15 +374,11 @@ def test_speculative_flag_must_be_a_boolean(value):
 
 def test_bench_decode_speculative_on_a_checkpoint_cpu(mtp_ckpt, tmp_path, monkeypatch):
     """scripts/bench/bench_decode.py --ckpt (what the lead runs on the GPU) on CPU with the tiny MTP checkpoint."""
-    import importlib.util
     import json
     import sys
 
-    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "bench"))
     monkeypatch.setattr(sys, "argv", ["bench_decode.py"])
-    spec_ = importlib.util.spec_from_file_location("bench_decode", ROOT / "scripts" / "bench" / "bench_decode.py")
-    bench = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(bench)
+    bench = load_script("scripts/bench/bench_decode.py", monkeypatch)
     assert bench.main(["--inductor", "no_such_option=1"]) == 2  # refused before any work
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
     rc = bench.main(["--device", "cpu", "--ckpt", str(mtp_ckpt[0]), "--prompt-file", str(tmp_path / "text.txt"),
@@ -401,13 +394,9 @@ def test_bench_decode_speculative_on_a_checkpoint_cpu(mtp_ckpt, tmp_path, monkey
 def test_mtp_experiment_pairs_each_seed_with_its_own_baseline(tmp_path, monkeypatch):
     """scripts/bench/mtp_experiment.py's table: val loss MTP - baseline per seed at the validation steps both
     logged (a run stopped early contributes only its own steps), and the mean over seeds."""
-    import importlib.util
     import json
 
-    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "bench"))
-    spec_ = importlib.util.spec_from_file_location("mtp_experiment", ROOT / "scripts" / "bench" / "mtp_experiment.py")
-    exp = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(exp)
+    exp = load_script("scripts/bench/mtp_experiment.py", monkeypatch)
     curves = {"mtp_s1": {0: 9.0, 10: 5.0, 20: 4.0}, "base_s1": {0: 9.0, 10: 5.1, 20: 4.3},
               "mtp_s2": {0: 8.0, 10: 6.0}, "base_s2": {0: 8.0, 10: 5.8, 20: 4.0}}  # mtp_s2 stopped early
     for name, curve in curves.items():
