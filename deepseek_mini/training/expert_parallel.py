@@ -75,7 +75,7 @@ def check_expert_parallel(model, strategy: dict, devices: Any, num_nodes: int, c
         if spec.cudagraphs and dispatch != "padded":
             raise ConfigError(f"compile={compile_mode}: CUDA graphs need trainer.strategy.dispatch=padded under expert "
                               "parallelism (the exact dispatch reads its all-to-all sizes on the host, which a CUDA "
-                              "graph cannot replay); use dispatch=padded or compile=regional")
+                              "graph cannot replay), or compile=regional")
     if str(precision) in ("16-mixed", "16"):
         raise ConfigError(f"trainer.precision={precision}: fp16 needs a gradient scaler, whose inf check does not see "
                           "the other ranks' experts; use bf16-mixed or 32-true")
