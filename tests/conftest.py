@@ -57,11 +57,22 @@ def run_cli(script: str, *args: str, cwd: Path = ROOT, check: bool = True, timeo
     return proc
 
 
+def run_config_of(tmp_path: Path, *overrides: str):
+    """RunConfig.from_cfg of `train.py <TINY_OVERRIDES> <overrides>`, as cli_entry checks a command before Hydra
+    runs (the run dir is tmp_path/run, which a refused command must leave uncreated)."""
+    from hydra import compose, initialize_config_dir
+
+    from deepseek_mini.training.run_config import RunConfig
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, *overrides], return_hydra_config=True)
+    cfg.paths.output_dir = str(tmp_path / "run")
+    return RunConfig.from_cfg(cfg, tmp_path / "run")
+
+
 def load_script(relpath: str, monkeypatch):
     """A script of the repository (e.g. "scripts/bench/bench_decode.py") as a module, its folder on sys.path as when
     it runs: its main() or helpers are then called in this process, without a fresh interpreter's imports."""
-    import importlib.util
-
     path = ROOT / relpath
     monkeypatch.syspath_prepend(str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)

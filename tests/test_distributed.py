@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, TINY_OVERRIDES, run_cli
+from conftest import CONFIGS, TINY_OVERRIDES, run_cli, run_config_of
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -226,24 +226,13 @@ def two_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
 
 
-def _run_config(tmp_path, *overrides):
-    """RunConfig.from_cfg of `train.py <TINY_OVERRIDES> <overrides>`, as cli_entry checks a command before Hydra
-    runs (the run dir is tmp_path/run, which a refused command must leave uncreated)."""
-    from deepseek_mini.training.run_config import RunConfig
-
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, *overrides], return_hydra_config=True)
-    cfg.paths.output_dir = str(tmp_path / "run")
-    return RunConfig.from_cfg(cfg, tmp_path / "run")
-
-
 @pytest.fixture
 def gpu_run_config(two_gpus, tmp_path, monkeypatch):
-    """_run_config with trainer.accelerator=gpu on a faked two-GPU machine (no real GPU to ask for memory)."""
+    """conftest.run_config_of with trainer.accelerator=gpu on a faked two-GPU machine (no real GPU to ask for memory)."""
     from deepseek_mini.training import run_config as run_config_module
 
     monkeypatch.setattr(run_config_module, "_available_memory", lambda: None)
-    return lambda *overrides: _run_config(tmp_path, "trainer.accelerator=gpu", *overrides)
+    return lambda *overrides: run_config_of(tmp_path, "trainer.accelerator=gpu", *overrides)
 
 
 @pytest.mark.parametrize("accelerator", ["gpu", "cuda", "auto"])
@@ -273,7 +262,7 @@ def test_fsdp_without_gpus_is_one_config_error(monkeypatch, tmp_path):
     from deepseek_mini.config import ConfigError
 
     def run_config(*overrides):
-        return _run_config(tmp_path, *overrides)
+        return run_config_of(tmp_path, *overrides)
 
     with pytest.raises(ConfigError, match=r"^trainer=fsdp: FSDP needs CUDA GPUs.*trainer=ddp trainer.accelerator=cpu"):
         run_config("trainer=fsdp", "trainer.accelerator=cpu")

@@ -345,19 +345,9 @@ def test_ep2_strategy_matches_ddp_and_its_checkpoint_resumes_under_both(tmp_path
 
 # ---------------------------------------------------------------------- bad combinations: one line, rc 2
 def _ep_run_config(overrides, tmp_path):
-    from conftest import CONFIGS
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
+    from conftest import run_config_of
 
-    from deepseek_mini.training.run_config import RunConfig
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["trainer=ep", "trainer.accelerator=cpu", *overrides],
-                      return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return RunConfig.from_cfg(cfg, tmp_path / "run")
+    return run_config_of(tmp_path, "trainer=ep", "trainer.accelerator=cpu", *overrides)
 
 
 @pytest.mark.parametrize("overrides, line", [
