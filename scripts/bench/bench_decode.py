@@ -99,15 +99,17 @@ def kv_bytes_read(cfg: ModelConfig, batch: int, tokens: float, elem: int = 2) ->
 
 
 def inductor_options(pairs: list[str]) -> dict:
-    """["max_autotune=True", ...] -> {"max_autotune": True, ...}, each key checked against Inductor's config."""
+    """["max_autotune=True", ...] -> {"max_autotune": True, ...}, each key checked against Inductor's options (dotted
+    ones such as triton.cudagraphs included)."""
     import ast
 
     from torch._inductor import config as inductor_config
 
+    known = inductor_config.get_config_copy()
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not hasattr(inductor_config, key.split(".")[0]):
+        if not sep or key not in known:
             raise ValueError(f"{pair!r}: expected KEY=VALUE with KEY an Inductor config option")
         try:
             out[key] = ast.literal_eval(value)
@@ -165,17 +167,22 @@ def bench_point(model, variant, batch, ctx, args, mode) -> dict:
 
 
 # ---------------------------------------------------------------------- capacity
-def describe_step(row: dict, label: str, top: int = 8) -> str:
-    """A profiled decode step as printed lines: its time against the floor, GPU time by kernel category, idle time
-    and kernel count, then the `top` kernels (the tuning scripts print every setting they time this way)."""
-    p = row.get("profile", {})
+def profile_lines(p: dict, top: int = 8) -> list[str]:
+    """A decode step's profile (harness.kernel_breakdown): GPU time by kernel category, idle time and kernel count,
+    then one line for each of the `top` kernels."""
     cats = ", ".join(f"{c} {ms:.3f}" for c, ms in p.get("by_category_ms", {}).items())
-    lines = [f"step {label}: {row['step_ms']:.3f} ms ({row['step_over_floor']:.2f}x floor {row['floor_ms']:.3f} ms) | "
-             f"GPU kernels {p.get('gpu_ms_per_step', 0):.3f} ms, idle {p.get('gpu_idle_ms_per_step', 0):.3f} ms, "
-             f"{p.get('kernels_per_step', 0):.0f} kernels: {cats}"]
-    lines += [f"      {k['ms_per_step']:.3f} ms x{k['calls_per_step']:.0f} {k['name'][:110]}"
-              for k in p.get("top_kernels", [])[:top]]
-    return "\n".join(lines)
+    return [f"GPU kernels {p.get('gpu_ms_per_step', 0):.3f} ms, idle {p.get('gpu_idle_ms_per_step', 0):.3f} ms, "
+            f"{p.get('kernels_per_step', 0):.0f} kernels: {cats}",
+            *(f"      {k['ms_per_step']:.3f} ms x{k['calls_per_step']:.0f} {k['name'][:110]}"
+              for k in p.get("top_kernels", [])[:top])]
+
+
+def describe_step(row: dict, label: str, top: int = 8) -> str:
+    """A profiled decode step as printed lines: its time against the floor, then its profile (profile_lines; the
+    tuning scripts print every setting they time this way)."""
+    first, *kernels = profile_lines(row.get("profile", {}), top)
+    return "\n".join([f"step {label}: {row['step_ms']:.3f} ms ({row['step_over_floor']:.2f}x floor "
+                      f"{row['floor_ms']:.3f} ms) | {first}", *kernels])
 
 
 def capacity(models: dict, args) -> list[dict]:
@@ -513,12 +520,8 @@ def main(argv=None) -> int:
                               f"{row['step_over_floor']:.2f}x floor") if row.get("status") == "ok" else row["status"]
                     print(f"  {variant} {mode} batch {batch} context {ctx}: {status}", flush=True)
                     if "profile" in row:
-                        p = row["profile"]
-                        cats = ", ".join(f"{c} {ms:.2f}" for c, ms in p["by_category_ms"].items())
-                        print(f"    GPU kernels {p['gpu_ms_per_step']:.2f} ms/step: {cats}", flush=True)
-                        for k in p["top_kernels"][:8]:
-                            print(f"      {k['ms_per_step']:.3f} ms x{k['calls_per_step']:.0f} {k['name'][:100]}",
-                                  flush=True)
+                        first, *kernels = profile_lines(row["profile"])
+                        print("\n".join([f"    {first}", *kernels]), flush=True)
         if variant != "mla_absorb" and variant != "mha":
             del models[variant]
         del model

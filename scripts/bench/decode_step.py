@@ -75,9 +75,9 @@ _COMPILED: dict = {}
 def compiled_step(options: dict | None = None):
     """static_step through torch.compile, one compiled function per set of Inductor options (bench_decode.py's
     --inductor, e.g. max_autotune=True: Triton GEMM templates tuned per shape; coordinate_descent_tuning=True)."""
-    key = tuple(sorted((options or {}).items()))
+    key = repr(sorted((options or {}).items()))  # a value may be a list (unhashable)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(static_step, dynamic=False, options=dict(key) or None)
+        _COMPILED[key] = torch.compile(static_step, dynamic=False, options=dict(options or {}) or None)
     return _COMPILED[key]
 
 
