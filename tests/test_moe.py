@@ -483,3 +483,29 @@ def test_counting_sort_is_the_stable_argsort_of_the_expert_ids():
     order, inverse = sort_by_expert(idx, routed, counts.cumsum(0) - counts)
     assert torch.equal(order, torch.argsort(idx.reshape(-1), stable=True))
     assert torch.equal(inverse[order], torch.arange(T * K))
+
+
+def test_router_of_a_16_bit_model_takes_the_fp32_output_gemm_only_for_cuda_inference():
+    from deepseek_mini.model.moe import fp32_out_mm_available
+
+    x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(3, 8, dtype=torch.bfloat16)
+    assert not fp32_out_mm_available(x, w)  # CPU: torch.mm has no out_dtype kernel there
+    if torch.cuda.is_available():
+        x, w = x.cuda(), w.cuda()
+        assert fp32_out_mm_available(x, w) and not fp32_out_mm_available(x, w.float())
+        assert not fp32_out_mm_available(x, w.requires_grad_())  # training keeps the fp32 GEMM
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.mm's out_dtype runs on CUDA only")
+def test_router_fp32_logits_from_16_bit_weights_equal_the_upcast_gemm_on_cuda():
+    """The logits from the bf16 GEMM writing fp32 are the fp32 GEMM's of the upcast copies (products of bf16 values
+    are exact in fp32; only the summation order may differ), and the routing they give is the same."""
+    cfg = cfg_of(n_routed_experts=64, num_experts_per_tok=6, hidden_size=768)
+    router = make_moe(cfg, dtype=torch.bfloat16).gate.cuda()
+    x = torch.randn(32, 768, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = router(x)
+        ref = router.route(F.linear(x.float(), router.weight.float()))
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)  # scores
+    assert torch.equal(fast[1], ref[1])  # the experts chosen
+    torch.testing.assert_close(fast[2], ref[2], rtol=1e-5, atol=1e-6)  # their gates
