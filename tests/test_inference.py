@@ -163,36 +163,3 @@ def test_bench_decode_cpu_smoke(tmp_path, capsys, monkeypatch):
     assert len(diffs) == 3 and max(diffs) < 1e-4  # the graph-mode step computes what the model's decode does
     assert data["capacity"][0]["vs_mha"] == pytest.approx(4096 / 768)
     assert proc.out.rstrip().endswith("MLA fits 5.33x MHA's batch x context.")
-
-
-def test_bench_decode_compiled_step_folds_the_weights_and_decodes_as_the_static_step(monkeypatch):
-    """The compiled decode step (bench_decode --modes compiled --freeze) under Inductor's freezing: the weights really become
-    constants (dynamo hands them over only with prepare_freezing: without it freezing silently folds nothing, the
-    pitfall this guards), and the step picks the tokens the uncompiled static step picks and writes the same cache."""
-    import torch._inductor.freezing as freezing
-    from conftest import load_script
-
-    load_script("scripts/bench/bench_decode.py", monkeypatch)  # puts scripts/bench on sys.path
-    import decode_step
-
-    folded = []
-    replace = freezing.replace_params_with_constants
-    monkeypatch.setattr(freezing, "replace_params_with_constants",
-                        lambda gm, params, meta: folded.append(len(params)) or replace(gm, params, meta))
-    # one layer, an MoE one: MLA, the router and the shared experts are the parts with weights to fold
-    cfg = ModelConfig.preset("tiny", vocab_size=64, num_hidden_layers=1, first_k_dense_replace=0)
-    torch.manual_seed(0)
-    model = DeepSeekV2(cfg).to(torch.bfloat16).eval()
-    B, L, ctx = 3, 32, 12
-    caches = [model.new_cache(B, L, device="cpu") for _ in range(2)]
-    for c in caches:
-        decode_step.fill_cache(c, ctx)
-    tok, pos, key_pos = torch.randint(0, 64, (B,)), torch.tensor([ctx]), torch.arange(L)
-    with torch.no_grad():
-        ref = decode_step.static_logits(model, tok, pos, caches[0], key_pos)
-        step = decode_step.compiled_step(model, freeze=True)
-        out = step(model, tok, pos, caches[1], key_pos)
-    decode_step.forget_compiled(model)
-    assert folded and folded[0] >= len(list(model.parameters()))  # every weight folded into the compiled step
-    assert torch.equal(out, ref.argmax(-1))
-    assert torch.equal(caches[0][0].kv, caches[1][0].kv)  # the compiled step wrote the same cache entries

@@ -277,26 +277,3 @@ def test_bf16_autocast_cpu(changes):
     with torch.no_grad():
         high = model(ids).logits
     assert (low - high).abs().max() < 0.1 * high.abs().max()
-
-
-def test_fused_linears_copies_no_weights_at_decode_sizes_and_fuses_for_training_and_many_rows():
-    """One GEMM over concatenated weights (outputs are views of one tensor) for training and for more rows than
-    outputs; separate GEMMs at inference with few rows (a decode step), where the concatenation would copy the
-    weights at every step. The same products either way."""
-    from deepseek_mini.model.layers import fused_linears
-
-    torch.manual_seed(0)
-    w_a, w_b = torch.randn(12, 16, dtype=torch.float64), torch.randn(9, 16, dtype=torch.float64)
-
-    def one_gemm(outs):
-        return outs[0].untyped_storage().data_ptr() == outs[1].untyped_storage().data_ptr()
-
-    for rows, grad, fused in [(8, False, False), (21, False, False), (22, False, True), (4, True, True)]:
-        x = torch.randn(rows, 16, dtype=torch.float64)
-        w = [w_a.clone().requires_grad_(grad), w_b.clone().requires_grad_(grad)]
-        outs = fused_linears(x, *w)
-        assert one_gemm(outs) == fused, (rows, grad)
-        for out, weight in zip(outs, w):
-            torch.testing.assert_close(out, x @ weight.T, rtol=1e-12, atol=1e-12)
-    with torch.no_grad():  # weights that require grad, but nothing recorded: inference
-        assert not one_gemm(fused_linears(torch.randn(3, 16, dtype=torch.float64), *w))

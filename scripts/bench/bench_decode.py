@@ -48,7 +48,6 @@ from decode_step import (  # noqa: E402  (this folder, on sys.path when the scri
     compiled_step,
     eager_step,
     fill_cache,
-    forget_compiled,
     time_eager,
     time_graph,
 )
@@ -143,8 +142,8 @@ def bench_point(model, variant, batch, ctx, args, mode) -> dict:
             ms = time_graph(model, cache, batch, ctx, args.steps, args.warmup, device, max_len)
         else:  # "compiled": torch.compile fuses the per-step glue, then the compiled step is graph-captured
             ms = time_graph(model, cache, batch, ctx, args.steps, args.warmup, device, max_len,
-                            step_fn=compiled_step(model, args.inductor, freeze=args.freeze))
-            row["inductor"], row["frozen"] = args.inductor, args.freeze
+                            step_fn=compiled_step(args.inductor))
+            row["inductor"] = args.inductor
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
         return row
@@ -436,9 +435,6 @@ def main(argv=None) -> int:
     ap.add_argument("--inductor", nargs="+", default=[], metavar="KEY=VALUE",
                     help="--modes compiled: Inductor options of the compiled step, e.g. max_autotune=True "
                          "coordinate_descent_tuning=True (values read as Python literals)")
-    ap.add_argument("--freeze", action="store_true",
-                    help="--modes compiled: with Inductor's freezing (the weights become constants of the compiled "
-                         "step; what is computed from them alone is computed once)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--bandwidth", type=float, default=3.0, help="TB/s for the floor (measured device copy)")
@@ -528,7 +524,6 @@ def main(argv=None) -> int:
                         print("\n".join([f"    {first}", *kernels]), flush=True)
         if variant != "mla_absorb" and variant != "mha":
             del models[variant]
-        forget_compiled(model)
         del model
         free_memory()
 

@@ -72,44 +72,13 @@ def static_step(model, tok, pos_t, cache, key_pos) -> torch.Tensor:
 _COMPILED: dict = {}
 
 
-class _Step(torch.nn.Module):
-    """static_step as a module over the model: what Inductor's freezing needs to see the weights as parameters."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tok, pos_t, cache, key_pos):
-        return static_step(self.model, tok, pos_t, cache, key_pos)
-
-
-def compiled_step(model, options: dict | None = None, freeze: bool = False):
-    """static_step of `model` through torch.compile, one compiled step per model and set of Inductor options
-    (bench_decode.py's --inductor, e.g. max_autotune=True: Triton GEMM templates tuned per shape).
-
-    `freeze` (bench_decode.py --freeze): Inductor's freezing, for inference. The weights become constants of the
-    compiled step, so whatever is computed from weights alone is computed once at compile time instead of at every
-    step. Dynamo hands Inductor the parameters to fold only with its prepare_freezing switch on, so both are set for
-    this compile alone (without it, freezing silently folds nothing).
-    """
-    key = (id(model), repr(sorted((options or {}).items())), freeze)  # a value may be a list (unhashable)
+def compiled_step(options: dict | None = None):
+    """static_step through torch.compile, one compiled function per set of Inductor options (bench_decode.py's
+    --inductor, e.g. max_autotune=True: Triton GEMM templates tuned per shape; coordinate_descent_tuning=True)."""
+    key = repr(sorted((options or {}).items()))  # a value may be a list (unhashable)
     if key not in _COMPILED:
-        opts = {**(options or {}), **({"freezing": True} if freeze else {})}
-        compiled = torch.compile(_Step(model), dynamic=False, options=opts or None)
-
-        def step(model_, tok, pos_t, cache, key_pos):
-            assert model_ is model, "a compiled step is bound to the model it was built for"
-            with torch._dynamo.config.patch(prepare_freezing=freeze):
-                return compiled(tok, pos_t, cache, key_pos)
-
-        _COMPILED[key] = step
+        _COMPILED[key] = torch.compile(static_step, dynamic=False, options=dict(options or {}) or None)
     return _COMPILED[key]
-
-
-def forget_compiled(model) -> None:
-    """Drop the compiled steps of `model` (they hold it and their folded constants)."""
-    for key in [k for k in _COMPILED if k[0] == id(model)]:
-        del _COMPILED[key]
 
 
 # every (variant, batch, cache length) point is its own static graph: allow them all, instead of dynamo silently
