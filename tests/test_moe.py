@@ -458,12 +458,73 @@ def compare_moe_decode_kernel_bf16() -> float:
     return worst
 
 
+def compare_moe_route_kernel_with_the_counting_sort() -> float:
+    """kernels/moe_decode.route against model/moe.sort_by_expert: 0.0 when offsets, counts, order and inverse are all
+    equal, for routings with an idle expert, N from 6 to 300 (one and two 256-wide chunks), E not a power of 2."""
+    from deepseek_mini.kernels import moe_decode as md
+    from deepseek_mini.model.moe import sort_by_expert
+
+    g = torch.Generator().manual_seed(0)
+    for T, K, E in ((1, 6, 64), (5, 3, 8), (32, 6, 64), (11, 6, 64), (40, 4, 10), (50, 6, 64)):
+        scores = torch.rand(T, E, generator=g)
+        scores[:, 1] = -1.0  # an expert without assignments
+        idx = scores.topk(K, dim=-1, sorted=False).indices
+        routed = torch.zeros(T, E).scatter_(1, idx, 1.0)
+        counts = routed.sum(0).to(torch.int32)
+        order, inverse = sort_by_expert(idx, routed, counts.cumsum(0) - counts)
+        ends, k_counts, k_order, k_inverse = md.route(idx, E)
+        if not (torch.equal(ends, counts.cumsum(0).to(torch.int32)) and torch.equal(k_counts, counts)
+                and torch.equal(k_order, order) and torch.equal(k_inverse, inverse)):
+            return 1.0
+    return 0.0
+
+
+def compare_moe_layer_decode_paths_bf16() -> float:
+    """A bf16 MoE layer at decode sizes without autograd, where it routes through route() and the expert kernels read
+    the tokens' rows in place, against the same layer on the grouped_mm path (kernels off), in bf16 roundings of the
+    output's largest value; and the kernels given rows already in expert order must give the same bits."""
+    from deepseek_mini.kernels import moe_decode as md
+
+    cfg = cfg_of(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1)
+    moe = make_moe(cfg, dtype=torch.bfloat16).eval()
+    x = torch.randn(3, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
+    available, route, calls, worst = md.available, md.route, [], 0.0
+    md.route = lambda *args: calls.append(1) or route(*args)
+    try:
+        with torch.no_grad():
+            y, _, stats = moe(x)
+            if not calls:  # the layer did not take the decode path
+                return 1e9
+            md.available = lambda *args: False
+            ref, _, ref_stats = moe(x)
+            md.available = available
+            worst = float((y.float() - ref.float()).abs().max() / ref.float().abs().max() * 128)
+            if not torch.equal(stats["tokens_per_expert"], ref_stats["tokens_per_expert"]):
+                return 1e9
+            x_TD = x.reshape(-1, cfg.hidden_size)
+            _, idx, gates = moe.gate(x_TD)
+            offsets, _, order, _ = md.route(idx, cfg.n_routed_experts)
+            experts = (moe.experts.gate_up_proj, moe.experts.down_proj)
+            gathered = md.grouped_swiglu_experts(x_TD, *experts, offsets, gates, order, idx.shape[1])
+            sorted_rows = md.grouped_swiglu_experts(x_TD[order // idx.shape[1]], *experts, offsets,
+                                                    gates.reshape(-1)[order])
+            if not torch.equal(gathered, sorted_rows):
+                return 1e9
+    finally:
+        md.available, md.route = available, route
+    return worst
+
+
 @requires_triton
 def test_expert_kernels_match_pytorch_under_the_interpreter():
     """The SwiGLU backward and the decode kernels of the routed experts, in one interpreter process."""
     diffs = max_diff_under_interpreter("test_moe", ["compare_swiglu_kernel_with_pytorch",
-                                                    "compare_moe_decode_kernel_fp32", "compare_moe_decode_kernel_bf16"])
+                                                    "compare_moe_decode_kernel_fp32", "compare_moe_decode_kernel_bf16",
+                                                    "compare_moe_route_kernel_with_the_counting_sort",
+                                                    "compare_moe_layer_decode_paths_bf16"])
     assert diffs["compare_swiglu_kernel_with_pytorch"] <= 1.0  # within one bf16 rounding of the largest value
+    assert diffs["compare_moe_route_kernel_with_the_counting_sort"] == 0.0  # the same order, exactly
+    assert diffs["compare_moe_layer_decode_paths_bf16"] <= 3.0  # as the kernels alone, below (a wrong row is > 10)
     assert diffs["compare_moe_decode_kernel_fp32"] < 1e-5
     # Rounded where the compiled grouped_mm path rounds (h, a, y), but the interpreter (Triton 3.9) truncates fp32 to
     # bf16 where the GPU rounds to nearest: up to a rounding each (measured 1.9; a missing gate or row is > 10)

@@ -12,13 +12,17 @@ CUTLASS tiles are built for large N; in the compiled, graph-captured decode step
   smallest tl.dot), and writes a = silu(g) * u * gate for its columns. The SwiGLU and the routing gate ride along
   in registers: the [N, 2I] gate/up projection never reaches memory.
 * _grouped_down, grid (expert, tile of BLOCK_N of the D outputs): y = a @ down_proj[e]^T the same way.
+* _route_by_expert: the routing bookkeeping before them (which rows each expert owns, in which
+  order), the order of model/moe.sort_by_expert. The gate/up kernel then reads each assignment's token row and
+  gate where they are (`order`), so the rows are never copied into expert order: MoE._decode_experts takes route +
+  these two kernels instead of the ~9 small kernels of the one-hot map, its scans, scatters and row copies.
 
 Expert e's rows are offsets[e-1]:offsets[e], read on the device: no host sync, the call has static shapes and a
 CUDA graph captures it. The programs of an expert without rows load nothing and end, so a call reads exactly the
 weights of the experts that have rows (6 of 64 at batch 1). An expert with more than BLOCK_M rows streams its tile
 again for each further block of rows (from L2: the tile is small), and the 16-row products start to count: the
-kernel is for small N only, and GroupedExperts takes it for inference with at most MAX_ROWS_PER_EXPERT rows per
-expert on average (`available`); training and prefill keep grouped_mm.
+kernel is for small N only, and MoE / GroupedExperts take it for inference with at most MAX_ROWS_PER_EXPERT rows
+per expert on average (`available`); training and prefill keep grouped_mm.
 
 Rounding follows the grouped_mm path under torch.compile: products accumulated in fp32, the gate/up projection
 rounded to x's dtype (grouped_mm's output), silu(g) * u * gate in fp32 rounded once to x's dtype (_GatedSwiGLU as
@@ -45,9 +49,10 @@ if triton is not None:
         return start, tl.load(offsets_ptr + e)
 
     @triton.jit
-    def _grouped_gate_up_swiglu(x_ptr, w_ptr, offsets_ptr, gate_ptr, a_ptr, stride_we,
+    def _grouped_gate_up_swiglu(x_ptr, w_ptr, offsets_ptr, gate_ptr, order_ptr, a_ptr, stride_we,
                                 D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                                GATHER: tl.constexpr, K: tl.constexpr):
         e = tl.program_id(0)
         start, end = _expert_rows(offsets_ptr, e)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's columns of I = WIDTH
@@ -58,11 +63,17 @@ if triton is not None:
         for m0 in range(start, end, BLOCK_M):  # no rows: no iteration, nothing read
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_mask = offs_m < end
+            if GATHER:  # row m is assignment order[m] (token-major, t * K + k): token order[m] // K, its gate there
+                src = tl.load(order_ptr + offs_m, mask=m_mask, other=0)
+                x_row = src // K
+            else:  # the rows come sorted by expert, their gates with them
+                src = offs_m
+                x_row = offs_m
             acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for k0 in range(0, D, BLOCK_K):
                 k_mask = k0 + offs_k < D
-                x = tl.load(x_ptr + offs_m[:, None] * D + k0 + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                x = tl.load(x_ptr + x_row[:, None] * D + k0 + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                             other=0.0)
                 w_mask = n_mask[:, None] & k_mask[None, :]
                 wg = tl.load(w_gate + k0 + offs_k[None, :], mask=w_mask, other=0.0).to(x.dtype)
@@ -74,7 +85,7 @@ if triton is not None:
             # h = [g | u] rounded as grouped_mm returns it; the SwiGLU and the row's gate in fp32, rounded once
             g = acc_g.to(x_ptr.dtype.element_ty).to(tl.float32)
             u = acc_u.to(x_ptr.dtype.element_ty).to(tl.float32)
-            gate = tl.load(gate_ptr + offs_m, mask=m_mask, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + src, mask=m_mask, other=0.0).to(tl.float32)
             a = g * tl.sigmoid(g) * u * gate[:, None]
             tl.store(a_ptr + offs_m[:, None] * WIDTH + offs_n[None, :], a.to(a_ptr.dtype.element_ty),
                      mask=m_mask[:, None] & n_mask[None, :])
@@ -105,6 +116,36 @@ if triton is not None:
                      mask=m_mask[:, None] & n_mask[None, :])
 
 
+    @triton.jit
+    def _route_by_expert(ids_ptr, ends_ptr, counts_ptr, order_ptr, inverse_ptr, N, E,
+                         BLOCK_E: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+        """The N = T*K assignments (token-major) sorted by expert, by assignment within an expert. Program p places
+        assignments p*BLOCK.. : it counts every expert's assignments itself (a few thousand comparisons), so no
+        program waits for another; at decode sizes all N ids are one CHUNK, one load."""
+        p = tl.program_id(0)
+        offs_e = tl.arange(0, BLOCK_E)
+        offs_n = p * BLOCK + tl.arange(0, BLOCK)
+        n_mask = offs_n < N
+        ids_n = tl.load(ids_ptr + offs_n, mask=n_mask, other=-1)
+        counts = tl.zeros([BLOCK_E], tl.int32)
+        rank = tl.zeros([BLOCK], tl.int32)  # earlier assignments to the same expert
+        for m0 in range(0, N, CHUNK):
+            offs_m = m0 + tl.arange(0, CHUNK)
+            ids_m = tl.load(ids_ptr + offs_m, mask=offs_m < N, other=-2)
+            counts += tl.sum((offs_e[:, None] == ids_m[None, :]).to(tl.int32), axis=1)
+            earlier = (ids_n[:, None] == ids_m[None, :]) & (offs_m[None, :] < offs_n[:, None])
+            rank += tl.sum(earlier.to(tl.int32), axis=1)
+        ends = tl.cumsum(counts, axis=0)
+        starts = ends - counts
+        start_n = tl.sum(tl.where(ids_n[:, None] == offs_e[None, :], starts[None, :], 0), axis=1)
+        inverse = start_n + rank
+        tl.store(inverse_ptr + offs_n, inverse, mask=n_mask)
+        tl.store(order_ptr + inverse, offs_n, mask=n_mask)
+        first = (offs_e < E) & (offs_e * 0 + p == 0)  # the counts and their ends, once
+        tl.store(ends_ptr + offs_e, ends, mask=first)
+        tl.store(counts_ptr + offs_e, counts, mask=first)
+
+
 # At most this many rows per expert on average (N <= 16 * E: T <= 170 tokens of `small`, top-6 of 64): one BLOCK_M
 # block per expert, so each weight tile is streamed once. Decode (batch x top-k) and speculative verification stay
 # far below; prefill and training (thousands of rows) are GEMMs, where grouped_mm's large tiles win.
@@ -121,7 +162,7 @@ def available(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tens
         return False
     if x.is_cuda and torch.is_autocast_enabled("cuda") and x.dtype != torch.get_autocast_dtype("cuda"):
         return False
-    return x.shape[0] <= MAX_ROWS_PER_EXPERT * gate_up_proj.shape[0]
+    return weights.numel() <= MAX_ROWS_PER_EXPERT * gate_up_proj.shape[0]  # one gate per row
 
 
 @dataclass(frozen=True)
@@ -172,17 +213,21 @@ def _dot_options(t: torch.Tensor) -> dict:
 
 
 def gate_up_swiglu(x: torch.Tensor, gate_up_proj: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
-                   config: LaunchConfig) -> torch.Tensor:
+                   config: LaunchConfig, order: torch.Tensor | None = None, k: int = 1) -> torch.Tensor:
     """x [N, D] sorted by expert, gate_up_proj [E, 2I, D], offsets int32 [E], weights [N] ->
-    a = silu(g) * u * weights [N, I] in x's dtype, for h = [g | u] = x @ gate_up_proj[e]^T."""
-    N, D = x.shape
+    a = silu(g) * u * weights [N, I] in x's dtype, for h = [g | u] = x @ gate_up_proj[e]^T.
+    With `order` [N] (route()'s), x is [T, D] in token order and weights [T, K] (N = T*K): row m of the result is
+    assignment order[m], read from token order[m] // K with its gate, so the rows are never copied into expert order."""
+    D = x.shape[1]
+    N = weights.numel()
     E, H, _ = gate_up_proj.shape
     x, w = x.contiguous(), gate_up_proj.contiguous()
     a = torch.empty(N, H // 2, device=x.device, dtype=x.dtype)
+    gather = order is not None
     _grouped_gate_up_swiglu[(E, triton.cdiv(H // 2, config.block_n))](
-        x, w, offsets, weights.contiguous(), a, w.stride(0), D=D, WIDTH=H // 2, BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
-        **_dot_options(x))
+        x, w, offsets, weights.contiguous(), order if gather else offsets, a, w.stride(0), D=D, WIDTH=H // 2,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        num_stages=config.num_stages, GATHER=gather, K=k, **_dot_options(x))
     return a
 
 
@@ -199,38 +244,75 @@ def down(a: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor, config
 
 
 def launch(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor,
-           weights: torch.Tensor, up_config: LaunchConfig, down_config: LaunchConfig) -> torch.Tensor:
+           weights: torch.Tensor, up_config: LaunchConfig, down_config: LaunchConfig, order: torch.Tensor | None = None,
+           k: int = 1) -> torch.Tensor:
     """Both kernels with explicit launch configurations."""
     offsets = offsets.to(torch.int32)
-    return down(gate_up_swiglu(x, gate_up_proj, offsets, weights, up_config), down_proj, offsets, down_config)
+    return down(gate_up_swiglu(x, gate_up_proj, offsets, weights, up_config, order, k), down_proj, offsets, down_config)
 
 
 def grouped_swiglu_experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                           offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+                           offsets: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | None = None,
+                           k: int = 1) -> torch.Tensor:
     """GroupedExperts.forward: x [N, D] sorted by expert (expert e owns rows offsets[e-1]:offsets[e]), gate_up_proj
     [E, 2I, D] (gate rows first), down_proj [E, D, I], offsets int32 [E], weights [N] (each row's gate) ->
-    (silu(g) * u * weights) @ down_proj[e]^T for [g | u] = x @ gate_up_proj[e]^T, [N, D] in x's dtype."""
-    return torch.ops.deepseek_mini.moe_decode(x, gate_up_proj, down_proj, offsets, weights)
+    (silu(g) * u * weights) @ down_proj[e]^T for [g | u] = x @ gate_up_proj[e]^T, [N, D] in x's dtype, rows in
+    expert order. With `order` (route()'s), x [T, D] and weights [T, K] stay in token order (gate_up_swiglu)."""
+    return torch.ops.deepseek_mini.moe_decode(x, gate_up_proj, down_proj, offsets, weights, order, k)
 
 
-def launch_configs(x: torch.Tensor, gate_up_proj: torch.Tensor) -> tuple[LaunchConfig, LaunchConfig]:
+def launch_configs(x: torch.Tensor, gate_up_proj: torch.Tensor, n_rows: int | None = None
+                   ) -> tuple[LaunchConfig, LaunchConfig]:
     """The launches of the gate/up kernel (I outputs, reducing D) and of the down kernel (D outputs, reducing I) for
-    these rows and experts, by the op's rule (choose_config)."""
-    N, D = x.shape
+    these rows (n_rows, default x's) and experts, by the op's rule (choose_config)."""
+    N = x.shape[0] if n_rows is None else n_rows
+    D = x.shape[1]
     E, H, _ = gate_up_proj.shape
     n_sm = _sm_count(x.device)
     return choose_config(N, E, H // 2, D, n_sm), choose_config(N, E, D, H // 2, n_sm)
 
 
 def _moe_decode(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor,
-                weights: torch.Tensor) -> torch.Tensor:
-    return launch(x, gate_up_proj, down_proj, offsets, weights, *launch_configs(x, gate_up_proj))
+                weights: torch.Tensor, order: torch.Tensor | None, k: int) -> torch.Tensor:
+    return launch(x, gate_up_proj, down_proj, offsets, weights, *launch_configs(x, gate_up_proj, weights.numel()),
+                  order, k)
+
+
+def route(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_idx [T, K] -> (offsets int32 [E]: expert e owns rows offsets[e-1]:offsets[e], counts int32 [E],
+    order int64 [N]: the assignments (t * K + k) in expert order, by assignment within an expert, inverse int64 [N]:
+    where each assignment went). The order of model/moe.sort_by_expert, in one kernel instead of the ~9 small ones
+    the one-hot map, its scans, gathers and scatters take at decode sizes (it counts pairs: O(N^2) comparisons).
+    The order is sort_by_expert's; no tie is broken differently."""
+    return torch.ops.deepseek_mini.moe_route(topk_idx, n_experts)
+
+
+def _moe_route(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor]:
+    ids = topk_idx.reshape(-1).contiguous()
+    N = ids.numel()
+    ends = torch.empty(n_experts, device=ids.device, dtype=torch.int32)
+    counts = torch.empty_like(ends)
+    order = torch.empty(N, device=ids.device, dtype=torch.int64)
+    inverse = torch.empty_like(order)
+    block = 32
+    _route_by_expert[(triton.cdiv(N, block),)](ids, ends, counts, order, inverse, N, n_experts,
+                                               BLOCK_E=max(16, triton.next_power_of_2(n_experts)), BLOCK=block,
+                                               CHUNK=min(256, max(16, triton.next_power_of_2(N))), num_warps=4)
+    return ends, counts, order, inverse
 
 
 if triton is not None:
-    # An opaque custom op, so torch.compile can fuse the code around it without a graph break.
+    # Opaque custom ops, so torch.compile can fuse the code around them without a graph break.
     torch.library.custom_op("deepseek_mini::moe_decode", _moe_decode, mutates_args=())
+    torch.library.custom_op("deepseek_mini::moe_route", _moe_route, mutates_args=())
 
     @torch.library.register_fake("deepseek_mini::moe_decode")
-    def _moe_decode_fake(x, gate_up_proj, down_proj, offsets, weights):
-        return x.new_empty(x.shape[0], down_proj.shape[1])  # contiguous, like the real op's result
+    def _moe_decode_fake(x, gate_up_proj, down_proj, offsets, weights, order, k):
+        return x.new_empty(weights.numel(), down_proj.shape[1])  # contiguous, like the real op's result
+
+    @torch.library.register_fake("deepseek_mini::moe_route")
+    def _moe_route_fake(topk_idx, n_experts):
+        ends = topk_idx.new_empty(n_experts, dtype=torch.int32)
+        order = topk_idx.new_empty(topk_idx.numel(), dtype=torch.int64)
+        return ends, torch.empty_like(ends), order, torch.empty_like(order)

@@ -374,6 +374,14 @@ class MoE(nn.Module):
         else:
             scores_TE, topk_idx_TK, weights_TK = self.gate(x_TD)
 
+        x_in = x_TD
+        if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):  # move copies of bf16, not of fp32
+            x_in = x_TD.to(torch.get_autocast_dtype("cuda"))
+        if not self.training and self.expert_parallel is None and moe_decode.available(
+                x_in, self.experts.gate_up_proj, self.experts.down_proj, weights_TK):
+            out_TD, counts_E = self._decode_experts(x_in, topk_idx_TK, weights_TK)
+            return self._finish(out_TD, x_TD, shared_TD, {}, counts_E, x_TD.new_zeros((), dtype=torch.float32), B, S)
+
         # one-hot routing map; its column sums are the per-expert loads (no bincount: no host sync)
         routed_TE = torch.zeros(T, E, device=x_TD.device, dtype=torch.float32)
         routed_TE.scatter_(1, topk_idx_TK, 1.0)
@@ -402,9 +410,6 @@ class MoE(nn.Module):
         elif self.expert_parallel is None:
             order_N, inverse_N = sort_by_expert(topk_idx_TK, routed_TE, start_E)
 
-        x_in = x_TD
-        if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):  # move copies of bf16, not of fp32
-            x_in = x_TD.to(torch.get_autocast_dtype("cuda"))
         if self.expert_parallel is None:
             x_ND = _DispatchRows.apply(x_in, order_N, inverse_N, K)
             # each assignment's gate in expert order: the [T*K, 1] gates dispatched with one copy each
@@ -414,15 +419,30 @@ class MoE(nn.Module):
             out_TD = _CombineRows.apply(y_ND, order_N, inverse_N, K)
         else:  # each token goes once to every device holding one of its experts; one summed row per device returns
             out_TD = self.expert_parallel(self.experts, x_in, topk_idx_TK, gate_TK, routed_TE)
+        aux = self.balance_losses(scores_TE, routed_TE, B, S) if self.training else {}
+        out_BSD, aux, stats = self._finish(out_TD, x_TD, shared_TD, aux, counts_E, dropped_fraction, B, S)
+        if self.expert_parallel is not None:  # tokens this rank sends to each device: the dispatcher's rows
+            stats["tokens_per_device"] = tokens_to_groups(routed_TE, self.expert_parallel.size).sum(0)
+        return out_BSD, aux, stats
+
+    def _decode_experts(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, weights_TK: torch.Tensor):
+        """Inference at decode sizes on CUDA (kernels/moe_decode.py): one kernel sorts the assignments by expert (the
+        order of sort_by_expert), the expert kernels read each token's row and gate where they are, and the sum over
+        each token's K outputs is a gather that torch.compile fuses with what follows. The one-hot map, its scans and
+        the copies of the rows in expert order (about 9 small kernels per layer) are not needed here."""
+        T, K = topk_idx_TK.shape
+        offsets_E, counts_E, order_N, inverse_N = moe_decode.route(topk_idx_TK, self.n_experts)
+        y_ND = moe_decode.grouped_swiglu_experts(x_TD, self.experts.gate_up_proj, self.experts.down_proj, offsets_E,
+                                                 weights_TK, order_N, K)
+        return _sum_copies(y_ND, inverse_N, K, torch.promote_types(y_ND.dtype, torch.float32)), counts_E.float()
+
+    def _finish(self, out_TD, x_TD, shared_TD, aux, counts_E, dropped_fraction, B, S):
+        """The routed output in x's dtype plus the shared experts', and the layer's statistics."""
         out_TD = out_TD.to(x_TD.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + (self.shared_experts(x_TD) if shared_TD is None else shared_TD)
-
-        aux = self.balance_losses(scores_TE, routed_TE, B, S) if self.training else {}
         stats = {"tokens_per_expert": counts_E.detach(), "dropped_fraction": dropped_fraction.detach()}
-        if self.expert_parallel is not None:  # tokens this rank sends to each device: the dispatcher's rows
-            stats["tokens_per_device"] = tokens_to_groups(routed_TE, self.expert_parallel.size).sum(0)
-        return out_TD.view(B, S, D), aux, stats
+        return out_TD.view(B, S, x_TD.shape[-1]), aux, stats
 
     def balance_losses(self, scores_TE, routed_TE, B, S) -> dict[str, torch.Tensor]:
         """DeepSeek-V2 eqs 23-31, per sequence when seq_aux (as released), else over the whole batch.
