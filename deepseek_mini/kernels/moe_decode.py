@@ -115,7 +115,6 @@ if triton is not None:
             tl.store(y_ptr + offs_m[:, None] * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                      mask=m_mask[:, None] & n_mask[None, :])
 
-
     @triton.jit
     def _route_by_expert(ids_ptr, ends_ptr, counts_ptr, order_ptr, inverse_ptr, N, E,
                          BLOCK_E: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):

@@ -380,7 +380,8 @@ class MoE(nn.Module):
         if not self.training and self.expert_parallel is None and moe_decode.available(
                 x_in, self.experts.gate_up_proj, self.experts.down_proj, weights_TK):
             out_TD, counts_E = self._decode_experts(x_in, topk_idx_TK, weights_TK)
-            return self._finish(out_TD, x_TD, shared_TD, {}, counts_E, x_TD.new_zeros((), dtype=torch.float32), B, S)
+            out_BSD, stats = self._finish(out_TD, x_BSD, shared_TD, counts_E, x_TD.new_zeros((), dtype=torch.float32))
+            return out_BSD, {}, stats
 
         # one-hot routing map; its column sums are the per-expert loads (no bincount: no host sync)
         routed_TE = torch.zeros(T, E, device=x_TD.device, dtype=torch.float32)
@@ -420,7 +421,7 @@ class MoE(nn.Module):
         else:  # each token goes once to every device holding one of its experts; one summed row per device returns
             out_TD = self.expert_parallel(self.experts, x_in, topk_idx_TK, gate_TK, routed_TE)
         aux = self.balance_losses(scores_TE, routed_TE, B, S) if self.training else {}
-        out_BSD, aux, stats = self._finish(out_TD, x_TD, shared_TD, aux, counts_E, dropped_fraction, B, S)
+        out_BSD, stats = self._finish(out_TD, x_BSD, shared_TD, counts_E, dropped_fraction)
         if self.expert_parallel is not None:  # tokens this rank sends to each device: the dispatcher's rows
             stats["tokens_per_device"] = tokens_to_groups(routed_TE, self.expert_parallel.size).sum(0)
         return out_BSD, aux, stats
@@ -430,19 +431,20 @@ class MoE(nn.Module):
         order of sort_by_expert), the expert kernels read each token's row and gate where they are, and the sum over
         each token's K outputs is a gather that torch.compile fuses with what follows. The one-hot map, its scans and
         the copies of the rows in expert order (about 9 small kernels per layer) are not needed here."""
-        T, K = topk_idx_TK.shape
+        K = topk_idx_TK.shape[1]
         offsets_E, counts_E, order_N, inverse_N = moe_decode.route(topk_idx_TK, self.n_experts)
         y_ND = moe_decode.grouped_swiglu_experts(x_TD, self.experts.gate_up_proj, self.experts.down_proj, offsets_E,
                                                  weights_TK, order_N, K)
         return _sum_copies(y_ND, inverse_N, K, torch.promote_types(y_ND.dtype, torch.float32)), counts_E.float()
 
-    def _finish(self, out_TD, x_TD, shared_TD, aux, counts_E, dropped_fraction, B, S):
-        """The routed output in x's dtype plus the shared experts', and the layer's statistics."""
+    def _finish(self, out_TD, x_BSD, shared_TD, counts_E, dropped_fraction):
+        """The routed output in x's dtype plus the shared experts', as [B, S, D], and the layer's statistics."""
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         out_TD = out_TD.to(x_TD.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + (self.shared_experts(x_TD) if shared_TD is None else shared_TD)
         stats = {"tokens_per_expert": counts_E.detach(), "dropped_fraction": dropped_fraction.detach()}
-        return out_TD.view(B, S, x_TD.shape[-1]), aux, stats
+        return out_TD.view(x_BSD.shape), stats
 
     def balance_losses(self, scores_TE, routed_TE, B, S) -> dict[str, torch.Tensor]:
         """DeepSeek-V2 eqs 23-31, per sequence when seq_aux (as released), else over the whole batch.
