@@ -207,6 +207,52 @@ def test_mla_absorbed_decode_equals_naive_and_full_forward(changes):
     assert (no_cache[:, 0] - full[:, 5]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("changes", [{}, dict(q_lora_rank=12)], ids=["lite", "q_lora"])
+def test_folded_absorption_equals_the_two_step_one_and_is_what_decoding_reads(changes):
+    """MLA.fold: W_UK folded into the query projection (DeepSeekV2.folded_weights, as generate() decodes): the same
+    logits as the per-step products, and the decode steps really read the folded copies."""
+    model = build(cfg_of(**changes))
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    attns = [layer.self_attn for layer in model.model.layers]
+    with torch.no_grad():
+        full = model(ids).logits
+        with model.folded_weights():
+            assert all(a.down_folded is not None for a in attns)
+            assert all((a.q_folded is None) == (model.config.q_lora_rank is None) for a in attns)
+            folded = cached_logits(model, ids, 4, [1, 3, 2])
+            for a in attns:  # the folded copies do not follow the weights: scaling them must move the decode
+                (a.q_folded if a.q_folded is not None else a.down_folded).mul_(0.5)
+            moved = cached_logits(model, ids, 4, [1, 3, 2])
+        assert all(a.down_folded is None and a.q_folded is None for a in attns)
+    assert (folded - full).abs().max() < 1e-10
+    assert (moved[:, :4] - full[:, :4]).abs().max() < 1e-10  # the prefill does not absorb
+    assert (moved[:, 4:] - full[:, 4:]).abs().max() > 1e-3
+
+
+def test_folded_weights_are_never_differentiated_and_nest():
+    """A forward that differentiates inside folded_weights() uses the weights themselves (the copies would take the
+    gradient away from them); an inner block leaves the outer one's copies in place."""
+    model = build(cfg_of(q_lora_rank=12))
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(2))
+    attn = model.model.layers[0].self_attn
+
+    def grads():
+        model.zero_grad()
+        out = model(ids, cache=None)
+        out.logits.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    with model.folded_weights():
+        with model.folded_weights():
+            pass
+        assert attn.down_folded is not None  # the inner block did not drop the outer one's copies
+        inside = grads()
+    assert attn.down_folded is None
+    assert plain.keys() == inside.keys() and "model.layers.0.self_attn.q_b_proj.weight" in plain
+    assert all(torch.equal(plain[n], inside[n]) for n in plain)
+
+
 def test_set_mla_decode_switches_every_layer_and_rejects_unknown():
     model = build(cfg_of())
     model.set_mla_decode("naive")
@@ -301,6 +347,26 @@ def compare_mla_decode_kernel_with_reference() -> float:
         out = mla_decode.launch(q_lat, q_pe, kv, kv_len, scale, cfg)
         assert out.shape == (B, H, C) and out.dtype == q_lat.dtype
         worst = max(worst, float((out.double() - ref).abs().max()))
+    # W_UV applied by the merge: a strided view, as MLA passes kv_b_proj's value rows (V = 24 < its block of 32)
+    w_kv = torch.randn(H, 8 + 24, C, generator=g)
+    out = mla_decode.launch(q_lat, q_pe, kv, kv_len, scale, mla_decode.LaunchConfig(splits=3, block_n=32), w_kv[:, 8:])
+    assert out.shape == (B, H, 24)
+    worst = max(worst, float((out.double() - torch.einsum("bhc,hvc->bhv", ref, w_kv[:, 8:].double())).abs().max()))
+    # q_pe unrotated, rotated by the kernel at each row's new position (kv_len - 1) from RotaryEmbedding's tables,
+    # read through strided views and a broadcast length, as a decode step passes them
+    rotary = RotaryEmbedding(R, L)
+    q = torch.cat([q_lat, torch.randn(B, H, R, generator=g)], dim=-1)  # one row per head: [latent ; rope]
+    for lengths in (kv_len, kv_len.long()[:1].expand(B)):  # int32 [B]; an int64 [1] broadcast over the rows
+        pos = lengths.long() - 1
+        c, s = rotary.cos[pos][:, None].double(), rotary.sin[pos][:, None].double()  # [B, 1, R/2]
+        x0, x1 = q[..., C:].double().unflatten(-1, (-1, 2)).unbind(-1)
+        roped = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+        scores = torch.einsum("bhc,blc->bhl", torch.cat([q_lat.double(), roped], -1), kv.double()) * scale
+        scores = scores.masked_fill(torch.arange(L)[None, None, :] >= lengths[:, None, None], float("-inf"))
+        ref_rope = torch.einsum("bhl,blc->bhc", scores.softmax(-1), kv[..., :C].double())
+        out = mla_decode.launch(q[..., :C], q[..., C:], kv, lengths, scale, mla_decode.LaunchConfig(splits=3, block_n=32),
+                                cos=rotary.cos, sin=rotary.sin)
+        worst = max(worst, float((out.double() - ref_rope).abs().max()))
     return worst
 
 

@@ -570,3 +570,23 @@ def test_router_fp32_logits_from_16_bit_weights_equal_the_upcast_gemm_on_cuda():
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)  # scores
     assert torch.equal(fast[1], ref[1])  # the experts chosen
     torch.testing.assert_close(fast[2], ref[2], rtol=1e-5, atol=1e-6)  # their gates
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.mm's out_dtype runs on CUDA only")
+def test_folded_router_and_shared_experts_in_one_gemm_on_cuda():
+    """MoE.fold: a bf16 layer at inference computes its router logits and shared gate/up in one GEMM writing fp32;
+    the same experts and the layer's output within bf16 roundings of the separate GEMMs, and the folded rows are the
+    ones read (scaling them moves the output)."""
+    cfg = cfg_of(n_routed_experts=64, num_experts_per_tok=6, hidden_size=768, n_shared_experts=2)
+    moe = make_moe(cfg, dtype=torch.bfloat16).cuda().eval()
+    x = torch.randn(4, 8, 768, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref, _, ref_stats = moe(x)
+        assert moe.fold() and not moe.fold()
+        out, _, stats = moe(x)
+        moe.router_shared_folded[moe.n_experts:].mul_(2.0)
+        moved, _, _ = moe(x)
+        moe.unfold()
+    assert torch.equal(stats["tokens_per_expert"], ref_stats["tokens_per_expert"])
+    assert float((out.float() - ref.float()).abs().max() / ref.float().abs().max()) < 2 ** -6
+    assert float((moved.float() - ref.float()).abs().max() / ref.float().abs().max()) > 0.1

@@ -9,7 +9,11 @@ writes and re-reads an fp32 score matrix; this kernel streams the cache once, fl
 * scores for a block of positions = q_lat . c^T + q_pe . k_R^T, online softmax in fp32 registers,
   acc += p . c;
 * the per-split partial results (acc, running max, running sum) are merged by a second, small kernel
-  (one program per sequence and head).
+  (one program per sequence and head), which can also apply the head's W_UV (the value up-projection) to the merged
+  latent output while it is in registers: one GEMM per layer fewer in a decode step, where kernels, not bytes, cost.
+  For the same reason the split kernel can rotate the query's rope part itself (RoPE at the new token's position,
+  kv_len - 1, from the model's cos/sin tables), and reads kv_len with any integer type and stride: the step then
+  prepares no inputs for it.
 
 The valid length is read from a device tensor, so the call has static shapes and can be captured in a
 CUDA graph. Used by MLA._absorbed for single-token decode on CUDA; everything else takes the PyTorch path.
@@ -26,14 +30,14 @@ from deepseek_mini.kernels.runtime import tl, triton
 if triton is not None:
 
     @triton.jit
-    def _mla_decode_split(q_lat, q_pe, kv, kv_len, acc_out, m_out, l_out, scale,
-                          stride_qb, stride_qh, stride_pb, stride_ph, stride_kb, stride_kn, SPLIT_LEN, SPLITS,
-                          H: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _mla_decode_split(q_lat, q_pe, kv, kv_len, cos, sin, acc_out, m_out, l_out, scale,
+                          stride_qb, stride_qh, stride_pb, stride_ph, stride_kb, stride_kn, stride_len, stride_rope,
+                          SPLIT_LEN, SPLITS, H: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr):
         # SPLIT_LEN / SPLITS are runtime values (one compiled kernel for every batch size and cache length)
         b = tl.program_id(0).to(tl.int64)  # b * stride_kb overflows int32 for long caches
         split = tl.program_id(1)
-        n_valid = tl.load(kv_len + b)
+        n_valid = tl.load(kv_len + b * stride_len).to(tl.int32)
         start = split * SPLIT_LEN
         offs_h = tl.arange(0, BLOCK_H)
         offs_c = tl.arange(0, BLOCK_C)
@@ -41,8 +45,18 @@ if triton is not None:
         h_mask = offs_h < H
         ql = tl.load(q_lat + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
                      mask=h_mask[:, None] & (offs_c[None, :] < C), other=0.0)
-        qp = tl.load(q_pe + b * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :],
-                     mask=h_mask[:, None] & (offs_r[None, :] < R), other=0.0)
+        qp_mask = h_mask[:, None] & (offs_r[None, :] < R)
+        qp = tl.load(q_pe + b * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :], mask=qp_mask, other=0.0)
+        if ROPE:  # rotate pairs (2i, 2i+1) at the new token's position, in fp32, as RotaryEmbedding does
+            partner = tl.load(q_pe + b * stride_pb + offs_h[:, None] * stride_ph + (offs_r ^ 1)[None, :], mask=qp_mask,
+                              other=0.0)
+            # (names of their own: the loop below reuses row, c and s, and Triton keeps one type per name)
+            table = (n_valid - 1).to(tl.int64) * stride_rope + offs_r // 2
+            cos_r = tl.load(cos + table, mask=offs_r < R, other=0.0)
+            sin_r = tl.load(sin + table, mask=offs_r < R, other=0.0)
+            sign = tl.where(offs_r % 2 == 0, -1.0, 1.0)
+            qp = (qp.to(tl.float32) * cos_r[None, :] + sign[None, :] * partner.to(tl.float32) * sin_r[None, :]
+                  ).to(qp.dtype)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
@@ -67,8 +81,9 @@ if triton is not None:
         tl.store(l_out + base + offs_h, l_i)
 
     @triton.jit
-    def _mla_decode_merge(acc, m, lsum, out, SPLITS, stride_ob, stride_oh, C: tl.constexpr, BLOCK_H: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _mla_decode_merge(acc, m, lsum, out, w_uv, SPLITS, stride_ob, stride_oh, stride_wh, stride_wv,
+                          C: tl.constexpr, V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, HAS_WUV: tl.constexpr):
         # one program per (sequence, head), BLOCK_S splits at a time (batch 1 has ~130 splits: one program per
         # sequence walked them one by one and took twice as long as the PyTorch merge it replaced)
         b = tl.program_id(0).to(tl.int64)
@@ -90,7 +105,14 @@ if triton is not None:
             part = tl.load(acc + rows[:, None] * BLOCK_C + offs_c[None, :], mask=valid[:, None], other=0.0)
             num += tl.sum(w[:, None] * part, axis=0)
         o = num / tl.sum(den, axis=0)
-        tl.store(out + b * stride_ob + h * stride_oh + offs_c, o.to(out.dtype.element_ty), mask=offs_c < C)
+        if HAS_WUV:  # out[v] = sum_c W_UV[h, v, c] o[c], from the fp32 o
+            offs_v = tl.arange(0, BLOCK_V)
+            w = tl.load(w_uv + h * stride_wh + offs_v[:, None] * stride_wv + offs_c[None, :],
+                        mask=(offs_v[:, None] < V) & (offs_c[None, :] < C), other=0.0).to(tl.float32)
+            o_v = tl.sum(w * o[None, :], axis=1)
+            tl.store(out + b * stride_ob + h * stride_oh + offs_v, o_v.to(out.dtype.element_ty), mask=offs_v < V)
+        else:
+            tl.store(out + b * stride_ob + h * stride_oh + offs_c, o.to(out.dtype.element_ty), mask=offs_c < C)
 
 
 def available(t: torch.Tensor) -> bool:
@@ -127,42 +149,61 @@ def _device_shape(device: torch.device) -> tuple[int, int]:
 
 
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv_len: torch.Tensor,
-                         scale: float) -> torch.Tensor:
-    """q_lat [B, H, C], q_pe [B, H, R], kv [B, L, C + R] (cache; positions >= kv_len ignored),
-    kv_len int32 [B] -> latent attention output [B, H, C] (before W_UV), in q_lat's dtype."""
-    return torch.ops.deepseek_mini.mla_decode(q_lat, q_pe, kv, kv_len, scale)
+                         scale: float, w_uv: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+                         sin: torch.Tensor | None = None) -> torch.Tensor:
+    """q_lat [B, H, C], q_pe [B, H, R], kv [B, L, C + R] (cache; positions >= kv_len ignored), kv_len [B] (any
+    integer type, any stride: a broadcast [1] expanded to [B] is read in place) -> latent attention output [B, H, C]
+    (before W_UV), in q_lat's dtype. q_lat and q_pe may be views with strided rows (their last dimension contiguous).
+    With w_uv [H, V, C] (its last dimension contiguous), the heads' outputs after W_UV [B, H, V]. With cos and sin
+    [positions, R / 2] (RotaryEmbedding's tables), q_pe comes unrotated and the kernel rotates it at position
+    kv_len - 1, the new token's."""
+    return torch.ops.deepseek_mini.mla_decode(q_lat, q_pe, kv, kv_len, scale, w_uv, cos, sin)
 
 
 def _mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv_len: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, w_uv: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None
+                ) -> torch.Tensor:
     B, H, C = q_lat.shape
-    return launch(q_lat, q_pe, kv, kv_len, scale, choose_config(B, kv.shape[1], C, *_device_shape(kv.device)))
+    return launch(q_lat, q_pe, kv, kv_len, scale, choose_config(B, kv.shape[1], C, *_device_shape(kv.device)),
+                  w_uv, cos, sin)
 
 
 choose_config = default_config  # the rule the op uses; scripts/bench/mla_decode_tune.py compares others
 
 
 def launch(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv_len: torch.Tensor, scale: float,
-           config: LaunchConfig) -> torch.Tensor:
-    """The kernel and the merge of its splits with an explicit launch configuration."""
+           config: LaunchConfig, w_uv: torch.Tensor | None = None, cos: torch.Tensor | None = None,
+           sin: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel and the merge of its splits with an explicit launch configuration (w_uv, cos, sin:
+    mla_decode_attention)."""
     B, H, C = q_lat.shape
-    acc, m, lsum = split_partials(q_lat, q_pe, kv, kv_len, scale, config)
+    acc, m, lsum = split_partials(q_lat, q_pe, kv, kv_len, scale, config, cos, sin)
     # the merge is one more launch (in PyTorch it was ~10 small kernels per layer, which torch.compile cannot
     # fuse inside this opaque op)
-    out = torch.empty(B, H, C, device=kv.device, dtype=q_lat.dtype)
-    _mla_decode_merge[(B, H)](acc, m, lsum, out, acc.shape[1], out.stride(0), out.stride(1), C=C,
-                              BLOCK_H=acc.shape[2], BLOCK_C=acc.shape[3], BLOCK_S=16, num_warps=4)
+    has_wuv = w_uv is not None
+    if has_wuv:
+        w_uv = _rows_contiguous(w_uv)
+    V = w_uv.shape[1] if has_wuv else C
+    out = torch.empty(B, H, V, device=kv.device, dtype=q_lat.dtype)
+    _mla_decode_merge[(B, H)](acc, m, lsum, out, w_uv if has_wuv else acc, acc.shape[1], out.stride(0), out.stride(1),
+                              w_uv.stride(0) if has_wuv else 0, w_uv.stride(1) if has_wuv else 0, C=C, V=V,
+                              BLOCK_H=acc.shape[2], BLOCK_C=acc.shape[3], BLOCK_S=16,
+                              BLOCK_V=triton.next_power_of_2(V), HAS_WUV=has_wuv, num_warps=4)
     return out
 
 
 def split_partials(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv_len: torch.Tensor, scale: float,
-                   config: LaunchConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   config: LaunchConfig, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each split's unnormalised output acc [B, splits, BLOCK_H, BLOCK_C], running max m and sum l
     [B, splits, BLOCK_H] (fp32; heads and channels padded to the blocks; an empty split has m = -inf)."""
     B, H, C = q_lat.shape
     R = q_pe.shape[-1]
     L = kv.shape[1]
-    q_lat, q_pe = q_lat.to(kv.dtype).contiguous(), q_pe.to(kv.dtype).contiguous()
+    q_lat, q_pe = (_rows_contiguous(t.to(kv.dtype)) for t in (q_lat, q_pe))
+    rope = cos is not None
+    if rope:
+        cos, sin = _rows_contiguous(cos), _rows_contiguous(sin)
     BLOCK_H = max(16, triton.next_power_of_2(H))
     BLOCK_C, BLOCK_R = triton.next_power_of_2(C), max(16, triton.next_power_of_2(R))
     BLOCK_N = config.block_n
@@ -172,11 +213,17 @@ def split_partials(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv
     m = torch.empty(B, splits, BLOCK_H, device=kv.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
     _mla_decode_split[(B, splits)](
-        q_lat, q_pe, kv, kv_len, acc, m, lsum, scale,
+        q_lat, q_pe, kv, kv_len, cos if rope else kv, sin if rope else kv, acc, m, lsum, scale,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), kv.stride(1),
-        split_len, splits, H=H, C=C, R=R, BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        kv_len.stride(0) if kv_len.dim() else 0, cos.stride(0) if rope else 0, split_len, splits, H=H, C=C, R=R,
+        BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, ROPE=rope, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return acc, m, lsum
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dimension is contiguous (the kernels take the other strides), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 if triton is not None:
@@ -184,5 +231,6 @@ if triton is not None:
     torch.library.custom_op("deepseek_mini::mla_decode", _mla_decode, mutates_args=())
 
     @torch.library.register_fake("deepseek_mini::mla_decode")
-    def _mla_decode_fake(q_lat, q_pe, kv, kv_len, scale):
-        return q_lat.new_empty(q_lat.shape)  # contiguous, like the real op's result
+    def _mla_decode_fake(q_lat, q_pe, kv, kv_len, scale, w_uv, cos, sin):
+        B, H, C = q_lat.shape
+        return q_lat.new_empty(B, H, C if w_uv is None else w_uv.shape[1])  # contiguous, like the real op's result

@@ -127,22 +127,85 @@ class MLA(nn.Module):
         self.decode_mode = "absorb"  # or "naive": rebuild K/V from the latents at every step
         self.fused_decode = True  # absorbed single-token decode through the Triton kernel on CUDA
         self.pad_v = "auto"  # zero-pad v to q's width for flash attention: "auto" (pad_v_for_flash), True, False
+        # W_UK folded into the query projection, for inference only (fold(); DeepSeekV2.folded_weights): None
+        # otherwise. Non-persistent buffers: they follow .to() but are never saved.
+        self.register_buffer("down_folded", None, persistent=False)
+        self.register_buffer("q_folded", None, persistent=False)
 
     def new_cache(self, batch_size, max_len, device, dtype) -> LatentCache:
         return LatentCache(torch.zeros(batch_size, max_len, self.rank + self.rope_dim, device=device, dtype=dtype))
 
-    def project(self, x, positions):
+    # ------------------------------------------------------------------ the absorption, folded once
+    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's two halves per head: W_UK [H, nope, rank] and W_UV [H, v, rank]."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
+        return w[:, :self.nope], w[:, self.nope:]
+
+    @torch.no_grad()
+    def fold(self) -> bool:
+        """Fold W_UK into the query projection, as the paper writes the absorption: the latent query comes from one
+        GEMM instead of a GEMM, a per-head product and a permute (a decode step of a small model is bound by its
+        number of kernels, not its bytes). Also concatenates the two down-projections of x once instead of at every
+        step (layers.fused_linears). Products in fp32, rounded once. False when already folded. The folded query
+        projection has rank + rope rows per head instead of nope + rope (3x in `small`): memory for kernels.
+        W_UV is not folded into W_O, the paper's other half: that GEMM would be H x rank wide instead of H x v (4x in
+        `small`), and on an H200 it took longer than W_UV and W_O apart; the decode kernel applies W_UV instead
+        (kernels/mla_decode.py, in the merge of its splits)."""
+        if self.down_folded is not None:
+            return False
+        H, nope, rope, rank = self.n_heads, self.nope, self.rope_dim, self.rank
+        dtype = self.kv_b_proj.weight.dtype
+        f32 = torch.promote_types(dtype, torch.float32)
+        w_q = self.q_proj.weight if self.cfg.q_lora_rank is None else self.q_b_proj.weight
+        w_q = w_q.view(H, nope + rope, -1).to(f32)
+        # per head [W_UK^T W_UQ ; W_QR]: rank latent-query rows over the head's rope rows
+        q_lat = torch.einsum("hdc,hdj->hcj", self._w_uk_uv()[0].to(f32), w_q[:, :nope])
+        q = torch.cat([q_lat, w_q[:, nope:]], dim=1).reshape(H * (rank + rope), -1).to(dtype)
+        if self.cfg.q_lora_rank is None:  # x -> [folded query ; kv_a] in one GEMM
+            self.down_folded = torch.cat([q, self.kv_a_proj_with_mqa.weight])
+        else:
+            self.down_folded = torch.cat([self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight])
+            self.q_folded = q
+        return True
+
+    def unfold(self) -> None:
+        self.down_folded = self.q_folded = None
+
+    def _folded(self) -> bool:
+        """Use the folded weights? Only when they exist and nothing is differentiated (they are copies: a
+        gradient through them would never reach the parameters)."""
+        return self.down_folded is not None and not torch.is_grad_enabled()
+
+    # ------------------------------------------------------------------ forward
+    def decode_kernel(self, T: int, cache_kv: torch.Tensor) -> bool:
+        """Does absorbed decoding of T new tokens over this cache run the fused Triton kernel (one token, CUDA,
+        16-bit cache)?"""
+        return T == 1 and self.fused_decode and mla_decode.available(cache_kv)
+
+    def project(self, x, positions, absorbed: bool = False, rope_q: bool = True):
         """x [B, T, d] -> q_nope [B, T, H, nope], roped q_pe [B, T, H, rope], normalised latent c_kv
-        [B, T, rank] and the roped shared key k_pe [B, T, 1, rope]: what the cache stores is (c_kv, k_pe)."""
+        [B, T, rank] and the roped shared key k_pe [B, T, 1, rope]: what the cache stores is (c_kv, k_pe).
+        absorbed=True: the first result is the latent query W_UK^T q_nope [B, T, H, rank] instead (absorbed decode),
+        from the folded weights when there are some. rope_q=False: q_pe unrotated (the decode kernel rotates it)."""
         B, T, _ = x.shape
-        # both projections of x in one GEMM, as DeepSeek-V3's own code fuses wq_a and wkv_a
-        w_q = self.q_proj.weight if self.cfg.q_lora_rank is None else self.q_a_proj.weight
-        q, kv = fused_linears(x, w_q, self.kv_a_proj_with_mqa.weight)
-        if self.cfg.q_lora_rank is not None:
-            q = self.q_b_proj(self.q_a_layernorm(q))
-        q = q.view(B, T, self.n_heads, self.nope + self.rope_dim)
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        q_pe = self.rotary(q_pe, positions)
+        lora = self.cfg.q_lora_rank is not None
+        folded = self._folded() and (absorbed or lora)  # without q_lora the folded down-projection holds the query
+        if folded:
+            q, kv = F.linear(x, self.down_folded).split(
+                [self.down_folded.shape[0] - self.rank - self.rope_dim, self.rank + self.rope_dim], dim=-1)
+        else:
+            # both projections of x in one GEMM, as DeepSeek-V3's own code fuses wq_a and wkv_a
+            w_q = self.q_a_proj.weight if lora else self.q_proj.weight
+            q, kv = fused_linears(x, w_q, self.kv_a_proj_with_mqa.weight)
+        if lora:
+            q = self.q_a_layernorm(q)
+            q = F.linear(q, self.q_folded) if folded and absorbed else self.q_b_proj(q)
+        width = self.rank if folded and absorbed else self.nope
+        q_nope, q_pe = q.view(B, T, self.n_heads, width + self.rope_dim).split([width, self.rope_dim], dim=-1)
+        if rope_q:
+            q_pe = self.rotary(q_pe, positions)
+        if absorbed and not folded:
+            q_nope = torch.einsum("bthd,hdc->bthc", q_nope, self._w_uk_uv()[0])
 
         c_kv, k_pe = kv.split([self.rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
@@ -153,38 +216,34 @@ class MLA(nn.Module):
         """`start_pos`: where these T tokens go in the cache, one int for the batch, or a [B] tensor of per-row
         positions (then `positions` is [B, T]): the per-row path writes and masks each row at its own place."""
         B, T, _ = x.shape
-        q_nope, q_pe, c_kv, k_pe = self.project(x, positions)
-        if isinstance(start_pos, torch.Tensor):
-            return self.o_proj(self._per_row(q_nope, q_pe, c_kv, k_pe, cache, start_pos).reshape(B, T, -1))
-        if cache is not None:
-            cache.kv[:B, start_pos:start_pos + T] = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype)
-        if cache is None or start_pos == 0:
-            # training / prefill: nothing cached before these tokens, rebuild K/V for them only
-            o = self._naive(q_nope, q_pe, c_kv, k_pe, mask=None)
+        per_row = isinstance(start_pos, torch.Tensor)
+        # decoding over cached tokens (not training, not the prefill, which has nothing cached before it)
+        absorb = cache is not None and self.decode_mode == "absorb" and (per_row or start_pos > 0)
+        kernel = absorb and self.decode_kernel(T, cache.kv)
+        q_nope, q_pe, c_kv, k_pe = self.project(x, positions, absorbed=absorb, rope_q=not kernel)
+        if cache is None:
+            return self.o_proj(self._naive(q_nope, q_pe, c_kv, k_pe, mask=None).reshape(B, T, -1))
+        new = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype)
+        kv_len = None
+        if per_row:
+            cache.kv[row_slots(start_pos, T)] = new
+            past = cache.kv[:B]
+            if kernel:  # the fused kernel bounds each row by its own length and takes no mask
+                mask, kv_len = None, start_pos + 1
+            else:
+                mask = row_decode_mask(T, start_pos, past.shape[1])
         else:
+            cache.kv[:B, start_pos:start_pos + T] = new
+            if start_pos == 0:  # the prefill: rebuild K/V for these tokens only
+                return self.o_proj(self._naive(q_nope, q_pe, c_kv, k_pe, mask=None).reshape(B, T, -1))
             past = cache.kv[:B, :start_pos + T]
             mask = decode_mask(T, start_pos, x.device)
-            if self.decode_mode == "absorb":
-                o = self._absorbed(q_nope, q_pe, past, mask)
-            else:
-                c_past, kpe_past = past.to(x.dtype).split([self.rank, self.rope_dim], dim=-1)
-                o = self._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
-        return self.o_proj(o.reshape(B, T, self.n_heads * self.v_dim))
-
-    def _per_row(self, q_nope, q_pe, c_kv, k_pe, cache, start_pos):
-        """Rows at different cache positions: write row b's latents at start_pos[b].., attend with a per-row
-        mask [B, T, S] over the whole cache (the scalar path above stays as it is)."""
-        T = q_nope.shape[1]
-        cache.kv[row_slots(start_pos, T)] = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype)
-        past = cache.kv[:q_nope.shape[0]]
-        mask = row_decode_mask(T, start_pos, past.shape[1])
-        if self.decode_mode == "absorb":
-            if T == 1 and self.fused_decode and mla_decode.available(past):
-                # the fused kernel bounds each row by its own length (kv_len [B]) and takes no mask
-                return self._absorbed(q_nope, q_pe, past, None, kv_len=start_pos + 1)
-            return self._absorbed(q_nope, q_pe, past, mask)
-        c_past, kpe_past = past.to(q_nope.dtype).split([self.rank, self.rope_dim], dim=-1)
-        return self._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
+        if absorb:
+            o = self._absorbed(q_nope, q_pe, past, mask, kv_len, rope_positions=positions if kernel else None)
+        else:
+            c_past, kpe_past = past.to(x.dtype).split([self.rank, self.rope_dim], dim=-1)
+            o = self._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
+        return self.o_proj(o.reshape(B, T, -1))
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
         B, S, _ = c_kv.shape
@@ -200,23 +259,27 @@ class MLA(nn.Module):
     def _pad_v(self, device) -> bool:
         return pad_v_for_flash(device.index or 0) if self.pad_v == "auto" else bool(self.pad_v)
 
-    def _absorbed(self, q_nope, q_pe, past, mask, kv_len=None):
-        """Attend in latent space: scores = (W_UK^T q_nope).c + q_pe.k_pe; out = W_UV (p . c).
+    def _absorbed(self, q_lat, q_pe, past, mask, kv_len=None, rope_positions=None):
+        """Attend in latent space: scores = q_lat.c + q_pe.k_pe with q_lat = W_UK^T q_nope (project(absorbed=True));
+        out = W_UV (p.c) [B, T, H, v].
 
         `kv_len` (int tensor [B] or [1], optional) bounds the valid cache positions instead of a mask, so a
         caller can pass the whole static cache (CUDA graphs). Single-token decode on CUDA in bf16/fp16
-        runs the fused Triton kernel (kernels/mla_decode.py), which reads each cached latent exactly once.
+        runs the fused Triton kernel (kernels/mla_decode.py), which reads each cached latent exactly once, merges
+        its splits and applies W_UV in one more launch. `rope_positions`: q_pe comes unrotated, to be rotated at these
+        positions; the kernel does it itself, at kv_len - 1, the new token's position, which they must be.
         """
-        B, T, H, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.rank)
-        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # [H, nope, rank], [H, v, rank]
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-        if T == 1 and self.fused_decode and mla_decode.available(past):
+        B, T, H, _ = q_lat.shape
+        w_uv = self._w_uk_uv()[1]
+        if self.decode_kernel(T, past):
+            rope = (None, None) if rope_positions is None else (self.rotary.cos, self.rotary.sin)
             if kv_len is None:
                 kv_len = torch.full((B,), past.shape[1], dtype=torch.int32, device=past.device)
-            kv_len = kv_len.to(torch.int32).expand(B).contiguous()
-            o_lat = mla_decode.mla_decode_attention(q_lat[:, 0], q_pe[:, 0], past, kv_len, self.scale)[:, None]
-            return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)
+            o = mla_decode.mla_decode_attention(q_lat[:, 0], q_pe[:, 0], past, kv_len.reshape(-1).expand(B),
+                                                self.scale, w_uv, *rope)
+            return o[:, None]
+        if rope_positions is not None:
+            q_pe = self.rotary(q_pe, rope_positions)
         if kv_len is not None:
             valid = torch.arange(past.shape[1], device=past.device) < kv_len.reshape(-1)[0]
             mask = valid[None, :] if mask is None else mask & valid[None, :]

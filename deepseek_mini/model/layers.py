@@ -45,9 +45,25 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        # [gate ; up] concatenated once for inference (fold(); DeepSeekV2.folded_weights), never saved
+        self.register_buffer("gate_up_folded", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_folded is not None and not torch.is_grad_enabled():
+            return self.down(*F.linear(x, self.gate_up_folded).chunk(2, dim=-1))
         return self.down(*fused_linears(x, self.gate_proj.weight, self.up_proj.weight))
+
+    @torch.no_grad()
+    def fold(self) -> bool:
+        """Concatenate the gate and up weights once, not at every batched step (fused_linears). False when already
+        folded."""
+        if self.gate_up_folded is not None:
+            return False
+        self.gate_up_folded = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        return True
+
+    def unfold(self) -> None:
+        self.gate_up_folded = None
 
     def down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The output from the gate and up projections (MoE computes those with its router's logits)."""

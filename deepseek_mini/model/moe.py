@@ -354,6 +354,26 @@ class MoE(nn.Module):
         # E/ep experts and the dispatcher sends each token once to every rank owning one of its experts. A
         # plain attribute, not a submodule: it holds a process group, no parameters.
         self.expert_parallel = None
+        # [router ; shared gate ; shared up] rows, concatenated once for inference (fold(); never saved)
+        self.register_buffer("router_shared_folded", None, persistent=False)
+
+    @torch.no_grad()
+    def fold(self) -> bool:
+        """Concatenate the router's weight and the shared experts' gate and up weights once, for inference: a 16-bit
+        model then computes all three in one GEMM that writes fp32 (the router's logits need fp32; the gate and up
+        values are the 16-bit GEMM's, rounded from the same fp32 sums), one kernel per layer instead of two. False
+        when already folded, without shared experts, or with weights of different dtypes."""
+        shared = self.shared_experts
+        if self.router_shared_folded is not None or shared is None:
+            return False
+        weights = (self.gate.weight, shared.gate_proj.weight, shared.up_proj.weight)
+        if len({w.dtype for w in weights}) > 1:
+            return False
+        self.router_shared_folded = torch.cat(weights)
+        return True
+
+    def unfold(self) -> None:
+        self.router_shared_folded = None
 
     def forward(self, x_BSD: torch.Tensor):
         B, S, D = x_BSD.shape
@@ -370,6 +390,14 @@ class MoE(nn.Module):
             logits_TE, gate_TI, up_TI = fused_linears(x_TD, self.gate.weight, shared.gate_proj.weight,
                                                       shared.up_proj.weight)
             shared_TD = shared.down(gate_TI, up_TI)
+            scores_TE, topk_idx_TK, weights_TK = self.gate.route(logits_TE)
+        elif (self.router_shared_folded is not None and not torch.is_grad_enabled()
+              and fp32_out_mm_available(x_TD, self.router_shared_folded)):
+            # a 16-bit model at inference, folded: the same three in one GEMM that writes fp32 (fold())
+            width = self.shared_experts.gate_proj.weight.shape[0]
+            out_TO = torch.mm(x_TD, self.router_shared_folded.t(), out_dtype=torch.float32)
+            logits_TE, gate_TI, up_TI = out_TO.split([E, width, width], dim=-1)
+            shared_TD = self.shared_experts.down(gate_TI.to(x_TD.dtype), up_TI.to(x_TD.dtype))
             scores_TE, topk_idx_TK, weights_TK = self.gate.route(logits_TE)
         else:
             scores_TE, topk_idx_TK, weights_TK = self.gate(x_TD)

@@ -12,6 +12,7 @@ trained with the main loss, used by nothing else but speculative decoding (specu
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -179,6 +180,21 @@ class DeepSeekV2(nn.Module):
                 module.decode_mode = mode
 
     # ------------------------------------------------------------------ inference
+    @contextlib.contextmanager
+    def folded_weights(self):
+        """Inference with weights derived once instead of at every step: MLA's absorption folded into its query and
+        output projections as the paper writes it (MLA.fold), and the concatenations fused_linears would copy at
+        every batched step (MLA.fold, SwiGLU.fold), and a 16-bit MoE's router and shared experts in one GEMM (MoE.fold).
+        generate() decodes inside it. The folded copies are read only
+        by forwards that differentiate nothing, and they do not follow changes to the weights: change none inside
+        the block. Nested blocks fold once; the outermost one drops the copies when it ends."""
+        folded = [m for m in self.modules() if isinstance(m, (MLA, MoE, SwiGLU)) and m.fold()]
+        try:
+            yield self
+        finally:
+            for m in folded:
+                m.unfold()
+
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
         """A preallocated (static) cache per layer: latents for MLA, K/V for the baselines."""
         ref = self.lm_head.weight
@@ -204,10 +220,17 @@ class DeepSeekV2(nn.Module):
         lengths = None if prompt_lengths is None else torch.as_tensor(prompt_lengths, device=input_ids.device).long()
         if lengths is not None and (lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > T):
             raise ValueError(f"prompt_lengths must hold {B} lengths in 1..{T}, got {prompt_lengths}")
-        if speculative:
-            yield from speculative_stream(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                          generator, stats, lengths)
-            return
+        with self.folded_weights():
+            if speculative:
+                yield from speculative_stream(self, input_ids, max_new_tokens, temperature, top_k, top_p,
+                                              eos_token_id, generator, stats, lengths)
+            else:
+                yield from self._decode_stream(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                                               generator, lengths)
+
+    def _decode_stream(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator, lengths):
+        """Plain decoding: prefill once, then one cached forward per new token."""
+        B, T = input_ids.shape
         max_len = T + max_new_tokens
         if max_len > self.config.max_position_embeddings:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "

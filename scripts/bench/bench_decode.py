@@ -30,6 +30,7 @@ weights + the cache up to the current position), the bandwidth floor (those byte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from decode_step import (  # noqa: E402  (this folder, on sys.path when the script runs)
     PROFILE,
     Timer,
+    check_folded_matches_unfolded,
     check_fused_kernel,
     check_static_matches_eager,
     compiled_step,
@@ -55,16 +57,21 @@ from decode_step import (  # noqa: E402  (this folder, on sys.path when the scri
 from deepseek_mini.config import ModelConfig, count_parameters  # noqa: E402
 from deepseek_mini.model import DeepSeekV2  # noqa: E402
 
-VARIANTS = {  # name -> (preset suffix, MLA decode mode)
-    "mla_absorb": ("", "absorb"),
-    "mla_naive": ("", "naive"),
-    "mha": ("_mha", None),
+VARIANTS = {  # name -> (preset suffix, MLA decode mode, inside DeepSeekV2.folded_weights() as generate() decodes)
+    "mla_absorb": ("", "absorb", True),
+    "mla_naive": ("", "naive", True),
+    "mha": ("_mha", None, True),
+    # the same models without the folded weights (the absorption as two products per step, the concatenations
+    # copied at every step): to measure what folding buys in the same invocation
+    "mla_absorb_unfolded": ("", "absorb", False),
+    "mha_unfolded": ("_mha", None, False),
 }
+DEFAULT_VARIANTS = ["mla_absorb", "mla_naive", "mha"]
 
 
 # ---------------------------------------------------------------------- models and caches
 def variant_config(variant: str, shape: str, max_len: int) -> ModelConfig:
-    suffix, _ = VARIANTS[variant]
+    suffix = VARIANTS[variant][0]
     base = ModelConfig.preset(shape + suffix)
     return base.replace(max_position_embeddings=max(base.max_position_embeddings, max_len))
 
@@ -124,6 +131,21 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def folding(model, variant: str):
+    """The variant's weights: folded as generate() decodes (DeepSeekV2.folded_weights), or not."""
+    return model.folded_weights() if VARIANTS[variant][2] else contextlib.nullcontext()
+
+
+def time_mode(model, cache, batch, ctx, args, mode, max_len) -> float:
+    if mode == "eager":
+        return time_eager(model, cache, batch, ctx, args.steps, args.warmup, args.device)
+    if mode == "graph":
+        return time_graph(model, cache, batch, ctx, args.steps, args.warmup, args.device, max_len)
+    # "compiled": torch.compile fuses the per-step glue, then the compiled step is graph-captured
+    return time_graph(model, cache, batch, ctx, args.steps, args.warmup, args.device, max_len,
+                      step_fn=compiled_step(args.inductor))
+
+
 def bench_point(model, variant, batch, ctx, args, mode) -> dict:
     cfg = model.config
     device = args.device
@@ -136,13 +158,9 @@ def bench_point(model, variant, batch, ctx, args, mode) -> dict:
     try:
         cache = model.new_cache(batch, max_len, device=device)
         fill_cache(cache, ctx + args.warmup + 4)
-        if mode == "eager":
-            ms = time_eager(model, cache, batch, ctx, args.steps, args.warmup, device)
-        elif mode == "graph":
-            ms = time_graph(model, cache, batch, ctx, args.steps, args.warmup, device, max_len)
-        else:  # "compiled": torch.compile fuses the per-step glue, then the compiled step is graph-captured
-            ms = time_graph(model, cache, batch, ctx, args.steps, args.warmup, device, max_len,
-                            step_fn=compiled_step(args.inductor))
+        with folding(model, variant):
+            ms = time_mode(model, cache, batch, ctx, args, mode, max_len)
+        if mode == "compiled":
             row["inductor"] = args.inductor
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
@@ -425,7 +443,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="small")
     ap.add_argument("--tiny", action="store_true", help="smoke mode: tiny shape, contexts 16/32, batches 1/2")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--contexts", nargs="+", type=int, default=[1024, 8192, 32768])
     ap.add_argument("--steps", type=int, default=20, help="timed decode steps per point")
@@ -506,9 +524,13 @@ def main(argv=None) -> int:
         print(f"{variant}: {count_parameters(cfg).total / 1e6:.1f}M params, KV {cfg.kv_cache_bytes_per_token(2):,.0f}"
               f" B/token (bf16), weights read per step at batch 1: {wb / 1e6:.0f} MB", flush=True)
         if args.check:
-            err = check_static_matches_eager(model, args.device)
+            with folding(model, variant):
+                err = check_static_matches_eager(model, args.device)
             print(f"  static step vs eager logits: max abs diff {err:.3g}", flush=True)
-            if variant == "mla_absorb":
+            if VARIANTS[variant][2]:
+                err = check_folded_matches_unfolded(model, args.device)
+                print(f"  folded vs unfolded weights, one decode step's logits: max rel diff {err:.3g}", flush=True)
+            if VARIANTS[variant][1] == "absorb":
                 err = check_fused_kernel(model, args.device)
                 print(f"  fused Triton decode vs PyTorch absorbed decode: max rel diff {err:.3g}", flush=True)
         for batch in args.batches:

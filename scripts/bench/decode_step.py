@@ -39,13 +39,15 @@ def _static_attention(attn, x, pos_t, cache, mask):
     """The model's attention for one new token at device position pos_t [1], over the full preallocated cache."""
     B = x.shape[0]
     if isinstance(attn, MLA):
-        q_nope, q_pe, c_kv, k_pe = attn.project(x, pos_t)
+        absorb = attn.decode_mode == "absorb"
+        kernel = absorb and attn.decode_kernel(1, cache.kv)  # then the kernel rotates q_pe itself
+        q, q_pe, c_kv, k_pe = attn.project(x, pos_t, absorbed=absorb, rope_q=not kernel)  # q: latent when absorbed
         cache.kv.index_copy_(1, pos_t, torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype))
-        if attn.decode_mode == "absorb":
-            o = attn._absorbed(q_nope, q_pe, cache.kv, None, kv_len=pos_t + 1)
+        if absorb:
+            o = attn._absorbed(q, q_pe, cache.kv, None, kv_len=pos_t + 1, rope_positions=pos_t if kernel else None)
         else:
             c_past, kpe_past = cache.kv.to(x.dtype).split([attn.rank, attn.rope_dim], dim=-1)
-            o = attn._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
+            o = attn._naive(q, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
         return attn.o_proj(o.reshape(B, 1, attn.n_heads * attn.v_dim))
     q, k, v = attn.project(x, pos_t)
     cache.k.index_copy_(2, pos_t, k.to(cache.k.dtype))
@@ -181,18 +183,36 @@ def check_static_matches_eager(model, device, batch: int = 2, ctx: int = 8) -> f
 
 
 @torch.no_grad()
+def check_folded_matches_unfolded(model, device, batch: int = 4, ctx: int = 64) -> float:
+    """Relative max difference of one eager decode step's logits with the weights folded (DeepSeekV2.folded_weights)
+    and without: the same model up to roundings (bf16: the folded products are rounded once, not twice)."""
+    cache = model.new_cache(batch, ctx + 1, device=device)
+    fill_cache(cache, ctx, seed=2)
+    tok = torch.randint(0, model.config.vocab_size, (batch,), device=device)
+    plain = model(tok[:, None], cache=cache, start_pos=ctx).logits.float()
+    with model.folded_weights():
+        folded = model(tok[:, None], cache=cache, start_pos=ctx).logits.float()
+    return float((folded - plain).abs().max() / plain.abs().max())
+
+
+@torch.no_grad()
 def check_fused_kernel(model, device, batch: int = 3, ctx: int = 1000) -> float:
-    """Relative max difference of the attention output: fused Triton kernel vs the PyTorch absorbed path."""
+    """Relative max difference of the attention output: fused Triton kernel vs the PyTorch absorbed path, with q_pe
+    rotated before, and unrotated (the kernel rotating it at the new token's position, kv_len - 1)."""
     attn = model.model.layers[0].self_attn
     g = torch.Generator(device=device).manual_seed(0)
     dtype = attn.kv_b_proj.weight.dtype
-    q_nope = torch.randn(batch, 1, attn.n_heads, attn.nope, device=device, generator=g).to(dtype)
+    q_lat = torch.randn(batch, 1, attn.n_heads, attn.rank, device=device, generator=g).to(dtype)
     q_pe = torch.randn(batch, 1, attn.n_heads, attn.rope_dim, device=device, generator=g).to(dtype)
     kv = torch.randn(batch, ctx + 37, attn.rank + attn.rope_dim, device=device, generator=g).to(dtype)
     kv_len = torch.tensor([ctx], device=device)
+    pos = kv_len - 1
     attn.fused_decode = True
-    fused = attn._absorbed(q_nope, q_pe, kv, None, kv_len=kv_len).float()
+    fused = attn._absorbed(q_lat, q_pe, kv, None, kv_len=kv_len).float()
+    fused_rope = attn._absorbed(q_lat, q_pe, kv, None, kv_len=kv_len, rope_positions=pos).float()
     attn.fused_decode = False
-    ref = attn._absorbed(q_nope, q_pe, kv[:, :ctx], None).float()
+    ref = attn._absorbed(q_lat, q_pe, kv[:, :ctx], None).float()
+    ref_rope = attn._absorbed(q_lat, attn.rotary(q_pe, pos), kv[:, :ctx], None).float()
     attn.fused_decode = True
-    return float((fused - ref).abs().max() / ref.abs().max())
+    return max(float((fused - ref).abs().max() / ref.abs().max()),
+               float((fused_rope - ref_rope).abs().max() / ref_rope.abs().max()))

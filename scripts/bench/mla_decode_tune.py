@@ -40,14 +40,14 @@ def old_rule(B: int, L: int, C: int, n_sm: int, smem: int = 0) -> mla_decode.Lau
     return mla_decode.default_config(B, L, C, n_sm, 0)
 
 
-def torch_merge_launch(q_lat, q_pe, kv, kv_len, scale, config):
-    """The kernel as it was before the merge kernel: the splits merged by ~10 PyTorch ops."""
+def torch_merge_launch(q_lat, q_pe, kv, kv_len, scale, config, w_uv=None):
+    """The kernel as it was before the merge kernel: the splits merged by ~10 PyTorch ops (then W_UV, if given)."""
     H, C = q_lat.shape[1:]
     acc, m, lsum = mla_decode.split_partials(q_lat, q_pe, kv, kv_len, scale, config)
     m_all = m.amax(dim=1, keepdim=True)
     w = torch.exp(m - m_all).nan_to_num(0.0)
-    out = (acc * w[..., None]).sum(1) / (lsum * w).sum(1)[..., None]
-    return out[:, :H, :C].to(q_lat.dtype).contiguous()
+    out = ((acc * w[..., None]).sum(1) / (lsum * w).sum(1)[..., None])[:, :H, :C].to(q_lat.dtype).contiguous()
+    return out if w_uv is None else torch.einsum("bhc,hvc->bhv", out, w_uv)
 
 
 def split_candidates(B: int, L: int, n_sm: int, shape: tuple[int, int]) -> list[int]:
