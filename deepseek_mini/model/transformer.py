@@ -182,12 +182,12 @@ class DeepSeekV2(nn.Module):
     # ------------------------------------------------------------------ inference
     @contextlib.contextmanager
     def folded_weights(self):
-        """Inference with weights derived once instead of at every step: MLA's absorption folded into its query and
-        output projections as the paper writes it (MLA.fold), and the concatenations fused_linears would copy at
-        every batched step (MLA.fold, SwiGLU.fold), and a 16-bit MoE's router and shared experts in one GEMM (MoE.fold).
-        generate() decodes inside it. The folded copies are read only
-        by forwards that differentiate nothing, and they do not follow changes to the weights: change none inside
-        the block. Nested blocks fold once; the outermost one drops the copies when it ends."""
+        """Inference with weights derived once instead of at every step: W_UK folded into MLA's query projection, as
+        the paper writes the absorption, and the concatenations fused_linears would copy at every batched step
+        (MLA.fold, SwiGLU.fold), and a 16-bit MoE's router and shared experts in one GEMM (MoE.fold). generate()
+        decodes inside it. The folded copies are read only by forwards that differentiate nothing, and they do not
+        follow changes to the weights: change none inside the block. Nested blocks fold once; the outermost one
+        drops the copies when it ends."""
         folded = [m for m in self.modules() if isinstance(m, (MLA, MoE, SwiGLU)) and m.fold()]
         try:
             yield self
