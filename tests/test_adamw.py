@@ -196,6 +196,21 @@ def test_masters_refuse_what_they_cannot_keep(monkeypatch):
     assert p.dtype == torch.float32 and not opt.masters
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or runtime.triton is None, reason="needs a GPU and Triton")
+def test_released_masters_go_where_the_parameter_is_now():
+    """Lightning's teardown moves the module to the CPU before on_fit_end releases the masters: each master must go
+    to its parameter's device then, not back to the GPU (a model split over two devices failed the save after fit)."""
+    stays, moves = (torch.nn.Parameter(torch.randn(4, 4, device="cuda")) for _ in range(2))
+    values = [stays.detach().clone(), moves.detach().cpu()]
+    opt = TritonAdamW([stays, moves])
+    opt.keep_fp32_masters([stays, moves])
+    moves.data = moves.data.cpu()  # what teardown's module.cpu() does to a parameter
+    opt.release_masters()
+    assert stays.dtype == moves.dtype == torch.float32 and not opt.masters
+    assert stays.is_cuda and moves.device.type == "cpu"
+    assert torch.equal(stays, values[0]) and torch.equal(moves, values[1])
+
+
 def test_kernel_takes_only_what_it_computes_exactly(monkeypatch):
     monkeypatch.setattr(runtime, "INTERPRET", True)
     p = torch.nn.Parameter(torch.randn(4, 4))

@@ -116,9 +116,11 @@ class TritonAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def release_masters(self) -> None:
-        """Back to fp32 parameters holding the master values; the optimizer state is unchanged."""
+        """Back to fp32 parameters holding the master values, on the device each parameter is on now (Lightning's
+        teardown moves the module to the CPU before on_fit_end releases them: a master put back on the GPU left the
+        model split over two devices); the optimizer state is unchanged."""
         for p, master in self.masters.items():
-            p.data = master
+            p.data = master.to(p.device)
         self.masters.clear()
 
     def load_state_dict(self, state_dict) -> None:

@@ -35,9 +35,11 @@ are_same_graph_modules while deduplicating the region's subgraphs. Worth retryin
 CUDA graphs with regional compilation (regional:reduce-overhead) parse here but the run config refuses them
 (training/run_config.check_cuda_graphs_placement): on two H200s under DDP (torch 2.11) they ran 1.4x faster than
 plain regional compilation and trained nothing, the gradient norm inf from step 19 on, with torch warning that
-the AccumulateGrad node's stream did not match that of the graph that produced the gradient. A bare CUDA-graph
-mode keeps its old meaning (full). The whole model with CUDA graphs trained right on one GPU and, compiled as one
-graph (OneGraphUnderDDP below), under DDP on two H200s (1.47x one GPU, the all-reduce not overlapped;
+the AccumulateGrad node's stream did not match that of the graph that produced the gradient. On one H200 they
+trained right and cut the cold start (57.6 s to the first step against 95 s) but ran 14% slower than the
+whole-model graph (run_config.check_cuda_graphs_placement). A bare CUDA-graph mode keeps its old meaning
+(full). The whole model with CUDA graphs trained right on one GPU and, compiled as one graph (OneGraphUnderDDP
+below), under DDP on two H200s (1.47x one GPU, the all-reduce not overlapped;
 docs/benchmarks.md), and under expert parallelism with the padded dispatch, whose all-to-alls run inside the
 graphs (0.93x DDP there).
 """

@@ -525,9 +525,12 @@ def check_cuda_graphs_placement(compile_spec: str | None, strategy: Any = None) 
     norm was inf from step 19 on and the loss stayed near 8.4 (4.7 with compile=regional, same steps), while torch
     warned that the AccumulateGrad node's stream did not match the stream of the graph that produced the gradient.
     The whole model as one graph under DDP (training/compile.OneGraphUnderDDP) trained right there (losses on the
-    eager DDP curve, docs/benchmarks.md). No run has tried them under FSDP (which gathers each block's parameters
-    in hooks around it), so FSDP is refused whatever the number of devices; compile=regional is FSDP's measured
-    setting (two H200s, 2026-11-30: 1.73x its eager speed, on the eager loss curve)."""
+    eager DDP curve, docs/benchmarks.md). On one H200 (2026-11-30, two 150-step runs with the refusal lifted)
+    per-block graphs trained as the whole-model graph does and reached the first step 57.6 s after a cold launch
+    (the whole-model graph: 95 s, measured earlier that day), but ran at 306k tokens/s against ~356k: not offered.
+    No run has tried them under FSDP (which gathers each block's parameters in hooks around it), so FSDP is refused
+    whatever the number of devices; compile=regional is FSDP's measured setting (two H200s, 2026-11-30: 1.73x its
+    eager speed, on the eager loss curve)."""
     from deepseek_mini.training.compile import parse_compile
 
     spec = parse_compile(compile_spec) if compile_spec else None
@@ -535,8 +538,9 @@ def check_cuda_graphs_placement(compile_spec: str | None, strategy: Any = None) 
         return
     if spec.scope == "regional":
         _fail("compile", compile_spec, "CUDA graphs per block are refused: under DDP on two H200s they gave wrong "
-              "gradients (grad norm inf, loss stuck; docs/benchmarks.md) and no run has shown them right on one GPU; "
-              "use compile=regional, or compile=full:reduce-overhead (one GPU or DDP)")
+              "gradients (grad norm inf, loss stuck), and on one they trained but ran 14% slower than "
+              "compile=full:reduce-overhead (docs/benchmarks.md); use compile=regional, or "
+              "compile=full:reduce-overhead (one GPU or DDP)")
     if _is_fsdp(strategy):
         _fail("compile", compile_spec, "CUDA graphs are refused with FSDP (no run has shown them right there; "
               "docs/benchmarks.md); use compile=regional, FSDP's fastest measured setting, or trainer=ddp")
