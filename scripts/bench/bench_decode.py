@@ -15,6 +15,8 @@ step:
 * graph   a static-shape step written here (attend over the whole preallocated cache with a position mask, cache
           writes by index_copy_ at a device-side position), captured once in a CUDA graph and replayed.
           Same math as the model's decode; checked against eager in the CPU smoke test. (Both are in decode_step.py.)
+Every variant runs inside DeepSeekV2.folded_weights(), as generate() decodes; mla_absorb_unfolded and mha_unfolded
+are the same models without it (--variants mla_absorb mla_absorb_unfolded: what folding buys, in one invocation).
 With --ckpt (a checkpoint trained with model.num_nextn_predict_layers >= 1, read by the verified loader) the
 benchmark is generate() itself, greedy by default: for each batch, plain absorbed decode and self-speculative
 decode (model/speculative.py) each generate --gen-tokens tokens after the same prompts (--prompt-tokens tokens per
