@@ -1,4 +1,6 @@
-"""Shared by the model tests: a model config small enough to build and run in milliseconds."""
+"""Shared by the model tests: a model config small enough to build and run in milliseconds, and a reference RoPE."""
+
+import torch
 
 # dims multiples of 4 so fp32 grouped_mm strides are 16-byte aligned
 SMALL_MODEL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=16,
@@ -32,3 +34,11 @@ def write_tiny_checkpoint(folder, texts, **config_fields):
                 "hyper_parameters": {"model_config": cfg.to_dict()}}, folder / "last.ckpt")
     tok.save(str(folder / "tokenizer.json"))
     return folder / "last.ckpt", model, tok
+
+
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, H, R] with pairs (2i, 2i+1) rotated at each row's own position positions[b], from RotaryEmbedding's
+    tables [positions, R / 2], in x's dtype: the reference for the decode kernel rotating q's rope part itself."""
+    c, s = cos[positions][:, None].to(x.dtype), sin[positions][:, None].to(x.dtype)  # [B, 1, R / 2]
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)

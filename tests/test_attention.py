@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from conftest import max_diff_under_interpreter, requires_triton
-from model_helpers import SMALL_MODEL
+from model_helpers import SMALL_MODEL, rope_rows
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import DeepSeekV2
@@ -357,10 +357,7 @@ def compare_mla_decode_kernel_with_reference() -> float:
     rotary = RotaryEmbedding(R, L)
     q = torch.cat([q_lat, torch.randn(B, H, R, generator=g)], dim=-1)  # one row per head: [latent ; rope]
     for lengths in (kv_len, kv_len.long()[:1].expand(B)):  # int32 [B]; an int64 [1] broadcast over the rows
-        pos = lengths.long() - 1
-        c, s = rotary.cos[pos][:, None].double(), rotary.sin[pos][:, None].double()  # [B, 1, R/2]
-        x0, x1 = q[..., C:].double().unflatten(-1, (-1, 2)).unbind(-1)
-        roped = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+        roped = rope_rows(q[..., C:].double(), rotary.cos, rotary.sin, lengths.long() - 1)
         scores = torch.einsum("bhc,blc->bhl", torch.cat([q_lat.double(), roped], -1), kv.double()) * scale
         scores = scores.masked_fill(torch.arange(L)[None, None, :] >= lengths[:, None, None], float("-inf"))
         ref_rope = torch.einsum("bhl,blc->bhc", scores.softmax(-1), kv[..., :C].double())

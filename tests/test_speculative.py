@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_script
-from model_helpers import SMALL_MODEL
+from model_helpers import SMALL_MODEL, rope_rows
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model import speculative as spec
@@ -150,9 +150,7 @@ def test_one_token_per_row_goes_to_the_fused_kernel_with_per_row_lengths(model, 
     def kernel(q_lat, q_pe, kv, kv_len, scale, w_uv, cos, sin):  # [B, H, C], [B, H, R], [B, L, C + R], [B], [H, V, C]
         calls.append(kv_len.clone())
         if cos is not None:  # q_pe comes unrotated: rotate pairs at each row's new position, kv_len - 1
-            c, s = cos[kv_len - 1][:, None], sin[kv_len - 1][:, None]  # [B, 1, R/2]
-            x0, x1 = q_pe.unflatten(-1, (-1, 2)).unbind(-1)
-            q_pe = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+            q_pe = rope_rows(q_pe, cos, sin, kv_len - 1)
         scores = torch.einsum("bhc,blc->bhl", torch.cat([q_lat, q_pe], -1), kv) * scale
         scores = scores.masked_fill(torch.arange(kv.shape[1])[None, None, :] >= kv_len[:, None, None], float("-inf"))
         o_lat = torch.einsum("bhl,blc->bhc", scores.softmax(-1), kv[..., :q_lat.shape[-1]])

@@ -27,7 +27,7 @@ from torch import nn
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.kernels import mla_decode
-from deepseek_mini.model.layers import RMSNorm, fused_linears
+from deepseek_mini.model.layers import RMSNorm, fused_linears, use_folded
 from deepseek_mini.model.rope import RotaryEmbedding
 
 
@@ -171,11 +171,6 @@ class MLA(nn.Module):
     def unfold(self) -> None:
         self.down_folded = self.q_folded = None
 
-    def _folded(self) -> bool:
-        """Use the folded weights? Only when they exist and nothing is differentiated (they are copies: a
-        gradient through them would never reach the parameters)."""
-        return self.down_folded is not None and not torch.is_grad_enabled()
-
     # ------------------------------------------------------------------ forward
     def decode_kernel(self, T: int, cache_kv: torch.Tensor) -> bool:
         """Does absorbed decoding of T new tokens over this cache run the fused Triton kernel (one token, CUDA,
@@ -189,7 +184,7 @@ class MLA(nn.Module):
         from the folded weights when there are some. rope_q=False: q_pe unrotated (the decode kernel rotates it)."""
         B, T, _ = x.shape
         lora = self.cfg.q_lora_rank is not None
-        folded = self._folded() and (absorbed or lora)  # without q_lora the folded down-projection holds the query
+        folded = use_folded(self.down_folded) and (absorbed or lora)  # without q_lora the folded down-projection holds the query
         if folded:
             q, kv = F.linear(x, self.down_folded).split(
                 [self.down_folded.shape[0] - self.rank - self.rope_dim, self.rank + self.rope_dim], dim=-1)

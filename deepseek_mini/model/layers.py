@@ -22,6 +22,12 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def use_folded(folded: torch.Tensor | None) -> bool:
+    """Read a weight folded for inference (DeepSeekV2.folded_weights)? Only when it exists and nothing is
+    differentiated: it is a copy, so a gradient through it would never reach the parameters it was made from."""
+    return folded is not None and not torch.is_grad_enabled()
+
+
 def fused_linears(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """x W_1^T, x W_2^T, ... for projections that read the same x, as one GEMM over the concatenated weights.
 
@@ -49,7 +55,7 @@ class SwiGLU(nn.Module):
         self.register_buffer("gate_up_folded", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_folded is not None and not torch.is_grad_enabled():
+        if use_folded(self.gate_up_folded):
             return self.down(*F.linear(x, self.gate_up_folded).chunk(2, dim=-1))
         return self.down(*fused_linears(x, self.gate_proj.weight, self.up_proj.weight))
 

@@ -39,7 +39,7 @@ from torch import nn
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.kernels import moe_decode
 from deepseek_mini.kernels import swiglu as swiglu_kernel
-from deepseek_mini.model.layers import SwiGLU, fused_linears
+from deepseek_mini.model.layers import SwiGLU, fused_linears, use_folded
 
 
 def grouped_mm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -380,24 +380,10 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         T, K, E = B * S, self.top_k, self.n_experts
         shared_TD = None
-        if self.shared_experts is not None and (
-                torch.is_autocast_enabled(x_TD.device.type) or x_TD.dtype in (torch.float32, torch.float64)):
-            # The router and the shared experts' gate and up projections all read x: one GEMM computes them
-            # (layers.fused_linears). The router's own GEMM is narrow (E = 64 outputs in `small`), its backward
-            # two more small GEMMs and another [T, D] gradient to add. Only where the router's dtype is the
-            # shared experts' (autocast, or an fp32 / fp64 model): a bf16 model routes in fp32 (Router.forward).
-            shared = self.shared_experts
-            logits_TE, gate_TI, up_TI = fused_linears(x_TD, self.gate.weight, shared.gate_proj.weight,
-                                                      shared.up_proj.weight)
-            shared_TD = shared.down(gate_TI, up_TI)
-            scores_TE, topk_idx_TK, weights_TK = self.gate.route(logits_TE)
-        elif (self.router_shared_folded is not None and not torch.is_grad_enabled()
-              and fp32_out_mm_available(x_TD, self.router_shared_folded)):
-            # a 16-bit model at inference, folded: the same three in one GEMM that writes fp32 (fold())
-            width = self.shared_experts.gate_proj.weight.shape[0]
-            out_TO = torch.mm(x_TD, self.router_shared_folded.t(), out_dtype=torch.float32)
-            logits_TE, gate_TI, up_TI = out_TO.split([E, width, width], dim=-1)
-            shared_TD = self.shared_experts.down(gate_TI.to(x_TD.dtype), up_TI.to(x_TD.dtype))
+        fused = self._router_and_shared(x_TD)
+        if fused is not None:
+            logits_TE, gate_TI, up_TI = fused
+            shared_TD = self.shared_experts.down(gate_TI, up_TI)
             scores_TE, topk_idx_TK, weights_TK = self.gate.route(logits_TE)
         else:
             scores_TE, topk_idx_TK, weights_TK = self.gate(x_TD)
@@ -453,6 +439,25 @@ class MoE(nn.Module):
         if self.expert_parallel is not None:  # tokens this rank sends to each device: the dispatcher's rows
             stats["tokens_per_device"] = tokens_to_groups(routed_TE, self.expert_parallel.size).sum(0)
         return out_BSD, aux, stats
+
+    def _router_and_shared(self, x_TD: torch.Tensor):
+        """The router's logits and the shared experts' gate and up projections from one GEMM, as they all read x:
+        (logits_TE, gate_TI, up_TI), or None where the router takes its own GEMM (Router.forward).
+        The router's own GEMM is narrow (E = 64 outputs in `small`), its backward two more small GEMMs and another
+        [T, D] gradient to add. One GEMM needs the router's dtype to be the shared experts': under autocast or in an
+        fp32 / fp64 model (layers.fused_linears), or, in a 16-bit model at inference, with the weights folded
+        (fold()): a GEMM that writes fp32, whose gate and up values rounded to x's dtype are the 16-bit GEMM's."""
+        shared = self.shared_experts
+        if shared is None:
+            return None
+        if torch.is_autocast_enabled(x_TD.device.type) or x_TD.dtype in (torch.float32, torch.float64):
+            return fused_linears(x_TD, self.gate.weight, shared.gate_proj.weight, shared.up_proj.weight)
+        if use_folded(self.router_shared_folded) and fp32_out_mm_available(x_TD, self.router_shared_folded):
+            width = shared.gate_proj.weight.shape[0]
+            out_TO = torch.mm(x_TD, self.router_shared_folded.t(), out_dtype=torch.float32)
+            logits_TE, gate_TI, up_TI = out_TO.split([self.n_experts, width, width], dim=-1)
+            return logits_TE, gate_TI.to(x_TD.dtype), up_TI.to(x_TD.dtype)
+        return None
 
     def _decode_experts(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, weights_TK: torch.Tensor):
         """Inference at decode sizes on CUDA (kernels/moe_decode.py): one kernel sorts the assignments by expert (the
