@@ -5,6 +5,7 @@ Exactness checks run in float64 so that "equal" can mean 1e-10, not "close in fp
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -342,6 +343,9 @@ def compare_mla_decode_kernel_with_reference() -> float:
     for cfg in (mla_decode.LaunchConfig(splits=1, block_n=16), mla_decode.LaunchConfig(splits=3, block_n=32),
                 mla_decode.LaunchConfig(splits=13, block_n=16, num_warps=8, num_stages=3),
                 mla_decode.LaunchConfig(splits=40, block_n=16),  # more splits than the merge takes at once
+                mla_decode.LaunchConfig(splits=3, block_n=32, tma=True),  # tiles by TMA descriptors
+                mla_decode.LaunchConfig(splits=3, block_n=32, transposed=True),  # scores [positions, heads]
+                mla_decode.LaunchConfig(splits=13, block_n=16, tma=True, transposed=True),
                 mla_decode.default_config(B, L, C, n_sm=4),  # the rule for GPUs with less shared memory
                 mla_decode.default_config(B, L, C, n_sm=4, smem_per_sm=228 * 1024)):  # Hopper's
         out = mla_decode.launch(q_lat, q_pe, kv, kv_len, scale, cfg)
@@ -367,6 +371,83 @@ def compare_mla_decode_kernel_with_reference() -> float:
     return worst
 
 
+def compare_append_latent_with_pytorch() -> float:
+    """kernels/mla_decode.append_latent against the PyTorch path it replaces (RMSNorm of c_KV and of c_Q, RoPE of the
+    shared key, the cache write): rows at their own positions and a [1] position broadcast over the rows, inputs read
+    through strided views of one GEMM output, YaRN tables; the cache is changed only at the written slots."""
+    from deepseek_mini.kernels import mla_decode
+    from deepseek_mini.model.layers import RMSNorm
+
+    B, Q, C, R, L = 3, 12, 16, 8, 40
+    g = torch.Generator().manual_seed(0)
+    down = torch.randn(B, 5 + Q + C + R, generator=g)[:, 5:]  # rows of a wider tensor: strided
+    q_norm, kv_norm = RMSNorm(Q, eps=1e-6), RMSNorm(C, eps=1e-5)
+    with torch.no_grad():
+        for n in (q_norm, kv_norm):
+            n.weight.uniform_(0.5, 1.5, generator=g)
+    rotary = RotaryEmbedding(R, L, scaling=YARN)
+    worst = 0.0
+    for pos in (torch.tensor([3, 17, 39]), torch.tensor([21]).expand(B)):
+        cache = torch.randn(B + 1, L, C + R, generator=g)
+        before = cache.clone()
+        q_out, kv_len = mla_decode.append_latent(down[:, Q:], kv_norm, cache, pos, rotary.cos, rotary.sin,
+                                                 down[:, :Q], q_norm)
+        with torch.no_grad():
+            k_ref = rotary(down[:, None, None, Q + C:], pos[:, None])[:, 0, 0]  # [B, 1, 1, R] at each row's position
+            ref = torch.cat([kv_norm(down[:, Q:Q + C]), k_ref], dim=-1)
+            rows = torch.arange(B)
+            written = cache[rows, pos]
+            worst = max(worst, float((written - ref).abs().max()), float((q_out - q_norm(down[:, :Q])).abs().max()))
+            before[rows, pos] = written  # nothing else changed
+            if not torch.equal(cache, before) or not torch.equal(kv_len, (pos + 1).to(torch.int32)):
+                return math.inf
+    q_none, _ = mla_decode.append_latent(down[:, Q:], kv_norm, cache, pos, rotary.cos, rotary.sin)
+    return worst if q_none is None else math.inf
+
+
+def compare_mla_decode_step_with_pytorch(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """A whole model's decode through MLA.decode_step (the Triton kernels: cache write, attention, W_UV) against the
+    PyTorch path (fused_decode off), fp32 under the interpreter (bf16 on CUDA): without and with q_lora, folded weights
+    and not, every row at one position (an int start_pos, generate()'s plain decode) and rows at their own (a [B]
+    tensor, speculative decoding's); the logits and every cache written, relative to their largest values."""
+    from deepseek_mini.kernels import mla_decode
+
+    append, calls, worst = mla_decode.append_latent, [], 0.0
+    mla_decode.append_latent = lambda *args, **kw: calls.append(1) or append(*args, **kw)
+    for changes in ({}, dict(q_lora_rank=12)):
+        model = build(cfg_of(**changes)).to(device, dtype)
+        ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1)).to(device)
+        for folded in (False, True):
+            runs = []
+            for fused in (True, False):
+                for layer in model.model.layers:
+                    layer.self_attn.fused_decode = fused
+                with torch.no_grad(), (model.folded_weights() if folded else contextlib.nullcontext()):
+                    cache = model.new_cache(3, 16)
+                    logits = [model(ids[:, :5], cache=cache, start_pos=0).logits[:, -1]]
+                    logits += [model(ids[:, p:p + 1], cache=cache, start_pos=p).logits[:, -1] for p in (5, 6)]
+                    start = torch.tensor([7, 4, 6], device=device)  # per row: rows 1, 2 overwrite slots they had
+                    logits.append(model(ids[:, 7:8], cache=cache, start_pos=start).logits[:, -1])
+                runs.append((torch.stack(logits), [c.kv for c in cache]))
+            (fused_logits, fused_kv), (ref_logits, ref_kv) = runs
+            worst = max(worst, float((fused_logits - ref_logits).abs().max() / ref_logits.abs().max()),
+                        *(float((a - b).abs().max() / b.abs().max()) for a, b in zip(fused_kv, ref_kv)))
+    mla_decode.append_latent = append
+    # the fused runs took the kernels: 3 decode steps x 2 layers, for 2 configurations x folded or not
+    return worst if len(calls) == 3 * 2 * 2 * 2 else math.inf
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA (CPU: the interpreter test)")
+def test_mla_decode_step_matches_pytorch_on_cuda():
+    """bf16 on the GPU: within a few bf16 roundings (the kernels round where the PyTorch path does, and sum in
+    another order); a wrong position, length or rotation is off by O(1)."""
+    assert compare_mla_decode_step_with_pytorch("cuda", torch.bfloat16) < 3e-2
+
+
 @requires_triton
-def test_mla_decode_kernel_matches_attention_under_the_interpreter():
-    assert max_diff_under_interpreter("test_attention", "compare_mla_decode_kernel_with_reference") < 1e-5
+def test_mla_decode_kernels_match_pytorch_under_the_interpreter():
+    """The attention kernel alone, the cache-write kernel alone, and a model decoding through both."""
+    diffs = max_diff_under_interpreter("test_attention", ["compare_mla_decode_kernel_with_reference",
+                                                          "compare_append_latent_with_pytorch",
+                                                          "compare_mla_decode_step_with_pytorch"])
+    assert all(d < 1e-5 for d in diffs.values()), diffs

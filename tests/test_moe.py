@@ -479,39 +479,78 @@ def compare_moe_route_kernel_with_the_counting_sort() -> float:
     return 0.0
 
 
+def compare_moe_route_logits_with_the_router(device: str = "cpu") -> float:
+    """kernels/moe_decode.route_logits (the selection and the routing in one kernel) against Router.route followed by
+    route(): the same order, inverse, offsets and counts exactly, and the gates, for softmax and sigmoid scoring, V3's
+    selection bias, renormalised and scaled gates, T from 1 to 70 tokens (several blocks of tokens), E not a power
+    of 2, logits read through strided rows, and rows of equal logits (a tie goes to the lower index)."""
+    from deepseek_mini.kernels import moe_decode as md
+    from deepseek_mini.model.moe import Router
+
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    cases = [(dict(n_routed_experts=64, num_experts_per_tok=6), 32), (dict(n_routed_experts=64, num_experts_per_tok=6), 1),
+             (dict(n_routed_experts=10, num_experts_per_tok=3, norm_topk_prob=True, routed_scaling_factor=2.5), 70),
+             (dict(n_routed_experts=16, num_experts_per_tok=4, scoring_func="sigmoid", norm_topk_prob=True,
+                   bias_update_speed=0.01), 33)]
+    for fields, T in cases:
+        router = Router(cfg_of(**fields))
+        E, K = router.n_experts, router.top_k
+        if router.e_score_correction_bias is not None:
+            router.e_score_correction_bias.normal_(0.0, 0.1, generator=g)
+        router.to(device)
+        logits = torch.randn(T, E + 3, generator=g).to(device)[:, 3:]  # strided rows, as the folded GEMM's split
+        logits[0, :] = 0.5  # a row of ties: experts 0..K-1, in order
+        _, idx, gates = router.route(logits)
+        ends, counts, order, inverse = md.route(idx, E)
+        k_gates, k_ends, k_counts, k_order, k_inverse = md.route_logits(
+            logits, K, router.cfg.scoring_func == "softmax", router.e_score_correction_bias, router.cfg.norm_topk_prob,
+            router.cfg.routed_scaling_factor)
+        if not (torch.equal(k_ends, ends) and torch.equal(k_counts, counts) and torch.equal(k_order, order)
+                and torch.equal(k_inverse, inverse)):
+            return math.inf
+        worst = max(worst, float((k_gates - gates).abs().max()))
+    return worst
+
+
 def compare_moe_layer_decode_paths_bf16() -> float:
-    """A bf16 MoE layer at decode sizes without autograd, where it routes through route() and the expert kernels read
-    the tokens' rows in place, against the same layer on the grouped_mm path (kernels off), in bf16 roundings of the
+    """A bf16 MoE layer at decode sizes without autograd, where it routes through route_logits (plain top-k) or
+    Router.route + route() (group-limited selection, which route_logits does not do) and the expert kernels read the
+    tokens' rows in place, against the same layer on the grouped_mm path (kernels off), in bf16 roundings of the
     output's largest value; and the kernels given rows already in expert order must give the same bits."""
     from deepseek_mini.kernels import moe_decode as md
 
-    cfg = cfg_of(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1)
-    moe = make_moe(cfg, dtype=torch.bfloat16).eval()
-    x = torch.randn(3, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
-    available, route, calls, worst = md.available, md.route, [], 0.0
-    md.route = lambda *args: calls.append(1) or route(*args)
+    available, route, route_logits, worst, calls = md.available, md.route, md.route_logits, 0.0, []
+    md.route = lambda *args: calls.append("route") or route(*args)
+    md.route_logits = lambda *args: calls.append("route_logits") or route_logits(*args)
     try:
-        with torch.no_grad():
-            y, _, stats = moe(x)
-            if not calls:  # the layer did not take the decode path
-                return 1e9
-            md.available = lambda *args: False
-            ref, _, ref_stats = moe(x)
-            md.available = available
-            worst = float((y.float() - ref.float()).abs().max() / ref.float().abs().max() * 128)
-            if not torch.equal(stats["tokens_per_expert"], ref_stats["tokens_per_expert"]):
-                return 1e9
-            x_TD = x.reshape(-1, cfg.hidden_size)
-            _, idx, gates = moe.gate(x_TD)
-            offsets, _, order, _ = md.route(idx, cfg.n_routed_experts)
-            experts = (moe.experts.gate_up_proj, moe.experts.down_proj)
-            gathered = md.grouped_swiglu_experts(x_TD, *experts, offsets, gates, order, idx.shape[1])
-            sorted_rows = md.grouped_swiglu_experts(x_TD[order // idx.shape[1]], *experts, offsets,
-                                                    gates.reshape(-1)[order])
-            if not torch.equal(gathered, sorted_rows):
-                return 1e9
+        for fields, kernel in ((dict(), "route_logits"),
+                               (dict(topk_method="group_limited_greedy", n_group=4, topk_group=2), "route")):
+            cfg = cfg_of(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, **fields)
+            moe = make_moe(cfg, dtype=torch.bfloat16).eval()
+            x = torch.randn(3, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
+            calls.clear()
+            with torch.no_grad():
+                y, _, stats = moe(x)
+                if calls != [kernel]:  # the layer did not take this decode path
+                    return 1e9
+                md.available = lambda *args, **kw: False
+                ref, _, ref_stats = moe(x)
+                md.available = available
+                worst = max(worst, float((y.float() - ref.float()).abs().max() / ref.float().abs().max() * 128))
+                if not torch.equal(stats["tokens_per_expert"], ref_stats["tokens_per_expert"]):
+                    return 1e9
+                x_TD = x.reshape(-1, cfg.hidden_size)
+                _, idx, gates = moe.gate(x_TD)
+                offsets, _, order, _ = route(idx, cfg.n_routed_experts)
+                experts = (moe.experts.gate_up_proj, moe.experts.down_proj)
+                gathered = md.grouped_swiglu_experts(x_TD, *experts, offsets, gates, order, idx.shape[1])
+                sorted_rows = md.grouped_swiglu_experts(x_TD[order // idx.shape[1]], *experts, offsets,
+                                                        gates.reshape(-1)[order])
+                if not torch.equal(gathered, sorted_rows):
+                    return 1e9
     finally:
-        md.available, md.route = available, route
+        md.available, md.route, md.route_logits = available, route, route_logits
     return worst
 
 
@@ -521,9 +560,11 @@ def test_expert_kernels_match_pytorch_under_the_interpreter():
     diffs = max_diff_under_interpreter("test_moe", ["compare_swiglu_kernel_with_pytorch",
                                                     "compare_moe_decode_kernel_fp32", "compare_moe_decode_kernel_bf16",
                                                     "compare_moe_route_kernel_with_the_counting_sort",
+                                                    "compare_moe_route_logits_with_the_router",
                                                     "compare_moe_layer_decode_paths_bf16"])
     assert diffs["compare_swiglu_kernel_with_pytorch"] <= 1.0  # within one bf16 rounding of the largest value
     assert diffs["compare_moe_route_kernel_with_the_counting_sort"] == 0.0  # the same order, exactly
+    assert diffs["compare_moe_route_logits_with_the_router"] < 1e-6  # the same experts and order, the gates in fp32
     assert diffs["compare_moe_layer_decode_paths_bf16"] <= 3.0  # as the kernels alone, below (a wrong row is > 10)
     assert diffs["compare_moe_decode_kernel_fp32"] < 1e-5
     # Rounded where the compiled grouped_mm path rounds (h, a, y), but the interpreter (Triton 3.9) truncates fp32 to
@@ -555,6 +596,11 @@ def test_router_of_a_16_bit_model_takes_the_fp32_output_gemm_only_for_cuda_infer
         x, w = x.cuda(), w.cuda()
         assert fp32_out_mm_available(x, w) and not fp32_out_mm_available(x, w.float())
         assert not fp32_out_mm_available(x, w.requires_grad_())  # training keeps the fp32 GEMM
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA (CPU: the interpreter test)")
+def test_route_logits_kernel_equals_the_router_on_cuda():
+    assert compare_moe_route_logits_with_the_router("cuda") < 1e-6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.mm's out_dtype runs on CUDA only")

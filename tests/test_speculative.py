@@ -142,7 +142,8 @@ def test_ragged_plain_generate_equals_each_row_alone(model, ragged):
 def test_one_token_per_row_goes_to_the_fused_kernel_with_per_row_lengths(model, ragged, monkeypatch):
     """On CUDA a one-token step runs the fused decode kernel, which takes no mask: the per-row path must hand it
     each row's own length (kv_len = start_pos + 1). Here the kernel is stood in for by the same attention in
-    torch (honouring kv_len, as the kernel does), so a wrong bound fails on the CPU too."""
+    torch (honouring kv_len, as the kernel does), and so is the cache write before it, so a wrong bound fails on the
+    CPU too."""
     from deepseek_mini.kernels import mla_decode
 
     calls = []
@@ -156,8 +157,15 @@ def test_one_token_per_row_goes_to_the_fused_kernel_with_per_row_lengths(model, 
         o_lat = torch.einsum("bhl,blc->bhc", scores.softmax(-1), kv[..., :q_lat.shape[-1]])
         return torch.einsum("bhc,hvc->bhv", o_lat, w_uv)
 
+    def append(kv_new, kv_norm, cache, pos, cos, sin, q_new=None, q_norm=None):  # the cache write before it
+        C = kv_norm.weight.shape[0]
+        k_pe = rope_rows(kv_new[:, None, C:], cos, sin, pos)[:, 0]
+        cache[torch.arange(kv_new.shape[0]), pos] = torch.cat([kv_norm(kv_new[:, :C]), k_pe], -1).to(cache.dtype)
+        return (None if q_new is None else q_norm(q_new)), (pos + 1).int()
+
     monkeypatch.setattr(mla_decode, "available", lambda t: True)
     monkeypatch.setattr(mla_decode, "mla_decode_attention", kernel)
+    monkeypatch.setattr(mla_decode, "append_latent", append)
     ids, lengths, plain_rows = ragged
     out = model.generate(ids, 8, temperature=0, prompt_lengths=lengths)
     assert calls and torch.equal(calls[0], (lengths + 1).int())  # the first step: row b at position length_b

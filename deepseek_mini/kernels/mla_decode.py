@@ -15,8 +15,14 @@ writes and re-reads an fp32 score matrix; this kernel streams the cache once, fl
   kv_len - 1, from the model's cos/sin tables), and reads kv_len with any integer type and stride: the step then
   prepares no inputs for it.
 
+Before them, one more small kernel takes the new token's latent from the down-projection's output to the cache
+(`append_latent`): the RMSNorm of c_KV, the RoPE of the shared key k_R, the write into the cache at the token's
+position, the valid length kv_len = position + 1 for the attention kernel, and (with q_lora) the RMSNorm of the query's
+latent c_Q, which reads the same GEMM output. PyTorch, even compiled, took five kernels for that per layer (two
+normalisations of different widths, the key's rotation, the cache's index copy, the length).
+
 The valid length is read from a device tensor, so the call has static shapes and can be captured in a
-CUDA graph. Used by MLA._absorbed for single-token decode on CUDA; everything else takes the PyTorch path.
+CUDA graph. Used by MLA.decode_step for single-token decode on CUDA; everything else takes the PyTorch path.
 """
 
 from __future__ import annotations
@@ -25,15 +31,22 @@ from dataclasses import dataclass
 
 import torch
 
+from deepseek_mini.kernels import runtime
 from deepseek_mini.kernels.runtime import tl, triton
+
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 if triton is not None:
 
     @triton.jit
-    def _mla_decode_split(q_lat, q_pe, kv, kv_len, cos, sin, acc_out, m_out, l_out, scale,
+    def _mla_decode_split(q_lat, q_pe, kv, kv_c_desc, kv_r_desc, kv_len, cos, sin, acc_out, m_out, l_out, scale,
                           stride_qb, stride_qh, stride_pb, stride_ph, stride_kb, stride_kn, stride_len, stride_rope,
                           SPLIT_LEN, SPLITS, H: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr):
+                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
+                          TMA: tl.constexpr, TRANSPOSED: tl.constexpr):
         # SPLIT_LEN / SPLITS are runtime values (one compiled kernel for every batch size and cache length)
         b = tl.program_id(0).to(tl.int64)  # b * stride_kb overflows int32 for long caches
         split = tl.program_id(1)
@@ -59,24 +72,43 @@ if triton is not None:
                   ).to(qp.dtype)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+        if TRANSPOSED:
+            acc = tl.zeros([BLOCK_C, BLOCK_H], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
         end = tl.minimum(start + SPLIT_LEN, n_valid)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
-            row = kv + b * stride_kb + offs_n[:, None] * stride_kn
-            c = tl.load(row + offs_c[None, :], mask=n_mask[:, None] & (offs_c[None, :] < C), other=0.0)
-            r = tl.load(row + C + offs_r[None, :], mask=n_mask[:, None] & (offs_r[None, :] < R), other=0.0)
-            s = tl.dot(ql, tl.trans(c)) + tl.dot(qp, tl.trans(r))
-            s = tl.where(n_mask[None, :], s * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+            if TMA:  # the tiles by the copy engine (Hopper): positions past the cache come as zeros
+                c = kv_c_desc.load([b.to(tl.int32), n0, 0]).reshape(BLOCK_N, BLOCK_C)
+                r = kv_r_desc.load([b.to(tl.int32), n0, C]).reshape(BLOCK_N, BLOCK_R)
+            else:
+                row = kv + b * stride_kb + offs_n[:, None] * stride_kn
+                c = tl.load(row + offs_c[None, :], mask=n_mask[:, None] & (offs_c[None, :] < C), other=0.0)
+                r = tl.load(row + C + offs_r[None, :], mask=n_mask[:, None] & (offs_r[None, :] < R), other=0.0)
+            if TRANSPOSED:  # scores [positions, heads]: both products have 64+ rows, Hopper's warpgroup MMA size
+                s = tl.dot(c, tl.trans(ql)) + tl.dot(r, tl.trans(qp))
+                s = tl.where(n_mask[:, None], s * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=0))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(p, axis=0)
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(c), p.to(c.dtype))
+            else:  # scores [heads, positions]
+                s = tl.dot(ql, tl.trans(c)) + tl.dot(qp, tl.trans(r))
+                s = tl.where(n_mask[None, :], s * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
             m_i = m_new
         base = (b * SPLITS + split) * BLOCK_H
-        tl.store(acc_out + (base + offs_h[:, None]) * BLOCK_C + offs_c[None, :], acc)
+        if TRANSPOSED:
+            tl.store(acc_out + (base + offs_h[None, :]) * BLOCK_C + offs_c[:, None], acc)
+        else:
+            tl.store(acc_out + (base + offs_h[:, None]) * BLOCK_C + offs_c[None, :], acc)
         tl.store(m_out + base + offs_h, m_i)
         tl.store(l_out + base + offs_h, l_i)
 
@@ -114,9 +146,53 @@ if triton is not None:
         else:
             tl.store(out + b * stride_ob + h * stride_oh + offs_c, o.to(out.dtype.element_ty), mask=offs_c < C)
 
+    @triton.jit
+    def _rms_norm(x, w, N: tl.constexpr, eps):
+        """layers.RMSNorm on a row (padding zeros): normalise in fp32, round to x's dtype, scale by the weight in fp32."""
+        xf = x.to(tl.float32)
+        r = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
+        return (xf * r).to(x.dtype).to(tl.float32) * w.to(tl.float32)
+
+    @triton.jit
+    def _append_latent(kv_new, kv_w, q_new, q_w, q_out, cache, pos, cos, sin, kv_len, kv_eps, q_eps,
+                       stride_kb, stride_qb, stride_ob, stride_cb, stride_cn, stride_pos, stride_rope,
+                       C: tl.constexpr, R: tl.constexpr, Q: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_Q: tl.constexpr):
+        # one program per row: normalise c_KV, rotate k_R at the row's position, write both into the cache there
+        b = tl.program_id(0).to(tl.int64)
+        p = tl.load(pos + b * stride_pos).to(tl.int64)
+        slot = cache + b * stride_cb + p * stride_cn
+        offs_c = tl.arange(0, BLOCK_C)
+        c = tl.load(kv_new + b * stride_kb + offs_c, mask=offs_c < C, other=0.0)
+        w = tl.load(kv_w + offs_c, mask=offs_c < C, other=0.0)
+        tl.store(slot + offs_c, _rms_norm(c, w, C, kv_eps).to(cache.dtype.element_ty), mask=offs_c < C)
+        # RoPE as RotaryEmbedding: pairs (2i, 2i+1) in fp32 at the row's position, rounded to the input's dtype
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        k = tl.load(kv_new + b * stride_kb + C + offs_r, mask=r_mask, other=0.0)
+        partner = tl.load(kv_new + b * stride_kb + C + (offs_r ^ 1), mask=r_mask, other=0.0).to(tl.float32)
+        cos_r = tl.load(cos + p * stride_rope + offs_r // 2, mask=r_mask, other=0.0)
+        sin_r = tl.load(sin + p * stride_rope + offs_r // 2, mask=r_mask, other=0.0)
+        sign = tl.where(offs_r % 2 == 0, -1.0, 1.0)
+        k_roped = (k.to(tl.float32) * cos_r + sign * partner * sin_r).to(k.dtype)
+        tl.store(slot + C + offs_r, k_roped.to(cache.dtype.element_ty), mask=r_mask)
+        tl.store(kv_len + b, (p + 1).to(tl.int32))
+        if HAS_Q:  # q_a_layernorm of the query's latent, which the same GEMM produced
+            offs_q = tl.arange(0, BLOCK_Q)
+            q = tl.load(q_new + b * stride_qb + offs_q, mask=offs_q < Q, other=0.0)
+            wq = tl.load(q_w + offs_q, mask=offs_q < Q, other=0.0)
+            tl.store(q_out + b * stride_ob + offs_q, _rms_norm(q, wq, Q, q_eps).to(q_out.dtype.element_ty),
+                     mask=offs_q < Q)
+
 
 def available(t: torch.Tensor) -> bool:
-    return triton is not None and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+    """16-bit tensors on CUDA; fp32 CPU tensors under Triton's interpreter (the tests: there a 16-bit tl.dot is not
+    the GPU's)."""
+    if triton is None:
+        return False
+    if t.is_cuda:
+        return t.dtype in (torch.bfloat16, torch.float16)
+    return runtime.INTERPRET and t.dtype == torch.float32
 
 
 @dataclass(frozen=True)
@@ -127,6 +203,8 @@ class LaunchConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = False  # tiles loaded by the tensor memory accelerator (Hopper; tma_possible)
+    transposed: bool = False  # scores as [positions, heads], so the products' M is block_n, not the heads
 
 
 def default_config(B: int, L: int, C: int, n_sm: int, smem_per_sm: int = 0) -> LaunchConfig:
@@ -134,16 +212,20 @@ def default_config(B: int, L: int, C: int, n_sm: int, smem_per_sm: int = 0) -> L
     flight. Measured on an H200 (2026-11-30, batch 32 x 32K, scripts/bench/mla_decode_tune.py): one program per SM
     with 128-position blocks in a 3-stage pipeline read 4.08 TB/s; 288 programs of 64-position blocks in 2 stages
     (~2.2 per SM, the rule before) 3.23 TB/s. That pipeline needs ~200 KB of shared memory per program (Hopper);
-    GPUs with less keep ~2 programs per SM with the smaller blocks. Every program streams >= 256 positions."""
+    GPUs with less keep ~2 programs per SM with the smaller blocks. Every program streams >= 256 positions.
+    On Hopper the tiles come by TMA with 8 warps (the same sweep with those options, 2026-11-30: 146.2 against 149.5
+    us per call at 32 x 32K, 44.6 against 45.1 at 32 x 8K; scores as [positions, heads] were slower, 154.5)."""
     if C <= 256 and smem_per_sm >= 200 * 1024:
-        return LaunchConfig(splits=max(1, min(triton.cdiv(L, 256), n_sm // B)), block_n=128, num_warps=4,
-                            num_stages=3)
+        return LaunchConfig(splits=max(1, min(triton.cdiv(L, 256), n_sm // B)), block_n=128, num_warps=8,
+                            num_stages=3, tma=True)
     splits = max(1, min(triton.cdiv(L, 256), triton.cdiv(2 * n_sm, B)))
     return LaunchConfig(splits=splits, block_n=64 if C <= 256 else 32)
 
 
 def _device_shape(device: torch.device) -> tuple[int, int]:
-    """(SM count, shared memory per SM) of a CUDA device."""
+    """(SM count, shared memory per SM) of a CUDA device (under the interpreter: a small GPU's rule)."""
+    if device.type != "cuda":
+        return 4, 0
     props = torch.cuda.get_device_properties(device)
     return props.multi_processor_count, getattr(props, "shared_memory_per_multiprocessor", 0)
 
@@ -212,13 +294,26 @@ def split_partials(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv
     acc = torch.empty(B, splits, BLOCK_H, BLOCK_C, device=kv.device, dtype=torch.float32)
     m = torch.empty(B, splits, BLOCK_H, device=kv.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
+    tma = config.tma and tma_possible(kv, C, R)
+    descs = (TensorDescriptor.from_tensor(kv, [1, BLOCK_N, C]), TensorDescriptor.from_tensor(kv, [1, BLOCK_N, R])
+             ) if tma else (kv, kv)
     _mla_decode_split[(B, splits)](
-        q_lat, q_pe, kv, kv_len, cos if rope else kv, sin if rope else kv, acc, m, lsum, scale,
+        q_lat, q_pe, kv, *descs, kv_len, cos if rope else kv, sin if rope else kv, acc, m, lsum, scale,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), kv.stride(1),
         kv_len.stride(0) if kv_len.dim() else 0, cos.stride(0) if rope else 0, split_len, splits, H=H, C=C, R=R,
-        BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, ROPE=rope, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, ROPE=rope, TMA=tma,
+        TRANSPOSED=config.transposed, num_warps=config.num_warps, num_stages=config.num_stages)
     return acc, m, lsum
+
+
+def tma_possible(kv: torch.Tensor, C: int, R: int) -> bool:
+    """Can the split kernel load the cache's tiles by TMA: Hopper or later (or the interpreter), widths that are powers
+    of 2 of at most 256 (a tile's box), rows at 16-byte strides and a 16-byte aligned base."""
+    if TensorDescriptor is None or not (runtime.INTERPRET or (kv.is_cuda and torch.cuda.get_device_capability(kv.device)[0] >= 9)):
+        return False
+    pow2 = all(w == triton.next_power_of_2(w) and 16 <= w <= 256 for w in (C, R))
+    aligned = kv.stride(-1) == 1 and all(st * kv.element_size() % 16 == 0 for st in kv.stride()[:-1])
+    return pow2 and aligned and kv.data_ptr() % 16 == 0
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -226,9 +321,53 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def append_latent(kv_new: torch.Tensor, kv_norm: torch.nn.Module, cache: torch.Tensor, pos: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, q_new: torch.Tensor | None = None,
+                  q_norm: torch.nn.Module | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The new token of each row into the cache: kv_new [B, C + R] ([c_KV ; k_R] as projected, rows may be strided
+    views of a wider GEMM output), kv_norm the RMSNorm of c_KV (layers.RMSNorm), cache [>= B, L, C + R] (written at
+    [b, pos[b]]: kv_norm(c_KV) and k_R rotated at pos[b] by RotaryEmbedding's tables cos / sin), pos [B] (any integer
+    type and stride: a [1] expanded to [B] is read in place). With q_new [B, Q] and q_norm, also q_norm(q_new).
+    -> (the normalised query latent [B, Q] or None, kv_len = pos + 1 int32 [B], mla_decode_attention's lengths)."""
+    q_out, kv_len = torch.ops.deepseek_mini.mla_append_latent(
+        kv_new, kv_norm.weight, kv_norm.eps, cache, pos, cos, sin, q_new,
+        None if q_norm is None else q_norm.weight, 0.0 if q_norm is None else q_norm.eps)
+    return (q_out if q_new is not None else None), kv_len
+
+
+def _append_latent_op(kv_new: torch.Tensor, kv_weight: torch.Tensor, kv_eps: float, cache: torch.Tensor,
+                      pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_new: torch.Tensor | None,
+                      q_weight: torch.Tensor | None, q_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, CR = kv_new.shape
+    C = kv_weight.shape[0]
+    has_q = q_new is not None
+    kv_new, cos, sin = (_rows_contiguous(t) for t in (kv_new, cos, sin))
+    q_new = _rows_contiguous(q_new) if has_q else kv_new
+    q_out = _q_out(q_new, q_weight) if has_q else kv_new.new_empty(0)
+    kv_len = torch.empty(B, device=kv_new.device, dtype=torch.int32)
+    Q = q_new.shape[1] if has_q else 1
+    _append_latent[(B,)](kv_new, kv_weight, q_new, q_weight if has_q else kv_weight, q_out, cache, pos, cos, sin, kv_len,
+                         kv_eps, q_eps, kv_new.stride(0), q_new.stride(0), q_out.stride(0) if has_q else 0,
+                         cache.stride(0), cache.stride(1), pos.stride(0) if pos.dim() else 0, cos.stride(0), C=C,
+                         R=CR - C, Q=Q, BLOCK_C=triton.next_power_of_2(C), BLOCK_R=max(2, triton.next_power_of_2(CR - C)),
+                         BLOCK_Q=triton.next_power_of_2(Q), HAS_Q=has_q, num_warps=4)
+    return q_out, kv_len
+
+
+def _q_out(q_new: torch.Tensor, q_weight: torch.Tensor) -> torch.Tensor:
+    """The normalised query's buffer: RMSNorm's result dtype (the weight times the input's dtype)."""
+    return q_new.new_empty(q_new.shape, dtype=torch.promote_types(q_new.dtype, q_weight.dtype))
+
+
 if triton is not None:
-    # An opaque custom op, so torch.compile can fuse the code around it without a graph break.
+    # Opaque custom ops, so torch.compile can fuse the code around them without a graph break.
     torch.library.custom_op("deepseek_mini::mla_decode", _mla_decode, mutates_args=())
+    torch.library.custom_op("deepseek_mini::mla_append_latent", _append_latent_op, mutates_args=("cache",))
+
+    @torch.library.register_fake("deepseek_mini::mla_append_latent")
+    def _append_latent_fake(kv_new, kv_weight, kv_eps, cache, pos, cos, sin, q_new, q_weight, q_eps):
+        q_out = _q_out(q_new, q_weight) if q_new is not None else kv_new.new_empty(0)
+        return q_out, kv_new.new_empty(kv_new.shape[0], dtype=torch.int32)
 
     @torch.library.register_fake("deepseek_mini::mla_decode")
     def _mla_decode_fake(q_lat, q_pe, kv, kv_len, scale, w_uv, cos, sin):

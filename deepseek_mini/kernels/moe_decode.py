@@ -145,6 +145,84 @@ if triton is not None:
         tl.store(counts_ptr + offs_e, counts, mask=first)
 
 
+    @triton.jit
+    def _top_k(logits_ptr, bias_ptr, offs_t, t_mask, offs_e, e_mask, offs_k, stride_lt, E, K: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Router.route for a block of tokens: each row's K best experts by score (+ the selection bias), the
+        lowest index first among equal scores (a stable descending sort's order), and their scores."""
+        logits = tl.load(logits_ptr + offs_t[:, None] * stride_lt + offs_e[None, :],
+                         mask=t_mask[:, None] & e_mask[None, :], other=0.0)
+        if SOFTMAX:
+            logits = tl.where(e_mask[None, :], logits, float("-inf"))
+            ex = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+            scores = ex / tl.sum(ex, axis=1)[:, None]
+        else:
+            scores = tl.sigmoid(logits)
+        select = scores
+        if HAS_BIAS:  # selects, does not weigh
+            select = select + tl.load(bias_ptr + offs_e, mask=e_mask, other=0.0)[None, :]
+        select = tl.where(e_mask[None, :], select, float("-inf"))
+        ids = tl.zeros([BLOCK_T, BLOCK_K], tl.int32)
+        gates = tl.zeros([BLOCK_T, BLOCK_K], tl.float32)
+        for k in tl.static_range(K):
+            best = tl.max(select, axis=1)
+            # the lowest index among the best (at most E - 1: a NaN row must not index past the experts)
+            idx = tl.minimum(tl.min(tl.where(select == best[:, None], offs_e[None, :], E), axis=1), E - 1)
+            hit = offs_e[None, :] == idx[:, None]
+            ids = tl.where(offs_k[None, :] == k, idx[:, None], ids)
+            gates = tl.where(offs_k[None, :] == k, tl.sum(tl.where(hit, scores, 0.0), axis=1)[:, None], gates)
+            select = tl.where(hit, float("-inf"), select)
+        return ids, gates
+
+    @triton.jit
+    def _route_logits(logits_ptr, bias_ptr, gates_ptr, ends_ptr, counts_ptr, order_ptr, inverse_ptr, T, E, stride_lt,
+                      scaling, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+        """The router's selection and _route_by_expert in one kernel. Program p places assignments p*BLOCK.. as
+        _route_by_expert does, but takes the expert ids from the router's logits itself: every program selects the
+        top K of every token (BLOCK_T tokens at a time, a few thousand scores), so none waits for another.
+        Program 0 also writes the gates [T, K]."""
+        p = tl.program_id(0)
+        N = T * K
+        offs_e = tl.arange(0, BLOCK_E)
+        e_mask = offs_e < E
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_n = p * BLOCK + tl.arange(0, BLOCK)
+        n_mask = offs_n < N
+        counts = tl.zeros([BLOCK_E], tl.int32)  # assignments per expert in the tokens before this block of tokens
+        ids_n = tl.zeros([BLOCK], tl.int32)
+        rank = tl.zeros([BLOCK], tl.int32)  # earlier assignments to the same expert
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < T
+            ids, gates = _top_k(logits_ptr, bias_ptr, offs_t, t_mask, offs_e, e_mask, offs_k, stride_lt, E, K, BLOCK_T,
+                                BLOCK_K, SOFTMAX, HAS_BIAS)
+            valid = t_mask[:, None] & (offs_k[None, :] < K)
+            if NORM:
+                gates = gates / (tl.sum(gates, axis=1)[:, None] + 1e-20)
+            tl.store(gates_ptr + offs_t[:, None] * K + offs_k[None, :], gates * scaling,
+                     mask=valid & (offs_k[None, :] * 0 + p == 0))
+            # this block's assignments among these tokens: their experts, and their ranks among the same expert's
+            ids_m = tl.reshape(tl.where(valid, ids, -1), [BLOCK_T * BLOCK_K])
+            n_m = tl.reshape(offs_t[:, None] * K + offs_k[None, :], [BLOCK_T * BLOCK_K])
+            here = n_m[None, :] == offs_n[:, None]  # [BLOCK, M]; an invalid m never matches (its id is -1)
+            mine = n_mask & (offs_n >= t0 * K) & (offs_n < (t0 + BLOCK_T) * K)
+            id_here = tl.sum(tl.where(here & (ids_m[None, :] >= 0), ids_m[None, :], 0), axis=1)
+            earlier = (ids_m[None, :] == id_here[:, None]) & (n_m[None, :] < offs_n[:, None])
+            before = tl.sum(tl.where(offs_e[None, :] == id_here[:, None], counts[None, :], 0), axis=1)
+            ids_n = tl.where(mine, id_here, ids_n)
+            rank = tl.where(mine, before + tl.sum(earlier.to(tl.int32), axis=1), rank)
+            counts += tl.sum((offs_e[:, None] == ids_m[None, :]).to(tl.int32), axis=1)
+        ends = tl.cumsum(counts, axis=0)
+        starts = ends - counts
+        start_n = tl.sum(tl.where(ids_n[:, None] == offs_e[None, :], starts[None, :], 0), axis=1)
+        inverse = start_n + rank
+        tl.store(inverse_ptr + offs_n, inverse, mask=n_mask)
+        tl.store(order_ptr + inverse, offs_n, mask=n_mask)
+        first = e_mask & (offs_e * 0 + p == 0)  # the counts and their ends, once
+        tl.store(ends_ptr + offs_e, ends, mask=first)
+        tl.store(counts_ptr + offs_e, counts, mask=first)
+
 # At most this many rows per expert on average (N <= 16 * E: T <= 170 tokens of `small`, top-6 of 64): one BLOCK_M
 # block per expert, so each weight tile is streamed once. Decode (batch x top-k) and speculative verification stay
 # far below; prefill and training (thousands of rows) are GEMMs, where grouped_mm's large tiles win.
@@ -152,16 +230,18 @@ if triton is not None:
 MAX_ROWS_PER_EXPERT = 16
 
 
-def available(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor) -> bool:
+def available(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+              n_rows: int | None = None) -> bool:
     """Inference at decode sizes: 16-bit rows on CUDA (or under the interpreter), nothing that needs a gradient (the
-    kernels have no backward), the autocast dtype if autocast is on (grouped_mm would cast to it), few rows."""
+    kernels have no backward), the autocast dtype if autocast is on (grouped_mm would cast to it), few rows (n_rows,
+    default one per gate in `weights`; `weights` may be what the gates come from, the router's logits)."""
     if not (runtime.runs_on(x) and x.dtype in (torch.bfloat16, torch.float16)):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj, weights)):
         return False
     if x.is_cuda and torch.is_autocast_enabled("cuda") and x.dtype != torch.get_autocast_dtype("cuda"):
         return False
-    return weights.numel() <= MAX_ROWS_PER_EXPERT * gate_up_proj.shape[0]  # one gate per row
+    return (weights.numel() if n_rows is None else n_rows) <= MAX_ROWS_PER_EXPERT * gate_up_proj.shape[0]
 
 
 @dataclass(frozen=True)
@@ -301,10 +381,46 @@ def _moe_route(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, to
     return ends, counts, order, inverse
 
 
+def route_logits(logits_TE: torch.Tensor, k: int, softmax: bool, bias: torch.Tensor | None, norm: bool,
+                 scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router.route and route() in one kernel: logits_TE [T, E] (>= fp32, rows may be strided) -> (gates fp32 [T, k]:
+    the selected scores, renormalised if `norm`, times `scaling`, then route()'s offsets, counts, order, inverse).
+    Scores are softmax(logits) or sigmoid(logits); `bias` [E] (V3's e_score_correction_bias) only selects. The
+    experts are the k best by score + bias, the lower index first among equal ones, as Router.route's stable sort.
+    One launch where the compiled PyTorch selection took two and route() a third (kernels, not bytes, cost here)."""
+    return torch.ops.deepseek_mini.moe_route_logits(logits_TE, k, softmax, bias, norm, scaling)
+
+
+def _moe_route_logits(logits_TE: torch.Tensor, k: int, softmax: bool, bias: torch.Tensor | None, norm: bool,
+                      scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, E = logits_TE.shape
+    logits_TE = logits_TE if logits_TE.stride(-1) == 1 else logits_TE.contiguous()
+    gates = torch.empty(T, k, device=logits_TE.device, dtype=torch.float32)
+    ends = torch.empty(E, device=logits_TE.device, dtype=torch.int32)
+    counts = torch.empty_like(ends)
+    order = torch.empty(T * k, device=logits_TE.device, dtype=torch.int64)
+    inverse = torch.empty_like(order)
+    block = 32
+    _route_logits[(triton.cdiv(T * k, block),)](
+        logits_TE, logits_TE if bias is None else bias, gates, ends, counts, order, inverse, T, E, logits_TE.stride(0),
+        scaling, K=k, BLOCK_T=min(32, max(2, triton.next_power_of_2(T))), BLOCK_E=max(16, triton.next_power_of_2(E)),
+        BLOCK_K=max(2, triton.next_power_of_2(k)), BLOCK=block, SOFTMAX=softmax, HAS_BIAS=bias is not None, NORM=norm,
+        num_warps=4)
+    return gates, ends, counts, order, inverse
+
+
 if triton is not None:
     # Opaque custom ops, so torch.compile can fuse the code around them without a graph break.
     torch.library.custom_op("deepseek_mini::moe_decode", _moe_decode, mutates_args=())
     torch.library.custom_op("deepseek_mini::moe_route", _moe_route, mutates_args=())
+    torch.library.custom_op("deepseek_mini::moe_route_logits", _moe_route_logits, mutates_args=())
+
+    @torch.library.register_fake("deepseek_mini::moe_route_logits")
+    def _moe_route_logits_fake(logits_TE, k, softmax, bias, norm, scaling):
+        T, E = logits_TE.shape
+        ends = logits_TE.new_empty(E, dtype=torch.int32)
+        order = logits_TE.new_empty(T * k, dtype=torch.int64)
+        return logits_TE.new_empty(T, k, dtype=torch.float32), ends, torch.empty_like(ends), order, torch.empty_like(order)
 
     @torch.library.register_fake("deepseek_mini::moe_decode")
     def _moe_decode_fake(x, gate_up_proj, down_proj, offsets, weights, order, k):

@@ -177,12 +177,9 @@ class MLA(nn.Module):
         16-bit cache)?"""
         return T == 1 and self.fused_decode and mla_decode.available(cache_kv)
 
-    def project(self, x, positions, absorbed: bool = False, rope_q: bool = True):
-        """x [B, T, d] -> q_nope [B, T, H, nope], roped q_pe [B, T, H, rope], normalised latent c_kv
-        [B, T, rank] and the roped shared key k_pe [B, T, 1, rope]: what the cache stores is (c_kv, k_pe).
-        absorbed=True: the first result is the latent query W_UK^T q_nope [B, T, H, rank] instead (absorbed decode),
-        from the folded weights when there are some. rope_q=False: q_pe unrotated (the decode kernel rotates it)."""
-        B, T, _ = x.shape
+    def _down(self, x, absorbed: bool):
+        """x's one GEMM -> (q, kv, folded): q is c_Q [B, T, q_lora_rank] before its norm (with q_lora) or the query
+        itself (without; latent when `folded` and absorbed), kv is [c_KV ; k_R] [B, T, rank + rope] as projected."""
         lora = self.cfg.q_lora_rank is not None
         folded = use_folded(self.down_folded) and (absorbed or lora)  # without q_lora the folded down-projection holds the query
         if folded:
@@ -192,20 +189,52 @@ class MLA(nn.Module):
             # both projections of x in one GEMM, as DeepSeek-V3's own code fuses wq_a and wkv_a
             w_q = self.q_a_proj.weight if lora else self.q_proj.weight
             q, kv = fused_linears(x, w_q, self.kv_a_proj_with_mqa.weight)
-        if lora:
-            q = self.q_a_layernorm(q)
+        return q, kv, folded
+
+    def _queries(self, q, absorbed: bool, folded: bool, normed: bool = False):
+        """_down's q (c_Q already normalised when `normed`) -> q_nope [B, T, H, nope] (absorbed: the latent query
+        W_UK^T q_nope [B, T, H, rank]) and the unrotated q_pe [B, T, H, rope]."""
+        B, T, _ = q.shape
+        if self.cfg.q_lora_rank is not None:
+            if not normed:
+                q = self.q_a_layernorm(q)
             q = F.linear(q, self.q_folded) if folded and absorbed else self.q_b_proj(q)
         width = self.rank if folded and absorbed else self.nope
         q_nope, q_pe = q.view(B, T, self.n_heads, width + self.rope_dim).split([width, self.rope_dim], dim=-1)
-        if rope_q:
-            q_pe = self.rotary(q_pe, positions)
         if absorbed and not folded:
             q_nope = torch.einsum("bthd,hdc->bthc", q_nope, self._w_uk_uv()[0])
+        return q_nope, q_pe
 
+    def project(self, x, positions, absorbed: bool = False):
+        """x [B, T, d] -> q_nope [B, T, H, nope], roped q_pe [B, T, H, rope], normalised latent c_kv
+        [B, T, rank] and the roped shared key k_pe [B, T, 1, rope]: what the cache stores is (c_kv, k_pe).
+        absorbed=True: the first result is the latent query W_UK^T q_nope [B, T, H, rank] instead (absorbed decode),
+        from the folded weights when there are some."""
+        q, kv, folded = self._down(x, absorbed)
+        q_nope, q_pe = self._queries(q, absorbed, folded)
+        q_pe = self.rotary(q_pe, positions)
         c_kv, k_pe = kv.split([self.rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = self.rotary(k_pe.unsqueeze(2), positions)  # [B, T, 1, rope]: one key shared by all heads
         return q_nope, q_pe, c_kv, k_pe
+
+    def decode_step(self, x, pos, cache_kv, past=None):
+        """One new token per row through the Triton kernels (decode_kernel): x [B, 1, d] at positions pos ([B], or
+        [1] for every row) -> the heads' outputs [B, 1, H, v]. The token's normalised latent and roped key go into
+        cache_kv [>= B, L, rank + rope] at [b, pos[b]] on the way (kernels/mla_decode.append_latent, which also
+        normalises the query's latent), then the attention over `past` (default cache_kv[:B]; each row's positions
+        beyond its own are ignored) rotates the query's rope part and applies W_UV itself: four kernels per layer
+        between the down-projection and o_proj (this one, the query's GEMM, the attention's split and merge)."""
+        B = x.shape[0]
+        q, kv, folded = self._down(x, absorbed=True)
+        lora = self.cfg.q_lora_rank is not None
+        cos, sin = self.rotary.cos, self.rotary.sin
+        q_c, kv_len = mla_decode.append_latent(kv[:, 0], self.kv_a_layernorm, cache_kv, pos.reshape(-1).expand(B), cos,
+                                               sin, q[:, 0] if lora else None, self.q_a_layernorm if lora else None)
+        q_lat, q_pe = self._queries(q_c[:, None] if lora else q, absorbed=True, folded=folded, normed=True)
+        o = mla_decode.mla_decode_attention(q_lat[:, 0], q_pe[:, 0], cache_kv[:B] if past is None else past, kv_len,
+                                            self.scale, self._w_uk_uv()[1], cos, sin)
+        return o[:, None]
 
     def forward(self, x, positions, cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0):
         """`start_pos`: where these T tokens go in the cache, one int for the batch, or a [B] tensor of per-row
@@ -214,19 +243,18 @@ class MLA(nn.Module):
         per_row = isinstance(start_pos, torch.Tensor)
         # decoding over cached tokens (not training, not the prefill, which has nothing cached before it)
         absorb = cache is not None and self.decode_mode == "absorb" and (per_row or start_pos > 0)
-        kernel = absorb and self.decode_kernel(T, cache.kv)
-        q_nope, q_pe, c_kv, k_pe = self.project(x, positions, absorbed=absorb, rope_q=not kernel)
+        if absorb and self.decode_kernel(T, cache.kv):
+            past = cache.kv[:B] if per_row else cache.kv[:B, :start_pos + 1]
+            o = self.decode_step(x, start_pos if per_row else positions, cache.kv, past)
+            return self.o_proj(o.reshape(B, T, -1))
+        q_nope, q_pe, c_kv, k_pe = self.project(x, positions, absorbed=absorb)
         if cache is None:
             return self.o_proj(self._naive(q_nope, q_pe, c_kv, k_pe, mask=None).reshape(B, T, -1))
         new = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).to(cache.kv.dtype)
-        kv_len = None
         if per_row:
             cache.kv[row_slots(start_pos, T)] = new
             past = cache.kv[:B]
-            if kernel:  # the fused kernel bounds each row by its own length and takes no mask
-                mask, kv_len = None, start_pos + 1
-            else:
-                mask = row_decode_mask(T, start_pos, past.shape[1])
+            mask = row_decode_mask(T, start_pos, past.shape[1])
         else:
             cache.kv[:B, start_pos:start_pos + T] = new
             if start_pos == 0:  # the prefill: rebuild K/V for these tokens only
@@ -234,7 +262,7 @@ class MLA(nn.Module):
             past = cache.kv[:B, :start_pos + T]
             mask = decode_mask(T, start_pos, x.device)
         if absorb:
-            o = self._absorbed(q_nope, q_pe, past, mask, kv_len, rope_positions=positions if kernel else None)
+            o = self._absorbed(q_nope, q_pe, past, mask)
         else:
             c_past, kpe_past = past.to(x.dtype).split([self.rank, self.rope_dim], dim=-1)
             o = self._naive(q_nope, q_pe, c_past, kpe_past.unsqueeze(2), mask=mask)
@@ -254,27 +282,13 @@ class MLA(nn.Module):
     def _pad_v(self, device) -> bool:
         return pad_v_for_flash(device.index or 0) if self.pad_v == "auto" else bool(self.pad_v)
 
-    def _absorbed(self, q_lat, q_pe, past, mask, kv_len=None, rope_positions=None):
-        """Attend in latent space: scores = q_lat.c + q_pe.k_pe with q_lat = W_UK^T q_nope (project(absorbed=True));
-        out = W_UV (p.c) [B, T, H, v].
-
-        `kv_len` (int tensor [B] or [1], optional) bounds the valid cache positions instead of a mask, so a
-        caller can pass the whole static cache (CUDA graphs). Single-token decode on CUDA in bf16/fp16
-        runs the fused Triton kernel (kernels/mla_decode.py), which reads each cached latent exactly once, merges
-        its splits and applies W_UV in one more launch. `rope_positions`: q_pe comes unrotated, to be rotated at these
-        positions; the kernel does it itself, at kv_len - 1, the new token's position, which they must be.
-        """
+    def _absorbed(self, q_lat, q_pe, past, mask, kv_len=None):
+        """Attend in latent space (PyTorch): scores = q_lat.c + q_pe.k_pe with q_lat = W_UK^T q_nope
+        (project(absorbed=True)); out = W_UV (p.c) [B, T, H, v]. `kv_len` (int tensor [B] or [1], optional) bounds
+        the valid cache positions instead of a mask, so a caller can pass the whole static cache (CUDA graphs).
+        Single-token decode on CUDA takes decode_step (the Triton kernels) instead."""
         B, T, H, _ = q_lat.shape
         w_uv = self._w_uk_uv()[1]
-        if self.decode_kernel(T, past):
-            rope = (None, None) if rope_positions is None else (self.rotary.cos, self.rotary.sin)
-            if kv_len is None:
-                kv_len = torch.full((B,), past.shape[1], dtype=torch.int32, device=past.device)
-            o = mla_decode.mla_decode_attention(q_lat[:, 0], q_pe[:, 0], past, kv_len.reshape(-1).expand(B),
-                                                self.scale, w_uv, *rope)
-            return o[:, None]
-        if rope_positions is not None:
-            q_pe = self.rotary(q_pe, rope_positions)
         if kv_len is not None:
             valid = torch.arange(past.shape[1], device=past.device) < kv_len.reshape(-1)[0]
             mask = valid[None, :] if mask is None else mask & valid[None, :]

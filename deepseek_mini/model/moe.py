@@ -265,10 +265,14 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x_TD: torch.Tensor):
+        return self.route(self.logits(x_TD))
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The router's logits [T, E] in >= fp32 (an fp64 model routes in fp64)."""
         if fp32_out_mm_available(x_TD, self.weight):
-            return self.route(torch.mm(x_TD, self.weight.t(), out_dtype=torch.float32))
-        dtype = torch.promote_types(x_TD.dtype, torch.float32)  # >= fp32: an fp64 model routes in fp64
-        return self.route(F.linear(x_TD.to(dtype), self.weight.to(dtype)))
+            return torch.mm(x_TD, self.weight.t(), out_dtype=torch.float32)
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        return F.linear(x_TD.to(dtype), self.weight.to(dtype))
 
     def route(self, logits_TE: torch.Tensor):
         """Router logits -> (scores, top-k expert ids, gate values); scores and gates in >= fp32."""
@@ -290,6 +294,17 @@ class Router(nn.Module):
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * self.cfg.routed_scaling_factor
         return scores_TE, topk_idx_TK, weights_TK
+
+    def route_by_expert(self, logits_TE: torch.Tensor):
+        """route() for the decode kernels (kernels/moe_decode): (gates [T, K], then moe_decode.route's offsets,
+        counts, order and inverse of the selected experts). One kernel, route_logits, when the selection is the
+        plain top-k of fp32 scores; else route() and moe_decode.route."""
+        if self.cfg.topk_method == "greedy" and logits_TE.dtype == torch.float32:
+            return moe_decode.route_logits(logits_TE, self.top_k, self.cfg.scoring_func == "softmax",
+                                           self.e_score_correction_bias, self.cfg.norm_topk_prob,
+                                           self.cfg.routed_scaling_factor)
+        _, topk_idx_TK, weights_TK = self.route(logits_TE)
+        return (weights_TK, *moe_decode.route(topk_idx_TK, self.n_experts))
 
     def _limit_to_groups(self, select_TE: torch.Tensor) -> torch.Tensor:
         """Keep the topk_group groups with the highest best-expert score; mask the rest out."""
@@ -384,18 +399,18 @@ class MoE(nn.Module):
         if fused is not None:
             logits_TE, gate_TI, up_TI = fused
             shared_TD = self.shared_experts.down(gate_TI, up_TI)
-            scores_TE, topk_idx_TK, weights_TK = self.gate.route(logits_TE)
         else:
-            scores_TE, topk_idx_TK, weights_TK = self.gate(x_TD)
+            logits_TE = self.gate.logits(x_TD)
 
         x_in = x_TD
         if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):  # move copies of bf16, not of fp32
             x_in = x_TD.to(torch.get_autocast_dtype("cuda"))
         if not self.training and self.expert_parallel is None and moe_decode.available(
-                x_in, self.experts.gate_up_proj, self.experts.down_proj, weights_TK):
-            out_TD, counts_E = self._decode_experts(x_in, topk_idx_TK, weights_TK)
+                x_in, self.experts.gate_up_proj, self.experts.down_proj, logits_TE, n_rows=T * K):
+            out_TD, counts_E = self._decode_experts(x_in, logits_TE)
             out_BSD, stats = self._finish(out_TD, x_BSD, shared_TD, counts_E, x_TD.new_zeros((), dtype=torch.float32))
             return out_BSD, {}, stats
+        scores_TE, topk_idx_TK, weights_TK = self.gate.route(logits_TE)
 
         # one-hot routing map; its column sums are the per-expert loads (no bincount: no host sync)
         routed_TE = torch.zeros(T, E, device=x_TD.device, dtype=torch.float32)
@@ -459,13 +474,14 @@ class MoE(nn.Module):
             return logits_TE, gate_TI.to(x_TD.dtype), up_TI.to(x_TD.dtype)
         return None
 
-    def _decode_experts(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, weights_TK: torch.Tensor):
-        """Inference at decode sizes on CUDA (kernels/moe_decode.py): one kernel sorts the assignments by expert (the
-        order of sort_by_expert), the expert kernels read each token's row and gate where they are, and the sum over
-        each token's K outputs is a gather that torch.compile fuses with what follows. The one-hot map, its scans and
-        the copies of the rows in expert order (about 9 small kernels per layer) are not needed here."""
-        K = topk_idx_TK.shape[1]
-        offsets_E, counts_E, order_N, inverse_N = moe_decode.route(topk_idx_TK, self.n_experts)
+    def _decode_experts(self, x_TD: torch.Tensor, logits_TE: torch.Tensor):
+        """Inference at decode sizes on CUDA (kernels/moe_decode.py): one kernel selects the experts and sorts the
+        assignments by expert (the order of sort_by_expert; Router.route_by_expert), the expert kernels read each
+        token's row and gate where they are, and the sum over each token's K outputs is a gather that torch.compile
+        fuses with what follows. The one-hot map, its scans and the copies of the rows in expert order (about 9 small
+        kernels per layer) are not needed here."""
+        K = self.top_k
+        weights_TK, offsets_E, counts_E, order_N, inverse_N = self.gate.route_by_expert(logits_TE)
         y_ND = moe_decode.grouped_swiglu_experts(x_TD, self.experts.gate_up_proj, self.experts.down_proj, offsets_E,
                                                  weights_TK, order_N, K)
         return _sum_copies(y_ND, inverse_N, K, torch.promote_types(y_ND.dtype, torch.float32)), counts_E.float()

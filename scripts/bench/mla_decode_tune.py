@@ -5,11 +5,12 @@
 
 1. Kernel sweep (deepseek_mini/kernels/mla_decode.py alone, `small` shape: 12 heads, latent 256, rope 32, bf16,
    every position valid): for each batch x cache length, every launch configuration (splits per sequence x
-   positions per block x warps x pipeline stages) is timed over --reps back-to-back calls (split kernel + merge
-   kernel), as GB/s of cache read; each output is checked against the default configuration's.
+   positions per block x warps x pipeline stages x tiles by TMA or not x scores' orientation) is timed over --reps
+   back-to-back calls
+   (split kernel + merge kernel), as GB/s of cache read; each output is checked against the default configuration's.
 2. The decode step at --batches (default 32; scripts/bench/bench_decode.py's compiled + CUDA-graph step, random weights and
-   cache): absorbed MLA as before 2026-11-30 (the splits merged in PyTorch, the old launch rule), with the merge
-   kernel and the default launch rule, and with the sweep's best configuration; MHA at the same points. Each with a
+   cache): absorbed MLA with the default launch rule and with the sweep's best configuration (--before: also as
+   before 2026-11-30, the splits merged in PyTorch, the old launch rule); MHA at the same points. Each with a
    torch.profiler breakdown of one replay by kernel category, the top kernels and the idle time between kernels.
 """
 
@@ -40,10 +41,10 @@ def old_rule(B: int, L: int, C: int, n_sm: int, smem: int = 0) -> mla_decode.Lau
     return mla_decode.default_config(B, L, C, n_sm, 0)
 
 
-def torch_merge_launch(q_lat, q_pe, kv, kv_len, scale, config, w_uv=None):
+def torch_merge_launch(q_lat, q_pe, kv, kv_len, scale, config, w_uv=None, cos=None, sin=None):
     """The kernel as it was before the merge kernel: the splits merged by ~10 PyTorch ops (then W_UV, if given)."""
     H, C = q_lat.shape[1:]
-    acc, m, lsum = mla_decode.split_partials(q_lat, q_pe, kv, kv_len, scale, config)
+    acc, m, lsum = mla_decode.split_partials(q_lat, q_pe, kv, kv_len, scale, config, cos, sin)
     m_all = m.amax(dim=1, keepdim=True)
     w = torch.exp(m - m_all).nan_to_num(0.0)
     out = ((acc * w[..., None]).sum(1) / (lsum * w).sum(1)[..., None])[:, :H, :C].to(q_lat.dtype).contiguous()
@@ -90,9 +91,9 @@ def sweep(B: int, L: int, args, shape: tuple[int, int]) -> dict:
     default = mla_decode.default_config(B, L, LATENT, *shape)
     ref = mla_decode.launch(q_lat, q_pe, kv, kv_len, scale, default).float()
     rows = []
-    for splits, block_n, warps, stages in itertools.product(split_candidates(B, L, n_sm, shape), args.block_n, args.warps,
-                                                            args.stages):
-        cfg = mla_decode.LaunchConfig(splits, block_n, warps, stages)
+    for splits, block_n, warps, stages, tma, tr in itertools.product(split_candidates(B, L, n_sm, shape), args.block_n,
+                                                                     args.warps, args.stages, args.tma, args.transposed):
+        cfg = mla_decode.LaunchConfig(splits, block_n, warps, stages, bool(tma), bool(tr))
         row = dataclasses.asdict(cfg)
         try:
             out = mla_decode.launch(q_lat, q_pe, kv, kv_len, scale, cfg).float()
@@ -113,18 +114,20 @@ def sweep(B: int, L: int, args, shape: tuple[int, int]) -> dict:
     print(f"kernel B={B} L={L} ({nbytes / 1e9:.2f} GB): before (torch merge, old launch rule) {before['us']:.1f} us "
           f"{before['gbps']:,.0f} GB/s | merge kernel, default {dflt['us']:.1f} us {dflt['gbps']:,.0f} GB/s | best "
           f"{best['us']:.1f} us {best['gbps']:,.0f} GB/s (splits {best['splits']}, block_n {best['block_n']}, "
-          f"warps {best['num_warps']}, stages {best['num_stages']}); {len(rows)} configs, "
+          f"warps {best['num_warps']}, stages {best['num_stages']}, tma {best['tma']}, transposed "
+          f"{best['transposed']}); {len(rows)} configs, "
           f"{sum('error' in r for r in rows)} failed", flush=True)
     for r in sorted(ok, key=lambda r: r["us"])[:8]:
         print(f"    {r['us']:8.1f} us {r['gbps']:7,.0f} GB/s  splits {r['splits']:4d} block_n {r['block_n']:3d} "
-              f"warps {r['num_warps']} stages {r['num_stages']}", flush=True)
+              f"warps {r['num_warps']} stages {r['num_stages']} tma {int(r['tma'])} transposed {int(r['transposed'])}",
+              flush=True)
     return {"batch": B, "length": L, "bytes": nbytes, "before": before, "default": dflt, "best": best, "rows": rows}
 
 
 def step_points(args, best_by_shape: dict) -> list[dict]:
     max_len = max(args.contexts) + args.warmup + args.steps + 72
     bargs = SimpleNamespace(device="cuda", dtype="bf16", warmup=args.warmup, steps=args.steps,
-                            bandwidth=args.bandwidth)
+                            bandwidth=args.bandwidth, inductor={})
     bd.PROFILE["steps"] = args.profile
     rows = []
     default_launch, default_rule = mla_decode.launch, mla_decode.choose_config
@@ -135,11 +138,12 @@ def step_points(args, best_by_shape: dict) -> list[dict]:
             return default_rule(B, L, C, n_sm, smem)
         k = min(near, key=lambda k: abs(k[1] - L))
         b = best_by_shape[k]
-        return mla_decode.LaunchConfig(b["splits"], b["block_n"], b["num_warps"], b["num_stages"])
+        return mla_decode.LaunchConfig(b["splits"], b["block_n"], b["num_warps"], b["num_stages"], b["tma"],
+                                       b["transposed"])
 
-    settings = {"mla_absorb": [("before: torch merge, old launch rule", torch_merge_launch, old_rule),
-                               ("merge kernel, default launch", default_launch, default_rule),
-                               ("merge kernel, swept launch", default_launch, tuned_rule)],
+    before = [("before: torch merge, old launch rule", torch_merge_launch, old_rule)] if args.before else []
+    settings = {"mla_absorb": before + [("merge kernel, default launch", default_launch, default_rule),
+                                        ("merge kernel, swept launch", default_launch, tuned_rule)],
                 "mha": [("", default_launch, default_rule)]}
     for variant in args.variants:
         cfg = bd.variant_config(variant, "small", max_len)
@@ -177,8 +181,12 @@ def main() -> int:
     ap.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--tma", type=int, nargs="+", default=[0, 1], help="1: the cache's tiles by TMA (Hopper)")
+    ap.add_argument("--transposed", type=int, nargs="+", default=[0, 1], help="1: scores as [positions, heads]")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-step", action="store_true", help="the kernel sweep only")
+    ap.add_argument("--before", action="store_true",
+                    help="also the step as before 2026-11-30 (splits merged in PyTorch, the old launch rule)")
     ap.add_argument("--variants", nargs="+", default=["mla_absorb", "mha"])
     ap.add_argument("--batches", type=int, nargs="+", default=[32])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
