@@ -344,8 +344,7 @@ def compare_mla_decode_kernel_with_reference() -> float:
                 mla_decode.LaunchConfig(splits=13, block_n=16, num_warps=8, num_stages=3),
                 mla_decode.LaunchConfig(splits=40, block_n=16),  # more splits than the merge takes at once
                 mla_decode.LaunchConfig(splits=3, block_n=32, tma=True),  # tiles by TMA descriptors
-                mla_decode.LaunchConfig(splits=3, block_n=32, transposed=True),  # scores [positions, heads]
-                mla_decode.LaunchConfig(splits=13, block_n=16, tma=True, transposed=True),
+                mla_decode.LaunchConfig(splits=13, block_n=16, num_warps=8, tma=True),
                 mla_decode.default_config(B, L, C, n_sm=4),  # the rule for GPUs with less shared memory
                 mla_decode.default_config(B, L, C, n_sm=4, smem_per_sm=228 * 1024)):  # Hopper's
         out = mla_decode.launch(q_lat, q_pe, kv, kv_len, scale, cfg)

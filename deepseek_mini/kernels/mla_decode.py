@@ -46,7 +46,7 @@ if triton is not None:
                           stride_qb, stride_qh, stride_pb, stride_ph, stride_kb, stride_kn, stride_len, stride_rope,
                           SPLIT_LEN, SPLITS, H: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
-                          TMA: tl.constexpr, TRANSPOSED: tl.constexpr):
+                          TMA: tl.constexpr):
         # SPLIT_LEN / SPLITS are runtime values (one compiled kernel for every batch size and cache length)
         b = tl.program_id(0).to(tl.int64)  # b * stride_kb overflows int32 for long caches
         split = tl.program_id(1)
@@ -72,43 +72,28 @@ if triton is not None:
                   ).to(qp.dtype)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
-        if TRANSPOSED:
-            acc = tl.zeros([BLOCK_C, BLOCK_H], tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
         end = tl.minimum(start + SPLIT_LEN, n_valid)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
             if TMA:  # the tiles by the copy engine (Hopper): positions past the cache come as zeros
-                c = kv_c_desc.load([b.to(tl.int32), n0, 0]).reshape(BLOCK_N, BLOCK_C)
-                r = kv_r_desc.load([b.to(tl.int32), n0, C]).reshape(BLOCK_N, BLOCK_R)
+                c = kv_c_desc.load([tl.cast(b, tl.int32), n0, 0]).reshape(BLOCK_N, BLOCK_C)
+                r = kv_r_desc.load([tl.cast(b, tl.int32), n0, C]).reshape(BLOCK_N, BLOCK_R)
             else:
                 row = kv + b * stride_kb + offs_n[:, None] * stride_kn
                 c = tl.load(row + offs_c[None, :], mask=n_mask[:, None] & (offs_c[None, :] < C), other=0.0)
                 r = tl.load(row + C + offs_r[None, :], mask=n_mask[:, None] & (offs_r[None, :] < R), other=0.0)
-            if TRANSPOSED:  # scores [positions, heads]: both products have 64+ rows, Hopper's warpgroup MMA size
-                s = tl.dot(c, tl.trans(ql)) + tl.dot(r, tl.trans(qp))
-                s = tl.where(n_mask[:, None], s * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=0))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new[None, :])
-                l_i = l_i * alpha + tl.sum(p, axis=0)
-                acc = acc * alpha[None, :] + tl.dot(tl.trans(c), p.to(c.dtype))
-            else:  # scores [heads, positions]
-                s = tl.dot(ql, tl.trans(c)) + tl.dot(qp, tl.trans(r))
-                s = tl.where(n_mask[None, :], s * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+            s = tl.dot(ql, tl.trans(c)) + tl.dot(qp, tl.trans(r))
+            s = tl.where(n_mask[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
             m_i = m_new
         base = (b * SPLITS + split) * BLOCK_H
-        if TRANSPOSED:
-            tl.store(acc_out + (base + offs_h[None, :]) * BLOCK_C + offs_c[:, None], acc)
-        else:
-            tl.store(acc_out + (base + offs_h[:, None]) * BLOCK_C + offs_c[None, :], acc)
+        tl.store(acc_out + (base + offs_h[:, None]) * BLOCK_C + offs_c[None, :], acc)
         tl.store(m_out + base + offs_h, m_i)
         tl.store(l_out + base + offs_h, l_i)
 
@@ -204,7 +189,6 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 2
     tma: bool = False  # tiles loaded by the tensor memory accelerator (Hopper; tma_possible)
-    transposed: bool = False  # scores as [positions, heads], so the products' M is block_n, not the heads
 
 
 def default_config(B: int, L: int, C: int, n_sm: int, smem_per_sm: int = 0) -> LaunchConfig:
@@ -214,7 +198,10 @@ def default_config(B: int, L: int, C: int, n_sm: int, smem_per_sm: int = 0) -> L
     (~2.2 per SM, the rule before) 3.23 TB/s. That pipeline needs ~200 KB of shared memory per program (Hopper);
     GPUs with less keep ~2 programs per SM with the smaller blocks. Every program streams >= 256 positions.
     On Hopper the tiles come by TMA with 8 warps (the same sweep with those options, 2026-11-30: 146.2 against 149.5
-    us per call at 32 x 32K, 44.6 against 45.1 at 32 x 8K; scores as [positions, heads] were slower, 154.5)."""
+    us per call at 32 x 32K, 44.6 against 45.1 at 32 x 8K). Tried and slower there: scores as [positions, heads], so
+    that both products have the 64+ rows of Hopper's warpgroup MMA (154.5 us); cutting the batch's positions, laid end
+    to end, into one equal range per SM (132 programs at batch 32 instead of 4 per sequence = 128, a range crossing
+    into the next sequence: 151.4 against 146.6 us, the two segments' pipelines cost more than the idle SMs)."""
     if C <= 256 and smem_per_sm >= 200 * 1024:
         return LaunchConfig(splits=max(1, min(triton.cdiv(L, 256), n_sm // B)), block_n=128, num_warps=8,
                             num_stages=3, tma=True)
@@ -302,7 +289,7 @@ def split_partials(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), kv.stride(1),
         kv_len.stride(0) if kv_len.dim() else 0, cos.stride(0) if rope else 0, split_len, splits, H=H, C=C, R=R,
         BLOCK_H=BLOCK_H, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, ROPE=rope, TMA=tma,
-        TRANSPOSED=config.transposed, num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return acc, m, lsum
 
 

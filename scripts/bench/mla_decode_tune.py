@@ -5,8 +5,7 @@
 
 1. Kernel sweep (deepseek_mini/kernels/mla_decode.py alone, `small` shape: 12 heads, latent 256, rope 32, bf16,
    every position valid): for each batch x cache length, every launch configuration (splits per sequence x
-   positions per block x warps x pipeline stages x tiles by TMA or not x scores' orientation) is timed over --reps
-   back-to-back calls
+   positions per block x warps x pipeline stages x tiles by TMA or not) is timed over --reps back-to-back calls
    (split kernel + merge kernel), as GB/s of cache read; each output is checked against the default configuration's.
 2. The decode step at --batches (default 32; scripts/bench/bench_decode.py's compiled + CUDA-graph step, random weights and
    cache): absorbed MLA with the default launch rule and with the sweep's best configuration (--before: also as
@@ -91,9 +90,9 @@ def sweep(B: int, L: int, args, shape: tuple[int, int]) -> dict:
     default = mla_decode.default_config(B, L, LATENT, *shape)
     ref = mla_decode.launch(q_lat, q_pe, kv, kv_len, scale, default).float()
     rows = []
-    for splits, block_n, warps, stages, tma, tr in itertools.product(split_candidates(B, L, n_sm, shape), args.block_n,
-                                                                     args.warps, args.stages, args.tma, args.transposed):
-        cfg = mla_decode.LaunchConfig(splits, block_n, warps, stages, bool(tma), bool(tr))
+    for splits, block_n, warps, stages, tma in itertools.product(split_candidates(B, L, n_sm, shape), args.block_n,
+                                                                 args.warps, args.stages, args.tma):
+        cfg = mla_decode.LaunchConfig(splits, block_n, warps, stages, bool(tma))
         row = dataclasses.asdict(cfg)
         try:
             out = mla_decode.launch(q_lat, q_pe, kv, kv_len, scale, cfg).float()
@@ -114,13 +113,11 @@ def sweep(B: int, L: int, args, shape: tuple[int, int]) -> dict:
     print(f"kernel B={B} L={L} ({nbytes / 1e9:.2f} GB): before (torch merge, old launch rule) {before['us']:.1f} us "
           f"{before['gbps']:,.0f} GB/s | merge kernel, default {dflt['us']:.1f} us {dflt['gbps']:,.0f} GB/s | best "
           f"{best['us']:.1f} us {best['gbps']:,.0f} GB/s (splits {best['splits']}, block_n {best['block_n']}, "
-          f"warps {best['num_warps']}, stages {best['num_stages']}, tma {best['tma']}, transposed "
-          f"{best['transposed']}); {len(rows)} configs, "
+          f"warps {best['num_warps']}, stages {best['num_stages']}, tma {best['tma']}); {len(rows)} configs, "
           f"{sum('error' in r for r in rows)} failed", flush=True)
     for r in sorted(ok, key=lambda r: r["us"])[:8]:
         print(f"    {r['us']:8.1f} us {r['gbps']:7,.0f} GB/s  splits {r['splits']:4d} block_n {r['block_n']:3d} "
-              f"warps {r['num_warps']} stages {r['num_stages']} tma {int(r['tma'])} transposed {int(r['transposed'])}",
-              flush=True)
+              f"warps {r['num_warps']} stages {r['num_stages']} tma {int(r['tma'])}", flush=True)
     return {"batch": B, "length": L, "bytes": nbytes, "before": before, "default": dflt, "best": best, "rows": rows}
 
 
@@ -138,8 +135,7 @@ def step_points(args, best_by_shape: dict) -> list[dict]:
             return default_rule(B, L, C, n_sm, smem)
         k = min(near, key=lambda k: abs(k[1] - L))
         b = best_by_shape[k]
-        return mla_decode.LaunchConfig(b["splits"], b["block_n"], b["num_warps"], b["num_stages"], b["tma"],
-                                       b["transposed"])
+        return mla_decode.LaunchConfig(b["splits"], b["block_n"], b["num_warps"], b["num_stages"], b["tma"])
 
     before = [("before: torch merge, old launch rule", torch_merge_launch, old_rule)] if args.before else []
     settings = {"mla_absorb": before + [("merge kernel, default launch", default_launch, default_rule),
@@ -182,7 +178,6 @@ def main() -> int:
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--tma", type=int, nargs="+", default=[0, 1], help="1: the cache's tiles by TMA (Hopper)")
-    ap.add_argument("--transposed", type=int, nargs="+", default=[0, 1], help="1: scores as [positions, heads]")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-step", action="store_true", help="the kernel sweep only")
     ap.add_argument("--before", action="store_true",
