@@ -296,7 +296,8 @@ def split_partials(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv
 def tma_possible(kv: torch.Tensor, C: int, R: int) -> bool:
     """Can the split kernel load the cache's tiles by TMA: Hopper or later (or the interpreter), widths that are powers
     of 2 of at most 256 (a tile's box), rows at 16-byte strides and a 16-byte aligned base."""
-    if TensorDescriptor is None or not (runtime.INTERPRET or (kv.is_cuda and torch.cuda.get_device_capability(kv.device)[0] >= 9)):
+    hopper = runtime.INTERPRET or (kv.is_cuda and torch.cuda.get_device_capability(kv.device)[0] >= 9)
+    if TensorDescriptor is None or not hopper:
         return False
     pow2 = all(w == triton.next_power_of_2(w) and 16 <= w <= 256 for w in (C, R))
     aligned = kv.stride(-1) == 1 and all(st * kv.element_size() % 16 == 0 for st in kv.stride()[:-1])

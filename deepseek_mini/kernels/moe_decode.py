@@ -116,6 +116,20 @@ if triton is not None:
                      mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
+    def _place(ids_n, rank, counts, offs_n, n_mask, offs_e, e_mask, p, ends_ptr, counts_ptr, order_ptr, inverse_ptr):
+        """Assignments offs_n (expert ids_n, `rank` earlier ones to the same expert) to their rows in expert order,
+        from every expert's count: inverse and order; program 0 also stores the counts and their ends."""
+        ends = tl.cumsum(counts, axis=0)
+        starts = ends - counts
+        start_n = tl.sum(tl.where(ids_n[:, None] == offs_e[None, :], starts[None, :], 0), axis=1)
+        inverse = start_n + rank
+        tl.store(inverse_ptr + offs_n, inverse, mask=n_mask)
+        tl.store(order_ptr + inverse, offs_n, mask=n_mask)
+        first = e_mask & (offs_e * 0 + p == 0)  # the counts and their ends, once
+        tl.store(ends_ptr + offs_e, ends, mask=first)
+        tl.store(counts_ptr + offs_e, counts, mask=first)
+
+    @triton.jit
     def _route_by_expert(ids_ptr, ends_ptr, counts_ptr, order_ptr, inverse_ptr, N, E,
                          BLOCK_E: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
         """The N = T*K assignments (token-major) sorted by expert, by assignment within an expert. Program p places
@@ -134,15 +148,7 @@ if triton is not None:
             counts += tl.sum((offs_e[:, None] == ids_m[None, :]).to(tl.int32), axis=1)
             earlier = (ids_n[:, None] == ids_m[None, :]) & (offs_m[None, :] < offs_n[:, None])
             rank += tl.sum(earlier.to(tl.int32), axis=1)
-        ends = tl.cumsum(counts, axis=0)
-        starts = ends - counts
-        start_n = tl.sum(tl.where(ids_n[:, None] == offs_e[None, :], starts[None, :], 0), axis=1)
-        inverse = start_n + rank
-        tl.store(inverse_ptr + offs_n, inverse, mask=n_mask)
-        tl.store(order_ptr + inverse, offs_n, mask=n_mask)
-        first = (offs_e < E) & (offs_e * 0 + p == 0)  # the counts and their ends, once
-        tl.store(ends_ptr + offs_e, ends, mask=first)
-        tl.store(counts_ptr + offs_e, counts, mask=first)
+        _place(ids_n, rank, counts, offs_n, n_mask, offs_e, offs_e < E, p, ends_ptr, counts_ptr, order_ptr, inverse_ptr)
 
 
     @triton.jit
@@ -213,15 +219,7 @@ if triton is not None:
             ids_n = tl.where(mine, id_here, ids_n)
             rank = tl.where(mine, before + tl.sum(earlier.to(tl.int32), axis=1), rank)
             counts += tl.sum((offs_e[:, None] == ids_m[None, :]).to(tl.int32), axis=1)
-        ends = tl.cumsum(counts, axis=0)
-        starts = ends - counts
-        start_n = tl.sum(tl.where(ids_n[:, None] == offs_e[None, :], starts[None, :], 0), axis=1)
-        inverse = start_n + rank
-        tl.store(inverse_ptr + offs_n, inverse, mask=n_mask)
-        tl.store(order_ptr + inverse, offs_n, mask=n_mask)
-        first = e_mask & (offs_e * 0 + p == 0)  # the counts and their ends, once
-        tl.store(ends_ptr + offs_e, ends, mask=first)
-        tl.store(counts_ptr + offs_e, counts, mask=first)
+        _place(ids_n, rank, counts, offs_n, n_mask, offs_e, e_mask, p, ends_ptr, counts_ptr, order_ptr, inverse_ptr)
 
 # At most this many rows per expert on average (N <= 16 * E: T <= 170 tokens of `small`, top-6 of 64): one BLOCK_M
 # block per expert, so each weight tile is streamed once. Decode (batch x top-k) and speculative verification stay
