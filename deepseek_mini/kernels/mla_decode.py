@@ -42,6 +42,16 @@ except ImportError:
 if triton is not None:
 
     @triton.jit
+    def _rope(x, partner, cos, sin, pos, stride_rope, offs_r, R: tl.constexpr):
+        """RotaryEmbedding in fp32 on pairs (2i, 2i+1) at position pos (cos / sin: its tables): x's last dimension is
+        offs_r, `partner` is x with each pair swapped (element i ^ 1)."""
+        table = pos * stride_rope + offs_r // 2
+        cos_r = tl.load(cos + table, mask=offs_r < R, other=0.0)
+        sin_r = tl.load(sin + table, mask=offs_r < R, other=0.0)
+        sign = tl.where(offs_r % 2 == 0, -1.0, 1.0)  # x0 cos - x1 sin, x1 cos + x0 sin
+        return x.to(tl.float32) * cos_r + sign * partner.to(tl.float32) * sin_r
+
+    @triton.jit
     def _mla_decode_split(q_lat, q_pe, kv, kv_c_desc, kv_r_desc, kv_len, cos, sin, acc_out, m_out, l_out, scale,
                           stride_qb, stride_qh, stride_pb, stride_ph, stride_kb, stride_kn, stride_len, stride_rope,
                           SPLIT_LEN, SPLITS, H: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -60,16 +70,10 @@ if triton is not None:
                      mask=h_mask[:, None] & (offs_c[None, :] < C), other=0.0)
         qp_mask = h_mask[:, None] & (offs_r[None, :] < R)
         qp = tl.load(q_pe + b * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :], mask=qp_mask, other=0.0)
-        if ROPE:  # rotate pairs (2i, 2i+1) at the new token's position, in fp32, as RotaryEmbedding does
+        if ROPE:  # the query's rope part at the new token's position
             partner = tl.load(q_pe + b * stride_pb + offs_h[:, None] * stride_ph + (offs_r ^ 1)[None, :], mask=qp_mask,
                               other=0.0)
-            # (names of their own: the loop below reuses row, c and s, and Triton keeps one type per name)
-            table = (n_valid - 1).to(tl.int64) * stride_rope + offs_r // 2
-            cos_r = tl.load(cos + table, mask=offs_r < R, other=0.0)
-            sin_r = tl.load(sin + table, mask=offs_r < R, other=0.0)
-            sign = tl.where(offs_r % 2 == 0, -1.0, 1.0)
-            qp = (qp.to(tl.float32) * cos_r[None, :] + sign[None, :] * partner.to(tl.float32) * sin_r[None, :]
-                  ).to(qp.dtype)
+            qp = _rope(qp, partner, cos, sin, (n_valid - 1).to(tl.int64), stride_rope, offs_r, R).to(qp.dtype)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
@@ -151,15 +155,12 @@ if triton is not None:
         c = tl.load(kv_new + b * stride_kb + offs_c, mask=offs_c < C, other=0.0)
         w = tl.load(kv_w + offs_c, mask=offs_c < C, other=0.0)
         tl.store(slot + offs_c, _rms_norm(c, w, C, kv_eps).to(cache.dtype.element_ty), mask=offs_c < C)
-        # RoPE as RotaryEmbedding: pairs (2i, 2i+1) in fp32 at the row's position, rounded to the input's dtype
+        # the shared key's rope part at the row's position, rounded to the input's dtype as RotaryEmbedding returns it
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         k = tl.load(kv_new + b * stride_kb + C + offs_r, mask=r_mask, other=0.0)
-        partner = tl.load(kv_new + b * stride_kb + C + (offs_r ^ 1), mask=r_mask, other=0.0).to(tl.float32)
-        cos_r = tl.load(cos + p * stride_rope + offs_r // 2, mask=r_mask, other=0.0)
-        sin_r = tl.load(sin + p * stride_rope + offs_r // 2, mask=r_mask, other=0.0)
-        sign = tl.where(offs_r % 2 == 0, -1.0, 1.0)
-        k_roped = (k.to(tl.float32) * cos_r + sign * partner * sin_r).to(k.dtype)
+        partner = tl.load(kv_new + b * stride_kb + C + (offs_r ^ 1), mask=r_mask, other=0.0)
+        k_roped = _rope(k, partner, cos, sin, p, stride_rope, offs_r, R).to(k.dtype)
         tl.store(slot + C + offs_r, k_roped.to(cache.dtype.element_ty), mask=r_mask)
         tl.store(kv_len + b, (p + 1).to(tl.int32))
         if HAS_Q:  # q_a_layernorm of the query's latent, which the same GEMM produced
