@@ -414,11 +414,22 @@ def compare_moe_decode_kernel_fp32() -> float:
             ref.append((F.silu(h[:, :width]) * h[:, width:] * gate[start:start + n, None].double()) @ down[e].double().t())
             start += n
         ref = torch.cat(ref)
+        # the shared experts (width 40) for T = 19 tokens, their gate and up read through strided rows
+        T, shared_width = 19, 40
+        g = torch.Generator().manual_seed(N)
+        gate_up_TS = torch.randn(T, 2 * shared_width + 3, generator=g)[:, 3:]
+        shared_down = torch.randn(D, shared_width, generator=g) * shared_width**-0.5
+        s_gate, s_up = gate_up_TS.double().chunk(2, dim=-1)
+        ref = torch.cat([ref, (F.silu(s_gate) * s_up) @ shared_down.double().t()])
         for up_cfg, down_cfg in ((md.default_config(N, E, width, D, 4), md.default_config(N, E, D, width, 4)),
                                  (md.LaunchConfig(16, 16), md.LaunchConfig(16, 16)),
                                  (md.LaunchConfig(32, 64, block_m=32, num_warps=8), md.LaunchConfig(64, 32, block_m=32))):
             y = md.launch(x, gate_up, down, offsets, gate, up_cfg, down_cfg)
             assert y.shape == (N, D) and y.dtype == torch.float32
+            worst = max(worst, float((y.double() - ref[:N]).abs().max() / ref.abs().max()))
+            y = md.launch(x, gate_up, down, offsets, gate, up_cfg, down_cfg,
+                          shared=(*gate_up_TS.chunk(2, dim=-1), shared_down))
+            assert y.shape == (N + T, D)
             worst = max(worst, float((y.double() - ref).abs().max() / ref.abs().max()))
     return worst
 
@@ -519,20 +530,34 @@ def compare_moe_layer_decode_paths_bf16() -> float:
     tokens' rows in place, against the same layer on the grouped_mm path (kernels off), in bf16 roundings of the
     output's largest value; and the kernels given rows already in expert order must give the same bits."""
     from deepseek_mini.kernels import moe_decode as md
+    from deepseek_mini.model import moe as moe_module
 
     available, route, route_logits, worst, calls = md.available, md.route, md.route_logits, 0.0, []
+    fp32_out, experts_kernel = moe_module.fp32_out_mm_available, md.grouped_swiglu_experts
     md.route = lambda *args: calls.append("route") or route(*args)
     md.route_logits = lambda *args: calls.append("route_logits") or route_logits(*args)
+    md.grouped_swiglu_experts = lambda *args: (len(args) > 7 and calls.append("shared experts in the expert kernels")
+                                               or experts_kernel(*args))
     try:
-        for fields, kernel in ((dict(), "route_logits"),
-                               (dict(topk_method="group_limited_greedy", n_group=4, topk_group=2), "route")):
-            cfg = cfg_of(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, **fields)
+        for fields, kernel, folded in ((dict(), "route_logits", False),
+                                       (dict(topk_method="group_limited_greedy", n_group=4, topk_group=2), "route",
+                                        False),
+                                       (dict(n_shared_experts=2), "route_logits", True)):
+            cfg = cfg_of(n_routed_experts=16, num_experts_per_tok=4, **{"n_shared_experts": 1, **fields})
             moe = make_moe(cfg, dtype=torch.bfloat16).eval()
+            # folded: the router and shared gate/up in one GEMM writing fp32 (CUDA's; here its CPU equivalent), the
+            # shared experts' SwiGLU and down projection in the routed experts' kernels
+            moe_module.fp32_out_mm_available = (lambda *args: True) if folded else fp32_out
+            if folded:
+                assert moe.fold()
+                kernel = [kernel, "shared experts in the expert kernels"]
+            else:
+                kernel = [kernel]
             x = torch.randn(3, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
             calls.clear()
             with torch.no_grad():
                 y, _, stats = moe(x)
-                if calls != [kernel]:  # the layer did not take this decode path
+                if calls != kernel:  # the layer did not take this decode path
                     return 1e9
                 md.available = lambda *args, **kw: False
                 ref, _, ref_stats = moe(x)
@@ -544,13 +569,14 @@ def compare_moe_layer_decode_paths_bf16() -> float:
                 _, idx, gates = moe.gate(x_TD)
                 offsets, _, order, _ = route(idx, cfg.n_routed_experts)
                 experts = (moe.experts.gate_up_proj, moe.experts.down_proj)
-                gathered = md.grouped_swiglu_experts(x_TD, *experts, offsets, gates, order, idx.shape[1])
-                sorted_rows = md.grouped_swiglu_experts(x_TD[order // idx.shape[1]], *experts, offsets,
+                gathered = experts_kernel(x_TD, *experts, offsets, gates, order, idx.shape[1])
+                sorted_rows = experts_kernel(x_TD[order // idx.shape[1]], *experts, offsets,
                                                         gates.reshape(-1)[order])
                 if not torch.equal(gathered, sorted_rows):
                     return 1e9
     finally:
         md.available, md.route, md.route_logits = available, route, route_logits
+        moe_module.fp32_out_mm_available, md.grouped_swiglu_experts = fp32_out, experts_kernel
     return worst
 
 

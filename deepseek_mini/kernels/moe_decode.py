@@ -12,6 +12,11 @@ CUTLASS tiles are built for large N; in the compiled, graph-captured decode step
   smallest tl.dot), and writes a = silu(g) * u * gate for its columns. The SwiGLU and the routing gate ride along
   in registers: the [N, 2I] gate/up projection never reaches memory.
 * _grouped_down, grid (expert, tile of BLOCK_N of the D outputs): y = a @ down_proj[e]^T the same way.
+* The shared experts, where the router's GEMM also computed their gate and up projections (MoE.fold): more
+  programs of the gate/up kernel compute their SwiGLU, more of the down kernel their down projection, for every
+  token (at decode those were a pointwise kernel and a small GEMM per layer, cuBLAS taking ~4 us for any GEMM of
+  32 rows, each with its launch gap). They launch first (`_program`), and each streams as many weight bytes as an
+  expert's program: one program streaming 2x that was the kernel's long pole (+10 us per layer, H200).
 * _route_by_expert: the routing bookkeeping before them (which rows each expert owns, in which
   order), the order of model/moe.sort_by_expert. The gate/up kernel then reads each assignment's token row and
   gate where they are (`order`), so the rows are never copied into expert order: MoE._decode_experts takes route +
@@ -49,13 +54,46 @@ if triton is not None:
         return start, tl.load(offsets_ptr + e)
 
     @triton.jit
+    def _program(E, R):
+        """This program of the grid (E + R, column tiles), by its place in the launch order (x fastest) ->
+        (shared, e, col): the first R x column-tiles programs launched are the shared experts' (`shared` their index,
+        else -1): they read more than one expert's tile, so they start first. The others are expert e's for column
+        tile col, e fastest, as the grid (E, column tiles) would launch them."""
+        n_cols = tl.num_programs(1)
+        slot = tl.program_id(0) + tl.program_id(1) * (E + R)
+        routed = tl.maximum(slot - R * n_cols, 0)
+        return tl.where(slot < R * n_cols, slot, -1), routed % E, routed // E
+
+    @triton.jit
+    def _shared_swiglu(g_ptr, u_ptr, stride_g, stride_u, a_ptr, tile, T, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+        """a = silu(g) * u [T, WIDTH] for columns tile * BLOCK_N... (none for tile -1), from the shared experts' gate
+        and up projections g, u [T, WIDTH] as the router's GEMM wrote them (fp32 when folded): each rounded to a's
+        dtype, the SwiGLU in fp32 rounded once, as the PyTorch path under torch.compile rounds them."""
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < WIDTH
+        for m0 in range(0, tl.where(tile >= 0, T, 0), BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask = (offs_m < T)[:, None] & n_mask[None, :]
+            g = tl.load(g_ptr + offs_m[:, None] * stride_g + offs_n[None, :], mask=mask, other=0.0)
+            u = tl.load(u_ptr + offs_m[:, None] * stride_u + offs_n[None, :], mask=mask, other=0.0)
+            g = g.to(a_ptr.dtype.element_ty).to(tl.float32)
+            u = u.to(a_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(a_ptr + offs_m[:, None] * WIDTH + offs_n[None, :], (g * tl.sigmoid(g) * u).to(a_ptr.dtype.element_ty),
+                     mask=mask)
+
+    @triton.jit
     def _grouped_gate_up_swiglu(x_ptr, w_ptr, offsets_ptr, gate_ptr, order_ptr, a_ptr, stride_we,
                                 D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                                GATHER: tl.constexpr, K: tl.constexpr):
-        e = tl.program_id(0)
+                                GATHER: tl.constexpr, K: tl.constexpr, sg_ptr, su_ptr, stride_sg, stride_su, as_ptr, T,
+                                E, R, SHARED: tl.constexpr, SHARED_WIDTH: tl.constexpr):
+        shared, e, col = _program(E, R)
+        if SHARED:  # R rows of programs more: the shared experts' SwiGLU, from the router's GEMM
+            _shared_swiglu(sg_ptr, su_ptr, stride_sg, stride_su, as_ptr, shared, T, SHARED_WIDTH, BLOCK_M, BLOCK_N)
         start, end = _expert_rows(offsets_ptr, e)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's columns of I = WIDTH
+        end = tl.where(shared < 0, end, start)  # a shared experts' program has no routed rows
+        offs_n = col * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's columns of I = WIDTH
         offs_k = tl.arange(0, BLOCK_K)
         n_mask = offs_n < WIDTH
         w_gate = w_ptr + e.to(tl.int64) * stride_we + offs_n[:, None] * D  # rows [0, I) of gate_up_proj[e]
@@ -91,15 +129,14 @@ if triton is not None:
                      mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _grouped_down(a_ptr, w_ptr, offsets_ptr, y_ptr, stride_we, D: tl.constexpr, WIDTH: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                      UPCAST: tl.constexpr):
-        e = tl.program_id(0)
-        start, end = _expert_rows(offsets_ptr, e)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's columns of D
+    def _rows_down(a_ptr, w_ptr, y_ptr, start, end, col, D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """y[start:end, columns col * BLOCK_N...] = a[start:end] @ w^T for a [., WIDTH], w [D, WIDTH], y [., D]:
+        w's tile streamed once, BLOCK_K at a time, against the rows BLOCK_M at a time."""
+        offs_n = col * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         n_mask = offs_n < D
-        w_row = w_ptr + e.to(tl.int64) * stride_we + offs_n[:, None] * WIDTH  # rows of down_proj[e]
+        w_row = w_ptr + offs_n[:, None] * WIDTH
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_mask = offs_m < end
@@ -114,6 +151,20 @@ if triton is not None:
                 acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
             tl.store(y_ptr + offs_m[:, None] * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                      mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _grouped_down(a_ptr, w_ptr, offsets_ptr, y_ptr, stride_we, D: tl.constexpr, WIDTH: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr, as_ptr, ws_ptr, ys_ptr, T, E, R, SHARED: tl.constexpr,
+                      SHARED_WIDTH: tl.constexpr, SHARED_BLOCK_M: tl.constexpr, SHARED_BLOCK_N: tl.constexpr):
+        shared, e, col = _program(E, R)
+        if SHARED:  # R rows of programs more: the shared experts' down projection, SHARED_BLOCK_N columns each
+            _rows_down(as_ptr, ws_ptr, ys_ptr, 0, tl.where(shared >= 0, T, 0), shared, D, SHARED_WIDTH, SHARED_BLOCK_M,
+                       SHARED_BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+        start, end = _expert_rows(offsets_ptr, e)
+        end = tl.where(shared < 0, end, start)
+        _rows_down(a_ptr, w_ptr + e.to(tl.int64) * stride_we, y_ptr, start, end, col, D, WIDTH, BLOCK_M, BLOCK_N,
+                   BLOCK_K, PRECISION, UPCAST)
 
     @triton.jit
     def _place(ids_n, rank, counts, offs_n, n_mask, offs_e, e_mask, p, ends_ptr, counts_ptr, order_ptr, inverse_ptr):
@@ -289,53 +340,93 @@ def _dot_options(t: torch.Tensor) -> dict:
     return dict(PRECISION="ieee" if t.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with unit stride along its last dimension (rows may be strided, as the folded GEMM's split)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _shared_rows(tiles: int, n_cols: int) -> int:
+    """Rows of programs the shared experts add to a grid of n_cols column tiles, for `tiles` programs of theirs."""
+    return triton.cdiv(tiles, n_cols)
+
+
 def gate_up_swiglu(x: torch.Tensor, gate_up_proj: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
-                   config: LaunchConfig, order: torch.Tensor | None = None, k: int = 1) -> torch.Tensor:
+                   config: LaunchConfig, order: torch.Tensor | None = None, k: int = 1,
+                   shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [N, D] sorted by expert, gate_up_proj [E, 2I, D], offsets int32 [E], weights [N] ->
     a = silu(g) * u * weights [N, I] in x's dtype, for h = [g | u] = x @ gate_up_proj[e]^T.
     With `order` [N] (route()'s), x is [T, D] in token order and weights [T, K] (N = T*K): row m of the result is
-    assignment order[m], read from token order[m] // K with its gate, so the rows are never copied into expert order."""
+    assignment order[m], read from token order[m] // K with its gate, so the rows are never copied into expert order.
+    With `shared` = the shared experts' gate and up projections (g, u [T, S], any float dtype), also their
+    silu(g) * u [T, S] in x's dtype (else None), in more programs of the same launch."""
     D = x.shape[1]
     N = weights.numel()
     E, H, _ = gate_up_proj.shape
     x, w = x.contiguous(), gate_up_proj.contiguous()
     a = torch.empty(N, H // 2, device=x.device, dtype=x.dtype)
     gather = order is not None
-    _grouped_gate_up_swiglu[(E, triton.cdiv(H // 2, config.block_n))](
+    n_cols = triton.cdiv(H // 2, config.block_n)
+    g, u = (a, a) if shared is None else (_rows(t) for t in shared)
+    T, width = (0, 16) if shared is None else g.shape
+    a_shared = torch.empty(T, width, device=x.device, dtype=x.dtype)
+    R = _shared_rows(triton.cdiv(width, config.block_n), n_cols) if T else 0
+    _grouped_gate_up_swiglu[(E + R, n_cols)](
         x, w, offsets, weights.contiguous(), order if gather else offsets, a, w.stride(0), D=D, WIDTH=H // 2,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
-        num_stages=config.num_stages, GATHER=gather, K=k, **_dot_options(x))
-    return a
+        num_stages=config.num_stages, GATHER=gather, K=k, sg_ptr=g, su_ptr=u, stride_sg=g.stride(0),
+        stride_su=u.stride(0), as_ptr=a_shared, T=T, E=E, R=R, SHARED=shared is not None, SHARED_WIDTH=width,
+        **_dot_options(x))
+    return a, (None if shared is None else a_shared)
 
 
-def down(a: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor, config: LaunchConfig) -> torch.Tensor:
-    """a [N, I] sorted by expert, down_proj [E, D, I] -> y = a @ down_proj[e]^T [N, D] in a's dtype."""
+def down(a: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor, config: LaunchConfig,
+         shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """a [N, I] sorted by expert, down_proj [E, D, I] -> y = a @ down_proj[e]^T [N, D] in a's dtype.
+    With `shared` = (a_s [T, S], w [D, S]): the shared experts' a_s @ w^T follows as T more rows, [N + T, D], from
+    more programs of the same launch. Each takes all T rows at once (up to 64: their weight tile streamed once) and
+    half an expert program's weight bytes (fewer columns), since it also reads a_s: the shared programs were the
+    kernel's long pole when each streamed its tile twice, for two blocks of 16 rows (H200, `small`, batch 32)."""
     N, width = a.shape
     E, D, _ = down_proj.shape
     a, w = a.contiguous(), down_proj.contiguous()
-    y = torch.empty(N, D, device=a.device, dtype=a.dtype)
-    _grouped_down[(E, triton.cdiv(D, config.block_n))](
+    a_s, w_s = (a, a) if shared is None else (t.contiguous() for t in shared)
+    T, shared_width = (0, 16) if shared is None else a_s.shape
+    y = torch.empty(N + T, D, device=a.device, dtype=a.dtype)
+    n_cols = triton.cdiv(D, config.block_n)
+    shared_block_n = max(16, min(config.block_n, triton.next_power_of_2(config.block_n * width // shared_width // 2)))
+    R = _shared_rows(triton.cdiv(D, shared_block_n), n_cols) if T else 0
+    _grouped_down[(E + R, n_cols)](
         a, w, offsets, y, w.stride(0), D=D, WIDTH=width, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **_dot_options(a))
+        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, as_ptr=a_s, ws_ptr=w_s,
+        ys_ptr=y[N:], T=T, E=E, R=R, SHARED=shared is not None, SHARED_WIDTH=shared_width,
+        SHARED_BLOCK_M=min(64, max(16, triton.next_power_of_2(T))), SHARED_BLOCK_N=shared_block_n,
+        **_dot_options(a))
     return y
 
 
 def launch(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor,
            weights: torch.Tensor, up_config: LaunchConfig, down_config: LaunchConfig, order: torch.Tensor | None = None,
-           k: int = 1) -> torch.Tensor:
-    """Both kernels with explicit launch configurations."""
+           k: int = 1, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Both kernels with explicit launch configurations; `shared` = (g, u, w): grouped_swiglu_experts'."""
     offsets = offsets.to(torch.int32)
-    return down(gate_up_swiglu(x, gate_up_proj, offsets, weights, up_config, order, k), down_proj, offsets, down_config)
+    a, a_shared = gate_up_swiglu(x, gate_up_proj, offsets, weights, up_config, order, k,
+                                 None if shared is None else shared[:2])
+    return down(a, down_proj, offsets, down_config, None if shared is None else (a_shared, shared[2]))
 
 
 def grouped_swiglu_experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                            offsets: torch.Tensor, weights: torch.Tensor, order: torch.Tensor | None = None,
-                           k: int = 1) -> torch.Tensor:
+                           k: int = 1, shared_gate: torch.Tensor | None = None, shared_up: torch.Tensor | None = None,
+                           shared_down: torch.Tensor | None = None) -> torch.Tensor:
     """GroupedExperts.forward: x [N, D] sorted by expert (expert e owns rows offsets[e-1]:offsets[e]), gate_up_proj
     [E, 2I, D] (gate rows first), down_proj [E, D, I], offsets int32 [E], weights [N] (each row's gate) ->
     (silu(g) * u * weights) @ down_proj[e]^T for [g | u] = x @ gate_up_proj[e]^T, [N, D] in x's dtype, rows in
-    expert order. With `order` (route()'s), x [T, D] and weights [T, K] stay in token order (gate_up_swiglu)."""
-    return torch.ops.deepseek_mini.moe_decode(x, gate_up_proj, down_proj, offsets, weights, order, k)
+    expert order. With `order` (route()'s), x [T, D] and weights [T, K] stay in token order (gate_up_swiglu).
+    With the shared experts' gate and up projections [T, S] and their down_proj weight [D, S], their output
+    (silu(g) * u) @ w^T comes as T more rows, [N + T, D] (`down`): no kernels of their own for the SwiGLU and the
+    down projection, which at decode cost a pointwise kernel and a small GEMM per layer, each with its launch gap."""
+    return torch.ops.deepseek_mini.moe_decode(x, gate_up_proj, down_proj, offsets, weights, order, k, shared_gate,
+                                              shared_up, shared_down)
 
 
 def launch_configs(x: torch.Tensor, gate_up_proj: torch.Tensor, n_rows: int | None = None
@@ -350,9 +441,11 @@ def launch_configs(x: torch.Tensor, gate_up_proj: torch.Tensor, n_rows: int | No
 
 
 def _moe_decode(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, offsets: torch.Tensor,
-                weights: torch.Tensor, order: torch.Tensor | None, k: int) -> torch.Tensor:
+                weights: torch.Tensor, order: torch.Tensor | None, k: int, shared_gate: torch.Tensor | None,
+                shared_up: torch.Tensor | None, shared_down: torch.Tensor | None) -> torch.Tensor:
+    shared = None if shared_down is None else (shared_gate, shared_up, shared_down)
     return launch(x, gate_up_proj, down_proj, offsets, weights, *launch_configs(x, gate_up_proj, weights.numel()),
-                  order, k)
+                  order, k, shared)
 
 
 def route(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -421,8 +514,9 @@ if triton is not None:
         return logits_TE.new_empty(T, k, dtype=torch.float32), ends, torch.empty_like(ends), order, torch.empty_like(order)
 
     @torch.library.register_fake("deepseek_mini::moe_decode")
-    def _moe_decode_fake(x, gate_up_proj, down_proj, offsets, weights, order, k):
-        return x.new_empty(weights.numel(), down_proj.shape[1])  # contiguous, like the real op's result
+    def _moe_decode_fake(x, gate_up_proj, down_proj, offsets, weights, order, k, shared_gate, shared_up, shared_down):
+        T = 0 if shared_down is None else shared_gate.shape[0]
+        return x.new_empty(weights.numel() + T, down_proj.shape[1])  # contiguous, like the real op's result
 
     @torch.library.register_fake("deepseek_mini::moe_route")
     def _moe_route_fake(topk_idx, n_experts):

@@ -7,7 +7,8 @@ s = softmax(x e^T) (V2) or sigmoid(x e^T) (V3). The top-k experts are chosen on 
 when the auxiliary-loss-free method is on), optionally only among the `topk_group` best of `n_group`
 expert groups (V2's device-limited routing). Gate values come from the unbiased s, optionally
 renormalised (norm_topk_prob, always for sigmoid), times routed_scaling_factor. Where the shared experts
-read the same x, one GEMM computes the router's logits with their gate and up projections (MoE.forward).
+read the same x, one GEMM computes the router's logits with their gate and up projections (MoE.forward); at
+decode sizes the routed experts' kernels then finish the shared experts too (kernels/moe_decode.py).
 
 Experts run dropless as grouped matmuls: the T*K (token, expert) assignments are sorted by expert and
 every expert's rows are multiplied in one `grouped_mm` call with cumulative offsets. The gate values
@@ -247,6 +248,14 @@ def fp32_out_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
+def mm_fp32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x w^T in fp32 from 16-bit x and w (fp32_out_mm_available): torch.mm's out_dtype on CUDA, elsewhere the fp32 GEMM
+    of upcast copies, the same values."""
+    if x.is_cuda:
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), w.float())
+
+
 class Router(nn.Module):
     """Scores, selection and gate values. `weight` is the hub's `mlp.gate.weight` [E, D]."""
 
@@ -270,7 +279,7 @@ class Router(nn.Module):
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """The router's logits [T, E] in >= fp32 (an fp64 model routes in fp64)."""
         if fp32_out_mm_available(x_TD, self.weight):
-            return torch.mm(x_TD, self.weight.t(), out_dtype=torch.float32)
+            return mm_fp32_out(x_TD, self.weight)
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         return F.linear(x_TD.to(dtype), self.weight.to(dtype))
 
@@ -394,22 +403,22 @@ class MoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         T, K, E = B * S, self.top_k, self.n_experts
-        shared_TD = None
-        fused = self._router_and_shared(x_TD)
-        if fused is not None:
-            logits_TE, gate_TI, up_TI = fused
-            shared_TD = self.shared_experts.down(gate_TI, up_TI)
-        else:
-            logits_TE = self.gate.logits(x_TD)
-
         x_in = x_TD
         if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):  # move copies of bf16, not of fp32
             x_in = x_TD.to(torch.get_autocast_dtype("cuda"))
+        fused = self._router_and_shared(x_TD)
+        logits_TE = self.gate.logits(x_TD) if fused is None else fused[0]
         if not self.training and self.expert_parallel is None and moe_decode.available(
                 x_in, self.experts.gate_up_proj, self.experts.down_proj, logits_TE, n_rows=T * K):
-            out_TD, counts_E = self._decode_experts(x_in, logits_TE)
+            out_TD, shared_TD, counts_E = self._decode_experts(x_in, logits_TE, fused)
             out_BSD, stats = self._finish(out_TD, x_BSD, shared_TD, counts_E, x_TD.new_zeros((), dtype=torch.float32))
             return out_BSD, {}, stats
+        shared_TD = None
+        if fused is not None:  # the shared experts' output from the fused GEMM's gate and up projections
+            # fp32 values for 16-bit rows are the folded GEMM's: rounded as the 16-bit GEMM's would be
+            low = x_TD.dtype in (torch.bfloat16, torch.float16)
+            shared_TD = self.shared_experts.down(*(t.to(x_TD.dtype) if low and t.dtype == torch.float32 else t
+                                                   for t in fused[1:]))
         scores_TE, topk_idx_TK, weights_TK = self.gate.route(logits_TE)
 
         # one-hot routing map; its column sums are the per-expert loads (no bincount: no host sync)
@@ -461,7 +470,8 @@ class MoE(nn.Module):
         The router's own GEMM is narrow (E = 64 outputs in `small`), its backward two more small GEMMs and another
         [T, D] gradient to add. One GEMM needs the router's dtype to be the shared experts': under autocast or in an
         fp32 / fp64 model (layers.fused_linears), or, in a 16-bit model at inference, with the weights folded
-        (fold()): a GEMM that writes fp32, whose gate and up values rounded to x's dtype are the 16-bit GEMM's."""
+        (fold()): a GEMM that writes fp32 (mm_fp32_out), whose gate and up values rounded to x's dtype are the 16-bit
+        GEMM's. Gate and up come in the GEMM's dtype (fp32 when folded): the caller rounds them."""
         shared = self.shared_experts
         if shared is None:
             return None
@@ -469,22 +479,24 @@ class MoE(nn.Module):
             return fused_linears(x_TD, self.gate.weight, shared.gate_proj.weight, shared.up_proj.weight)
         if use_folded(self.router_shared_folded) and fp32_out_mm_available(x_TD, self.router_shared_folded):
             width = shared.gate_proj.weight.shape[0]
-            out_TO = torch.mm(x_TD, self.router_shared_folded.t(), out_dtype=torch.float32)
-            logits_TE, gate_TI, up_TI = out_TO.split([self.n_experts, width, width], dim=-1)
-            return logits_TE, gate_TI.to(x_TD.dtype), up_TI.to(x_TD.dtype)
+            return mm_fp32_out(x_TD, self.router_shared_folded).split([self.n_experts, width, width], dim=-1)
         return None
 
-    def _decode_experts(self, x_TD: torch.Tensor, logits_TE: torch.Tensor):
+    def _decode_experts(self, x_TD: torch.Tensor, logits_TE: torch.Tensor, fused):
         """Inference at decode sizes on CUDA (kernels/moe_decode.py): one kernel selects the experts and sorts the
         assignments by expert (the order of sort_by_expert; Router.route_by_expert), the expert kernels read each
         token's row and gate where they are, and the sum over each token's K outputs is a gather that torch.compile
         fuses with what follows. The one-hot map, its scans and the copies of the rows in expert order (about 9 small
-        kernels per layer) are not needed here."""
-        K = self.top_k
+        kernels per layer) are not needed here. Where the router's GEMM also gave the shared experts' gate and up
+        projections (`fused`, _router_and_shared), the same two kernels compute their SwiGLU and down projection.
+        -> (routed output [T, D] in >= fp32, shared experts' output [T, D] or None, tokens per expert)."""
+        T, K = x_TD.shape[0], self.top_k
         weights_TK, offsets_E, counts_E, order_N, inverse_N = self.gate.route_by_expert(logits_TE)
+        shared = () if fused is None else (*fused[1:], self.shared_experts.down_proj.weight)
         y_ND = moe_decode.grouped_swiglu_experts(x_TD, self.experts.gate_up_proj, self.experts.down_proj, offsets_E,
-                                                 weights_TK, order_N, K)
-        return _sum_copies(y_ND, inverse_N, K, torch.promote_types(y_ND.dtype, torch.float32)), counts_E.float()
+                                                 weights_TK, order_N, K, *shared)
+        out_TD = _sum_copies(y_ND[:T * K], inverse_N, K, torch.promote_types(y_ND.dtype, torch.float32))
+        return out_TD, (None if fused is None else y_ND[T * K:]), counts_E.float()
 
     def _finish(self, out_TD, x_BSD, shared_TD, counts_E, dropped_fraction):
         """The routed output in x's dtype plus the shared experts', as [B, S, D], and the layer's statistics."""
