@@ -94,6 +94,32 @@ def test_progress_bar_after_resume_counts_optimizer_steps(tmp_path):
     assert float(metrics["val"]) == pytest.approx(float(resumed.callback_metrics["val/loss"]), abs=1e-4)
 
 
+def test_samples_skip_the_validation_before_training_unless_asked():
+    """SampleGenerations: no samples at step 0 (an untrained model's, before the first optimizer step: seconds of the
+    cold start) unless at_start; samples at every later validation either way."""
+    from types import SimpleNamespace
+
+    from deepseek_mini.training.callbacks import SampleGenerations
+
+    calls = []
+
+    class Model:
+        config = SimpleNamespace(max_position_embeddings=64)
+
+        def generate(self, x, n, **kw):
+            calls.append(n)
+            return torch.zeros(1, x.shape[1] + n, dtype=torch.long)
+
+    tok = SimpleNamespace(encode=lambda s: SimpleNamespace(ids=[1, 2]), decode=lambda ids: "x")
+    pl_module = SimpleNamespace(model=Model(), device=torch.device("cpu"))
+    for step, at_start, expected in ((0, False, 0), (0, True, 1), (2, False, 1), (2, True, 1)):
+        trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=tok, eos_token_id=0), sanity_checking=False,
+                                  global_step=step, strategy=object(), loggers=[])
+        calls.clear()
+        SampleGenerations(prompts=["a"], max_new_tokens=4, at_start=at_start).on_validation_end(trainer, pl_module)
+        assert calls == [4] * expected, (step, at_start)
+
+
 def test_quiet_console_drops_library_noise():
     import lightning as L
 

@@ -108,6 +108,8 @@ def test_loggers_wrote_wandb_and_csv(trained):
                 "train/moe/layer1/max_load", "val/moe/layer1/entropy", "val/moe/layer1/dropped_fraction"):
         assert key in metrics, key
     assert (trained / "expert_load.png").is_file()
+    log = (trained / "train.log").read_text()  # samples after training steps, none of the untrained model's
+    assert "sample @ step 2:" in log and "sample @ step 4:" in log and "sample @ step 0:" not in log
 
 
 def test_eval_uses_the_checkpoint_config_and_tokenizer(trained, cache_dir, tmp_path):
