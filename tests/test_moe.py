@@ -400,7 +400,7 @@ ROUTINGS = ([0, 3, 0, 1, 37, 2, 5, 0], [0, 0, 0, 0, 0, 1, 0, 0])
 
 def compare_moe_decode_kernel_fp32() -> float:
     """The routed experts' decode kernels (kernels/moe_decode.py) on fp32 rows against the plain math in fp64, as the
-    largest difference relative to the output's largest value. D = 48 and I = 24 are not multiples of every tile
+    largest difference relative to the output's largest value, without and with the shared experts' programs. D = 48 and I = 24 are not multiples of every tile
     (masked tails); the launches take one or several reduction steps and row blocks of 16 or 32, and the default rule."""
     from deepseek_mini.kernels import moe_decode as md
 
