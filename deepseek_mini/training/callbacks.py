@@ -283,8 +283,8 @@ class SampleGenerations(L.Callback):
     `prompts: null` takes them from the validation text: the first `prompt_tokens` tokens of the first
     `n_prompts` windows of the first validation batch, fixed for the run so samples compare across steps.
     `at_start`: also sample at the validation before training (step 0). Off by default: an untrained model's
-    samples are noise, and they came before the first optimizer step, 7.6 s of a warm start and ~10 s more of a
-    cold one at `small` on an H200 (the first eager decode: CUDA and the decode kernels' first launches).
+    samples are noise, and they came before the first optimizer step: 3-4 s of a warm start at `small` on an H200,
+    up to ~9 s of a cold one (the first eager decode: CUDA's and the decode kernels' first launches).
     """
 
     def __init__(self, prompts=None, max_new_tokens: int = 48, temperature: float = 0.8, top_k: int | None = 50,
