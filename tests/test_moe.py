@@ -400,8 +400,9 @@ ROUTINGS = ([0, 3, 0, 1, 37, 2, 5, 0], [0, 0, 0, 0, 0, 1, 0, 0])
 
 def compare_moe_decode_kernel_fp32() -> float:
     """The routed experts' decode kernels (kernels/moe_decode.py) on fp32 rows against the plain math in fp64, as the
-    largest difference relative to the output's largest value, without and with the shared experts' programs. D = 48 and I = 24 are not multiples of every tile
-    (masked tails); the launches take one or several reduction steps and row blocks of 16 or 32, and the default rule."""
+    largest difference relative to the output's largest value, without and with the shared experts' programs.
+    D = 48 and I = 24 are not multiples of every tile (masked tails); the launches take one or several reduction
+    steps and row blocks of 16 or 32, and the default rule."""
     from deepseek_mini.kernels import moe_decode as md
 
     D, width, worst = 48, 24, 0.0
@@ -571,7 +572,7 @@ def compare_moe_layer_decode_paths_bf16() -> float:
                 experts = (moe.experts.gate_up_proj, moe.experts.down_proj)
                 gathered = experts_kernel(x_TD, *experts, offsets, gates, order, idx.shape[1])
                 sorted_rows = experts_kernel(x_TD[order // idx.shape[1]], *experts, offsets,
-                                                        gates.reshape(-1)[order])
+                                             gates.reshape(-1)[order])
                 if not torch.equal(gathered, sorted_rows):
                     return 1e9
     finally:
