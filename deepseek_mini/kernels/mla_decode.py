@@ -252,7 +252,7 @@ def launch(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv_len: to
     # fuse inside this opaque op)
     has_wuv = w_uv is not None
     if has_wuv:
-        w_uv = _rows_contiguous(w_uv)
+        w_uv = runtime.rows_contiguous(w_uv)
     V = w_uv.shape[1] if has_wuv else C
     out = torch.empty(B, H, V, device=kv.device, dtype=q_lat.dtype)
     _mla_decode_merge[(B, H)](acc, m, lsum, out, w_uv if has_wuv else acc, acc.shape[1], out.stride(0), out.stride(1),
@@ -270,10 +270,10 @@ def split_partials(q_lat: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, kv
     B, H, C = q_lat.shape
     R = q_pe.shape[-1]
     L = kv.shape[1]
-    q_lat, q_pe = (_rows_contiguous(t.to(kv.dtype)) for t in (q_lat, q_pe))
+    q_lat, q_pe = (runtime.rows_contiguous(t.to(kv.dtype)) for t in (q_lat, q_pe))
     rope = cos is not None
     if rope:
-        cos, sin = _rows_contiguous(cos), _rows_contiguous(sin)
+        cos, sin = runtime.rows_contiguous(cos), runtime.rows_contiguous(sin)
     BLOCK_H = max(16, triton.next_power_of_2(H))
     BLOCK_C, BLOCK_R = triton.next_power_of_2(C), max(16, triton.next_power_of_2(R))
     BLOCK_N = config.block_n
@@ -305,11 +305,6 @@ def tma_possible(kv: torch.Tensor, C: int, R: int) -> bool:
     return pow2 and aligned and kv.data_ptr() % 16 == 0
 
 
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its last dimension is contiguous (the kernels take the other strides), else a copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def append_latent(kv_new: torch.Tensor, kv_norm: torch.nn.Module, cache: torch.Tensor, pos: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, q_new: torch.Tensor | None = None,
                   q_norm: torch.nn.Module | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -330,8 +325,8 @@ def _append_latent_op(kv_new: torch.Tensor, kv_weight: torch.Tensor, kv_eps: flo
     B, CR = kv_new.shape
     C = kv_weight.shape[0]
     has_q = q_new is not None
-    kv_new, cos, sin = (_rows_contiguous(t) for t in (kv_new, cos, sin))
-    q_new = _rows_contiguous(q_new) if has_q else kv_new
+    kv_new, cos, sin = (runtime.rows_contiguous(t) for t in (kv_new, cos, sin))
+    q_new = runtime.rows_contiguous(q_new) if has_q else kv_new
     q_out = _q_out(q_new, q_weight) if has_q else kv_new.new_empty(0)
     kv_len = torch.empty(B, device=kv_new.device, dtype=torch.int32)
     Q = q_new.shape[1] if has_q else 1

@@ -344,11 +344,6 @@ def _dot_options(t: torch.Tensor) -> dict:
     return dict(PRECISION="ieee" if t.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t with unit stride along its last dimension (rows may be strided, as the folded GEMM's split)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _shared_rows(tiles: int, n_cols: int) -> int:
     """Rows of programs the shared experts add to a grid of n_cols column tiles, for `tiles` programs of theirs."""
     return triton.cdiv(tiles, n_cols)
@@ -370,9 +365,9 @@ def gate_up_swiglu(x: torch.Tensor, gate_up_proj: torch.Tensor, offsets: torch.T
     a = torch.empty(N, H // 2, device=x.device, dtype=x.dtype)
     gather = order is not None
     n_cols = triton.cdiv(H // 2, config.block_n)
-    g, u = (a, a) if shared is None else (_rows(t) for t in shared)
+    g, u = (a, a) if shared is None else (runtime.rows_contiguous(t) for t in shared)
     T, width = (0, 16) if shared is None else g.shape
-    a_shared = torch.empty(T, width, device=x.device, dtype=x.dtype)
+    a_shared = a if shared is None else torch.empty(T, width, device=x.device, dtype=x.dtype)
     R = _shared_rows(triton.cdiv(width, config.block_n), n_cols) if T else 0
     _grouped_gate_up_swiglu[(E + R, n_cols)](
         x, w, offsets, weights.contiguous(), order if gather else offsets, a, w.stride(0), D=D, WIDTH=H // 2,
@@ -489,7 +484,7 @@ def route_logits(logits_TE: torch.Tensor, k: int, softmax: bool, bias: torch.Ten
 def _moe_route_logits(logits_TE: torch.Tensor, k: int, softmax: bool, bias: torch.Tensor | None, norm: bool,
                       scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     T, E = logits_TE.shape
-    logits_TE = logits_TE if logits_TE.stride(-1) == 1 else logits_TE.contiguous()
+    logits_TE = runtime.rows_contiguous(logits_TE)
     gates = torch.empty(T, k, device=logits_TE.device, dtype=torch.float32)
     ends = torch.empty(E, device=logits_TE.device, dtype=torch.int32)
     counts = torch.empty_like(ends)

@@ -25,3 +25,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def runs_on(t: torch.Tensor) -> bool:
     """Triton is installed and can reach this tensor: on CUDA, or on CPU under the interpreter."""
     return triton is not None and (t.is_cuda or INTERPRET)
+
+
+def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dimension is contiguous (the kernels take the other strides: a split GEMM output's
+    columns, say), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
