@@ -6,6 +6,8 @@ compilation would take minutes and adds nothing to what is checked here (which g
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from model_helpers import SMALL_MODEL
@@ -13,7 +15,7 @@ from torch._dynamo.utils import counters
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model.transformer import Block, DeepSeekV2
-from deepseek_mini.training.compile import CompileSpec, compile_regions, parse_compile
+from deepseek_mini.training.compile import CompileSpec, GraphedRegional, compile_model, compile_regions, parse_compile
 from deepseek_mini.training.module import LitDeepSeek
 from deepseek_mini.training.run_config import check_compile
 
@@ -50,11 +52,13 @@ def test_regional_forward_backward_equals_eager_with_one_graph_per_block_kind(fr
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
 
-    # four blocks + the final norm, three graphs: the dense block, the MoE block (shared by its three
-    # layers) and the norm. A per-layer specialisation (a full compile unrolls them) would show 5.
-    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    # four blocks + the embedding + the final norm + the head's loss, five graphs: the dense block, the MoE block
+    # (shared by its three layers), the embedding, the norm and the loss (its autograd.Function traced whole: no
+    # graph break). A per-layer specialisation (a full compile unrolls them) would show 7.
+    assert counters["stats"]["unique_graphs"] == 5, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
     _step(regional, model, x)  # a second step reuses them: no recompilation
-    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == 5, dict(counters["stats"])
 
 
 def test_regional_compile_is_off_outside_the_call(fresh_dynamo):
@@ -80,7 +84,7 @@ def test_regional_compile_is_off_outside_the_call(fresh_dynamo):
 @pytest.mark.parametrize(("value", "canonical"), [
     (False, None), ("false", None), (None, None),
     (True, "regional"), ("true", "regional"), ("regional", "regional"), ("full", "full"),
-    ("reduce-overhead", "full:reduce-overhead"),  # a bare mode keeps its old meaning (small_gpu.yaml has it)
+    ("reduce-overhead", "full:reduce-overhead"),  # a bare mode keeps its old meaning (the whole model)
     ("default", "full"), ("regional:reduce-overhead", "regional:reduce-overhead"),
     ("full:reduce-overhead", "full:reduce-overhead"), ("regional:max-autotune-no-cudagraphs",
                                                       "regional:max-autotune-no-cudagraphs"),
@@ -107,6 +111,66 @@ def test_lit_module_compiles_the_configured_scope():
     assert full._forward is not full.model and not hasattr(full._forward, "regions") and not full._cudagraphs
     for module in (regional, full):
         assert all(k.startswith("model.") and "_orig_mod" not in k for k in module.state_dict())
+
+
+def test_regional_cuda_graphs_compile_the_regions_without_cudagraph_trees(monkeypatch):
+    """compile=regional:reduce-overhead graphs the whole training step itself (GraphedRegional): its regions are
+    compiled without torch.compile's own CUDA graphs, which would record one graph per block inside it."""
+    from deepseek_mini.training import compile as compile_mod
+
+    modes = []
+    monkeypatch.setattr(compile_mod.torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or fn)
+    model = DeepSeekV2(ModelConfig.from_dict(SMALL_MODEL))
+    for value, mode in (("regional:reduce-overhead", None), ("regional:max-autotune", "max-autotune-no-cudagraphs")):
+        modes.clear()
+        graphed = compile_model(model, parse_compile(value))
+        assert isinstance(graphed, GraphedRegional) and graphed.regional.regions
+        assert set(modes) == {mode}, (value, modes)
+    # off CUDA (and outside training) it is the regionally compiled model
+    x = torch.randint(0, SMALL_MODEL["vocab_size"], (2, 8))
+    out = graphed(x, labels=x, return_logits=False)
+    assert graphed.graphed is None and torch.isfinite(out.loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_regional_training_equals_the_ungraphed_steps_cuda(fresh_dynamo):
+    """Three AdamW steps through the recorded whole-model graphs against the same regional kernels called
+    directly: each step's new batch reaches the graph, the losses, aux losses, router counts and every gradient
+    match, the warm-up before recording leaves the router's expert counts (the bias update's input) as they
+    were, and a batch of another shape runs ungraphed."""
+    cfg = {**FOUR_LAYERS, "bias_update_speed": 0.01, "aux_loss_alpha": 0.01}
+    torch.manual_seed(0)
+    model = DeepSeekV2(ModelConfig.from_dict(cfg)).cuda()
+    ref = copy.deepcopy(model)
+    graphed = GraphedRegional(model, compile_regions(model, dynamic=False))
+    regional = compile_regions(ref, dynamic=False)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, ref)]
+    losses = []
+    for step in range(4):
+        x = torch.randint(0, cfg["vocab_size"], (2, 16 if step < 3 else 8), device="cuda")
+        outs = []
+        for fwd, m, opt in zip((graphed, regional), (model, ref), opts):
+            with torch.autocast("cuda", torch.bfloat16):
+                out = fwd(x, labels=x, return_logits=False)
+            (out.loss + out.aux_loss).backward()
+            outs.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
+                         [b.clone() for b in m.buffers()]))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            m.update_expert_bias()
+        (g, g_grads, g_bufs), (r, r_grads, r_bufs) = outs
+        assert (graphed.graphed is not None) and graphed.shapes == ((2, 16), (2, 16))
+        torch.testing.assert_close(g.loss, r.loss, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(g.aux_loss, r.aux_loss, rtol=1e-4, atol=1e-6)
+        for gs, rs in zip(g.router_stats, r.router_stats):
+            torch.testing.assert_close(gs["tokens_per_expert"], rs["tokens_per_expert"])
+        assert g_grads.keys() == r_grads.keys() and len(g_grads) == len(list(model.parameters()))
+        for name in r_grads:
+            torch.testing.assert_close(g_grads[name], r_grads[name], rtol=2e-2, atol=1e-4, msg=name)
+        for gb, rb in zip(g_bufs, r_bufs):
+            torch.testing.assert_close(gb, rb)
+        losses.append(float(g.loss))
+    assert len(set(losses)) == 4  # each batch reached the graph (not the recorded one replayed)
 
 
 def test_whole_model_cuda_graphs_compile_as_one_graph_under_ddp(monkeypatch):

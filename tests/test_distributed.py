@@ -289,18 +289,23 @@ def test_cuda_graphs_with_gradient_accumulation_is_one_config_error(gpu_run_conf
     assert not (tmp_path / "run").exists()
 
 
-def test_cuda_graphs_only_for_the_whole_model_and_not_under_fsdp(gpu_run_config, tmp_path):
-    """DDP with compile=regional:reduce-overhead trained nothing on two H200s (grad norm inf from step 19, loss
-    stuck near 8.4) and finished as "completed"; per-block CUDA graphs, and CUDA graphs under FSDP, are refused in
-    one line before data preparation, naming what to use instead. The whole model as one graph trained right
-    under DDP (docs/benchmarks.md), so DDP takes it."""
+def test_regional_cuda_graphs_only_on_one_gpu_and_none_under_fsdp(gpu_run_config, tmp_path):
+    """DDP with per-block CUDA graphs (the earlier meaning of compile=regional:reduce-overhead) trained nothing on
+    two H200s (grad norm inf from step 19, loss stuck near 8.4) and finished as "completed". Regional compilation
+    under whole-model graphs (training/compile.GraphedRegional) has run on one GPU only, so every multi-process
+    strategy refuses it in one line before data preparation, naming what to use instead; CUDA graphs under FSDP
+    are refused whatever the scope. The whole model as one graph trained right under DDP (docs/benchmarks.md),
+    so DDP takes it."""
     from deepseek_mini.config import ConfigError
 
     run_config = gpu_run_config
     for mode in ("regional:reduce-overhead", "regional:max-autotune"):
-        for extra in ((), ("trainer=ddp", "trainer.devices=2")):
-            with pytest.raises(ConfigError, match=rf"^compile='{mode}': CUDA graphs per block are refused: .* use "
-                                                  r"compile=regional, or compile=full:reduce-overhead \(one GPU or DDP\)$"):
+        assert run_config(f"compile={mode}").compile == mode  # one GPU
+        for extra in (("trainer=ddp", "trainer.devices=2"), ("trainer.devices=2",), ("trainer=ddp", "trainer.devices=1"),
+                      ("trainer.devices=-1",)):
+            with pytest.raises(ConfigError, match=rf"^compile='{mode}': regionally compiled blocks under whole-model "
+                                                  r"CUDA graphs run on one GPU only \(.*\); use "
+                                                  r"compile=full:reduce-overhead \(DDP, EP\) or compile=regional$"):
                 run_config(*extra, f"compile={mode}")
     for devices in ("trainer.devices=2", "trainer.devices=-1", "trainer.devices=[0,1]", "trainer.devices=1"):
         with pytest.raises(ConfigError, match=r"^compile='full:reduce-overhead': CUDA graphs are refused with FSDP "
@@ -470,3 +475,21 @@ def test_rank_one_of_a_ddp_resume_finds_last_in_the_quoted_run_dir(ddp_run, monk
             "hydra.job.name=train_ddp_process_1", "hydra.output_subdir=null"]
     out = _preflight_resume(argv, str(CONFIGS), "train")
     assert out[: len(argv)] == argv
+
+
+def test_gpu_experiments_compile_settings(gpu_run_config, tmp_path):
+    """experiment=small_gpu graphs the regionally compiled model on one GPU; with trainer=ddp it is refused in one
+    line naming the setting DDP has run with, which ep_small_gpu and mtp_small_gpu keep (the settings their runs
+    were measured with)."""
+    from deepseek_mini.config import ConfigError
+
+    run_config = gpu_run_config
+    assert run_config("experiment=small_gpu").compile == "regional:reduce-overhead"
+    with pytest.raises(ConfigError, match=r"^compile='regional:reduce-overhead': regionally compiled blocks under "
+                                          r"whole-model CUDA graphs run on one GPU only"):
+        run_config("experiment=small_gpu", "trainer=ddp", "trainer.devices=2")
+    ddp = run_config("experiment=small_gpu", "trainer=ddp", "trainer.devices=2", "compile=full:reduce-overhead")
+    assert ddp.compile == "full:reduce-overhead"
+    assert run_config("experiment=mtp_small_gpu").compile == "full:reduce-overhead"
+    assert run_config("experiment=ep_small_gpu").compile == "full:reduce-overhead"
+    assert not (tmp_path / "run").exists()

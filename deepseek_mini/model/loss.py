@@ -10,12 +10,15 @@ only scales the two GEMMs that use it. The upstream gradient of the loss (1 in t
 [T, D] and [V, D] GEMM outputs, not the [T, V] gradient, so that is never read a third time.
 
 The logits are never returned from here; `DeepSeekV2.forward` uses this only when it is asked for the loss
-and not the logits (the training step).
+and not the logits (the training step). It calls it through the parameterless module `LinearCrossEntropy`
+(`DeepSeekV2.head_loss`), so that regional compilation (training/compile.py) can compile it as one of its
+regions: run eagerly, its elementwise steps each pass over the [T, V] logits in fp32.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -57,3 +60,12 @@ def linear_cross_entropy(x_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch
                          ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of the logits x W^T against labels (ignore_index skipped), without returning them."""
     return _LinearCrossEntropy.apply(x_TD, w_VD, labels_T, ignore_index)
+
+
+class LinearCrossEntropy(nn.Module):
+    """linear_cross_entropy as a module. It has no parameters (the head's weight is an argument) and adds nothing
+    to the state dict; it exists so that the head's loss is a module regional compilation can compile."""
+
+    def forward(self, x_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor,
+                ignore_index: int = -100) -> torch.Tensor:
+        return linear_cross_entropy(x_TD, w_VD, labels_T, ignore_index)

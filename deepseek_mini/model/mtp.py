@@ -80,9 +80,10 @@ def mtp_hidden_states(modules: nn.ModuleList, embed: nn.Embedding, h0_BTD: torch
 
 
 def mtp_losses(modules: nn.ModuleList, embed: nn.Embedding, head_weight_VD: torch.Tensor, h0_BTD: torch.Tensor,
-               labels_BT: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+               labels_BT: torch.Tensor, head_loss=linear_cross_entropy) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """The D cross-entropies CE_1..CE_D (unweighted means over labelled tokens; CE_k predicts t_{i+k+1} =
-    labels[:, i+k]) through the fused head + loss of loss.py, and the MTP blocks' summed aux losses."""
+    labels[:, i+k]) through the fused head + loss of loss.py (`head_loss`: the model's LinearCrossEntropy), and
+    the MTP blocks' summed aux losses."""
     B = h0_BTD.shape[0]
     losses: list[torch.Tensor] = []
     aux_losses: dict[str, torch.Tensor] = {}
@@ -93,5 +94,5 @@ def mtp_losses(modules: nn.ModuleList, embed: nn.Embedding, head_weight_VD: torc
         for name, v in aux.items():
             aux_losses[name] = aux_losses[name] + v if name in aux_losses else v
         x_ND = modules[k - 1].shared_head.norm(h_BND).reshape(B * n, -1)
-        losses.append(linear_cross_entropy(x_ND, head_weight_VD, targets_BN.reshape(-1)))
+        losses.append(head_loss(x_ND, head_weight_VD, targets_BN.reshape(-1)))
     return losses, aux_losses

@@ -24,7 +24,7 @@ from torch import nn
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model.attention import MLA, build_attention
 from deepseek_mini.model.layers import RMSNorm, SwiGLU
-from deepseek_mini.model.loss import linear_cross_entropy
+from deepseek_mini.model.loss import LinearCrossEntropy
 from deepseek_mini.model.moe import GroupedExperts, MoE, Router
 from deepseek_mini.model.mtp import MTPModule, mtp_losses
 from deepseek_mini.model.sampling import sample
@@ -76,6 +76,7 @@ class DeepSeekV2(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head_loss = LinearCrossEntropy()  # the training step's head + loss (no parameters)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if cfg.num_nextn_predict_layers:
@@ -144,7 +145,7 @@ class DeepSeekV2(nn.Module):
         logits = loss = None
         if labels is not None and not return_logits and torch.is_grad_enabled():
             # the training step: the head and its loss fused, the logits' gradient written with the loss (loss.py)
-            loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, labels.reshape(-1))
+            loss = self.head_loss(x.reshape(B * T, -1), self.lm_head.weight, labels.reshape(-1))
         else:
             logits = self.lm_head(x)
             if labels is not None:
@@ -155,7 +156,8 @@ class DeepSeekV2(nn.Module):
         mtp_loss, per_depth = None, []
         if self.mtp is not None and labels is not None and cache is None and torch.is_grad_enabled():
             # multi-token prediction trains with the main loss; validation, eval and generation (no grad) skip it
-            per_depth, mtp_aux = mtp_losses(self.mtp, self.model.embed_tokens, self.lm_head.weight, x, labels)
+            per_depth, mtp_aux = mtp_losses(self.mtp, self.model.embed_tokens, self.lm_head.weight, x, labels,
+                                            self.head_loss)
             mtp_loss = self.config.mtp_loss_weight / len(per_depth) * sum(per_depth)
             for k, v in mtp_aux.items():  # the MTP blocks' experts balance like the trunk's
                 aux_losses[k] = aux_losses[k] + v if k in aux_losses else v

@@ -4,8 +4,10 @@
     compile=true | regional          each transformer block compiled once per block kind (the default scope)
     compile=full                     the whole model as one graph
     compile=<mode>                   the whole model with a torch.compile mode (reduce-overhead = + CUDA graphs),
-                                     what a bare mode has always meant here (configs/experiment/small_gpu.yaml)
+                                     what a bare mode has always meant here
     compile=<scope>:<mode>           both, e.g. full:reduce-overhead, regional:max-autotune-no-cudagraphs
+    compile=regional:reduce-overhead regional compilation under whole-model CUDA graphs (GraphedRegional below;
+                                     configs/experiment/small_gpu.yaml; one GPU)
 
 Regional compilation (PyTorch's recipe "Reducing torch.compile cold start compilation time with regional
 compilation", and torchtitan's apply_compile) compiles the repeated Block instead of the whole model. Dynamo
@@ -13,40 +15,42 @@ treats a module's parameters and buffers as graph inputs (`inline_inbuilt_nn_mod
 2.5), so the 12 blocks of `small` run two graphs, one per block kind: the dense first layer and the MoE
 layers differ in `Block.is_moe` and their submodules, which dynamo guards on. A full compile traces and
 optimises all 12 blocks unrolled, which is why a cold `small_gpu` run paid about two minutes before its first
-step. Outside the blocks the embedding lookup and the fused LM-head loss (model/loss.py, an autograd Function)
-stay eager; the final RMSNorm is compiled as a third region.
+step. Outside the blocks the embedding, the final RMSNorm and the training step's LM head + loss
+(model/loss.LinearCrossEntropy, an autograd Function dynamo traces whole) are three more regions.
 
-The blocks are compiled only while LitDeepSeek's own forward runs (`RegionalCompile.__call__` sets each
+The regions are compiled only while LitDeepSeek's own forward runs (`RegionalCompile.__call__` sets each
 region's `_compiled_call_impl`, which nn.Module.__call__ dispatches to, and clears it again): everything else
 that calls the model in the training process (the sample-generation callback, decoding with a KV cache) runs
 eager, as it does next to a fully compiled forward. Compiling `forward` itself rather than `_call_impl` keeps
 each region kind's cache entries on its own code object (Block.forward, RMSNorm.forward), so training, eval
 mode and a short last validation batch stay within dynamo's recompile limit per code object.
 
-Not used: torch.compiler.nested_compile_region on Block.forward (a whole-model graph that compiles the
-repeated block once, keeping whole-model CUDA graphs). On torch 2.13 (CPU, 2026-11-30), a cold full compile of a
-12-layer `small`-structured model (narrow dims): 194 s plain, 92 s with it, same loss, but the last block's
-parameter gradients ~100% wrong. The trigger, reduced: blocks in the region followed by a norm and a linear head;
-correct under backend="aot_eager", and correct with torch._inductor.config.allow_buffer_reuse = False (an Inductor
-buffer-reuse bug around the region). With that setting: 101 s, gradients equal to eager. On the GPU image's torch
-2.11 (H200, 2026-11-30) the same code does not compile: dynamo raises "KeyError: example_value" in
-are_same_graph_modules while deduplicating the region's subgraphs. Worth retrying on a newer torch.
+CUDA graphs. `full:reduce-overhead` is torch.compile's own: cudagraph trees over the whole-model graph (one
+graph for the forward, one for the backward). It trained right on one GPU, under DDP compiled as one graph
+(OneGraphUnderDDP below; 1.47x one GPU on two H200s, the all-reduce not overlapped) and under expert parallelism
+with the padded dispatch, whose all-to-alls run inside the graphs (0.93x DDP there). `regional:reduce-overhead`
+records the same two graphs over the regionally compiled model (GraphedRegional, torch.cuda.make_graphed_callables):
+on one H200 (2026-12-01, docs/benchmarks.md) it stepped at 98.6-98.7% of the whole-model graph's speed with 1.4
+GiB less memory and reached the first step 51 s after a cold launch against 70 s (24.7 s against 38.4 s warm) on
+one machine; cold starts differed by up to ~15 s between machines.
+Its earlier meaning, cudagraph trees per block, stepped 14% slower on one H200 and under DDP on two trained
+nothing (gradient norm inf from step 19, torch warning that the AccumulateGrad node's stream did not match that
+of the graph that produced the gradient); GraphedRegional has run on one GPU only, so the run config refuses it
+for more (training/run_config.check_cuda_graphs_placement).
 
-CUDA graphs with regional compilation (regional:reduce-overhead) parse here but the run config refuses them
-(training/run_config.check_cuda_graphs_placement): on two H200s under DDP (torch 2.11) they ran 1.4x faster than
-plain regional compilation and trained nothing, the gradient norm inf from step 19 on, with torch warning that
-the AccumulateGrad node's stream did not match that of the graph that produced the gradient. On one H200 they
-trained right and cut the cold start (57.6 s to the first step against 95 s) but ran 14% slower than the
-whole-model graph (run_config.check_cuda_graphs_placement). A bare CUDA-graph mode keeps its old meaning
-(full). The whole model with CUDA graphs trained right on one GPU and, compiled as one graph (OneGraphUnderDDP
-below), under DDP on two H200s (1.47x one GPU, the all-reduce not overlapped;
-docs/benchmarks.md), and under expert parallelism with the padded dispatch, whose all-to-alls run inside the
-graphs (0.93x DDP there).
+Not used: torch.compiler.nested_compile_region on Block.forward (a whole-model graph that compiles the
+repeated block once). On torch 2.13 (CPU, 2026-11-30), a cold full compile of a 12-layer `small`-structured
+model (narrow dims): 194 s plain, 92 s with it, same loss, but the last block's parameter gradients ~100% wrong.
+The trigger, reduced: blocks in the region followed by a norm and a linear head; correct under
+backend="aot_eager", and correct with torch._inductor.config.allow_buffer_reuse = False (an Inductor buffer-reuse
+bug around the region). With that setting: 101 s, gradients equal to eager. On the GPU image's torch 2.11 (H200,
+2026-11-30) the same code does not compile: dynamo raises "KeyError: example_value" in are_same_graph_modules
+while deduplicating the region's subgraphs. Worth retrying on a newer torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -91,12 +95,18 @@ def parse_compile(value: bool | str | None) -> CompileSpec | None:
 
 
 def compile_regions_of(model: nn.Module) -> list[nn.Module]:
-    """The modules regional compilation compiles: every transformer Block and the final norm."""
+    """The modules regional compilation compiles: every transformer Block, the embedding, the final norm and the
+    training step's head + loss (model/loss.LinearCrossEntropy). Outside the blocks these are one graph each;
+    eager, the loss's elementwise steps passed over the [T, V] logits one by one and the embedding's backward
+    sorted the token ids (together ~12% of the step on an H200, docs/benchmarks.md)."""
+    from deepseek_mini.model.loss import LinearCrossEntropy
     from deepseek_mini.model.transformer import Block
 
     regions = [m for m in model.modules() if isinstance(m, Block)]
-    norm = getattr(getattr(model, "model", None), "norm", None)
-    return regions + ([norm] if isinstance(norm, nn.Module) else [])
+    backbone = getattr(model, "model", None)
+    extra = [getattr(backbone, "embed_tokens", None), getattr(backbone, "norm", None)]
+    return (regions + [m for m in extra if isinstance(m, nn.Module)]
+            + [m for m in model.modules() if isinstance(m, LinearCrossEntropy)])
 
 
 class RegionalCompile:
@@ -142,10 +152,93 @@ class OneGraphUnderDDP:
             return self.compiled(*args, **kwargs)
 
 
+class _TrainingForward(nn.Module):
+    """The training forward as torch.cuda.make_graphed_callables takes it: a module called with positional
+    tensors that returns only tensors (ModelOutput's fields as a dict, its empty ones left out)."""
+
+    def __init__(self, model: nn.Module, call):
+        super().__init__()
+        self.model = model  # registered: the graphs' backward computes the gradients of its parameters
+        self.call = call  # the regionally compiled model (not a module)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
+        out = self.call(input_ids, labels=labels, return_logits=False)
+        return {f.name: getattr(out, f.name) for f in fields(out) if getattr(out, f.name) is not None}
+
+
+class GraphedRegional:
+    """compile=regional:<CUDA-graph mode>: regional compilation, with the training forward and backward each
+    replayed as one CUDA graph of the whole model.
+
+    The whole model compiled as one graph (compile=full:reduce-overhead) is the fast step, but Inductor then
+    generates code for every block unrolled: ~40-60 s before a cold run's first step on an H200. Regional
+    compilation generates one block of each kind, but cudagraph trees then record one graph per block and
+    stepped 14% slower (docs/benchmarks.md). Here the regions compile without graphs, and PyTorch's
+    torch.cuda.make_graphed_callables records the training forward (embedding, blocks, loss) and its backward
+    once each at the first training step: the compiled kernels of the regions, launched from two graphs.
+
+    Only the training forward (train mode, gradients on, labels, on CUDA) runs through the graphs; validation,
+    evaluation and generation call the regionally compiled model. A batch of another shape than the recorded
+    one runs ungraphed. The graphs read the parameters' storage as it was recorded: `reset()` drops them when
+    that changes (LitDeepSeek calls it at the start and end of each fit, where bf16 weights come and go).
+    make_graphed_callables runs the forward and backward a few times before recording (the compile happens
+    there): the buffers the forward updates (the router's expert counts) are put back as they were after it.
+    Its gradients are the graph's own buffers, which the next backward overwrites, so gradient accumulation is
+    refused with CUDA graphs (run_config.check_cuda_graphs_accumulation); one process only
+    (run_config.check_cuda_graphs_placement).
+
+    torch warns once per run that "The AccumulateGrad node's stream does not match the stream of the node that
+    produced the incoming gradient": the parameters' gradient accumulators are made while the graphs are recorded,
+    on the recording's own stream, and the replayed backward hands them gradients on the training stream. Autograd
+    then orders the two streams itself; the gradients match the ungraphed ones (tests/test_compile.py, on an
+    H200), and the steps it measured include that ordering."""
+
+    def __init__(self, model: nn.Module, regional: RegionalCompile):
+        self.model = model
+        self.regional = regional
+        self.graphed = None  # the recorded training forward, from the first training call on
+        self.shapes = None
+
+    def reset(self) -> None:
+        self.graphed = self.shapes = None
+
+    def __call__(self, input_ids, labels=None, return_logits: bool = True, **kwargs):
+        if (return_logits or labels is None or kwargs or not self.model.training or not torch.is_grad_enabled()
+                or input_ids.device.type != "cuda"):
+            return self.regional(input_ids, labels=labels, return_logits=return_logits, **kwargs)
+        shapes = (tuple(input_ids.shape), tuple(labels.shape))
+        if self.graphed is None:
+            self.graphed, self.shapes = self._record(input_ids, labels), shapes
+        elif shapes != self.shapes:
+            return self.regional(input_ids, labels=labels, return_logits=False)
+        from deepseek_mini.model.transformer import ModelOutput
+
+        return ModelOutput(logits=None, **self.graphed(input_ids, labels))
+
+    def _record(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        buffers = list(self.model.buffers())
+        saved = [b.detach().clone() for b in buffers]
+        device = input_ids.device.type
+        # make_graphed_callables refuses autocast's weight-cast cache (its casts would live in the graph's memory)
+        with torch.autocast(device, dtype=torch.get_autocast_dtype(device),
+                            enabled=torch.is_autocast_enabled(device), cache_enabled=False):
+            graphed = torch.cuda.make_graphed_callables(
+                _TrainingForward(self.model, self.regional), (input_ids.clone(), labels.clone()),
+                allow_unused_input=True)
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+        torch.cuda.empty_cache()  # the warm-up ran on a side stream: its cached blocks serve nothing else
+        return graphed
+
+
 def compile_model(model: nn.Module, spec: CompileSpec, **compile_kwargs):
     """The callable LitDeepSeek runs its steps through: the model, compiled as `spec` says."""
     mode = None if spec.mode == "default" else spec.mode
     if spec.scope == "full":
         compiled = torch.compile(model, mode=mode, **compile_kwargs)
         return OneGraphUnderDDP(compiled) if spec.cudagraphs else compiled
+    if spec.cudagraphs:  # the regions without cudagraph trees; the whole training step graphed instead
+        mode = None if spec.mode == "reduce-overhead" else f"{spec.mode}-no-cudagraphs"
+        return GraphedRegional(model, compile_regions(model, mode=mode, **compile_kwargs))
     return compile_regions(model, mode=mode, **compile_kwargs)

@@ -297,7 +297,17 @@ class LitDeepSeek(L.LightningModule):
             for p, master in self._master_opt.masters.items():
                 checkpoint["state_dict"][names[p]] = master.detach()
 
+    def on_fit_start(self) -> None:
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        """compile=regional:reduce-overhead records the training step at the first one of each fit: the weights it
+        reads (bf16 during fit, fp32 outside) are other tensors from one fit to the next."""
+        if hasattr(self._forward, "reset"):
+            self._forward.reset()
+
     def on_fit_end(self) -> None:
+        self._drop_graphs()
         # outside fit() the model is fp32 again, holding the master values
         if self._master_opt is not None:
             self._master_opt.release_masters()

@@ -517,33 +517,34 @@ def check_cuda_graphs_accumulation(compile_spec: str | None, accumulate_grad_bat
               f"compile={spec.scope} (no CUDA graphs), or accumulate_grad_batches=1 with a larger data.batch_size")
 
 
-def check_cuda_graphs_placement(compile_spec: str | None, strategy: Any = None) -> None:
+def check_cuda_graphs_placement(compile_spec: str | None, strategy: Any = None, world_size: int = 1) -> None:
     """CUDA graphs (compile=...:reduce-overhead / max-autotune) only where a run has shown them right: the whole
-    model, on one GPU, under DDP, or under EP with the padded dispatch (checked in training/expert_parallel.py;
-    0.93x DDP's speed on two H200s, DDP's loss curve). On two H200s (torch 2.11, 2026-11-30) DDP with
-    compile=regional:reduce-overhead ran at 1.4x the speed of compile=regional and trained nothing: the gradient
-    norm was inf from step 19 on and the loss stayed near 8.4 (4.7 with compile=regional, same steps), while torch
-    warned that the AccumulateGrad node's stream did not match the stream of the graph that produced the gradient.
-    The whole model as one graph under DDP (training/compile.OneGraphUnderDDP) trained right there (losses on the
-    eager DDP curve, docs/benchmarks.md). On one H200 (2026-11-30, two 150-step runs with the refusal lifted)
-    per-block graphs trained as the whole-model graph does and reached the first step 57.6 s after a cold launch
-    (the whole-model graph: 95 s, measured earlier that day), but ran at 306k tokens/s against ~356k: not offered.
-    No run has tried them under FSDP (which gathers each block's parameters in hooks around it), so FSDP is refused
-    whatever the number of devices; compile=regional is FSDP's measured setting (two H200s, 2026-11-30: 1.73x its
-    eager speed, on the eager loss curve)."""
+    model (compile=full:...), on one GPU, under DDP, or under EP with the padded dispatch (checked in
+    training/expert_parallel.py; 0.93x DDP's speed on two H200s, DDP's loss curve); regionally compiled blocks
+    under one whole-model graph (compile=regional:..., training/compile.GraphedRegional) on one GPU only.
+    On two H200s (torch 2.11, 2026-11-30) DDP with the earlier meaning of compile=regional:reduce-overhead
+    (cudagraph trees, one graph per block) ran at 1.4x the speed of compile=regional and trained nothing: the
+    gradient norm was inf from step 19 on and the loss stayed near 8.4 (4.7 with compile=regional, same steps),
+    while torch warned that the AccumulateGrad node's stream did not match the stream of the graph that produced
+    the gradient. The whole model as one graph under DDP (training/compile.OneGraphUnderDDP) trained right there
+    (losses on the eager DDP curve, docs/benchmarks.md). No multi-GPU run has tried GraphedRegional, so it is
+    refused under any strategy but one process. No run has tried CUDA graphs under FSDP (which gathers each
+    block's parameters in hooks around it), so FSDP is refused whatever the number of devices; compile=regional
+    is FSDP's measured setting (two H200s, 2026-11-30: 1.73x its eager speed, on the eager loss curve)."""
     from deepseek_mini.training.compile import parse_compile
 
     spec = parse_compile(compile_spec) if compile_spec else None
     if spec is None or not spec.cudagraphs:
         return
-    if spec.scope == "regional":
-        _fail("compile", compile_spec, "CUDA graphs per block are refused: under DDP on two H200s they gave wrong "
-              "gradients (grad norm inf, loss stuck), and on one they trained but ran 14% slower than "
-              "compile=full:reduce-overhead (docs/benchmarks.md); use compile=regional, or "
-              "compile=full:reduce-overhead (one GPU or DDP)")
     if _is_fsdp(strategy):
         _fail("compile", compile_spec, "CUDA graphs are refused with FSDP (no run has shown them right there; "
               "docs/benchmarks.md); use compile=regional, FSDP's fastest measured setting, or trainer=ddp")
+    name = str((strategy.get("_target_", "") if isinstance(strategy, dict) else strategy) or "auto").lower()
+    one_process = world_size == 1 and (name == "auto" or "single" in name)
+    if spec.scope == "regional" and not one_process:
+        _fail("compile", compile_spec, "regionally compiled blocks under whole-model CUDA graphs run on one GPU "
+              "only (no multi-GPU run has shown them right); use compile=full:reduce-overhead (DDP, EP) or "
+              "compile=regional")
 
 
 @dataclass(frozen=True)
@@ -570,7 +571,7 @@ class RunConfig:
                               f"{self.model.max_position_embeddings}: lower data.seq_len or raise the model's")
         if self.trainer.on_gpu:  # CUDA graphs exist only there
             check_cuda_graphs_accumulation(self.compile, self.trainer.accumulate_grad_batches)
-            check_cuda_graphs_placement(self.compile, self.trainer.extra.get("strategy"))
+            check_cuda_graphs_placement(self.compile, self.trainer.extra.get("strategy"), self.trainer.world_size)
         if self.data.seq_len <= self.model.num_nextn_predict_layers:  # MTP depth k needs k + 1 tokens ahead
             raise ConfigError(f"model.num_nextn_predict_layers={self.model.num_nextn_predict_layers}: must be < "
                               f"data.seq_len={self.data.seq_len} (each MTP depth predicts one token further ahead)")

@@ -4,13 +4,14 @@
 # the same run; then the training-step benchmark with both peers in one invocation.
 #
 #   DATA_ROOT=/path/to/gutenberg bash scripts/bench/cold_start.sh          # from the repository root
-#   CONFIGS="full:reduce-overhead regional" BENCH=0 STEPS=60 OUT=/tmp/cold_start \
+#   CONFIGS="regional:reduce-overhead full:reduce-overhead" BENCH=0 STEPS=60 OUT=/tmp/cold_start \
 #     bash scripts/bench/cold_start.sh [train.py override ...]
 #   CONFIGS= BENCH=1 bash scripts/bench/cold_start.sh                       # the benchmark only
 #
-# CONFIGS: the `compile` values to time (default: small_gpu's full:reduce-overhead and regional, without CUDA
-# graphs: per-block CUDA graphs are refused, docs/benchmarks.md). One call of the device tool runs at most 10 minutes: a cold
-# full compile alone took ~2.5 min, so split the settings (and the benchmark) over calls as above.
+# CONFIGS: the `compile` values to time (default: small_gpu's regional:reduce-overhead, regional compilation
+# under whole-model CUDA graphs, and full:reduce-overhead, the whole model compiled as one graph). One call of the
+# device tool runs at most 10 minutes: a cold full compile took 40-60 s, a run of 60 steps with its teardown and
+# last checkpoint ~1.5 min more, so split the settings (and the benchmark) over calls as above.
 # DATA_ROOT holds gutenberg_classics_train.txt.gz and gutenberg_classics_valid.txt. Prepared tokens go to
 # PROJECT_ROOT/.cache (default /tmp/dsm), prepared once by an untimed eager run, so no timed run pays for data
 # preparation. The timed runs keep what a user gets (validation before fit included: it compiles the eval
@@ -18,14 +19,15 @@
 # train.py run. The benchmark needs torchtitan for tt_deepseek_v3 (`bash ../shared/device/wheels.sh .whl
 # peers`); without it that variant reports its import error and the others still run.
 # EXPERIMENT (default small_gpu) picks the experiment config; BENCH_TIMEOUT caps each benchmark variant;
-# BENCH_VARIANTS replaces the benchmark's list (ours@default@regional: regional compilation without CUDA graphs).
+# BENCH_VARIANTS replaces the benchmark's list (ours@reduce-overhead@regional: small_gpu's setting; ours@default@regional:
+# regional compilation without CUDA graphs).
 set -euo pipefail
 : "${DATA_ROOT:?set DATA_ROOT to the folder with the Gutenberg files}"
 export DATA_ROOT
 export PROJECT_ROOT=${PROJECT_ROOT:-/tmp/dsm}
 STEPS=${STEPS:-60}
 EXPERIMENT=${EXPERIMENT:-small_gpu}
-CONFIGS=${CONFIGS-full:reduce-overhead regional}
+CONFIGS=${CONFIGS-regional:reduce-overhead full:reduce-overhead}
 MODE=${MODE:-reduce-overhead}   # the benchmark's torch.compile mode for ours (small_gpu's)
 OUT=${OUT:-/tmp/cold_start}
 BENCH=${BENCH:-1}
