@@ -11,7 +11,8 @@ A variant may name a torch.compile mode after "@" (default, reduce-overhead = + 
 max-autotune-no-cudagraphs, max-autotune); without one, --compile-mode applies to our compiled variants.
 --compile-scope picks what of ours is compiled: the whole model (full) or each transformer block once per
 block kind (regional, the training config's `compile=regional`); a variant may say so after a second "@"
-(ours@reduce-overhead@regional).
+(ours@reduce-overhead@regional: experiment=small_gpu's setting, regional compilation under whole-model CUDA
+graphs; plain `ours` with --compile-mode reduce-overhead is compile=full:reduce-overhead).
 
 Each variant runs in a fresh subprocess (its own memory peak and compile cache). Warm-up steps
 (compilation included) are excluded; the timed window ends with a device synchronisation. MFU counts

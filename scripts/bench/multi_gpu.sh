@@ -8,7 +8,7 @@
 # Stages (MG_STAGES, comma-separated; default all but the EP experiments, in this order):
 #   prep    tokenizer + token caches, one process, into $CACHE (so no rank builds them)
 #   gpu1    one-GPU baseline (trainer=gpu), the experiment's per-device batch, compile=$DDP_COMPILE -> runs/gpu1
-#   gpu1_fast  one GPU with the experiment's own compile setting (small_gpu: whole model + CUDA graphs);
+#   gpu1_fast  one GPU with the experiment's own compile setting (small_gpu: regional:reduce-overhead, one GPU only);
 #           MG_GPU1_PAIR=1 runs gpu1 and gpu1_fast at once (GPU 0 and GPU 1) to save time, at the price of a shared
 #           host: on 2026-11-30 that may have understated gpu1's launch-bound rate (docs/benchmarks.md)
 #   ddp     DDP on $NGPU GPUs, same per-device batch (weak scaling), compile=$DDP_COMPILE   -> runs/ddp
