@@ -14,6 +14,7 @@ from model_helpers import SMALL_MODEL
 from torch._dynamo.utils import counters
 
 from deepseek_mini.config import ModelConfig
+from deepseek_mini.model.moe import MoE
 from deepseek_mini.model.transformer import Block, DeepSeekV2
 from deepseek_mini.training.compile import CompileSpec, GraphedRegional, compile_model, compile_regions, parse_compile
 from deepseek_mini.training.module import LitDeepSeek
@@ -130,6 +131,49 @@ def test_regional_cuda_graphs_compile_the_regions_without_cudagraph_trees(monkey
     x = torch.randint(0, SMALL_MODEL["vocab_size"], (2, 8))
     out = graphed(x, labels=x, return_logits=False)
     assert graphed.graphed is None and torch.isfinite(out.loss)
+
+
+def test_graphed_regional_wraps_the_recording_right(fresh_dynamo, monkeypatch):
+    """GraphedRegional's own logic on CPU, with a stand-in for torch.cuda.make_graphed_callables that does what it
+    does around the graphs: runs the module's forward and backward three times (the warm-up), then returns the
+    module. The outputs come back as the same ModelOutput (MTP losses, aux losses, router statistics), the warm-up's
+    expert counts are undone (one training call counts its tokens once), a batch of another shape and the eval
+    forward bypass the recording, and reset() drops it."""
+    calls = []
+
+    def stand_in(module, sample_args, allow_unused_input=False):
+        params = [p for p in module.parameters() if p.requires_grad]
+        for _ in range(3):
+            outs = [o for o in torch.utils._pytree.tree_leaves(module(*sample_args)) if o.requires_grad]
+            torch.autograd.grad(outs, params, [torch.ones_like(o) for o in outs], allow_unused=allow_unused_input)
+        calls.append(tuple(a.shape for a in sample_args))
+        return module
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
+    cfg = {**FOUR_LAYERS, "bias_update_speed": 0.01, "aux_loss_alpha": 0.01, "num_nextn_predict_layers": 1}
+    torch.manual_seed(0)
+    model = DeepSeekV2(ModelConfig.from_dict(cfg))
+    ref = copy.deepcopy(model)
+    graphed = GraphedRegional(model, compile_regions(model, backend="eager", dynamic=False))
+    graphed.device_type = "cpu"
+    x = torch.randint(0, cfg["vocab_size"], (2, 16))
+    out, want = graphed(x, labels=x, return_logits=False), ref(x, labels=x, return_logits=False)
+    assert calls == [((2, 16), (2, 16))] and graphed.shapes == ((2, 16), (2, 16))
+    assert out.logits is None and len(out.mtp_losses) == 1 and out.aux_losses.keys() == want.aux_losses.keys()
+    for a, b in ((out.loss, want.loss), (out.aux_loss, want.aux_loss), (out.mtp_loss, want.mtp_loss)):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(out.router_stats, want.router_stats, strict=True):
+        torch.testing.assert_close(a["tokens_per_expert"], b["tokens_per_expert"])
+    counts = [(m.gate.tokens_per_expert, r.gate.tokens_per_expert) for m, r in zip(model.modules(), ref.modules())
+              if isinstance(m, MoE)]
+    assert counts and all(torch.equal(a, b) and a.sum() > 0 for a, b in counts)  # one call's tokens, not four
+    graphed(x[:, :8], labels=x[:, :8], return_logits=False)  # another shape: not recorded again
+    with torch.no_grad():
+        graphed(x, labels=x, return_logits=False)  # no gradients (validation): the regional model
+    assert len(calls) == 1
+    graphed.reset()
+    graphed(x, labels=x, return_logits=False)
+    assert len(calls) == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -193,6 +193,8 @@ class GraphedRegional:
     then orders the two streams itself; the gradients match the ungraphed ones (tests/test_compile.py, on an
     H200), and the steps it measured include that ordering."""
 
+    device_type = "cuda"  # where CUDA graphs exist (a CPU test swaps in a stand-in recorder and "cpu")
+
     def __init__(self, model: nn.Module, regional: RegionalCompile):
         self.model = model
         self.regional = regional
@@ -204,7 +206,7 @@ class GraphedRegional:
 
     def __call__(self, input_ids, labels=None, return_logits: bool = True, **kwargs):
         if (return_logits or labels is None or kwargs or not self.model.training or not torch.is_grad_enabled()
-                or input_ids.device.type != "cuda"):
+                or input_ids.device.type != self.device_type):
             return self.regional(input_ids, labels=labels, return_logits=return_logits, **kwargs)
         shapes = (tuple(input_ids.shape), tuple(labels.shape))
         if self.graphed is None:
