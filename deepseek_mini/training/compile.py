@@ -98,7 +98,7 @@ def compile_regions_of(model: nn.Module) -> list[nn.Module]:
     """The modules regional compilation compiles: every transformer Block, the embedding, the final norm and the
     training step's head + loss (model/loss.LinearCrossEntropy). Outside the blocks these are one graph each;
     eager, the loss's elementwise steps passed over the [T, V] logits one by one and the embedding's backward
-    sorted the token ids (together ~12% of the step on an H200, docs/benchmarks.md)."""
+    sorted the token ids (together ~10% of the step on an H200, docs/benchmarks.md)."""
     from deepseek_mini.model.loss import LinearCrossEntropy
     from deepseek_mini.model.transformer import Block
 
