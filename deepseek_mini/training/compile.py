@@ -110,7 +110,7 @@ def compile_regions_of(model: nn.Module) -> list[nn.Module]:
 
 
 class RegionalCompile:
-    """Calls `model` with its blocks (and final norm) running through torch.compile'd forwards."""
+    """Calls `model` with its regions (compile_regions_of) running through torch.compile'd forwards."""
 
     def __init__(self, model: nn.Module, **compile_kwargs):
         self.model = model
