@@ -29,7 +29,6 @@ from torch import nn
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model.layers import RMSNorm
-from deepseek_mini.model.loss import linear_cross_entropy
 
 
 class SharedHead(nn.Module):
@@ -80,7 +79,7 @@ def mtp_hidden_states(modules: nn.ModuleList, embed: nn.Embedding, h0_BTD: torch
 
 
 def mtp_losses(modules: nn.ModuleList, embed: nn.Embedding, head_weight_VD: torch.Tensor, h0_BTD: torch.Tensor,
-               labels_BT: torch.Tensor, head_loss=linear_cross_entropy) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+               labels_BT: torch.Tensor, head_loss: nn.Module) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """The D cross-entropies CE_1..CE_D (unweighted means over labelled tokens; CE_k predicts t_{i+k+1} =
     labels[:, i+k]) through the fused head + loss of loss.py (`head_loss`: the model's LinearCrossEntropy), and
     the MTP blocks' summed aux losses."""

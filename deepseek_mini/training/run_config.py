@@ -170,11 +170,16 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _is_fsdp(strategy: Any) -> bool:
-    """trainer=fsdp: a strategy node whose _target_ builds an FSDPStrategy, or Lightning's strategy names."""
+def _strategy_name(strategy: Any) -> str:
+    """trainer.strategy as a lower-case name: a node's _target_ or Lightning's strategy name ("" when unset)."""
     if isinstance(strategy, dict):
         strategy = strategy.get("_target_", "")
-    return "fsdp" in str(strategy or "").lower()
+    return str(strategy or "").lower()
+
+
+def _is_fsdp(strategy: Any) -> bool:
+    """trainer=fsdp: a strategy node whose _target_ builds an FSDPStrategy, or Lightning's strategy names."""
+    return "fsdp" in _strategy_name(strategy)
 
 
 def check_multi_device(accelerator: Any, devices: Any, strategy: Any) -> None:
@@ -539,8 +544,8 @@ def check_cuda_graphs_placement(compile_spec: str | None, strategy: Any = None, 
     if _is_fsdp(strategy):
         _fail("compile", compile_spec, "CUDA graphs are refused with FSDP (no run has shown them right there; "
               "docs/benchmarks.md); use compile=regional, FSDP's fastest measured setting, or trainer=ddp")
-    name = str((strategy.get("_target_", "") if isinstance(strategy, dict) else strategy) or "auto").lower()
-    one_process = world_size == 1 and (name == "auto" or "single" in name)
+    name = _strategy_name(strategy)
+    one_process = world_size == 1 and (name in ("", "auto") or "single" in name)
     if spec.scope == "regional" and not one_process:
         _fail("compile", compile_spec, "regionally compiled blocks under whole-model CUDA graphs run on one GPU "
               "only (no multi-GPU run has shown them right); use compile=full:reduce-overhead (DDP, EP) or "
