@@ -525,6 +525,30 @@ def compare_moe_route_logits_with_the_router(device: str = "cpu") -> float:
     return worst
 
 
+def compare_route_top_k_kernel_with_the_sort() -> float:
+    """kernels/routing.top_k against the stable descending sort it replaces: 0.0 when every row's experts and their
+    order are the same. E a power of 2 (64, as `small`) or not (10, 160), rows not a multiple of the kernel's block,
+    K from 1 to 8, strided rows, many equal scores (values on a coarse grid: ties go to the lower index), a row of
+    one value, -inf scores (group-limited routing's masked experts, more of them than K leaves: the lower index
+    first), and no rows at all; inside a torch.compile'd function too (the custom op)."""
+    from deepseek_mini.kernels import routing
+
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for T, E, K in ((37, 64, 6), (130, 10, 3), (5, 160, 8), (70, 64, 1), (0, 64, 6)):
+        select = (torch.rand(T, E + 2, generator=g) * 8).floor()[:, 2:] / 8  # strided rows, ties on a grid
+        if T > 2:
+            select[0] = 0.25  # one value: experts 0..K-1
+            select[1, : E - 2] = float("-inf")  # two finite scores, then the lowest masked ids
+        assert routing.available(select, K)
+        want = select.sort(dim=-1, descending=True, stable=True).indices[:, :K]
+        for got in (routing.top_k(select, K), torch.compile(routing.top_k, backend="aot_eager")(select, K)):
+            if got.shape != want.shape or got.dtype != torch.long:
+                return math.inf
+            worst = max(worst, float((got != want).sum()))
+    return worst
+
+
 def compare_moe_layer_decode_paths_bf16() -> float:
     """A bf16 MoE layer at decode sizes without autograd, where it routes through route_logits (plain top-k) or
     Router.route + route() (group-limited selection, which route_logits does not do) and the expert kernels read the
@@ -583,14 +607,17 @@ def compare_moe_layer_decode_paths_bf16() -> float:
 
 @requires_triton
 def test_expert_kernels_match_pytorch_under_the_interpreter():
-    """The SwiGLU backward and the decode kernels of the routed experts, in one interpreter process."""
+    """The SwiGLU backward, the router's top-k and the decode kernels of the routed experts, in one interpreter
+    process."""
     diffs = max_diff_under_interpreter("test_moe", ["compare_swiglu_kernel_with_pytorch",
                                                     "compare_moe_decode_kernel_fp32", "compare_moe_decode_kernel_bf16",
                                                     "compare_moe_route_kernel_with_the_counting_sort",
                                                     "compare_moe_route_logits_with_the_router",
-                                                    "compare_moe_layer_decode_paths_bf16"])
+                                                    "compare_moe_layer_decode_paths_bf16",
+                                                    "compare_route_top_k_kernel_with_the_sort"])
     assert diffs["compare_swiglu_kernel_with_pytorch"] <= 1.0  # within one bf16 rounding of the largest value
     assert diffs["compare_moe_route_kernel_with_the_counting_sort"] == 0.0  # the same order, exactly
+    assert diffs["compare_route_top_k_kernel_with_the_sort"] == 0.0  # the router's top-k: the same experts, in order
     assert diffs["compare_moe_route_logits_with_the_router"] < 1e-6  # the same experts and order, the gates in fp32
     assert diffs["compare_moe_layer_decode_paths_bf16"] <= 3.0  # as the kernels alone, below (a wrong row is > 10)
     assert diffs["compare_moe_decode_kernel_fp32"] < 1e-5

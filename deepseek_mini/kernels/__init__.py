@@ -4,6 +4,7 @@
 * mla_decode.py   fused absorbed-MLA decode attention and the decode step's cache write (model/attention.py)
 * moe_decode.py   the routed experts at decode sizes: the top-k and routing in one kernel, grouped GEMVs that
                   read each busy expert once (model/moe.py)
+* routing.py   the router's top-k in training: the first K of a stable sort of each row (model/moe.py)
 * swiglu.py    the routed experts' gated SwiGLU backward (model/moe.py)
 * adamw.py     the multi-tensor AdamW step and gradient sum of squares (optim/adamw.py)
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.kernels import moe_decode
+from deepseek_mini.kernels import routing as routing_kernel
 from deepseek_mini.kernels import swiglu as swiglu_kernel
 from deepseek_mini.model.layers import SwiGLU, fused_linears, use_folded
 
@@ -295,9 +296,13 @@ class Router(nn.Module):
             select_TE = select_TE + self.e_score_correction_bias
         if self.cfg.topk_method == "group_limited_greedy":
             select_TE = self._limit_to_groups(select_TE)
-        # a full sort of each row's E scores, not torch.topk: under torch.compile the sort becomes a bitonic
-        # network inside the routing kernel, where topk would be a separate ATen radix-select pass
-        topk_idx_TK = select_TE.sort(dim=-1, descending=True, stable=True).indices[:, : self.top_k]
+        # the first K of a stable descending sort (ties: the lower expert id first). On CUDA one small Triton
+        # kernel (kernels/routing.py); elsewhere the sort itself. Not torch.topk: a separate radix-select pass
+        # that was slower in the compiled step
+        if routing_kernel.available(select_TE, self.top_k):
+            topk_idx_TK = routing_kernel.top_k(select_TE, self.top_k)
+        else:
+            topk_idx_TK = select_TE.sort(dim=-1, descending=True, stable=True).indices[:, : self.top_k]
         weights_TK = scores_TE.gather(1, topk_idx_TK)
         if self.cfg.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
