@@ -7,6 +7,7 @@ compilation would take minutes and adds nothing to what is checked here (which g
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -141,12 +142,15 @@ def test_graphed_regional_wraps_the_recording_right(fresh_dynamo, monkeypatch):
     forward bypass the recording, and reset() drops it."""
     calls = []
 
-    def stand_in(module, sample_args, allow_unused_input=False):
+    kept = []  # what make_graphed_callables keeps: the recorded forward's outputs (its output buffers)
+
+    def stand_in(module, sample_args, num_warmup_iters=3, allow_unused_input=False):
         params = [p for p in module.parameters() if p.requires_grad]
-        for _ in range(3):
+        for _ in range(num_warmup_iters + 1):  # the warm-up asked for, then the "recording"
             outs = [o for o in torch.utils._pytree.tree_leaves(module(*sample_args)) if o.requires_grad]
             torch.autograd.grad(outs, params, [torch.ones_like(o) for o in outs], allow_unused=allow_unused_input)
-        calls.append(tuple(a.shape for a in sample_args))
+        calls.append((tuple(a.shape for a in sample_args), num_warmup_iters))
+        kept[:] = outs
         return module
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
@@ -158,7 +162,10 @@ def test_graphed_regional_wraps_the_recording_right(fresh_dynamo, monkeypatch):
     graphed.device_type = "cpu"
     x = torch.randint(0, cfg["vocab_size"], (2, 16))
     out, want = graphed(x, labels=x, return_logits=False), ref(x, labels=x, return_logits=False)
-    assert calls == [((2, 16), (2, 16))] and graphed.shapes == ((2, 16), (2, 16))
+    # GraphedRegional warms up itself (WARMUP_STEPS forwards + backwards, each graph freed before the next)
+    assert calls == [(((2, 16), (2, 16)), 0)] and graphed.shapes == ((2, 16), (2, 16))
+    # the recording's autograd graph (and its gradient accumulators, made on the recording's stream) is let go
+    assert kept and all(o.grad_fn is None for o in kept)
     assert out.logits is None and len(out.mtp_losses) == 1 and out.aux_losses.keys() == want.aux_losses.keys()
     for a, b in ((out.loss, want.loss), (out.aux_loss, want.aux_loss), (out.mtp_loss, want.mtp_loss)):
         torch.testing.assert_close(a, b)
@@ -166,7 +173,7 @@ def test_graphed_regional_wraps_the_recording_right(fresh_dynamo, monkeypatch):
         torch.testing.assert_close(a["tokens_per_expert"], b["tokens_per_expert"])
     counts = [(m.gate.tokens_per_expert, r.gate.tokens_per_expert) for m, r in zip(model.modules(), ref.modules())
               if isinstance(m, MoE)]
-    assert counts and all(torch.equal(a, b) and a.sum() > 0 for a, b in counts)  # one call's tokens, not four
+    assert counts and all(torch.equal(a, b) and a.sum() > 0 for a, b in counts)  # one call's tokens, not five
     graphed(x[:, :8], labels=x[:, :8], return_logits=False)  # another shape: not recorded again
     with torch.no_grad():
         graphed(x, labels=x, return_logits=False)  # no gradients (validation): the regional model
@@ -181,7 +188,8 @@ def test_graphed_regional_training_equals_the_ungraphed_steps_cuda(fresh_dynamo)
     """Three AdamW steps through the recorded whole-model graphs against the same regional kernels called
     directly: each step's new batch reaches the graph, the losses, aux losses, router counts and every gradient
     match, the warm-up before recording leaves the router's expert counts (the bias update's input) as they
-    were, and a batch of another shape runs ungraphed."""
+    were, a batch of another shape runs ungraphed, and no gradient is handed from one stream to another (torch's
+    "AccumulateGrad node's stream does not match" warning, in the recording or the steps)."""
     cfg = {**FOUR_LAYERS, "bias_update_speed": 0.01, "aux_loss_alpha": 0.01}
     torch.manual_seed(0)
     model = DeepSeekV2(ModelConfig.from_dict(cfg)).cuda()
@@ -190,6 +198,16 @@ def test_graphed_regional_training_equals_the_ungraphed_steps_cuda(fresh_dynamo)
     regional = compile_regions(ref, dynamic=False)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, ref)]
     losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # (once per code location otherwise)
+        _train_side_by_side(graphed, regional, model, ref, opts, cfg, losses)
+    # no gradient handed across streams, in the recording or the steps after it (GraphedRegional._warm_up,
+    # _TrainingForward.release_autograd_graph)
+    assert not [w for w in caught if "AccumulateGrad node's stream" in str(w.message)]
+    assert len(set(losses)) == 4  # each batch reached the graph (not the recorded one replayed)
+
+
+def _train_side_by_side(graphed, regional, model, ref, opts, cfg, losses):
     for step in range(4):
         x = torch.randint(0, cfg["vocab_size"], (2, 16 if step < 3 else 8), device="cuda")
         outs = []
@@ -214,7 +232,6 @@ def test_graphed_regional_training_equals_the_ungraphed_steps_cuda(fresh_dynamo)
         for gb, rb in zip(g_bufs, r_bufs):
             torch.testing.assert_close(gb, rb)
         losses.append(float(g.loss))
-    assert len(set(losses)) == 4  # each batch reached the graph (not the recorded one replayed)
 
 
 def test_whole_model_cuda_graphs_compile_as_one_graph_under_ddp(monkeypatch):

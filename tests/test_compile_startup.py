@@ -31,6 +31,7 @@ def test_process_age_counts_from_the_launch():
 def fresh_clock(monkeypatch):
     monkeypatch.setattr(startup, "_jobs", 0)
     monkeypatch.setattr(startup, "_job_start", None)
+    monkeypatch.setattr(startup, "_marks", {})
     return monkeypatch
 
 
@@ -58,6 +59,21 @@ def test_a_later_job_in_the_same_process_counts_from_its_own_start(fresh_clock):
     assert startup.seconds_since_start() < 5.0
 
 
+def test_stage_seconds_are_each_stage_own_time_and_add_up(fresh_clock):
+    """Each stage's seconds run from the end of the one before: with fit's part they sum to the first step's time."""
+    fresh_clock.setattr(startup, "process_age", lambda: 10.0)
+    origin = startup.start_job()
+    clock = iter([origin + 12.0, origin + 12.5, origin + 15.0])
+    fresh_clock.setattr(startup.time, "perf_counter", lambda: next(clock))
+    for stage in ("data", "model", "validation"):
+        startup.mark(stage)
+    stages = startup.stage_seconds()
+    assert list(stages) == ["launch", "data", "model", "validation"]
+    assert stages["launch"] == pytest.approx(10.0, abs=0.05)  # the process's age when train() started
+    assert (stages["data"], stages["model"], stages["validation"]) == (2.0, 0.5, 2.5)
+    assert sum(stages.values()) == pytest.approx(15.0, abs=0.05)
+
+
 def test_summary_prints_first_step_from_launch_with_its_parts():
     res = {"run_dir": "/runs/r1", "time_to_first_step_sec": 24.13, "fit_to_first_step_sec": 19.0,
            "compile_time_sec": 12.34, "wall_time_sec": 61.04}
@@ -65,3 +81,27 @@ def test_summary_prints_first_step_from_launch_with_its_parts():
     assert "first step after 24.1 s from launch (fit 19.0 s, compiling 12.3 s), wall 1 min 1.0 s" in text
     eager = format_summary({**res, "compile_time_sec": 0.0})
     assert "(fit 19.0 s), wall" in eager  # nothing compiled: no compile part
+    staged = format_summary({**res, "startup_sec": {"launch": 3.21, "data": 1.0, "model": 0.44, "validation": 0.5}})
+    assert ("first step after 24.1 s from launch (start-up 3.2 s, data 1.0 s, model 0.4 s, validation 0.5 s, "
+            "fit 19.0 s, compiling 12.3 s)") in staged
+
+
+def test_compile_workers_start_early_only_where_triton_compiles_for_a_gpu(monkeypatch):
+    """train() starts Inductor's compile workers before data preparation (training/compile.start_compile_workers):
+    only with a CUDA GPU (on CPU Inductor compiles C++ without that pool), and a failing start never ends a run."""
+    import torch._inductor.async_compile as async_compile
+
+    from deepseek_mini.training.compile import start_compile_workers
+
+    calls = []
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: calls.append("warm"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert start_compile_workers() is False and calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert start_compile_workers() is True and calls == ["warm"]
+
+    def broken():
+        raise RuntimeError("no pool in a daemonic process")
+
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", broken)
+    assert start_compile_workers() is False

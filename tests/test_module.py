@@ -304,3 +304,24 @@ def test_progress_bar_shows_the_loss_without_a_per_step_conversion():
 
     assert fit(1) >= 5  # a new loss read after every batch
     assert fit(3) <= 2  # read at most once every 3 steps
+
+
+def test_validation_before_fit_leaves_the_weights_on_their_device(monkeypatch):
+    """Lightning's teardown after trainer.validate() moves the model to the CPU (fit() then moves it back: a 2.8 GB
+    round trip before a `small` run's first step). Inside kept_on_device(), as train.validate_before_fit runs it,
+    the module stays put; outside it Lightning's move happens as before."""
+    import lightning as L
+    from lightning.fabric.utilities.device_dtype_mixin import _DeviceDtypeModuleMixin
+
+    moves = []
+    real_cpu = _DeviceDtypeModuleMixin.cpu
+    monkeypatch.setattr(_DeviceDtypeModuleMixin, "cpu", lambda self: moves.append(type(self).__name__) or real_cpu(self))
+    data = torch.randint(0, 300, (2, 2, 17))
+    loader = torch.utils.data.DataLoader([(b[:, :-1], b[:, 1:]) for b in data], batch_size=None)
+    module = LitDeepSeek(TINY, max_steps=1)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with module.kept_on_device():
+        trainer.validate(module, dataloaders=loader, verbose=False)
+    assert moves == [] and not module._stay_on_device
+    trainer.validate(module, dataloaders=loader, verbose=False)
+    assert moves == ["LitDeepSeek"]  # Lightning's teardown, outside the block

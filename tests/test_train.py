@@ -47,6 +47,12 @@ def test_tiny_run_ends_on_the_summary_block(trained_proc):
     assert res["time_to_first_step_sec"] is not None and res["time_to_first_step_sec"] > 0
     # from the process launch: the imports and data preparation before trainer.fit() are in it
     assert res["time_to_first_step_sec"] > res["fit_to_first_step_sec"] > 0 and "from launch" in block
+    # where the wait before fit() went (training/startup.py): the stages add up to the first step's time
+    stages = res["startup_sec"]
+    assert list(stages) == ["launch", "data", "model", "validation"] and stages["launch"] > 0, stages
+    assert sum(stages.values()) + res["fit_to_first_step_sec"] == pytest.approx(res["time_to_first_step_sec"],
+                                                                                abs=0.1)
+    assert f"(start-up {stages['launch']:.1f} s, data {stages['data']:.1f} s" in block, block
     out = proc.stdout + proc.stderr
     config_line = next(line for line in out.splitlines() if "config: model (" in line)  # what is about to train
     assert "seq_len 32 x batch 4; 4 steps" in config_line and "kv_lora_rank" in config_line, config_line

@@ -160,10 +160,23 @@ class _TrainingForward(nn.Module):
         super().__init__()
         self.model = model  # registered: the graphs' backward computes the gradients of its parameters
         self.call = call  # the regionally compiled model (not a module)
+        self.last_outputs: dict | None = None  # what the last call returned (the recording's, in the end)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
         out = self.call(input_ids, labels=labels, return_logits=False)
-        return {f.name: getattr(out, f.name) for f in fields(out) if getattr(out, f.name) is not None}
+        self.last_outputs = {f.name: getattr(out, f.name) for f in fields(out) if getattr(out, f.name) is not None}
+        return self.last_outputs
+
+    def release_autograd_graph(self) -> None:
+        """Detach, in place, the tensors the last call returned. make_graphed_callables keeps the recorded
+        forward's outputs as the graph's output buffers, and with them that forward's autograd graph, whose
+        gradient accumulators were made on the recording's stream: the replayed steps would then hand them
+        their gradients from the training stream (torch warns "The AccumulateGrad node's stream does not
+        match ..." and orders the two streams). Released, each training forward makes its own on its stream."""
+        for t in torch.utils._pytree.tree_leaves(self.last_outputs or {}):
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                t.detach_()
+        self.last_outputs = None
 
 
 class GraphedRegional:
@@ -181,17 +194,14 @@ class GraphedRegional:
     evaluation and generation call the regionally compiled model. A batch of another shape than the recorded
     one runs ungraphed. The graphs read the parameters' storage as it was recorded: `reset()` drops them when
     that changes (LitDeepSeek calls it at the start and end of each fit, where bf16 weights come and go).
-    make_graphed_callables runs the forward and backward a few times before recording (the compile happens
-    there): the buffers the forward updates (the router's expert counts) are put back as they were after it.
+    The forward and backward run a few times before recording (the compile happens there, _warm_up): the
+    buffers the forward updates (the router's expert counts) are put back as they were after it.
     Its gradients are the graph's own buffers, which the next backward overwrites, so gradient accumulation is
     refused with CUDA graphs (run_config.check_cuda_graphs_accumulation); one process only
     (run_config.check_cuda_graphs_placement).
 
-    torch warns once per run that "The AccumulateGrad node's stream does not match the stream of the node that
-    produced the incoming gradient": the parameters' gradient accumulators are made while the graphs are recorded,
-    on the recording's own stream, and the replayed backward hands them gradients on the training stream. Autograd
-    then orders the two streams itself; the gradients match the ungraphed ones (tests/test_compile.py, on an
-    H200), and the steps it measured include that ordering."""
+    The recording's own autograd graph is released once recorded (_TrainingForward.release_autograd_graph), so
+    the parameters' gradient accumulators of each step are made on the training stream, not the recording's."""
 
     device_type = "cuda"  # where CUDA graphs exist (a CPU test swaps in a stand-in recorder and "cpu")
 
@@ -217,6 +227,21 @@ class GraphedRegional:
 
         return ModelOutput(logits=None, **self.graphed(input_ids, labels))
 
+    WARMUP_STEPS = 3  # forward + backward before recording (torch.compile compiles in the first), as torch's default
+
+    def _warm_up(self, forward: _TrainingForward, args: tuple) -> None:
+        """The forward and backward run before recording, here rather than in make_graphed_callables: its
+        warm-up keeps the last one's autograd graph alive while the graphs are recorded on another stream, and
+        the recorded backward then hands gradients across streams (torch warns "The AccumulateGrad node's stream
+        does not match ..."). Here each one's graph is freed before the next."""
+        params = [p for p in forward.parameters() if p.requires_grad]
+        for _ in range(self.WARMUP_STEPS):
+            outs = [o for o in torch.utils._pytree.tree_leaves(forward(*args))
+                    if isinstance(o, torch.Tensor) and o.requires_grad]
+            torch.autograd.grad(outs, params, [torch.zeros_like(o) for o in outs], allow_unused=True)
+            del outs
+        forward.last_outputs = None
+
     def _record(self, input_ids: torch.Tensor, labels: torch.Tensor):
         buffers = list(self.model.buffers())
         saved = [b.detach().clone() for b in buffers]
@@ -224,14 +249,36 @@ class GraphedRegional:
         # make_graphed_callables refuses autocast's weight-cast cache (its casts would live in the graph's memory)
         with torch.autocast(device, dtype=torch.get_autocast_dtype(device),
                             enabled=torch.is_autocast_enabled(device), cache_enabled=False):
-            graphed = torch.cuda.make_graphed_callables(
-                _TrainingForward(self.model, self.regional), (input_ids.clone(), labels.clone()),
-                allow_unused_input=True)
+            forward = _TrainingForward(self.model, self.regional)
+            args = (input_ids.clone(), labels.clone())
+            self._warm_up(forward, args)
+            graphed = torch.cuda.make_graphed_callables(forward, args, num_warmup_iters=0, allow_unused_input=True)
+        forward.release_autograd_graph()
         with torch.no_grad():
             for b, s in zip(buffers, saved):
                 b.copy_(s)
         torch.cuda.empty_cache()  # the warm-up ran on a side stream: its cached blocks serve nothing else
         return graphed
+
+
+def start_compile_workers() -> bool:
+    """Start Inductor's kernel-compiling worker processes now rather than when the first graph reaches Inductor.
+
+    Inductor compiles each graph's Triton kernels in a pool of worker processes, which it starts at the first
+    graph it gets: a process that imports torch and then forks one worker per core, seconds on a fresh machine
+    that the first training step waits for. train() calls this before data preparation, so the workers come up
+    while the data, the model and the validation before fit are prepared. Only where Triton compiles for a CUDA
+    GPU (on CPU Inductor compiles C++ without this pool). Returns whether the pool was started; a torch without
+    this hook (a private API) starts it at the first graph, as before."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+
+        maybe_warm_pool()
+    except Exception:  # never let an optimisation of the start end a run
+        return False
+    return True
 
 
 def compile_model(model: nn.Module, spec: CompileSpec, **compile_kwargs):

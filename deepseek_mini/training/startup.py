@@ -5,6 +5,10 @@ torch imports, Hydra, data preparation, model build, compilation, the first batc
 Jobs of a multirun that share one process count from their own train() call (the launch was the first
 job's). Compile time is torch's own account: dynamo + AOTAutograd + Inductor, forward and backward graphs
 (`torch._dynamo.utils.calculate_time_spent`), since this job started.
+
+`mark(stage)` records when each part before trainer.fit() ended (train() marks "data", "model",
+"validation"), so results.json can say where the wait went (`stage_seconds`): Python starting and the imports
+("launch", up to train()), data preparation, the model and trainer, the validation before training.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 _job_start: float | None = None  # time.perf_counter() value this job's clock counts from
 _compile_base = 0.0  # torch's cumulative compile seconds when this job started
 _jobs = 0
+_marks: dict[str, float] = {}  # stage -> seconds since this job's start when it ended
 
 
 def process_age() -> float | None:
@@ -46,13 +51,28 @@ def compile_seconds_total() -> float:
 
 def start_job() -> float:
     """Start this job's clock (train() calls it first thing); returns its perf_counter() origin."""
-    global _job_start, _compile_base, _jobs
+    global _job_start, _compile_base, _jobs, _marks
     now = time.perf_counter()
     age = process_age() if _jobs == 0 else None
     _job_start = now - age if age is not None else now
     _compile_base = compile_seconds_total()
     _jobs += 1
+    _marks = {"launch": now - _job_start}  # Python, the imports and Hydra (0 for a multirun's later jobs)
     return _job_start
+
+
+def mark(stage: str) -> None:
+    """Record that `stage` (one of this job's parts before trainer.fit()) ended now."""
+    _marks[stage] = seconds_since_start()
+
+
+def stage_seconds() -> dict[str, float]:
+    """Each marked stage's own seconds (from the end of the one before it), in the order they were marked."""
+    out, last = {}, 0.0
+    for stage, at in _marks.items():
+        out[stage] = round(max(0.0, at - last), 2)
+        last = at
+    return out
 
 
 def seconds_since_start() -> float:

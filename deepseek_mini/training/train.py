@@ -28,6 +28,7 @@ from deepseek_mini.training.checkpoint_io import (
     read_checkpoint_meta,
     remove_stale_temp_files,
 )
+from deepseek_mini.training.compile import start_compile_workers
 from deepseek_mini.training.console import quiet_console
 from deepseek_mini.training.errors import fault_message, task_wrapper
 from deepseek_mini.training.guards import InterruptCheckpoint, NonFiniteLossGuard, fault_injector_from_env
@@ -41,7 +42,7 @@ from deepseek_mini.training.resume import (
     resolve_ckpt_path,
 )
 from deepseek_mini.training.run_config import RunConfig
-from deepseek_mini.training.startup import start_job
+from deepseek_mini.training.startup import mark, stage_seconds, start_job
 from deepseek_mini.training.threads import set_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,9 @@ def validate_before_fit(run: RunConfig, resume: Resume, p: Parts) -> None:
     if _single_entry(p.trainer):
         log.info("FSDP: no validation before fit() or after it; val_loss is that of the last in-fit validation")
     if run.val_before_fit and resume.path is None and not fast and not _single_entry(p.trainer):
-        with p.module.eager():  # no eval-graph compilation before the first step (LitDeepSeek.eager)
+        # no eval-graph compilation before the first step, and the weights stay where fit() trains them
+        # (LitDeepSeek.eager, .kept_on_device)
+        with p.module.eager(), p.module.kept_on_device():
             p.history.val_loss_start = float(_validate(p)[0]["val/loss"])
         log.info("val loss before training: %.4f", p.history.val_loss_start)
 
@@ -301,6 +304,9 @@ def results(cfg: DictConfig, run: RunConfig, resume: Resume, p: Parts, t_start: 
         "time_to_first_step_sec": _first_step_secs(p, "time_to_first_step"),
         "fit_to_first_step_sec": _first_step_secs(p, "fit_to_first_step"),
         "compile_time_sec": _first_step_secs(p, "compile_time"),
+        # the parts before fit(): launch (Python, imports, Hydra), data, model (+ trainer), validation (before
+        # training); with fit_to_first_step_sec they add up to time_to_first_step_sec
+        "startup_sec": stage_seconds(),
         "compile": run.compile,  # what was compiled and how ("regional", "full:reduce-overhead"), None: eager
         "wall_time_sec": round(time.perf_counter() - t_start, 2),
         # this rank's peak of torch's allocator (rank 0 writes results.json); None on CPU
@@ -361,14 +367,19 @@ def train(cfg: DictConfig) -> dict:
     run = RunConfig.from_cfg(cfg, output_dir)  # every setting, before data preparation or any write
     set_cpu_threads(cfg.get("cpu_threads", "auto"), cfg.trainer)  # before any torch work; training/threads.py
     log.info(run.summary((cfg.get("data") or {}).get("source")))
+    if run.compile and str(run.trainer.accelerator).lower() in ("auto", "gpu", "cuda"):
+        start_compile_workers()  # Inductor's compile workers start while the data and model are prepared
     resume = checkpoint_to_resume(run)  # verified (zip/CRC) before data preparation
     acquire_run_lock(output_dir)
     try:
         remove_stale_temp_files(_checkpoint_dir(cfg, output_dir))
         L.seed_everything(run.seed, workers=True)
         dm, model_cfg = prepare_data(cfg, run, resume)
+        mark("data")
         parts = build_parts(cfg, run, resume, dm, model_cfg)
+        mark("model")
         validate_before_fit(run, resume, parts)
+        mark("validation")
         fit_time = fit(cfg, run, resume, parts, t_start)
         checkpoint, best = finish(run, parts)
         res = results(cfg, run, resume, parts, t_start, fit_time, checkpoint=checkpoint, best=best)
