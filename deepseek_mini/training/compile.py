@@ -30,9 +30,9 @@ graph for the forward, one for the backward). It trained right on one GPU, under
 (OneGraphUnderDDP below; 1.47x one GPU on two H200s, the all-reduce not overlapped) and under expert parallelism
 with the padded dispatch, whose all-to-alls run inside the graphs (0.93x DDP there). `regional:reduce-overhead`
 records the same two graphs over the regionally compiled model (GraphedRegional, torch.cuda.make_graphed_callables):
-on one H200 (2026-12-01, docs/benchmarks.md) it stepped at 98.6-98.7% of the whole-model graph's speed with 1.4
-GiB less memory and reached the first step 51 s after a cold launch against 70 s (24.7 s against 38.4 s warm) on
-one machine; cold starts differed by up to ~15 s between machines.
+on one H200 (2026-12-01, docs/benchmarks.md) it stepped at 98.6-98.7% of the whole-model graph's speed with 2.8
+GiB less memory and reached the first step 34 s after a cold launch (20.9 s warm); the whole-model graph's first
+step came at 70 s (38 s warm) on another machine, and cold starts differed by up to ~15 s between machines.
 Its earlier meaning, cudagraph trees per block, stepped 14% slower on one H200 and under DDP on two trained
 nothing (gradient norm inf from step 19, torch warning that the AccumulateGrad node's stream did not match that
 of the graph that produced the gradient); GraphedRegional has run on one GPU only, so the run config refuses it
