@@ -3,10 +3,11 @@
 Router.route picks, per row of the [T, E] selection scores, the K highest, the lowest index first among equal
 scores: the first K of a stable descending sort. Written as that sort, torch.compile fuses a bitonic sorting
 network into the routing kernel. It runs fast (torch.topk's separate radix select cost 0.65 ms per `small` step on
-an H100), but the network is large to compile: Triton built its three configurations one after the other for ~19 s
-of a cold start's ~26 s of compilation on an H200, about 13 s for the largest (docs/benchmarks.md). Here K
-rounds of "take the row's maximum, mark it taken" select the same experts in the same order. Inductor calls the
-kernel as an opaque custom op, and Triton compiles it once, in about a second.
+an H100), but the network is large to compile: on an H200 its three Triton configurations finished ~19 s after the
+kernels compiled with them, the largest 13 s after the one before (docs/benchmarks.md). Here K rounds of "take
+the row's maximum, mark it taken" select the same experts in the same order. Inductor calls the kernel as an
+opaque custom op, and Triton compiles it once, in one configuration: a cold `small_gpu` start compiled for 14.7 s
+instead of 27.1 s on one machine, at the same tokens/s.
 
 fp32 scores only (what the router selects on in a bf16 or fp32 model): an fp64 model's scores would be rounded
 first, which could merge two scores the sort keeps apart. Elsewhere the caller sorts.
