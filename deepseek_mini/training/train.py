@@ -367,7 +367,7 @@ def train(cfg: DictConfig) -> dict:
     run = RunConfig.from_cfg(cfg, output_dir)  # every setting, before data preparation or any write
     set_cpu_threads(cfg.get("cpu_threads", "auto"), cfg.trainer)  # before any torch work; training/threads.py
     log.info(run.summary((cfg.get("data") or {}).get("source")))
-    if run.compile and str(run.trainer.accelerator).lower() in ("auto", "gpu", "cuda"):
+    if run.compile and run.trainer.on_gpu:
         start_compile_workers()  # Inductor's compile workers start while the data and model are prepared
     resume = checkpoint_to_resume(run)  # verified (zip/CRC) before data preparation
     acquire_run_lock(output_dir)
