@@ -105,3 +105,216 @@ def test_compile_workers_start_early_only_where_triton_compiles_for_a_gpu(monkey
 
     monkeypatch.setattr(async_compile, "maybe_warm_pool", broken)
     assert start_compile_workers() is False
+
+
+# ---------------------------------------------------------------- Triton kernels compiled ahead of their first launch
+def _variant(kernel, args: tuple, kwargs: dict) -> tuple:
+    """What Triton compiles a kernel variant for, from a launch's or a warm-up's arguments: a tensor by its dtype
+    (a warm-up passes the dtype itself), an int by its value unless the kernel does not specialize on it, a float
+    as a float; the keyword arguments (constexprs, num_warps) by value."""
+    out = []
+    for param, arg in zip(kernel.params, args):
+        if isinstance(arg, torch.Tensor):
+            arg = arg.dtype
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            arg = "int" if param.do_not_specialize else arg
+        elif isinstance(arg, float):
+            arg = "float"
+        out.append((param.name, arg))
+    assert len(args) + len(set(kwargs) & {p.name for p in kernel.params}) == len(kernel.params)  # every argument
+    return kernel.fn.__name__, tuple(out), tuple(sorted(kwargs.items()))
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """runtime.launch recorded instead of run (CPU tensors take the kernels' paths: INTERPRET on): {"launch":
+    variants launched, "warmup": variants a compile_ahead job compiles}. Launches whose outputs the test goes on
+    to use get the reference results written in (the router's top-k, the SwiGLU backward, the norm's partial sums)."""
+    from deepseek_mini.kernels import routing, runtime, swiglu
+
+    if runtime.triton is None:
+        pytest.skip("Triton is not installed (CPU-only torch)")
+    monkeypatch.setattr(runtime, "INTERPRET", True)
+    seen = {"launch": set(), "warmup": set()}
+
+    def launch(kernel, grid, *args, warmup=False, **kwargs):
+        seen["warmup" if warmup else "launch"].add(_variant(kernel, args, kwargs))
+        if warmup:
+            return
+        if kernel is routing._top_k_rows:
+            select, ids, k = args[0], args[1], kwargs["K"]
+            ids.copy_(select.sort(dim=-1, descending=True, stable=True).indices[:, :k])
+        elif kernel is swiglu._swiglu_backward:
+            h, grad_a, w, grad_h, grad_w = (t.float() for t in args[:5])
+            g, u = h.chunk(2, dim=-1)
+            sig = torch.sigmoid(g)
+            args[4].copy_((grad_a * g * sig * u).sum(-1))
+            grad_a = grad_a * w[:, None]
+            args[3].copy_(torch.cat([grad_a * u * sig * (1 + g * (1 - sig)), grad_a * g * sig], dim=-1))
+        elif kernel.fn.__name__ == "_sum_squares_kernel":
+            args[3].zero_()
+
+    monkeypatch.setattr(runtime, "launch", launch)
+    monkeypatch.setattr(runtime, "compiles", lambda: True)
+    # compile_ahead's jobs run at once, in this thread (their threads and CUDA devices are tested below)
+    monkeypatch.setattr(runtime, "compile_ahead", lambda jobs, device=None: [job() for _, job in jobs.values()])
+    return seen
+
+
+def test_model_kernels_compiled_ahead_are_the_variants_a_training_step_launches(recorded_launches):
+    """training_kernels(cfg, bf16) must compile exactly what the model's forward and backward launch with 16-bit
+    activations (the router's top-k on fp32 scores, the SwiGLU backward with fp32 gates), or the first step
+    compiles again what was compiled ahead. Checked at two shapes: E, K and I are compiled in, the number of
+    tokens is not."""
+    from deepseek_mini.config import ModelConfig
+    from deepseek_mini.kernels import runtime
+    from deepseek_mini.model import DeepSeekV2
+    from deepseek_mini.model.moe import training_kernels
+    from tests.model_helpers import SMALL_MODEL
+
+    def tiny_config(**fields):
+        return ModelConfig(**{**SMALL_MODEL, **fields})
+
+    for fields, tokens in (({}, (2, 16)), ({"n_routed_experts": 16, "num_experts_per_tok": 3,
+                                            "moe_intermediate_size": 48}, (3, 7))):
+        recorded_launches["launch"].clear(), recorded_launches["warmup"].clear()
+        cfg = tiny_config(**fields)
+        model = DeepSeekV2(cfg).to(torch.bfloat16)  # bf16 activations on the CPU, as autocast gives on a GPU
+        x = torch.randint(0, cfg.vocab_size, tokens)
+        model(x, x).loss.backward()
+        runtime.compile_ahead(training_kernels(cfg, torch.bfloat16))
+        names = {v[0] for v in recorded_launches["launch"]}
+        assert names == {"_top_k_rows", "_swiglu_backward"}, names
+        assert recorded_launches["warmup"] == recorded_launches["launch"]
+    assert training_kernels(tiny_config(n_routed_experts=None), torch.bfloat16) == {}
+    assert set(training_kernels(tiny_config(), torch.float32)) == {f"route_top_k E={tiny_config().n_routed_experts} "
+                                                                  f"K={tiny_config().num_experts_per_tok}"}
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_optimizer_kernels_compiled_ahead_are_the_variants_its_steps_launch(recorded_launches, scaled):
+    """TritonAdamW.compile_ahead must compile the step for each kind of tensor it updates (fp32 parameters, bf16 ones
+    with fp32 masters, bf16 moments) and the gradient norm per gradient dtype, with or without a grad_scale."""
+    from deepseek_mini.optim.adamw import TritonAdamW
+    from deepseek_mini.optim.clip import clip_in_fused_step, grad_norm
+
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (300, 5000, 64, 4100)]
+    opt = TritonAdamW(params, betas=(0.9, 0.95), moments_dtype=torch.bfloat16)
+    opt.keep_fp32_masters(params[2:])
+    opt.compile_ahead(scaled=scaled)
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=p.dtype)
+    if scaled:
+        clip_in_fused_step(opt, params, 1.0)
+    else:
+        grad_norm(opt, [p.grad for p in params])
+    opt.step()
+    names = {v[0] for v in recorded_launches["launch"]}
+    assert names == {"_adamw_kernel", "_sum_squares_kernel"}, names
+    assert recorded_launches["warmup"] == recorded_launches["launch"]
+
+
+def test_compile_ahead_runs_each_job_once_in_the_background_and_a_launch_waits_for_it(monkeypatch):
+    """A job runs in another thread; a name started before is not started again; a failing job ends quietly (the
+    launch compiles and raises for itself); a launch of a kernel still compiling ahead waits for that compilation."""
+    import contextlib
+    import threading
+    import time
+
+    from deepseek_mini.kernels import runtime
+
+    monkeypatch.setattr(runtime, "compiles", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(runtime, "_started", {})
+    monkeypatch.setattr(runtime, "_pending", {})
+    threads, order = [], []
+
+    def job():
+        threads.append(threading.current_thread())
+        time.sleep(0.3)
+        order.append("compiled")
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: order.append("launched")
+
+    kernel = Kernel()
+    assert len(runtime.compile_ahead({"k variant": (kernel, job)}, device=0)) == 1
+    assert runtime.compile_ahead({"k variant": (kernel, job)}, device=0) == []  # started already
+    runtime.launch(kernel, (1,))
+    assert order == ["compiled", "launched"]
+    assert threads and threads[0] is not threading.main_thread()
+
+    def broken():
+        raise RuntimeError("no ptxas")
+
+    [future] = runtime.compile_ahead({"broken": (kernel, broken)}, device=0)
+    assert future.result(timeout=10) is None
+    runtime.launch(kernel, (1,))  # nothing left to wait for
+    assert order == ["compiled", "launched", "launched"]
+    monkeypatch.setattr(runtime, "compiles", lambda: False)  # CPU, interpreter: nothing is compiled ahead
+    assert runtime.compile_ahead({"other": (kernel, job)}, device=0) == []
+    assert runtime.compile_ahead({"other": (kernel, job)}, device=torch.device("cpu")) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles for a GPU only")
+def test_on_a_gpu_the_first_launches_use_the_kernels_compiled_ahead(monkeypatch):
+    """The real thing: after the ahead-of-time compilations finish, a bf16-autocast forward, backward and clipped
+    AdamW step with fp32 masters compile no kernel variant of their own (Triton's per-kernel caches do not grow)."""
+    from deepseek_mini.config import ModelConfig
+    from deepseek_mini.kernels import adamw as adamw_kernels
+    from deepseek_mini.kernels import routing, runtime, swiglu
+    from deepseek_mini.model import DeepSeekV2
+    from deepseek_mini.model.moe import training_kernels
+    from deepseek_mini.optim.adamw import TritonAdamW
+    from deepseek_mini.optim.clip import clip_in_fused_step
+    from deepseek_mini.optim.precision import bf16_weight_parameters
+    from tests.model_helpers import SMALL_MODEL
+
+    if runtime.triton is None:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(runtime, "_started", {})
+    monkeypatch.setattr(runtime, "_pending", {})
+    kernels = [routing._top_k_rows, swiglu._swiglu_backward, adamw_kernels._adamw_kernel,
+               adamw_kernels._sum_squares_kernel]
+    for k in kernels:  # compiled by an earlier test: start from empty in-memory caches (Triton's disk cache stays)
+        k.device_caches.clear()
+    device = torch.cuda.current_device()
+    cfg = ModelConfig(**{**SMALL_MODEL, "n_routed_experts": 24, "num_experts_per_tok": 3, "moe_intermediate_size": 40})
+    model = DeepSeekV2(cfg).cuda()
+    opt = TritonAdamW(model.parameters(), betas=(0.9, 0.95), moments_dtype=torch.bfloat16)
+    opt.keep_fp32_masters(bf16_weight_parameters(model))
+    runtime.compile_ahead(training_kernels(cfg, torch.bfloat16), device)
+    opt.compile_ahead(scaled=True)
+    for future in runtime._started.values():
+        future.result(timeout=300)
+    compiled = {k.fn.__name__: len(k.device_caches[device][0]) for k in kernels}
+    assert all(n >= 1 for n in compiled.values()), compiled
+    x = torch.randint(0, cfg.vocab_size, (2, 40), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x, x).loss
+    loss.backward()
+    clip_in_fused_step(opt, list(model.parameters()), 1.0)
+    opt.step()
+    torch.cuda.synchronize()
+    assert {k.fn.__name__: len(k.device_caches[device][0]) for k in kernels} == compiled
+
+
+def test_eager_routing_takes_the_sort_while_its_kernel_compiles_ahead(monkeypatch):
+    """The validation before fit runs eagerly while the top-k kernel may still be compiling in the background: the
+    router then sorts (the same experts in the same order) instead of waiting; once compiled, the kernel."""
+    from concurrent.futures import Future
+
+    from deepseek_mini.kernels import routing, runtime
+
+    if runtime.triton is None:
+        pytest.skip("Triton is not installed (CPU-only torch)")
+    monkeypatch.setattr(runtime, "INTERPRET", True)
+    monkeypatch.setattr(runtime, "_pending", {})
+    select = torch.rand(8, 16)
+    assert routing.available(select, 4)
+    running = Future()
+    runtime._pending[routing._top_k_rows] = [running]
+    assert not routing.available(select, 4)
+    running.set_result(None)
+    assert routing.available(select, 4)

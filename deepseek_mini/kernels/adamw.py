@@ -126,13 +126,20 @@ def adamw_step(cache: dict, slot: tuple, arrays: list[list[torch.Tensor]], scale
     table, block_tensor, n_blocks, aligned = _tensor_table(cache, slot, arrays)
     if n_blocks == 0:  # empty tensors only
         return
+    _launch_step([a[0] for a in arrays], arrays[0][0] if scale is None else scale, table, block_tensor, n_blocks,
+                 lr, betas, eps, weight_decay, has_scale=scale is not None, has_copy=has_copy,
+                 bf16_moments=arrays[2][0].dtype == torch.bfloat16, aligned=aligned)
+
+
+def _launch_step(firsts, scale, table, block_tensor, n_blocks: int, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float, has_scale: bool, has_copy: bool, bf16_moments: bool, aligned: bool,
+                 warmup: bool = False):
     beta1, beta2 = betas
-    vals = arrays[0]
-    _adamw_kernel[(n_blocks,)](
-        *(a[0] for a in arrays), vals[0] if scale is None else scale, table, block_tensor, lr, beta1, beta2,
+    return runtime.launch(
+        _adamw_kernel, (n_blocks,), *firsts, scale, table, block_tensor, lr, beta1, beta2,
         math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf, eps,
-        1.0 - lr * weight_decay, HAS_SCALE=scale is not None, HAS_COPY=has_copy,
-        BF16_MOMENTS=arrays[2][0].dtype == torch.bfloat16, ALIGNED=aligned, BLOCK=BLOCK, num_warps=8)
+        1.0 - lr * weight_decay, HAS_SCALE=has_scale, HAS_COPY=has_copy, BF16_MOMENTS=bf16_moments, ALIGNED=aligned,
+        BLOCK=BLOCK, num_warps=8, warmup=warmup)
 
 
 def sum_squares(cache: dict, slot: tuple, grads: list[torch.Tensor]) -> torch.Tensor | None:
@@ -142,9 +149,34 @@ def sum_squares(cache: dict, slot: tuple, grads: list[torch.Tensor]) -> torch.Te
     if n_blocks == 0:
         return None
     partial = torch.empty(n_blocks, dtype=torch.float32, device=grads[0].device)
-    _sum_squares_kernel[(n_blocks,)](grads[0], table, block_tensor, partial, ALIGNED=aligned, BLOCK=BLOCK,
-                                     num_warps=8)
+    _launch_sum_squares(grads[0], table, block_tensor, partial, n_blocks, aligned)
     return partial.sum()
+
+
+def _launch_sum_squares(g, table, block_tensor, partial, n_blocks: int, aligned: bool, warmup: bool = False):
+    return runtime.launch(_sum_squares_kernel, (n_blocks,), g, table, block_tensor, partial, ALIGNED=aligned,
+                          BLOCK=BLOCK, num_warps=8, warmup=warmup)
+
+
+def warm_up(grad_dtypes: dict[torch.dtype, bool], moments_dtype: torch.dtype, has_scale: bool) -> dict:
+    """The compile_ahead jobs (kernels/runtime.py) of an optimizer's step and gradient norm: `grad_dtypes` maps
+    each kind of tensor it updates, by gradient dtype, to whether it has an fp32 master (a bf16 copy to write);
+    `has_scale`: the step divides by `grad_scale` (clipping folded into the step). Arrays aligned on 32 bytes,
+    as the caching allocator places them."""
+    if triton is None:
+        return {}
+    f32, i64, moments = torch.float32, torch.int64, moments_dtype
+    jobs = {}
+    for grad, has_copy in grad_dtypes.items():
+        firsts = (f32, grad, moments, moments, torch.bfloat16 if has_copy else f32, f32)
+        name = (f"adamw_step grads {str(grad).removeprefix('torch.')} master {has_copy} moments "
+                f"{str(moments).removeprefix('torch.')} scale {has_scale}")
+        jobs[name] = (_adamw_kernel, lambda firsts=firsts, has_copy=has_copy: _launch_step(
+            firsts, f32, i64, torch.int32, 1, 1e-3, (0.9, 0.95), 1e-8, 0.1, has_scale=has_scale, has_copy=has_copy,
+            bf16_moments=moments == torch.bfloat16, aligned=True, warmup=True))
+        jobs[f"sum_squares {str(grad).removeprefix('torch.')}"] = (_sum_squares_kernel, lambda grad=grad: (
+            _launch_sum_squares(grad, i64, torch.int32, f32, 1, True, warmup=True)))
+    return jobs
 
 
 def _tensor_table(cache: dict, slot: tuple, arrays: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, int, bool]:

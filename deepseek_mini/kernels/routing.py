@@ -24,7 +24,7 @@ MAX_EXPERTS = 512  # one row per program row: E scores in registers
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # T only bounds a mask: one compiled variant for every number of rows
     def _top_k_rows(select_ptr, ids_ptr, T, E, stride_t, K: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_E: tl.constexpr):
         offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -45,9 +45,12 @@ if triton is not None:
 
 
 def available(select: torch.Tensor, k: int) -> bool:
-    """Triton can run on these scores (CUDA, or the interpreter), they are fp32 rows, and there are enough."""
+    """Triton can run on these scores (CUDA, or the interpreter), they are fp32 rows, and there are enough; and,
+    outside torch.compile, the kernel is not still being compiled ahead (kernels/runtime.py): the caller's sort
+    selects the same experts in the same order meanwhile, so the validation before fit waits for no compiler."""
     return (runtime.runs_on(select) and select.dtype == torch.float32 and select.dim() == 2
-            and 0 < k <= select.shape[1] <= MAX_EXPERTS)
+            and 0 < k <= select.shape[1] <= MAX_EXPERTS
+            and (torch.compiler.is_compiling() or not runtime.compiling(_top_k_rows)))
 
 
 def _top_k_op(select: torch.Tensor, k: int) -> torch.Tensor:
@@ -56,11 +59,23 @@ def _top_k_op(select: torch.Tensor, k: int) -> torch.Tensor:
     ids = torch.empty(T, k, dtype=torch.long, device=select.device)
     if T == 0:  # no rows, no programs
         return ids
+    _launch(select, ids, T, E, select.stride(0), k)
+    return ids
+
+
+def _launch(select, ids, T: int, E: int, stride_t: int, k: int, warmup: bool = False):
     BLOCK_E = triton.next_power_of_2(E)
     BLOCK_T = max(1, min(64, 4096 // BLOCK_E))  # ~4K scores per program
-    _top_k_rows[(triton.cdiv(T, BLOCK_T),)](select, ids, T, E, select.stride(0), K=k, BLOCK_T=BLOCK_T,
-                                              BLOCK_E=BLOCK_E, num_warps=4)
-    return ids
+    return runtime.launch(_top_k_rows, (triton.cdiv(T, BLOCK_T),), select, ids, T, E, stride_t, K=k,
+                          BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4, warmup=warmup)
+
+
+def warm_up(n_experts: int, k: int) -> dict:
+    """The compile_ahead job (kernels/runtime.py) for the top-k of contiguous fp32 [T, n_experts] scores."""
+    if triton is None:
+        return {}
+    return {f"route_top_k E={n_experts} K={k}": (_top_k_rows, lambda: _launch(
+        torch.float32, torch.int64, 1024, n_experts, n_experts, k, warmup=True))}
 
 
 def top_k(select: torch.Tensor, k: int) -> torch.Tensor:

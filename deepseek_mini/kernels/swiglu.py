@@ -20,7 +20,7 @@ from deepseek_mini.kernels.runtime import tl, triton
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows"])  # n_rows only bounds masks: one variant for every number of rows
     def _swiglu_backward(h_ptr, grad_ptr, w_ptr, grad_h_ptr, grad_w_ptr, n_rows,
                          WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,11 +53,25 @@ def _swiglu_backward_op(grad_a: torch.Tensor, h: torch.Tensor, w: torch.Tensor) 
     grad_w = torch.empty(n, device=h.device, dtype=torch.float32)
     if n == 0:  # no rows, no programs (a grid of 0 is not a valid launch)
         return grad_h, grad_w.to(w.dtype)
+    _launch(h, grad_a, w, grad_h, grad_w, n, width)
+    return grad_h, grad_w.to(w.dtype)
+
+
+def _launch(h, grad_a, w, grad_h, grad_w, n: int, width: int, warmup: bool = False):
     BLOCK_I = triton.next_power_of_2(width)
     BLOCK_N = max(1, 4096 // BLOCK_I)  # ~4K values of each operand per program
-    _swiglu_backward[(triton.cdiv(n, BLOCK_N),)](h, grad_a, w, grad_h, grad_w, n, WIDTH=width, BLOCK_N=BLOCK_N,
-                                                  BLOCK_I=BLOCK_I, num_warps=8)
-    return grad_h, grad_w.to(w.dtype)
+    return runtime.launch(_swiglu_backward, (triton.cdiv(n, BLOCK_N),), h, grad_a, w, grad_h, grad_w, n,
+                          WIDTH=width, BLOCK_N=BLOCK_N, BLOCK_I=BLOCK_I, num_warps=8, warmup=warmup)
+
+
+def warm_up(width: int, dtype: torch.dtype, gate_dtype: torch.dtype) -> dict:
+    """The compile_ahead job (kernels/runtime.py) for rows of `width` (I) in `dtype` (the 16-bit h and grad_a)
+    with gate values in `gate_dtype`."""
+    if triton is None:
+        return {}
+    name = f"swiglu_backward I={width} {str(dtype).removeprefix('torch.')} gates {str(gate_dtype).removeprefix('torch.')}"
+    return {name: (_swiglu_backward, lambda: _launch(dtype, dtype, gate_dtype, dtype, torch.float32, 1024, width,
+                                                     warmup=True))}
 
 
 def swiglu_backward(grad_a: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

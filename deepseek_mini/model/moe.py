@@ -370,6 +370,20 @@ def tokens_to_groups(routed_XE: torch.Tensor, n_groups: int) -> torch.Tensor:
     return routed_XE.view(*routed_XE.shape[:-1], n_groups, -1).amax(-1)
 
 
+def training_kernels(cfg: ModelConfig, activation_dtype: torch.dtype) -> dict:
+    """The Triton kernels a training step of this model launches, as kernels/runtime.compile_ahead jobs: the
+    router's top-k (fp32 selection scores, Router.route) and, for 16-bit activations (bf16/fp16 autocast or
+    weights), the routed experts' SwiGLU backward (_GatedSwiGLU; gate values in fp32). Empty for a dense model."""
+    if not cfg.num_moe_layers:
+        return {}
+    jobs = {}
+    if 0 < cfg.num_experts_per_tok <= cfg.n_routed_experts <= routing_kernel.MAX_EXPERTS:
+        jobs.update(routing_kernel.warm_up(cfg.n_routed_experts, cfg.num_experts_per_tok))
+    if activation_dtype in (torch.bfloat16, torch.float16):
+        jobs.update(swiglu_kernel.warm_up(cfg.moe_intermediate_size, activation_dtype, torch.float32))
+    return jobs
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

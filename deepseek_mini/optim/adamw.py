@@ -134,6 +134,22 @@ class TritonAdamW(torch.optim.AdamW):
             for p, data in low.items():
                 p.data = data
 
+    def compile_ahead(self, scaled: bool) -> None:
+        """Start compiling the kernels of this optimizer's steps now, in background threads
+        (kernels/runtime.compile_ahead), rather than at the first step, after the first backward: one variant of
+        the step per kind of tensor (fp32 parameters; bf16 ones with fp32 masters) and of the gradient norm per
+        gradient dtype. `scaled`: the steps will divide the gradients by `grad_scale` (clipping folded into the
+        step, optim/clip.py, or fp16's GradScaler). Call it once the masters are kept."""
+        kinds: dict[torch.dtype, bool] = {}  # gradient dtype (the parameter's) -> has an fp32 master
+        device = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.masters or (p.dtype == torch.float32 and p.is_contiguous() and runtime.runs_on(p)):
+                    kinds[p.dtype] = p in self.masters
+                    device = p.device
+        if kinds:
+            runtime.compile_ahead(kernel.warm_up(kinds, self.moments_dtype, scaled), device)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -55,6 +55,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from deepseek_mini.config import ModelConfig
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("regional", "full")
 DEFAULT_SCOPE = "regional"  # what compile=true means
@@ -279,6 +281,28 @@ def start_compile_workers() -> bool:
     except Exception:  # never let an optimisation of the start end a run
         return False
     return True
+
+
+def activation_dtype(precision: str) -> torch.dtype:
+    """The dtype of the activations (and so of the 16-bit kernels' inputs) under a Lightning precision setting."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def compile_kernels_ahead(model_cfg: ModelConfig, precision: str, device: torch.device | int) -> int:
+    """Start compiling the Triton kernels the model's training steps launch (model.moe.training_kernels: the
+    router's top-k, the experts' SwiGLU backward) in background threads (kernels/runtime.compile_ahead), so that
+    neither the validation before fit nor the first step waits for them. train() calls it at its start on one
+    GPU, LitDeepSeek.configure_optimizers again on every rank (what was started is not started again). Returns
+    how many compilations it started (0 off CUDA)."""
+    from deepseek_mini.kernels import runtime
+    from deepseek_mini.model.moe import training_kernels
+
+    return len(runtime.compile_ahead(training_kernels(model_cfg, activation_dtype(precision)), device))
 
 
 def compile_model(model: nn.Module, spec: CompileSpec, **compile_kwargs):

@@ -32,7 +32,7 @@ from deepseek_mini.optim.clip import clip_in_fused_step, grad_norm
 from deepseek_mini.optim.policy import build_adamw, param_groups
 from deepseek_mini.optim.precision import bf16_weight_parameters, bf16_weights_on
 from deepseek_mini.optim.schedule import lr_lambda
-from deepseek_mini.training.compile import compile_model, parse_compile
+from deepseek_mini.training.compile import compile_kernels_ahead, compile_model, parse_compile
 from deepseek_mini.training.expert_parallel import is_expert_parallel
 from deepseek_mini.training.val_loss import TokenMeanLoss
 
@@ -280,11 +280,29 @@ class LitDeepSeek(L.LightningModule):
                                 lr=float(o.get("lr", 3e-3)), betas=tuple(o.get("betas", (0.9, 0.95))),
                                 eps=float(o.get("eps", 1e-8)))
         self._use_bf16_weights(optimizer)
+        # the Triton kernels of the step (model, optimizer) compile in the background while the first step is
+        # compiled and run, not one after the other inside it (training/compile.py)
+        compile_kernels_ahead(self.config, str(self.trainer.precision) if self._trainer is not None else "32",
+                              self.device)
+        if isinstance(optimizer, TritonAdamW):
+            optimizer.compile_ahead(scaled=self._step_divides_gradients())
         if getattr(optimizer, "moments_dtype", torch.float32) == torch.bfloat16:
             rank_zero_info("optim.moments_dtype: AdamW moments stored in bf16 (updated in fp32; DeepSeek-V3's optimizer "
                            "states); optim.moments_dtype=float32 keeps them fp32")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.sched_cfg, self.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def _step_divides_gradients(self) -> bool:
+        """Whether the fused AdamW steps of this fit will divide the gradients by `grad_scale`: norm clipping
+        folded into the step (configure_gradient_clipping: one GPU, DDP, expert parallelism; not FSDP's sharded
+        gradients), or fp16's GradScaler."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return True
+        return bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm in (None, "norm") and \
+            not _sharded_grads(trainer)
 
     def _use_bf16_weights(self, optimizer) -> None:
         """optim.bf16_weights: the weight matrices in bf16 for this fit, their fp32 values in the optimizer."""

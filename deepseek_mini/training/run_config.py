@@ -394,6 +394,18 @@ class TrainerSettings:
         return accel in ("gpu", "cuda") or accel == "auto" and _visible_gpus() > 0
 
     @property
+    def single_gpu(self) -> int | None:
+        """The CUDA device index of a run on one GPU in one process (trainer.devices=1 or [i]), else None."""
+        devices = self.devices
+        if not self.on_gpu or self.num_nodes != 1:
+            return None
+        if isinstance(devices, (list, tuple)) and len(devices) == 1:
+            return int(devices[0])
+        if (devices == 1 and not isinstance(devices, bool)) or (devices in ("auto", -1, "-1") and _visible_gpus() == 1):
+            return 0
+        return None
+
+    @property
     def world_size(self) -> int:
         """Processes the run will have: devices x num_nodes, as resume's world-size check counts them (1 where
         Lightning decides at start-up: devices=auto / -1 on a CPU)."""

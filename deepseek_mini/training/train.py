@@ -28,7 +28,7 @@ from deepseek_mini.training.checkpoint_io import (
     read_checkpoint_meta,
     remove_stale_temp_files,
 )
-from deepseek_mini.training.compile import start_compile_workers
+from deepseek_mini.training.compile import compile_kernels_ahead, start_compile_workers
 from deepseek_mini.training.console import quiet_console
 from deepseek_mini.training.errors import fault_message, task_wrapper
 from deepseek_mini.training.guards import InterruptCheckpoint, NonFiniteLossGuard, fault_injector_from_env
@@ -369,6 +369,8 @@ def train(cfg: DictConfig) -> dict:
     log.info(run.summary((cfg.get("data") or {}).get("source")))
     if run.compile and run.trainer.on_gpu:
         start_compile_workers()  # Inductor's compile workers start while the data and model are prepared
+    if run.trainer.single_gpu is not None:  # our Triton kernels compile meanwhile too (other ranks: at fit start)
+        compile_kernels_ahead(run.model, run.trainer.trainer_kwargs()["precision"], run.trainer.single_gpu)
     resume = checkpoint_to_resume(run)  # verified (zip/CRC) before data preparation
     acquire_run_lock(output_dir)
     try:
