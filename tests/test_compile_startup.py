@@ -318,3 +318,25 @@ def test_eager_routing_takes_the_sort_while_its_kernel_compiles_ahead(monkeypatc
     assert not routing.available(select, 4)
     running.set_result(None)
     assert routing.available(select, 4)
+
+
+def test_kernels_compile_from_the_start_only_for_a_run_on_one_gpu(monkeypatch):
+    """train() starts the model's kernel compilations before the data for a one-GPU run, on that GPU; other runs
+    (CPU, several GPUs or nodes) leave them to configure_optimizers, where each rank knows its device."""
+    from deepseek_mini.training import run_config
+
+    monkeypatch.setattr(run_config, "_visible_gpus", lambda: 4)
+
+    def settings(**kw):
+        return run_config.TrainerSettings(max_steps=10, val_check_interval=5, **kw)
+
+    assert settings(accelerator="gpu", devices=1).single_gpu == 0
+    assert settings(accelerator="gpu", devices=[2]).single_gpu == 2
+    assert settings(accelerator="auto", devices=1).single_gpu == 0
+    assert settings(accelerator="gpu", devices=2).single_gpu is None
+    assert settings(accelerator="gpu", devices=[0, 1]).single_gpu is None
+    assert settings(accelerator="gpu", devices="auto").single_gpu is None  # all four
+    assert settings(accelerator="gpu", devices=1, num_nodes=2).single_gpu is None
+    assert settings(accelerator="cpu", devices=1).single_gpu is None
+    monkeypatch.setattr(run_config, "_visible_gpus", lambda: 1)
+    assert settings(accelerator="gpu", devices=-1).single_gpu == 0
