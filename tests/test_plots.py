@@ -93,3 +93,34 @@ def test_sweep_report_on_a_bad_directory_is_one_line(make, tmp_path, capsys):
     assert main([str(d)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: sweep_dir={d}: ")
+
+
+def test_heatmap_of_the_validation_before_training_waits_for_the_first_step(tmp_path):
+    """The validation before fit is drawn after the first optimizer step (its ~0.5 s of matplotlib is not part of the
+    wait for it), then every validation at once, in step order; a fit that ends (or fails) first still draws it."""
+    from types import SimpleNamespace
+
+    from deepseek_mini.training.callbacks import ExpertLoadHeatmap
+
+    module = SimpleNamespace(config=SimpleNamespace(moe_layer_indices=[1, 2]), val_expert_load=torch.rand(2, 8) + 0.5)
+    trainer = SimpleNamespace(global_step=0, training=False, sanity_checking=False, default_root_dir=str(tmp_path),
+                              loggers=[])
+    cb = ExpertLoadHeatmap()
+    cb.on_validation_end(trainer, module)
+    assert not (tmp_path / "expert_load.png").exists() and cb.history == []
+    trainer.training = True
+    cb.on_train_batch_start(trainer, module, None, 0)  # the first step starts: still waiting
+    assert cb.history == []
+    trainer.global_step = 1
+    cb.on_train_batch_start(trainer, module, None, 1)  # the first step is done
+    assert (tmp_path / "expert_load.png").is_file() and [row[0] for row in cb.history] == [0]
+    trainer.global_step, trainer.training = 50, False
+    cb.on_validation_end(trainer, module)
+    assert [row[0] for row in cb.history] == [0, 50]
+
+    for end in ("on_fit_end", "on_exception"):  # no second step: the end of the fit draws it
+        cb = ExpertLoadHeatmap()
+        trainer.global_step = 0
+        cb.on_validation_end(trainer, module)
+        getattr(cb, end)(trainer, module, *([RuntimeError()] if end == "on_exception" else []))
+        assert [row[0] for row in cb.history] == [0]
