@@ -13,6 +13,7 @@ import random
 import shutil
 import warnings
 from itertools import islice
+from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -246,6 +247,42 @@ def test_cache_reuse(tmp_path, monkeypatch, caplog):
     write(tmp_path / "a.txt", "txt", docs(20, seed=9))
     with pytest.raises(AssertionError, match="should have used the cache"):
         dm_for(tmp_path, train_files=f).prepare()
+
+
+def test_unchanged_files_come_from_their_record_and_are_read_only_when_used(tmp_path, monkeypatch):
+    """A second start over the same files reads none of them (hashes, sizes and description from the record); the
+    documents are read when something needs them, and must hash as recorded. A file rewritten in place, even with
+    its size and mtime put back, is read again (its ctime moved)."""
+    import deepseek_mini.data.corpus as corpus_mod
+
+    f = write(tmp_path / "d" / "a.txt", "txt", docs(30))
+    g = write(tmp_path / "d" / "b.txt", "txt", docs(30, seed=3))
+    kw = {"train_files": str(tmp_path / "d"), "cache_dir": str(tmp_path / "cache")}
+    first = load_corpus("text", **kw)
+    real_read = corpus_mod.read_files
+    reads = []
+    monkeypatch.setattr(corpus_mod, "read_files", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    again = load_corpus("text", **kw)
+    assert reads == []
+    fields = ("description", "train_hash", "val_hash", "train_chars", "val_chars", "train_docs", "val_docs", "files")
+    assert [getattr(again, k) for k in fields] == [getattr(first, k) for k in fields]
+    assert [r["text"] for r in again.train] == [r["text"] for r in first.train] and len(reads) == 1
+    assert again.val_docs == len(again.val) and len(reads) == 1  # read once
+
+    stat = os.stat(g)
+    text = Path(g).read_text()
+    Path(g).write_text(text.replace("a", "b", 1) if "a" in text else "x" + text[1:])  # same size, new content
+    os.utime(g, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime
+    assert os.path.getsize(g) == stat.st_size and os.stat(g).st_mtime_ns == stat.st_mtime_ns
+    changed = load_corpus("text", **kw)
+    assert len(reads) == 2 and changed.content_hash != first.content_hash
+
+    # recorded, then changed before its documents were needed: refused, not used under the old hash
+    recorded = load_corpus("text", **kw)
+    assert len(reads) == 2
+    Path(f).write_text("other text " * 50)
+    with pytest.raises(DataError, match="no longer hash as recorded"):
+        len(recorded.train)
 
 
 def test_existing_tokenizer_json(tmp_path, monkeypatch):

@@ -179,7 +179,7 @@ class TextDataModule(L.LightningDataModule):
         corpus = load_corpus(self.corpus_spec)
         log.info(
             "corpus %s: %d train docs (%d chars), %d val docs (%d chars)",
-            corpus.description, len(corpus.train), corpus.train_chars, len(corpus.val), corpus.val_chars,
+            corpus.description, corpus.train_docs, corpus.train_chars, corpus.val_docs, corpus.val_chars,
         )
         tok, tok_path = get_tokenizer(corpus, self.cache_dir, self.requested_vocab_size, self.requested_tokenizer_path)
         cache = build_token_cache(corpus, tok, tok_path, self.cache_dir, num_proc=self.num_proc)
@@ -281,8 +281,8 @@ class TextDataModule(L.LightningDataModule):
         c, tc = self.corpus, self.token_cache
         return {
             "source": c.description,
-            "train_docs": len(c.train),
-            "val_docs": len(c.val),
+            "train_docs": c.train_docs,
+            "val_docs": c.val_docs,
             "train_chars": c.train_chars,
             "val_chars": c.val_chars,
             "train_tokens": tc.n_tokens("train"),
