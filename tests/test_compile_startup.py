@@ -340,3 +340,26 @@ def test_kernels_compile_from_the_start_only_for_a_run_on_one_gpu(monkeypatch):
     assert settings(accelerator="cpu", devices=1).single_gpu is None
     monkeypatch.setattr(run_config, "_visible_gpus", lambda: 1)
     assert settings(accelerator="gpu", devices=-1).single_gpu == 0
+
+
+def test_startup_profile_says_where_each_stage_went(tmp_path, cache_dir):
+    """scripts/bench/startup_profile.py on a tiny CPU run: a section per stage of results.json (start-up, data,
+    model, validation, fit to the first step) whose samples cover the stage's wall time, naming our functions."""
+    import gzip
+    import json
+
+    from tests.conftest import TINY_OVERRIDES, run_cli
+
+    out, run = tmp_path / "prof", tmp_path / "run"
+    proc = run_cli("scripts/bench/startup_profile.py", "--out", str(out), "--", *TINY_OVERRIDES, "trainer.max_steps=1",
+                   "logger=none", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}")
+    res = json.loads((run / "results.json").read_text())
+    summary = (out / "summary.txt").read_text()
+    assert summary.strip() in proc.stdout
+    for stage, secs in [*res["startup_sec"].items(), ("fit, to the first step", res["fit_to_first_step_sec"])]:
+        header = next(line for line in summary.splitlines() if line.startswith(f"== {stage} ("))
+        sampled = float(header.rsplit(": ", 1)[1].split(" s sampled")[0])
+        assert sampled >= 0.6 * secs - 0.05, (stage, secs, header)  # the sampler kept up with the wall clock
+    assert "deepseek_mini/training/module.py:validation_step" in summary or "deepseek_mini/model/" in summary
+    data = json.load(gzip.open(out / "samples.json.gz", "rt"))
+    assert data["samples"] and all(0 <= i < len(data["stacks"]) for _, _, i in data["samples"])
