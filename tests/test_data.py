@@ -390,6 +390,9 @@ def test_invalid_utf8_replaced_counted_warned(tmp_path):
         dm = dm_for(tmp_path, train_files=str(f)).prepare()
     assert dm.describe()["invalid_utf8_replaced"] == 2
     check_batches(dm)
+    with pytest.warns(UserWarning, match=r"2 invalid UTF-8 sequences replaced in .*bad\.txt"):  # from its record
+        again = dm_for(tmp_path, train_files=str(f)).prepare()
+    assert again.describe()["invalid_utf8_replaced"] == 2
 
 
 # ------------------------------------------------------------------------------ batches / order

@@ -19,8 +19,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import sysconfig
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -40,6 +42,8 @@ from .sources import (
     read_stdlib,
     resolve_path,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -165,10 +169,16 @@ def load_corpus(spec: CorpusSpec | str = "stdlib", **spec_fields) -> Corpus:
     record = _record_path(spec)
     if record is not None:
         try:
-            known = json.loads(record.read_text())
-            return Corpus(**known, _read=functools.partial(_read_corpus, spec))  # picklable
+            corpus = Corpus(**json.loads(record.read_text()), _read=functools.partial(_read_corpus, spec))  # picklable
         except (OSError, ValueError, TypeError):  # none yet, or unreadable: read the files
-            pass
+            corpus = None
+        if corpus is not None:
+            if corpus.n_invalid_utf8:  # said at every start, as a read of the files says it
+                msg = (f"{corpus.n_invalid_utf8} invalid UTF-8 sequences replaced in {corpus.description} (counted when "
+                       "its files were first read)")
+                log.warning(msg)
+                warnings.warn(msg, stacklevel=2)
+            return corpus
     corpus = _read_corpus(spec)
     if record is not None:
         _write_record(record, corpus)
