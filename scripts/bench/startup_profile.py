@@ -24,7 +24,6 @@ import argparse
 import collections
 import gzip
 import json
-import os
 import runpy
 import sys
 import threading
@@ -34,21 +33,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _process_age() -> float:
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    with open("/proc/uptime") as f:
-        return float(f.read().split()[0]) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
 class Sampler:
-    """The main thread's stack every `interval` seconds, on the clock of results.json (seconds since the launch)."""
+    """The main thread's stack every `interval` seconds. Samples keep the raw perf_counter() time; `t0` (the process
+    launch on that clock, set once deepseek_mini's job clock is importable) turns them into results.json's time."""
 
     def __init__(self, interval: float):
-        try:
-            self.t0 = time.perf_counter() - _process_age()
-        except (OSError, ValueError, IndexError):  # no /proc: count from here
-            self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter()  # until set_launch()
         self.interval, self.main = interval, threading.main_thread().ident
         self.ids: dict[str, int] = {}
         self.stacks: list[str] = []
@@ -77,11 +67,20 @@ class Sampler:
             if key not in self.ids:
                 self.ids[key] = len(self.stacks)
                 self.stacks.append(key)
-            self.samples.append((round(now - self.t0, 4), round(now - last, 4), self.ids[key]))
+            self.samples.append((now, round(now - last, 4), self.ids[key]))
             last = now
 
     def start(self) -> None:
         self._thread.start()
+
+    def set_launch(self, age: float | None) -> None:
+        """The process is `age` seconds old now (None: unknown, count from the sampler's start)."""
+        if age is not None:
+            self.t0 = time.perf_counter() - age
+
+    def timed_samples(self) -> list[tuple[float, float, int]]:
+        """(seconds since the launch, seconds the sample stands for, stack id) of every sample."""
+        return [(round(t - self.t0, 4), dt, i) for t, dt, i in self.samples]
 
     def stop(self) -> None:
         self._stop.set()
@@ -138,7 +137,7 @@ def summarise(sampler: Sampler, bounds: list[tuple[str, float]], top: int, min_r
     leaves = collections.defaultdict(collections.Counter)
     total = collections.Counter()
     runs = collections.defaultdict(list)  # stage -> [start, seconds, our frame, Counter of leaves]
-    for t, dt, i in sampler.samples:
+    for t, dt, i in sampler.timed_samples():
         stage = next((name for name, end in bounds if t <= end), None)
         if stage is None:
             continue
@@ -178,10 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     sampler = Sampler(args.interval)
-    sampler.start()
-    triton_log = log_triton_compiles(out / "triton.txt", sampler.t0)
+    sampler.start()  # before any import: the imports are the start-up being measured
     sys.path.insert(0, str(REPO))
     import deepseek_mini.training.train as training
+    from deepseek_mini.training.startup import process_age  # the clock results.json counts on
+
+    sampler.set_launch(process_age())
+    triton_log = log_triton_compiles(out / "triton.txt", sampler.t0)
 
     captured: dict = {}
     report = training.report
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if triton_log is not None:
             triton_log.close()
     with gzip.open(out / "samples.json.gz", "wt") as f:
-        json.dump({"stacks": sampler.stacks, "samples": sampler.samples}, f)
+        json.dump({"stacks": sampler.stacks, "samples": sampler.timed_samples()}, f)
     if not captured:
         print(f"startup_profile: the run wrote no results (exit status {code}); samples in {out}", file=sys.stderr)
         return code or 1
