@@ -32,6 +32,7 @@ def fresh_clock(monkeypatch):
     monkeypatch.setattr(startup, "_jobs", 0)
     monkeypatch.setattr(startup, "_job_start", None)
     monkeypatch.setattr(startup, "_marks", {})
+    monkeypatch.setattr(startup, "_graphs_base", {})
     return monkeypatch
 
 
@@ -84,6 +85,28 @@ def test_summary_prints_first_step_from_launch_with_its_parts():
     staged = format_summary({**res, "startup_sec": {"launch": 3.21, "data": 1.0, "model": 0.44, "validation": 0.5}})
     assert ("first step after 24.1 s from launch (start-up 3.2 s, data 1.0 s, model 0.4 s, validation 0.5 s, "
             "fit 19.0 s, compiling 12.3 s)") in staged
+
+
+def test_summary_counts_the_graphs_compiled_for_the_first_step():
+    res = {"run_dir": "/r", "time_to_first_step_sec": 24.13, "fit_to_first_step_sec": 19.0, "compile_time_sec": 4.0,
+           "wall_time_sec": 61.04, "first_step_graphs": {"from_cache": 8, "compiled": 2}}
+    assert "(fit 19.0 s, compiling 4.0 s for 10 graphs, 8 from the cache), wall" in format_summary(res)
+    eager = {**res, "compile_time_sec": 0.0, "first_step_graphs": {"from_cache": 0, "compiled": 0}}
+    assert "(fit 19.0 s), wall" in format_summary(eager)
+
+
+def test_graph_counts_are_those_of_this_job(fresh_clock, monkeypatch):
+    """results.json's first_step_graphs: Inductor's cache hits, and its misses plus the graphs it cannot cache, counted
+    from this job's start (a multirun's earlier jobs in the same process are not in them)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setitem(counters, "inductor", counters["inductor"].copy())
+    counters["inductor"]["fxgraph_cache_miss"] += 5  # an earlier job's
+    startup.start_job()
+    counters["inductor"]["fxgraph_cache_hit"] += 8
+    counters["inductor"]["fxgraph_cache_miss"] += 1
+    counters["inductor"]["fxgraph_cache_bypass"] += 1
+    assert startup.graph_counts() == {"from_cache": 8, "compiled": 2}
 
 
 def test_compile_workers_start_early_only_where_triton_compiles_for_a_gpu(monkeypatch):

@@ -53,6 +53,7 @@ def test_tiny_run_ends_on_the_summary_block(trained_proc):
     assert sum(stages.values()) + res["fit_to_first_step_sec"] == pytest.approx(res["time_to_first_step_sec"],
                                                                                 abs=0.1)
     assert f"(start-up {stages['launch']:.1f} s, data {stages['data']:.1f} s" in block, block
+    assert res["first_step_graphs"] == {"from_cache": 0, "compiled": 0}  # an eager run compiles no graph
     out = proc.stdout + proc.stderr
     config_line = next(line for line in out.splitlines() if "config: model (" in line)  # what is about to train
     assert "seq_len 32 x batch 4; 4 steps" in config_line and "kv_lora_rank" in config_line, config_line

@@ -139,6 +139,7 @@ class ThroughputMonitor(L.Callback):
         self.time_to_first_step: float | None = None  # from the process launch
         self.fit_to_first_step: float | None = None  # from trainer.fit()
         self.compile_time: float | None = None  # torch.compile's seconds before the first step
+        self.graphs: dict | None = None  # graphs before the first step: from Inductor's cache / compiled
         self._t_fit_start: float | None = None
 
     def on_fit_start(self, trainer, pl_module):
@@ -164,6 +165,7 @@ class ThroughputMonitor(L.Callback):
             self.fit_to_first_step = time.perf_counter() - self._t_fit_start
             self.time_to_first_step = startup.seconds_since_start()
             self.compile_time = startup.compile_seconds()
+            self.graphs = startup.graph_counts()
         if trainer.global_step % self.window == 0 and self._t0 is not None:
             _sync(pl_module.device)
             now = time.perf_counter()

@@ -18,6 +18,7 @@ import time
 
 _job_start: float | None = None  # time.perf_counter() value this job's clock counts from
 _compile_base = 0.0  # torch's cumulative compile seconds when this job started
+_graphs_base: dict[str, int] = {}  # graph_counts_total() when this job started
 _jobs = 0
 _marks: dict[str, float] = {}  # stage -> seconds since this job's start when it ended
 
@@ -49,13 +50,27 @@ def compile_seconds_total() -> float:
         return 0.0
 
 
+def graph_counts_total() -> dict[str, int]:
+    """Graphs Inductor took from its on-disk cache and graphs it compiled (a miss, or a graph it cannot cache), in
+    this process."""
+    try:
+        from torch._dynamo.utils import counters
+
+        c = counters["inductor"]
+        return {"from_cache": int(c["fxgraph_cache_hit"]),
+                "compiled": int(c["fxgraph_cache_miss"] + c["fxgraph_cache_bypass"])}
+    except Exception:  # a torch without these counters
+        return {"from_cache": 0, "compiled": 0}
+
+
 def start_job() -> float:
     """Start this job's clock (train() calls it first thing); returns its perf_counter() origin."""
-    global _job_start, _compile_base, _jobs, _marks
+    global _job_start, _compile_base, _graphs_base, _jobs, _marks
     now = time.perf_counter()
     age = process_age() if _jobs == 0 else None
     _job_start = now - age if age is not None else now
     _compile_base = compile_seconds_total()
+    _graphs_base = graph_counts_total()
     _jobs += 1
     _marks = {"launch": now - _job_start}  # Python, the imports and Hydra (0 for a multirun's later jobs)
     return _job_start
@@ -85,3 +100,9 @@ def seconds_since_start() -> float:
 def compile_seconds() -> float:
     """torch.compile's seconds (dynamo + Inductor, forward and backward) since this job started."""
     return max(0.0, compile_seconds_total() - _compile_base)
+
+
+def graph_counts() -> dict[str, int]:
+    """graph_counts_total since this job started: how many of its graphs came from the cache, how many compiled."""
+    now = graph_counts_total()
+    return {k: now[k] - _graphs_base.get(k, 0) for k in now}

@@ -304,6 +304,8 @@ def results(cfg: DictConfig, run: RunConfig, resume: Resume, p: Parts, t_start: 
         "time_to_first_step_sec": _first_step_secs(p, "time_to_first_step"),
         "fit_to_first_step_sec": _first_step_secs(p, "fit_to_first_step"),
         "compile_time_sec": _first_step_secs(p, "compile_time"),
+        # the graphs compiled before the first step: found in Inductor's on-disk cache (a warm start) / compiled
+        "first_step_graphs": getattr(p.throughput, "graphs", None),
         # the parts before fit(): launch (Python, imports, Hydra), data, model (+ trainer), validation (before
         # training); with fit_to_first_step_sec they add up to time_to_first_step_sec
         "startup_sec": stage_seconds(),
