@@ -12,7 +12,9 @@ the activation's rowwise scale and cast, and the weight's, once per step for eac
 reads W[e] by output column, the input gradient by input column). Quantizing is torch.compile'd (one reduction and
 one cast per operand, what Inductor makes of it). The weight gradients (the [K, rows] x [rows, out] products over
 each expert's rows) would need per-expert scales along the rows; they are left in bf16 here and timed for
-reference. Routing: the top-k of random logits (about balanced). CUDA events, median of --reps after --warmup.
+reference. Both kernels get the weight column-major, the layout the FP8 kernel requires (the bf16 input gradients
+of the training step read it row-major instead). Routing: the top-k of random logits (about balanced). CUDA
+events, median of --reps after --warmup.
 
 A CUDA GPU with FP8 tensor cores (sm_89+; the grouped kernel needs sm_90). The JSON has the device, the command
 and every timing; docs/benchmarks.md reads it.
