@@ -43,6 +43,12 @@ def eval_command(results: dict) -> str | None:
 STAGE_NAMES = {"launch": "start-up"}  # Python, the imports and Hydra before train() (training/startup.py)
 
 
+def _graphs(graphs) -> str:
+    """' for 10 graphs, 8 from the cache' from results.json's first_step_graphs; '' without any."""
+    n = sum(v for v in graphs.values() if isinstance(v, int)) if isinstance(graphs, dict) else 0
+    return f" for {n} graphs, {graphs.get('from_cache', 0)} from the cache" if n else ""
+
+
 def _time_line(results: dict) -> str:
     """'first step after 24.1 s from launch (start-up 3.2 s, data 1.0 s, model 0.4 s, validation 0.5 s, fit 19.0 s,
     compiling 12.3 s for 10 graphs, 8 from the cache), wall 1 min 1.0 s': the parts before fit() (results.json's
@@ -51,14 +57,11 @@ def _time_line(results: dict) -> str:
     stages = results.get("startup_sec") if isinstance(results.get("startup_sec"), dict) else {}
     parts = [f"{STAGE_NAMES.get(stage, stage)} {_seconds(secs)}" for stage, secs in stages.items()
              if isinstance(secs, (int, float))]
-    parts += [f"{name} {_seconds(results[key])}" for name, key in (("fit", "fit_to_first_step_sec"),
-                                                                   ("compiling", "compile_time_sec"))
-              if isinstance(results.get(key), (int, float)) and (key != "compile_time_sec" or results[key] > 0)]
-    graphs = results.get("first_step_graphs")
-    if parts and parts[-1].startswith("compiling") and isinstance(graphs, dict):
-        n = sum(v for v in graphs.values() if isinstance(v, int))
-        if n:
-            parts[-1] += f" for {n} graphs, {graphs.get('from_cache', 0)} from the cache"
+    fit, compiling = results.get("fit_to_first_step_sec"), results.get("compile_time_sec")
+    if isinstance(fit, (int, float)):
+        parts.append(f"fit {_seconds(fit)}")
+    if isinstance(compiling, (int, float)) and compiling > 0:
+        parts.append(f"compiling {_seconds(compiling)}{_graphs(results.get('first_step_graphs'))}")
     if parts:
         first += f" ({', '.join(parts)})"
     return f"{first}, wall {_seconds(results.get('wall_time_sec'))}"
