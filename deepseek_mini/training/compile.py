@@ -31,7 +31,7 @@ graph for the forward, one for the backward). It trained right on one GPU, under
 with the padded dispatch, whose all-to-alls run inside the graphs (0.93x DDP there). `regional:reduce-overhead`
 records the same two graphs over the regionally compiled model (GraphedRegional, torch.cuda.make_graphed_callables):
 on one H200 (2026-12-01, docs/benchmarks.md) it stepped at 98.6-98.7% of the whole-model graph's speed with 2.8
-GiB less memory and reached the first step 30-34 s after a cold launch (16-19 s warm); the whole-model graph's
+GiB less memory and reached the first step 27-34 s after a cold launch (16-19 s warm); the whole-model graph's
 first step came at 70 s (38 s warm) on another machine, and cold starts differed by up to ~15 s between machines.
 Its earlier meaning, cudagraph trees per block, stepped 14% slower on one H200 and under DDP on two trained
 nothing (gradient norm inf from step 19, torch warning that the AccumulateGrad node's stream did not match that
