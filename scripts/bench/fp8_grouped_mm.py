@@ -13,8 +13,9 @@ reads W[e] by output column, the input gradient by input column). Quantizing is 
 one cast per operand, what Inductor makes of it). The weight gradients (the [K, rows] x [rows, out] products over
 each expert's rows) would need per-expert scales along the rows; they are left in bf16 here and timed for
 reference. Both kernels get the weight column-major, the layout the FP8 kernel requires (the bf16 input gradients
-of the training step read it row-major instead). Routing: the top-k of random logits (about balanced). CUDA
-events, median of --reps after --warmup.
+of the training step read it row-major instead). Routing: the top-k of random logits (about balanced). GPU
+time: the median of --reps means of 10 back-to-back calls after --warmup (gpu_timing.py; until 2026-12-01 07:30 UTC
+one call per pair of events, which also timed the host's launch of each call).
 
 A CUDA GPU with FP8 tensor cores (sm_89+; the grouped kernel needs sm_90). The JSON has the device, the command
 and every timing; docs/benchmarks.md reads it.
@@ -22,10 +23,7 @@ and every timing; docs/benchmarks.md reads it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from gpu_timing import gpu_median_ms, record, shape_parser, write  # noqa: E402  (this folder, on sys.path)
 
 from deepseek_mini.config import PRESETS, ModelConfig  # noqa: E402
 
@@ -68,20 +68,6 @@ def offsets_for(rows: int, experts: int, top_k: int, device) -> torch.Tensor:
     return counts.cumsum(0).to(torch.int32)
 
 
-def cuda_median_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def measure(g: dict, experts: int, offs: torch.Tensor, warmup: int, reps: int) -> dict:
     rows, k, out = g["rows"], g["K"], g["out"]
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -91,7 +77,7 @@ def measure(g: dict, experts: int, offs: torch.Tensor, warmup: int, reps: int) -
     res = {**g, "experts": experts}
     ref = F.grouped_mm(x.float(), w_t.float(), offs=offs)  # fp32 reference
     bf16 = F.grouped_mm(x, w_t, offs=offs)
-    res["bf16_ms"] = cuda_median_ms(lambda: F.grouped_mm(x, w_t, offs=offs), warmup, reps)
+    res["bf16_ms"] = gpu_median_ms(lambda: F.grouped_mm(x, w_t, offs=offs), warmup, reps)
     res["bf16_rel_err"] = float((bf16.float() - ref).norm() / ref.norm())
     flops = 2 * rows * k * out
     res["bf16_tflops"] = flops / res["bf16_ms"] / 1e9
@@ -111,11 +97,11 @@ def measure(g: dict, experts: int, offs: torch.Tensor, warmup: int, reps: int) -
 
         y = fp8()
         res["fp8_rel_err"] = float((y.float() - ref).norm() / ref.norm())
-        res["fp8_ms"] = cuda_median_ms(fp8, warmup, reps)
+        res["fp8_ms"] = gpu_median_ms(fp8, warmup, reps)
         res["fp8_tflops"] = flops / res["fp8_ms"] / 1e9
-        res["fp8_quantized_ms"] = cuda_median_ms(fp8_with_quantization, warmup, reps)
-        res["quantize_x_ms"] = cuda_median_ms(lambda: quant(x), warmup, reps)
-        res["quantize_w_ms"] = cuda_median_ms(lambda: quant(w), warmup, reps)
+        res["fp8_quantized_ms"] = gpu_median_ms(fp8_with_quantization, warmup, reps)
+        res["quantize_x_ms"] = gpu_median_ms(lambda: quant(x), warmup, reps)
+        res["quantize_w_ms"] = gpu_median_ms(lambda: quant(w), warmup, reps)
     except Exception as e:  # noqa: BLE001 - recorded, not hidden: the JSON says why FP8 did not run
         res["fp8_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return res
@@ -128,21 +114,14 @@ def weight_grad_ms(cfg: ModelConfig, tokens: int, offs: torch.Tensor, warmup: in
     for name, a_cols, b_cols in (("weight grad of gate+up", 2 * i, d), ("weight grad of down", d, i)):
         grad = torch.randn(n, a_cols, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(n, b_cols, device="cuda", dtype=torch.bfloat16)
-        ms = cuda_median_ms(lambda g=grad, a=x: F.grouped_mm(g.t(), a, offs=offs), warmup, reps)
+        ms = gpu_median_ms(lambda g=grad, a=x: F.grouped_mm(g.t(), a, offs=offs), warmup, reps)
         out.append({"name": name, "rows": n, "K": n, "out": f"{a_cols}x{b_cols}", "bf16_ms": ms,
                     "bf16_tflops": 2 * n * a_cols * b_cols / ms / 1e9})
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--out", default=None, help="JSON path (default docs/bench/fp8_grouped_mm_<date>.json)")
-    args = ap.parse_args(argv)
+    args = shape_parser(__doc__.split("\n\n")[0], "fp8_grouped_mm", reps=50).parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8_grouped_mm.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -152,9 +131,7 @@ def main(argv=None) -> int:
     offs = offsets_for(tokens * cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.num_experts_per_tok, "cuda")
     gemms = [measure(g, cfg.n_routed_experts, offs, args.warmup, args.reps) for g in expert_gemms(cfg, tokens)]
     wgrads = weight_grad_ms(cfg, tokens, offs, args.warmup, args.reps)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "preset": args.preset,
-              "tokens": tokens, "gemms": gemms, "weight_grads_bf16": wgrads}
+    result = record(args, gemms=gemms, weight_grads_bf16=wgrads)
     fwd_dgrad = [g for g in gemms if "fp8_ms" in g]
     if len(fwd_dgrad) == len(gemms):
         result["per_layer_ms"] = {k: round(sum(g[k] for g in gemms), 4) for k in ("bf16_ms", "fp8_ms", "fp8_quantized_ms")}
@@ -168,10 +145,7 @@ def main(argv=None) -> int:
         print(line)
     if "per_layer_ms" in result:
         print(f"per MoE layer (forward + input grads): {result['per_layer_ms']}")
-    out = Path(args.out or ROOT / "docs" / "bench" / f"fp8_grouped_mm_{time.strftime('%Y-%m-%d')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write(result, args)
     return 0
 
 

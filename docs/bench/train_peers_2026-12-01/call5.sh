@@ -1,0 +1,2 @@
+# 2026-12-01, call 5 (the machine of call 4, warm: tokenizer and tokens cached): `ours` again, with the transformers peer
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $(ls .whlgpu/*.whl | grep -v torchtitan) || exit 1; export PYTHONPATH=/tmp/site:$PWD; timeout 500 python scripts/bench/bench_train.py --variants ours,hf_grouped_bf16_compile --compile-mode reduce-overhead --profile-steps 5 --timeout 240 --out $OUT/bench_train_b.json 2>&1 | tee $OUT/bench_train_b.txt | grep -v "^      " | grep -v Tokeniz | tail -40
