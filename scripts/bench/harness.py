@@ -151,13 +151,20 @@ class StepTimer(L.Callback):
             self.prof.__exit__(None, None, None)
 
 
+def text_datamodule(cfg: ModelConfig, data_files, val_files, batch_size: int, seq_len: int, cache_dir: str,
+                    num_workers: int = 4) -> TextDataModule:
+    """The benchmark's real-text data: its prepare_data() trains the tokenizer and writes the token cache under
+    cache_dir the first time, and reads them after."""
+    return TextDataModule(source="text", train_files=data_files, val_files=val_files, vocab_size=cfg.vocab_size,
+                          seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, num_proc=8,
+                          cache_dir=cache_dir)
+
+
 def lightning_throughput(cfg: ModelConfig, data_files, val_files, batch_size: int, seq_len: int, warmup: int,
                          steps: int, cache_dir: str, num_workers: int = 4, compile: bool | str = True,
                          profile_steps: int = 0, sync_debug: bool = False, fused: bool | str = "auto",
                          bf16_weights: bool | str = "auto", moments_dtype: str = "auto") -> dict:
-    dm = TextDataModule(source="text", train_files=data_files, val_files=val_files, vocab_size=cfg.vocab_size,
-                        seq_len=seq_len, batch_size=batch_size, num_workers=num_workers, num_proc=8,
-                        cache_dir=cache_dir)
+    dm = text_datamodule(cfg, data_files, val_files, batch_size, seq_len, cache_dir, num_workers)
     t_prep = time.perf_counter()
     dm.prepare_data()
     prep_s = time.perf_counter() - t_prep
