@@ -416,7 +416,7 @@ def main():
         if line is None:
             print(f"[data] FAILED (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
             sys.exit(1)
-        print(f"[data] tokenizer and tokens of {args.data} ready in {json.loads(line[7:])['data_prep_s']:.0f}s",
+        print(f"[data] tokenizer and tokens of {args.data} ready in {json.loads(line[len('RESULT '):])['data_prep_s']:.0f}s",
               flush=True)
     for variant in variants:
         cmd = [sys.executable, __file__, "--child", variant, *passed]
