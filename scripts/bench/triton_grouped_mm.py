@@ -54,7 +54,7 @@ if triton is not None:
 
     @triton.jit
     def _expert_of_tile(offs_ptr, tile_m, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
-        """(expert, its first row, its end, the tile's first row) of row-tile `tile_m`; expert E past the last."""
+        """(the expert, the end of its rows, the tile's first row) of row-tile `tile_m`; expert E past the last tile."""
         eids = tl.arange(0, E_POW2)
         ends = tl.load(offs_ptr + eids, mask=eids < E, other=0)
         starts = tl.load(offs_ptr + eids - 1, mask=(eids > 0) & (eids < E), other=0)
@@ -144,7 +144,7 @@ if triton is not None:
 
 
 def _desc(t: torch.Tensor, block: list[int]):
-    """A host-side TMA descriptor of a 2-d row-major tensor (Hopper's bulk tile loads), or None without one."""
+    """A host-side TMA descriptor of a 2-d row-major tensor (Hopper's bulk tile loads); out-of-bounds reads are 0."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor.from_tensor(t, block)
