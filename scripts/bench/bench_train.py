@@ -365,6 +365,22 @@ def child(name: str, args) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
+def run_child(name: str, passed: list[str], timeout: float | None) -> tuple[dict | None, str, int]:
+    """`bench_train.py --child <name>` in a fresh process: (its RESULT, or None when it printed none; the tail of its
+    output; its return code, -9 when killed at `timeout`)."""
+    cmd = [sys.executable, __file__, "--child", name, *passed]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"") + (e.stderr or b"")
+        proc = subprocess.CompletedProcess(cmd, -9, stdout="", stderr=out.decode(errors="replace")
+                                           if isinstance(out, bytes) else str(out))
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    res = json.loads(line[len("RESULT "):]) if line is not None else None
+    return res, (proc.stdout + proc.stderr)[-3000:], proc.returncode
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(OURS + PEER))
@@ -410,31 +426,18 @@ def main():
     variants = args.variants.split(",")
     if any(split_variant(v, args.compile_mode)[0] == "ours" for v in variants):
         # the data first, in a process of its own and without the variants' --timeout
-        proc = subprocess.run([sys.executable, __file__, "--child", DATA_CHILD, *passed], capture_output=True,
-                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"[data] FAILED (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
+        res, tail, rc = run_child(DATA_CHILD, passed, timeout=None)
+        if res is None:
+            print(f"[data] FAILED (rc {rc}):\n{tail}", flush=True)
             sys.exit(1)
-        print(f"[data] tokenizer and tokens of {args.data} ready in {json.loads(line[len('RESULT '):])['data_prep_s']:.0f}s",
-              flush=True)
+        print(f"[data] tokenizer and tokens of {args.data} ready in {res['data_prep_s']:.0f}s", flush=True)
     for variant in variants:
-        cmd = [sys.executable, __file__, "--child", variant, *passed]
         start = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"") + (e.stderr or b"")
-            proc = subprocess.CompletedProcess(cmd, -9, stdout="", stderr=out.decode(errors="replace")
-                                               if isinstance(out, bytes) else str(out))
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            tail = (proc.stdout + proc.stderr)[-3000:]
-            print(f"[{variant}] FAILED (rc {proc.returncode}) after {time.time() - start:.0f}s:\n{tail}", flush=True)
+        res, tail, rc = run_child(variant, passed, timeout=args.timeout)
+        if res is None:
+            print(f"[{variant}] FAILED (rc {rc}) after {time.time() - start:.0f}s:\n{tail}", flush=True)
             results.append({"variant": variant, "error": tail[-500:]})
             continue
-        res = json.loads(line[len("RESULT "):])
         res["mfu"] = res["flops_per_token"] * res["tokens_per_sec"] / (args.peak_tflops * 1e12)
         results.append(res)
         print(f"[{variant}] {res['tokens_per_sec']:,.0f} tok/s  MFU {100 * res['mfu']:.1f}%  "
