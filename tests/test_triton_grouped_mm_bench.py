@@ -33,7 +33,7 @@ def compare_kernels_with_reference() -> float:
     torch.manual_seed(0)
     E, k, T, d, i = 5, 2, 37, 40, 24  # 74 rows: not a multiple of 16; d = 40: a partial column tile of 16
     n = T * k
-    offs, src = b.offsets_for(n, E, k, "cpu")
+    offs, src = b.expert_rows(n, E, k, "cpu")
     counts = torch.diff(offs, prepend=torch.zeros(1, dtype=offs.dtype))
     counts[2] += counts[1]
     counts[1] = 0  # expert 1 owns no rows
@@ -66,7 +66,7 @@ def test_gathering_grouped_gemms_match_the_expert_by_expert_products():
 
 def test_routing_gives_sorted_rows_and_offsets():
     b = _bench()
-    offs, src = b.offsets_for(6 * 50, 8, 6, "cpu")
+    offs, src = b.expert_rows(6 * 50, 8, 6, "cpu")
     assert offs.dtype == torch.int32 and int(offs[-1]) == 300 and (offs.diff() >= 0).all()
     assert src.shape == (300,) and int(src.max()) < 50
     assert torch.equal(torch.bincount(src, minlength=50), torch.full((50,), 6))  # every token's K copies

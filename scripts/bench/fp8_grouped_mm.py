@@ -32,7 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from gpu_timing import gpu_median_ms, record, shape_parser, write  # noqa: E402  (this folder, on sys.path)
+from gpu_timing import expert_rows, gpu_median_ms, record, shape_parser, write  # noqa: E402  (this folder, on sys.path)
 
 from deepseek_mini.config import PRESETS, ModelConfig  # noqa: E402
 
@@ -58,14 +58,6 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = x.abs().amax(dim=-1).float()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def offsets_for(rows: int, experts: int, top_k: int, device) -> torch.Tensor:
-    """Cumulative rows per expert (int32) of the top-k of random logits: the grouped GEMMs' `offs`."""
-    counts = torch.zeros(experts, dtype=torch.int64, device=device)
-    idx = torch.randn(rows // top_k, experts, device=device).topk(top_k, dim=-1).indices
-    counts.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
-    return counts.cumsum(0).to(torch.int32)
 
 
 def measure(g: dict, experts: int, offs: torch.Tensor, warmup: int, reps: int) -> dict:
@@ -128,7 +120,7 @@ def main(argv=None) -> int:
     cfg = ModelConfig(**PRESETS[args.preset])
     tokens = args.batch * args.seq_len
     torch.manual_seed(0)
-    offs = offsets_for(tokens * cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.num_experts_per_tok, "cuda")
+    offs, _ = expert_rows(tokens * cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.num_experts_per_tok, "cuda")
     gemms = [measure(g, cfg.n_routed_experts, offs, args.warmup, args.reps) for g in expert_gemms(cfg, tokens)]
     wgrads = weight_grad_ms(cfg, tokens, offs, args.warmup, args.reps)
     result = record(args, gemms=gemms, weight_grads_bf16=wgrads)

@@ -1,5 +1,6 @@
 """What the kernel micro-benchmarks (fp8_grouped_mm.py, triton_grouped_mm.py) share: the GPU time of a small piece
-of work, their command line (the model shape and the repetitions) and their JSON record."""
+of work, the experts' rows of a random routing, their command line (the model shape and the repetitions) and their
+JSON record."""
 
 from __future__ import annotations
 
@@ -35,6 +36,16 @@ def gpu_median_ms(fn, warmup: int, reps: int, inner: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / inner)
     return sorted(times)[len(times) // 2]
+
+
+def expert_rows(rows: int, experts: int, top_k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing of rows // top_k tokens by the top-k of random logits (about balanced): (the cumulative rows per
+    expert, int32: the grouped GEMMs' `offs`; the token of each row once the rows are sorted by expert, by token
+    within an expert)."""
+    idx = torch.randn(rows // top_k, experts, device=device).topk(top_k, dim=-1).indices.reshape(-1)
+    order = torch.sort(idx, stable=True).indices
+    counts = torch.bincount(idx, minlength=experts)
+    return counts.cumsum(0).to(torch.int32), order // top_k
 
 
 def shape_parser(description: str, stem: str, reps: int) -> argparse.ArgumentParser:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from gpu_timing import gpu_median_ms, record, shape_parser, write  # noqa: E402  (this folder, on sys.path)
+from gpu_timing import expert_rows, gpu_median_ms, record, shape_parser, write  # noqa: E402  (this folder, on sys.path)
 
 from deepseek_mini.config import PRESETS, ModelConfig  # noqa: E402
 from deepseek_mini.kernels.runtime import tl, triton  # noqa: E402
@@ -222,14 +222,6 @@ CONFIGS_WGRAD = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 4)
                  (128, 64, 64, 4, 4), (128, 128, 64, 8, 3, "tma"), (128, 256, 64, 8, 3, "tma")]
 
 
-def offsets_for(rows: int, experts: int, top_k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cumulative rows per expert, int32; the token of each expert-sorted row) for the top-k of random logits."""
-    idx = torch.randn(rows // top_k, experts, device=device).topk(top_k, dim=-1).indices.reshape(-1)
-    order = torch.sort(idx, stable=True).indices  # assignments by expert, by token within an expert
-    counts = torch.bincount(idx, minlength=experts)
-    return counts.cumsum(0).to(torch.int32), (order // top_k)
-
-
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
@@ -243,7 +235,7 @@ def measure(cfg: ModelConfig, tokens: int, warmup: int, reps: int) -> list[dict]
     dev, bf16 = "cuda", torch.bfloat16
     E, k, d, i = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
     n = tokens * k
-    offs, src = offsets_for(n, E, k, dev)
+    offs, src = expert_rows(n, E, k, dev)
     dst = torch.randperm(n, device=dev)  # the output gradient's dispatch: a permutation of its [T*K] rows
     x = torch.randn(tokens, d, device=dev, dtype=bf16)
     grad_y_perm = torch.randn(n, d, device=dev, dtype=bf16)
