@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from model_helpers import SMALL_MODEL
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 from deepseek_mini.config import ModelConfig
@@ -47,20 +48,23 @@ def test_regional_forward_backward_equals_eager_with_one_graph_per_block_kind(fr
     loss_e, grads_e = _step(model, model, x)
 
     regional = compile_regions(model, backend="aot_eager", dynamic=False)
-    assert sum(isinstance(m, Block) for m in regional.regions) == 4
+    assert [name for m, name in regional.regions if isinstance(m, Block)] == ["attention", "feed_forward"] * 4
     loss_c, grads_c = _step(regional, model, x)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
     assert grads_c.keys() == grads_e.keys() and any("experts" in n for n in grads_c)
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
 
-    # four blocks + the embedding + the final norm + the head's loss, five graphs: the dense block, the MoE block
-    # (shared by its three layers), the embedding, the norm and the loss (its autograd.Function traced whole: no
-    # graph break). A per-layer specialisation (a full compile unrolls them) would show 7.
-    assert counters["stats"]["unique_graphs"] == 5, dict(counters["stats"])
+    # four blocks' halves + the embedding + the final norm + the head's loss, six graphs: the attention (shared by
+    # the dense and the MoE layers), the dense feed-forward, the MoE feed-forward (shared by its three layers),
+    # the embedding, the norm and the loss (its autograd.Function traced whole: no graph break). Whole blocks as
+    # regions would show 7 (the attention inside each kind), a per-layer specialisation 11.
+    assert counters["stats"]["unique_graphs"] == 6, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(_debug_get_cache_entry_list(Block.attention.__code__)) == 1  # one attention graph for both kinds
+    assert len(_debug_get_cache_entry_list(Block.feed_forward.__code__)) == 2  # dense and MoE
     _step(regional, model, x)  # a second step reuses them: no recompilation
-    assert counters["stats"]["unique_graphs"] == 5, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == 6, dict(counters["stats"])
 
 
 def test_regional_compile_is_off_outside_the_call(fresh_dynamo):
@@ -70,17 +74,22 @@ def test_regional_compile_is_off_outside_the_call(fresh_dynamo):
     seen = []
 
     def spy(m, args):
-        seen.append(m._compiled_call_impl is not None)
+        seen.append([name in m.__dict__ for owner, name in regional.regions if owner is m])
 
-    handles = [m.register_forward_pre_hook(spy) for m in regional.regions[:1]]
+    block, norm = regional.regions[0][0], model.model.norm
+    handles = [m.register_forward_pre_hook(spy) for m in (block, norm)]
     x = torch.randint(0, SMALL_MODEL["vocab_size"], (1, 8))
     model(x)
-    assert seen == [False]
-    assert all(m._compiled_call_impl is None for m in regional.regions)
-    for h in handles:
-        h.remove()
+    assert seen == [[False, False], [False]]  # a Block's two halves and the norm's forward: the classes' own
     model.generate(x, 2)
     assert counters["stats"]["unique_graphs"] == 0
+    seen.clear()
+    regional(x, labels=x, return_logits=False)
+    assert seen == [[True, True], [True]]  # inside the compiled call, the compiled ones
+    assert counters["stats"]["unique_graphs"] > 0
+    assert not any(name in m.__dict__ for m, name in regional.regions)  # and after it, the classes' again
+    for h in handles:
+        h.remove()
 
 
 @pytest.mark.parametrize(("value", "canonical"), [

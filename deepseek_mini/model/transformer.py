@@ -53,7 +53,15 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, positions, cache=None, start_pos: int | torch.Tensor = 0):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache, start_pos)
+        return self.feed_forward(self.attention(x, positions, cache, start_pos))
+
+    # Two halves, each adding its own residual. The attention half is the same code in dense and MoE layers, so
+    # regional compilation (training/compile.py) compiles it once for both kinds rather than inside each kind.
+    def attention(self, x, positions, cache=None, start_pos: int | torch.Tensor = 0):
+        return x + self.self_attn(self.input_layernorm(x), positions, cache, start_pos)
+
+    def feed_forward(self, x):
+        """x + FFN(RMSNorm(x)), the MoE's aux losses ({} if dense) and its router statistics (None if dense)."""
         if self.is_moe:
             h, aux, stats = self.mlp(self.post_attention_layernorm(x))
             return x + h, aux, stats

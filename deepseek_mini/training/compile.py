@@ -12,18 +12,21 @@
 Regional compilation (PyTorch's recipe "Reducing torch.compile cold start compilation time with regional
 compilation", and torchtitan's apply_compile) compiles the repeated Block instead of the whole model. Dynamo
 treats a module's parameters and buffers as graph inputs (`inline_inbuilt_nn_modules`, always on since torch
-2.5), so the 12 blocks of `small` run two graphs, one per block kind: the dense first layer and the MoE
-layers differ in `Block.is_moe` and their submodules, which dynamo guards on. A full compile traces and
-optimises all 12 blocks unrolled, which is why a cold `small_gpu` run paid about two minutes before its first
-step. Outside the blocks the embedding, the final RMSNorm and the training step's LM head + loss
-(model/loss.LinearCrossEntropy, an autograd Function dynamo traces whole) are three more regions.
+2.5), so the 12 blocks of `small` share their graphs. Each block is compiled as its two halves (Block.attention,
+Block.feed_forward), so that the attention, the same code in every layer, is one graph for all 12; the
+feed-forward half is one graph per kind, the dense first layer's and the MoE layers' (they differ in
+`Block.is_moe` and their submodules, which dynamo guards on). With whole blocks as regions the dense block's
+attention was compiled a second time. A full compile traces and optimises all 12 blocks unrolled, which is why
+a cold `small_gpu` run paid about two minutes before its first step. Outside the blocks the embedding, the final
+RMSNorm and the training step's LM head + loss (model/loss.LinearCrossEntropy, an autograd Function dynamo
+traces whole) are three more regions.
 
 The regions are compiled only while LitDeepSeek's own forward runs (`RegionalCompile.__call__` sets each
-region's `_compiled_call_impl`, which nn.Module.__call__ dispatches to, and clears it again): everything else
-that calls the model in the training process (the sample-generation callback, decoding with a KV cache) runs
-eager, as it does next to a fully compiled forward. Compiling `forward` itself rather than `_call_impl` keeps
-each region kind's cache entries on its own code object (Block.forward, RMSNorm.forward), so training, eval
-mode and a short last validation batch stay within dynamo's recompile limit per code object.
+region's compiled method on its module, which Python finds before the class's, and removes it again):
+everything else that calls the model in the training process (the sample-generation callback, decoding with a
+KV cache) runs eager, as it does next to a fully compiled forward. Compiling the methods themselves keeps each
+region kind's cache entries on its own code object (Block.attention, Block.feed_forward, RMSNorm.forward), so
+training, eval mode and a short last validation batch stay within dynamo's recompile limit per code object.
 
 CUDA graphs. `full:reduce-overhead` is torch.compile's own: cudagraph trees over the whole-model graph (one
 graph for the forward, one for the backward). It trained right on one GPU, under DDP compiled as one graph
@@ -96,39 +99,46 @@ def parse_compile(value: bool | str | None) -> CompileSpec | None:
                      f"({', '.join(COMPILE_MODES)}) or <scope>:<mode>")
 
 
-def compile_regions_of(model: nn.Module) -> list[nn.Module]:
-    """The modules regional compilation compiles: every transformer Block, the embedding, the final norm and the
-    training step's head + loss (model/loss.LinearCrossEntropy). Outside the blocks these are one graph each;
-    eager, the loss's elementwise steps passed over the [T, V] logits one by one and the embedding's backward
-    sorted the token ids (together ~10% of the step on an H200, docs/benchmarks.md)."""
+def compile_regions_of(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The methods regional compilation compiles, as (module, method name): each transformer Block's two halves
+    (`attention`, `feed_forward`: the attention's graphs serve the dense and the MoE layers alike), and the
+    `forward` of the embedding, the final norm and the training step's head + loss
+    (model/loss.LinearCrossEntropy). Outside the blocks these are one graph each; eager, the loss's elementwise
+    steps passed over the [T, V] logits one by one and the embedding's backward sorted the token ids (together
+    ~10% of the step on an H200, docs/benchmarks.md)."""
     from deepseek_mini.model.loss import LinearCrossEntropy
     from deepseek_mini.model.transformer import Block
 
-    regions = [m for m in model.modules() if isinstance(m, Block)]
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
     backbone = getattr(model, "model", None)
     extra = [getattr(backbone, "embed_tokens", None), getattr(backbone, "norm", None)]
-    return (regions + [m for m in extra if isinstance(m, nn.Module)]
-            + [m for m in model.modules() if isinstance(m, LinearCrossEntropy)])
+    extra = [m for m in extra if isinstance(m, nn.Module)] + [m for m in model.modules()
+                                                              if isinstance(m, LinearCrossEntropy)]
+    return [(b, half) for b in blocks for half in ("attention", "feed_forward")] + [(m, "forward") for m in extra]
 
 
 class RegionalCompile:
-    """Calls `model` with its regions (compile_regions_of) running through torch.compile'd forwards."""
+    """Calls `model` with its regions (compile_regions_of) running through torch.compile'd methods.
+
+    For the call's duration each region's compiled method is set on its module as an instance attribute, which
+    Python finds before the class's method (nn.Module.__call__ calls `self.forward`, Block.forward calls
+    `self.attention`); afterwards they are removed again."""
 
     def __init__(self, model: nn.Module, **compile_kwargs):
         self.model = model
         self.regions = compile_regions_of(model)
-        # one torch.compile per region object, but dynamo caches per code object: every Block shares
-        # Block.forward's graphs (guarded on the block kind, train/eval and shapes), not one per layer
-        self.compiled = [torch.compile(m.forward, **compile_kwargs) for m in self.regions]
+        # one torch.compile per region, but dynamo caches per code object: every Block shares Block.attention's
+        # graphs (guarded on train/eval and shapes), every MoE layer Block.feed_forward's MoE kind
+        self.compiled = [torch.compile(getattr(m, name), **compile_kwargs) for m, name in self.regions]
 
     def __call__(self, *args, **kwargs):
-        for m, fn in zip(self.regions, self.compiled):
-            object.__setattr__(m, "_compiled_call_impl", fn)
+        for (m, name), fn in zip(self.regions, self.compiled):
+            object.__setattr__(m, name, fn)
         try:
             return self.model(*args, **kwargs)
         finally:
-            for m in self.regions:
-                object.__setattr__(m, "_compiled_call_impl", None)
+            for m, name in self.regions:
+                m.__dict__.pop(name, None)
 
 
 def compile_regions(model: nn.Module, **compile_kwargs) -> RegionalCompile:
