@@ -16,7 +16,10 @@ treats a module's parameters and buffers as graph inputs (`inline_inbuilt_nn_mod
 Block.feed_forward), so that the attention, the same code in every layer, is one graph for all 12; the
 feed-forward half is one graph per kind, the dense first layer's and the MoE layers' (they differ in
 `Block.is_moe` and their submodules, which dynamo guards on). With whole blocks as regions the dense block's
-attention was compiled a second time. A full compile traces and optimises all 12 blocks unrolled, which is why
+attention was compiled a second time, and a cold `small_gpu` run reached its first step 3-4 s later on one H200
+(2026-12-02, docs/benchmarks.md). The halves are 12 more compiled calls per step for the host; without CUDA graphs
+(where the step waits on the host) they stepped 3-15% faster than whole blocks in three comparisons and 18% slower
+in one, on machines whose host speed alone moved the step by up to 1.9x. A full compile traces and optimises all 12 blocks unrolled, which is why
 a cold `small_gpu` run paid about two minutes before its first step. Outside the blocks the embedding, the final
 RMSNorm and the training step's LM head + loss (model/loss.LinearCrossEntropy, an autograd Function dynamo
 traces whole) are three more regions.
@@ -34,7 +37,7 @@ graph for the forward, one for the backward). It trained right on one GPU, under
 with the padded dispatch, whose all-to-alls run inside the graphs (0.93x DDP there). `regional:reduce-overhead`
 records the same two graphs over the regionally compiled model (GraphedRegional, torch.cuda.make_graphed_callables):
 on one H200 (2026-12-01, docs/benchmarks.md) it stepped at 98.6-98.7% of the whole-model graph's speed with 2.8
-GiB less memory and reached the first step 27-34 s after a cold launch (16-19 s warm); the whole-model graph's
+GiB less memory and reached the first step 24-35 s after a cold launch (16-19 s warm); the whole-model graph's
 first step came at 70 s (38 s warm) on another machine, and cold starts differed by up to ~15 s between machines.
 Its earlier meaning, cudagraph trees per block, stepped 14% slower on one H200 and under DDP on two trained
 nothing (gradient norm inf from step 19, torch warning that the AccumulateGrad node's stream did not match that
