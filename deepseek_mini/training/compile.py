@@ -16,11 +16,11 @@ treats a module's parameters and buffers as graph inputs (`inline_inbuilt_nn_mod
 Block.feed_forward), so that the attention, the same code in every layer, is one graph for all 12; the
 feed-forward half is one graph per kind, the dense first layer's and the MoE layers' (they differ in
 `Block.is_moe` and their submodules, which dynamo guards on). With whole blocks as regions the dense block's
-attention was compiled a second time, and a cold `small_gpu` run reached its first step 3-4 s later on one H200
+attention was compiled a second time, and a cold `small_gpu` run reached its first step ~3 s later on one H200
 (2026-12-02, docs/benchmarks.md). The halves are 12 more compiled calls per step for the host; without CUDA graphs
 (where the step waits on the host) they stepped 3-15% faster than whole blocks in three comparisons and 18% slower
-in one, on machines whose host speed alone moved the step by up to 1.9x. A full compile traces and optimises all 12 blocks unrolled, which is why
-a cold `small_gpu` run paid about two minutes before its first step. Outside the blocks the embedding, the final
+in one, on machines whose host speed alone moved the step by up to 1.9x. A full compile traces and optimises all
+12 blocks unrolled, which is why a cold `small_gpu` run paid about two minutes before its first step. Outside the blocks the embedding, the final
 RMSNorm and the training step's LM head + loss (model/loss.LinearCrossEntropy, an autograd Function dynamo
 traces whole) are three more regions.
 
