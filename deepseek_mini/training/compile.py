@@ -20,9 +20,9 @@ attention was compiled a second time, and a cold `small_gpu` run reached its fir
 (2026-12-02, docs/benchmarks.md). The halves are 12 more compiled calls per step for the host; without CUDA graphs
 (where the step waits on the host) they stepped 3-15% faster than whole blocks in three comparisons and 18% slower
 in one, on machines whose host speed alone moved the step by up to 1.9x. A full compile traces and optimises all
-12 blocks unrolled, which is why a cold `small_gpu` run paid about two minutes before its first step. Outside the blocks the embedding, the final
-RMSNorm and the training step's LM head + loss (model/loss.LinearCrossEntropy, an autograd Function dynamo
-traces whole) are three more regions.
+12 blocks unrolled, which is why a cold `small_gpu` run paid about two minutes before its first step. Outside the
+blocks the embedding, the final RMSNorm and the training step's LM head + loss (model/loss.LinearCrossEntropy, an
+autograd Function dynamo traces whole) are three more regions.
 
 The regions are compiled only while LitDeepSeek's own forward runs (`RegionalCompile.__call__` sets each
 region's compiled method on its module, which Python finds before the class's, and removes it again):
