@@ -36,8 +36,8 @@ graph for the forward, one for the backward). It trained right on one GPU, under
 (OneGraphUnderDDP below; 1.47x one GPU on two H200s, the all-reduce not overlapped) and under expert parallelism
 with the padded dispatch, whose all-to-alls run inside the graphs (0.93x DDP there). `regional:reduce-overhead`
 records the same two graphs over the regionally compiled model (GraphedRegional, torch.cuda.make_graphed_callables):
-on one H200 (2026-12-01, docs/benchmarks.md) it stepped at 98.6-98.7% of the whole-model graph's speed with 2.8
-GiB less memory and reached the first step 24-35 s after a cold launch (16-19 s warm); the whole-model graph's
+on one H200 (2026-12-01/02, docs/benchmarks.md) it stepped at 98.6-98.7% of the whole-model graph's speed with 2.8
+GiB less memory and reached the first step 24-41 s after a cold launch (16-19 s warm); the whole-model graph's
 first step came at 70 s (38 s warm) on another machine, and cold starts differed by up to ~15 s between machines.
 Its earlier meaning, cudagraph trees per block, stepped 14% slower on one H200 and under DDP on two trained
 nothing (gradient norm inf from step 19, torch warning that the AccumulateGrad node's stream did not match that
@@ -108,7 +108,9 @@ def compile_regions_of(model: nn.Module) -> list[tuple[nn.Module, str]]:
     `forward` of the embedding, the final norm and the training step's head + loss
     (model/loss.LinearCrossEntropy). Outside the blocks these are one graph each; eager, the loss's elementwise
     steps passed over the [T, V] logits one by one and the embedding's backward sorted the token ids (together
-    ~10% of the step on an H200, docs/benchmarks.md)."""
+    ~10% of the step on an H200, docs/benchmarks.md). The embedding and the final norm left eager (fewer graphs)
+    did not bring a cold start's first step sooner on an H200, and the eager norm cost 1.5% of the step
+    (2026-12-02): the first graph compiled pays the compiler's own start (~2 s), whichever region it is."""
     from deepseek_mini.model.loss import LinearCrossEntropy
     from deepseek_mini.model.transformer import Block
 
