@@ -108,9 +108,9 @@ def compile_regions_of(model: nn.Module) -> list[tuple[nn.Module, str]]:
     `forward` of the embedding, the final norm and the training step's head + loss
     (model/loss.LinearCrossEntropy). Outside the blocks these are one graph each; eager, the loss's elementwise
     steps passed over the [T, V] logits one by one and the embedding's backward sorted the token ids (together
-    ~10% of the step on an H200, docs/benchmarks.md). The embedding and the final norm left eager (fewer graphs)
-    did not bring a cold start's first step sooner on an H200, and the eager norm cost 1.5% of the step
-    (2026-12-02): the first graph compiled pays the compiler's own start (~2 s), whichever region it is."""
+    ~10% of the step on an H200, docs/benchmarks.md). Left eager (2026-12-02, H200), the embedding and the final
+    norm did not bring a cold start's first step sooner (the first graph compiled pays the compiler's own start,
+    ~2 s, whichever region it is), and the step was 1.5% slower with both eager, 0.1% with the embedding alone."""
     from deepseek_mini.model.loss import LinearCrossEntropy
     from deepseek_mini.model.transformer import Block
 
