@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -102,6 +103,13 @@ requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                      reason="Triton is not installed (CPU-only torch)")
 
 
+def worst_of(*errors: float) -> float:
+    """The largest of the errors, a NaN counted as infinite. Python's max() passes over a NaN that is not its first
+    argument (max(0.0, nan) == 0.0), so a kernel whose output went NaN would read as exact against its reference;
+    every comparison that keeps a running largest difference goes through here."""
+    return math.inf if any(math.isnan(e) for e in errors) else max(errors)
+
+
 def max_diff_under_interpreter(module: str, compare: str | list[str]) -> float | dict[str, float]:
     """Runs tests/<module>.py's `compare()` (a kernel against its reference, returning the largest difference) in a
     fresh interpreter with TRITON_INTERPRET=1 (Triton reads it at import), so the kernel runs on CPU tensors.
@@ -117,6 +125,7 @@ def max_diff_under_interpreter(module: str, compare: str | list[str]) -> float |
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     diffs = {line.split()[1]: float(line.split()[2]) for line in proc.stdout.splitlines() if line.startswith("MAXDIFF")}
     assert list(diffs) == names, proc.stdout[-2000:]
+    assert not any(math.isnan(d) for d in diffs.values()), diffs  # NaN compares false with any tolerance, but say so
     return diffs[compare] if isinstance(compare, str) else diffs
 
 

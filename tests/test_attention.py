@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import max_diff_under_interpreter, requires_triton
+from conftest import max_diff_under_interpreter, requires_triton, worst_of
 from model_helpers import SMALL_MODEL, rope_rows
 
 from deepseek_mini.config import ModelConfig
@@ -349,12 +349,12 @@ def compare_mla_decode_kernel_with_reference() -> float:
                 mla_decode.default_config(B, L, C, n_sm=4, smem_per_sm=228 * 1024)):  # Hopper's
         out = mla_decode.launch(q_lat, q_pe, kv, kv_len, scale, cfg)
         assert out.shape == (B, H, C) and out.dtype == q_lat.dtype
-        worst = max(worst, float((out.double() - ref).abs().max()))
+        worst = worst_of(worst, float((out.double() - ref).abs().max()))
     # W_UV applied by the merge: a strided view, as MLA passes kv_b_proj's value rows (V = 24 < its block of 32)
     w_kv = torch.randn(H, 8 + 24, C, generator=g)
     out = mla_decode.launch(q_lat, q_pe, kv, kv_len, scale, mla_decode.LaunchConfig(splits=3, block_n=32), w_kv[:, 8:])
     assert out.shape == (B, H, 24)
-    worst = max(worst, float((out.double() - torch.einsum("bhc,hvc->bhv", ref, w_kv[:, 8:].double())).abs().max()))
+    worst = worst_of(worst, float((out.double() - torch.einsum("bhc,hvc->bhv", ref, w_kv[:, 8:].double())).abs().max()))
     # q_pe unrotated, rotated by the kernel at each row's new position (kv_len - 1) from RotaryEmbedding's tables,
     # read through strided views and a broadcast length, as a decode step passes them
     rotary = RotaryEmbedding(R, L)
@@ -366,7 +366,7 @@ def compare_mla_decode_kernel_with_reference() -> float:
         ref_rope = torch.einsum("bhl,blc->bhc", scores.softmax(-1), kv[..., :C].double())
         out = mla_decode.launch(q[..., :C], q[..., C:], kv, lengths, scale, mla_decode.LaunchConfig(splits=3, block_n=32),
                                 cos=rotary.cos, sin=rotary.sin)
-        worst = max(worst, float((out.double() - ref_rope).abs().max()))
+        worst = worst_of(worst, float((out.double() - ref_rope).abs().max()))
     return worst
 
 
@@ -396,12 +396,32 @@ def compare_append_latent_with_pytorch() -> float:
             ref = torch.cat([kv_norm(down[:, Q:Q + C]), k_ref], dim=-1)
             rows = torch.arange(B)
             written = cache[rows, pos]
-            worst = max(worst, float((written - ref).abs().max()), float((q_out - q_norm(down[:, :Q])).abs().max()))
+            worst = worst_of(worst, float((written - ref).abs().max()), float((q_out - q_norm(down[:, :Q])).abs().max()))
             before[rows, pos] = written  # nothing else changed
             if not torch.equal(cache, before) or not torch.equal(kv_len, (pos + 1).to(torch.int32)):
                 return math.inf
     q_none, _ = mla_decode.append_latent(down[:, Q:], kv_norm, cache, pos, rotary.cos, rotary.sin)
     return worst if q_none is None else math.inf
+
+
+def compare_append_latent_given_a_nan_query() -> float:
+    """The comparison above against a cache-write kernel whose normalised query row 1 is NaN: it must report that as
+    infinitely wrong (a running max() would have passed over the NaN and called the kernel exact)."""
+    from deepseek_mini.kernels import mla_decode
+
+    append = mla_decode.append_latent
+
+    def nan_query(*args, **kw):
+        q_out, kv_len = append(*args, **kw)
+        if q_out is not None:
+            q_out[1] = float("nan")
+        return q_out, kv_len
+
+    mla_decode.append_latent = nan_query
+    try:
+        return compare_append_latent_with_pytorch()
+    finally:
+        mla_decode.append_latent = append
 
 
 def compare_mla_decode_step_with_pytorch(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
@@ -429,7 +449,7 @@ def compare_mla_decode_step_with_pytorch(device: str = "cpu", dtype: torch.dtype
                     logits.append(model(ids[:, 7:8], cache=cache, start_pos=start).logits[:, -1])
                 runs.append((torch.stack(logits), [c.kv for c in cache]))
             (fused_logits, fused_kv), (ref_logits, ref_kv) = runs
-            worst = max(worst, float((fused_logits - ref_logits).abs().max() / ref_logits.abs().max()),
+            worst = worst_of(worst, float((fused_logits - ref_logits).abs().max() / ref_logits.abs().max()),
                         *(float((a - b).abs().max() / b.abs().max()) for a, b in zip(fused_kv, ref_kv)))
     mla_decode.append_latent = append
     # the fused runs took the kernels: 3 decode steps x 2 layers, for 2 configurations x folded or not
@@ -448,5 +468,7 @@ def test_mla_decode_kernels_match_pytorch_under_the_interpreter():
     """The attention kernel alone, the cache-write kernel alone, and a model decoding through both."""
     diffs = max_diff_under_interpreter("test_attention", ["compare_mla_decode_kernel_with_reference",
                                                           "compare_append_latent_with_pytorch",
-                                                          "compare_mla_decode_step_with_pytorch"])
+                                                          "compare_mla_decode_step_with_pytorch",
+                                                          "compare_append_latent_given_a_nan_query"])
+    assert diffs.pop("compare_append_latent_given_a_nan_query") == math.inf  # a NaN output fails the comparison
     assert all(d < 1e-5 for d in diffs.values()), diffs

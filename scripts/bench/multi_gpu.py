@@ -22,6 +22,7 @@ and over the logged steps of the run's second half, with each run's val loss; it
 from __future__ import annotations
 
 import csv
+import math
 import json
 import sys
 from pathlib import Path
@@ -61,12 +62,17 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return by_step(_csv_rows(run_dir / "csv" / "metrics.csv"), "train/loss")
 
 
+def _nan_last(d: float) -> float:
+    """max()'s key: a NaN ranks above every number (plain max() would pass over one that is not first)."""
+    return math.inf if math.isnan(d) else d
+
+
 def compare(ref: Path, resumed: Path, from_step: int) -> dict:
     a, b = train_losses(ref), train_losses(resumed)
     steps = sorted(s for s in a.keys() & b.keys() if s > from_step)
     diffs = [abs(a[s] - b[s]) for s in steps]
     result = {"reference": str(ref), "resumed": str(resumed), "after_step": from_step, "steps_compared": len(steps),
-              "bit_identical": sum(d == 0.0 for d in diffs), "max_abs_diff": max(diffs) if diffs else None,
+              "bit_identical": sum(d == 0.0 for d in diffs), "max_abs_diff": max(diffs, key=_nan_last) if diffs else None,
               "missing_in_resumed": sorted(s for s in a if s > from_step and s not in b)}
     print(json.dumps(result))
     return result
