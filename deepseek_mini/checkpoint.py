@@ -12,10 +12,10 @@ A deepseek-mini checkpoint directory is self-describing:
 so eval, generation and export rebuild exactly the trained model, never one from default configs.
 
 Every entry point that reads a checkpoint (train's resume, eval.py, scripts/generate.py, export_hf.py,
-kv_cache_report.py, DeepSeekV2.from_pretrained) goes through the checks here first: `check_checkpoint_file`
-for our .ckpt files (a zip archive whose members' CRCs are verified, so one flipped byte is refused) and
-`check_safetensors_file` for Hugging Face weights. A refusal is a CheckpointError with one line that names
-the file and the cause.
+kv_cache_report.py, deepseek_mini.from_pretrained) goes through a check first: `check_checkpoint_file` here
+for our .ckpt files (a zip archive whose members' CRCs are verified, so one flipped byte is refused), and
+interop/hf.py's `check_safetensors_file` for Hugging Face weights (an HFImportError there; `load_hf` here
+turns it into a CheckpointError). A refusal is one line that names the file and the cause.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,36 +173,6 @@ def check_checkpoint_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def check_safetensors_file(path: str | os.PathLike) -> Path:
-    """A complete safetensors file: its JSON header parses and the tensor data it describes fills the file
-    exactly (a truncated or padded file is refused). The format has no checksum, so a flipped bit inside the
-    tensor data cannot be detected; a flipped bit in the header can."""
-    path = Path(path)
-    why = "cannot read weights"
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{why} {path}: truncated ({size} bytes, shorter than the safetensors header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise CheckpointError(f"{why} {path}: truncated or not safetensors (header of {n:,} bytes in a "
-                                      f"{size:,}-byte file)")
-            header = json.loads(f.read(n))
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except CheckpointError:
-        raise
-    except Exception as e:  # UnicodeDecodeError, JSONDecodeError, KeyError, OSError, ...
-        raise CheckpointError(f"{why} {path}: not a safetensors file ({type(e).__name__}: {_first_line(e)})") from None
-    data = size - 8 - n
-    if data != max(ends, default=0):
-        state = "truncated" if data < max(ends, default=0) else "longer than its header describes"
-        raise CheckpointError(f"{why} {path}: {state} (the header describes {max(ends, default=0):,} bytes of tensor "
-                              f"data, the file has {data:,})")
-    return path
-
-
 def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
     """The checked checkpoint as a dict (weights_only: our checkpoints hold tensors and plain containers)."""
     path = check_checkpoint_file(path)
@@ -233,7 +202,7 @@ def model_from_state(config: dict | ModelConfig, state_dict: dict[str, torch.Ten
 
 
 def load_hf(path: Path, dtype: torch.dtype | None = None) -> DeepSeekV2:
-    """A Hugging Face DeepseekV2 directory through deepseek_mini.interop.hf (which checks each safetensors file here);
+    """A Hugging Face DeepseekV2 directory through deepseek_mini.interop.hf (which checks each safetensors file);
     its refusals become CheckpointErrors naming the directory."""
     from deepseek_mini.interop.hf import HFImportError, load_hf_directory  # noqa: PLC0415  (optional dependency path)
 

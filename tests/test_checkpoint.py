@@ -115,15 +115,15 @@ def test_generate_refuses_a_flipped_byte(ckpts, tmp_path, capsys, monkeypatch):
 
 
 def test_from_pretrained_refuses_a_truncated_safetensors_file(tmp_path):
+    from deepseek_mini.interop.hf import HFImportError, from_pretrained
     from deepseek_mini.interop.hf import export_hf as write_hf
-    from deepseek_mini.interop.hf import from_pretrained
 
     cfg = ModelConfig(**{**SMALL_MODEL, "bias_update_speed": 0.0})
     write_hf(DeepSeekV2(cfg), tmp_path / "hf")
     assert from_pretrained(tmp_path / "hf").config.hidden_size == cfg.hidden_size
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="truncated") as e:
+    with pytest.raises(HFImportError, match="truncated") as e:
         from_pretrained(tmp_path / "hf")
     assert str(weights) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match=r"cannot read weights .*model.safetensors: truncated"):

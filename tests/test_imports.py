@@ -1,13 +1,15 @@
-"""Imports flow one way: config -> model -> kernels / optim -> data -> training -> entry points.
+"""Imports flow one way, in the order of docs/design.md's layer map: config, kernels, model, optim, interop and
+analysis, generation_args, checkpoint, data, training, cli. Each may import what stands above it, never what stands
+below it (nor its sibling on the same line); kernels is a leaf (torch, triton and the standard library only).
 
-The model package is pure PyTorch: importing it loads nothing of the layers above it (training, data, the
-Hugging Face adapter, the optimizer, the reports) and none of Lightning, Hydra, OmegaConf, datasets or wandb.
-The kernels package is a leaf that the model and the optimizer both call.
+The model package is pure PyTorch: importing it loads nothing of the layers below it in the map (training, data,
+the Hugging Face adapter, the optimizer, the reports) and none of Lightning, Hydra, OmegaConf, datasets or wandb.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,21 +59,67 @@ def _files(package: str) -> list[Path]:
     return sorted((PACKAGE / package).glob("*.py"))
 
 
-@pytest.mark.parametrize(("package", "may_import"), [
-    ("model", ("deepseek_mini.config", "deepseek_mini.model", "deepseek_mini.kernels")),
-    ("kernels", ("deepseek_mini.kernels",)),
-    ("optim", ("deepseek_mini.config", "deepseek_mini.model", "deepseek_mini.kernels", "deepseek_mini.optim")),
-])
-def test_packages_import_only_below_them(package, may_import):
+# docs/design.md's map, top to bottom; the units on one line may not import each other
+LAYERS = (("config",), ("kernels",), ("model",), ("optim",), ("interop", "analysis"), ("generation_args",),
+          ("checkpoint",), ("data",), ("training",), ("cli",))
+# Lightning, Hydra and the rest: data (a LightningDataModule over datasets) and what stands below it only
+FRAMEWORKS_FROM = "data"
+
+
+def _unit(path: Path) -> str:
+    """A file's unit: its subpackage (model, training, ...) or its module's name at the top (config, checkpoint)."""
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _ours(path: Path) -> set[str]:
+    """The units of deepseek_mini a file imports, other than its own."""
+    return {m.split(".")[1] for m in _imports(path) if m.startswith("deepseek_mini.")} - {_unit(path)}
+
+
+def test_the_layers_are_the_design_documents_map():
+    """The map in docs/design.md (the first block under its layout heading) lists these units in this order, and
+    every file of the package belongs to one of them (the package's __init__.py, a lazy facade, apart)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = text.split("## Layout and import rules", 1)[1].split("```", 2)[1]
+    lines = [re.split(r"\s{2,}", line.strip(), maxsplit=1)[0] for line in block.strip().splitlines()]
+    units = [tuple(n.strip("/").removesuffix(".py") for n in re.split(r",\s*", names)) for names in lines]
+    package_units = [u for u in units if (PACKAGE / u[0]).is_dir() or (PACKAGE / f"{u[0]}.py").is_file()]
+    assert tuple(package_units) == LAYERS
+    layered = {u for layer in LAYERS for u in layer}
+    stray = sorted({_unit(p) for p in PACKAGE.rglob("*.py")} - layered - {"__init__"})
+    assert not stray, f"not in docs/design.md's layer map: {stray}"
+
+
+def test_each_unit_imports_only_what_stands_above_it():
     """Checked in the source, lazy imports inside functions included (a fresh interpreter would not see those)."""
-    assert _files(package)
-    for path in _files(package):
-        ours = {m for m in _imports(path) if m.split(".")[0] == "deepseek_mini" and m != "deepseek_mini"}
-        bad = sorted(m for m in ours if not m.startswith(may_import))
-        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+    rank = {u: i for i, layer in enumerate(LAYERS) for u in layer}
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        unit = _unit(path)
+        if unit == "__init__":
+            continue
+        bad = sorted(u for u in _ours(path) if rank[u] >= rank[unit] or unit == "kernels")
         frameworks = sorted(m for m in _imports(path) if m.split(".")[0] in FRAMEWORKS)
-        assert not frameworks, f"{path.relative_to(ROOT)} imports {frameworks}"
-    if package == "kernels":  # a leaf: torch, triton and the standard library only
-        for path in _files(package):
-            third = {m.split(".")[0] for m in _imports(path)} - {"deepseek_mini", "torch", "triton", "__future__"}
-            assert third <= set(sys.stdlib_module_names), f"{path.relative_to(ROOT)} imports {sorted(third)}"
+        if frameworks and rank[unit] < rank[FRAMEWORKS_FROM]:
+            bad += frameworks
+        if bad:
+            problems.append(f"{path.relative_to(ROOT)} ({unit}) imports {bad}")
+    assert not problems, "\n".join(problems)
+
+
+def test_kernels_are_a_leaf():
+    """torch, triton and the standard library only."""
+    for path in sorted((PACKAGE / "kernels").glob("*.py")):
+        third = {m.split(".")[0] for m in _imports(path)} - {"deepseek_mini", "torch", "triton", "__future__"}
+        assert third <= set(sys.stdlib_module_names), f"{path.relative_to(ROOT)} imports {sorted(third)}"
+        assert not _ours(path), f"{path.relative_to(ROOT)} imports {sorted(_ours(path))}"
+
+
+def test_the_design_document_names_every_file():
+    """docs/design.md is the map of the code: every module of the package and every script is named in it."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    files = [*PACKAGE.rglob("*.py"), *(ROOT / "scripts").rglob("*.py"), *(ROOT / "scripts").rglob("*.sh")]
+    missing = sorted(str(p.relative_to(ROOT)) for p in files
+                     if p.name != "__init__.py" and not re.search(rf"(?<![\w.]){re.escape(p.name)}(?!\w)", text))
+    assert not missing, f"not named in docs/design.md: {missing}"

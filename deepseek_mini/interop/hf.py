@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -141,11 +142,44 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return renamed
 
 
+def check_safetensors_file(path: str | os.PathLike) -> Path:
+    """A complete safetensors file: its JSON header parses and the tensor data it describes fills the file
+    exactly (a truncated or padded file is refused). The format has no checksum, so a flipped bit inside the
+    tensor data cannot be detected; a flipped bit in the header can."""
+    path = Path(path)
+    why = "cannot read weights"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise HFImportError(f"{why} {path}: truncated ({size} bytes, shorter than the safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise HFImportError(f"{why} {path}: truncated or not safetensors (header of {n:,} bytes in a "
+                                    f"{size:,}-byte file)")
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except HFImportError:
+        raise
+    except Exception as e:  # UnicodeDecodeError, JSONDecodeError, KeyError, OSError, ...
+        raise HFImportError(f"{why} {path}: not a safetensors file ({type(e).__name__}: {_first_line(e)})") from None
+    data = size - 8 - n
+    if data != max(ends, default=0):
+        state = "truncated" if data < max(ends, default=0) else "longer than its header describes"
+        raise HFImportError(f"{why} {path}: {state} (the header describes {max(ends, default=0):,} bytes of tensor "
+                            f"data, the file has {data:,})")
+    return path
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a directory: model.safetensors, a sharded *.safetensors.index.json, or any *.safetensors."""
     from safetensors.torch import load_file
-
-    from deepseek_mini.checkpoint import check_safetensors_file
 
     path = Path(path)
     index = path / "model.safetensors.index.json"

@@ -22,8 +22,8 @@ and over the logged steps of the run's second half, with each run's val loss; it
 from __future__ import annotations
 
 import csv
-import math
 import json
+import math
 import sys
 from pathlib import Path
 
