@@ -127,3 +127,31 @@ def test_cli_bad_model_value_fails_cleanly_before_data(tmp_path, capsys, monkeyp
 
 def teardown_module():
     GlobalHydra.instance().clear()
+
+
+def _readme_layout() -> tuple[dict[str, str], str]:
+    """README's "Configuration layout": {group folder: its row's options cell} and the "Top-level keys" paragraph."""
+    text = (CONFIGS.parent / "README.md").read_text().split("## Configuration layout", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            first, options = line.split("|")[1:3]
+            for group in first.replace("`", "").replace(" ", "").split(","):
+                rows[group.strip("/")] = options
+    return rows, text.split("Top-level keys:", 1)[1].split("\n\n", 1)[0]
+
+
+def test_the_readme_table_names_every_group_option_and_top_level_key():
+    """The table is where a user learns what `group=option` exists: every YAML option of every group (nested
+    groups such as hydra/launcher included) and every top-level key of train.yaml is in it."""
+    rows, keys = _readme_layout()
+    missing = []
+    for folder in sorted(p for p in CONFIGS.rglob("*") if p.is_dir() and p.name != "local"):
+        group = folder.relative_to(CONFIGS).as_posix()
+        for option in sorted(p.stem for p in folder.glob("*.yaml")):
+            if f"`{option}`" not in rows.get(group, ""):
+                missing.append(f"{group}={option}")
+    assert not missing, f"not in README's configuration table: {missing}"
+    train = OmegaConf.load(CONFIGS / "train.yaml")
+    unnamed = [k for k in train if k != "defaults" and f"`{k}`" not in keys]
+    assert not unnamed, f"top-level keys of train.yaml not named under 'Top-level keys': {unnamed}"
