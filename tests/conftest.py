@@ -110,11 +110,31 @@ def worst_of(*errors: float) -> float:
     return math.inf if any(math.isnan(e) for e in errors) else max(errors)
 
 
+def interpreter_unusable() -> str | None:
+    """Why Triton's CPU interpreter cannot run some of our kernels in this environment, or None. Before Triton 3.7 it turns
+    a scalar argument into a Python int with int() of a one-element array (a kernel's `range(start, end)` over
+    runtime bounds), which NumPy 2.x refuses ("only 0-dimensional arrays can be converted"): the GPU image's
+    Triton 3.6 with its NumPy. The kernels themselves run there; the CUDA tests check them."""
+    import importlib.metadata
+
+    import numpy as np
+
+    version = tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2])
+    try:
+        int(np.zeros(1, dtype=np.int64))
+    except TypeError:
+        if version < (3, 7):
+            return (f"Triton {importlib.metadata.version('triton')}'s interpreter cannot run these kernels with "
+                    f"NumPy {np.__version__} (int() of a one-element array; fixed in Triton 3.7)")
+    return None
+
+
 def max_diff_under_interpreter(module: str, compare: str | list[str]) -> float | dict[str, float]:
     """Runs tests/<module>.py's `compare()` (a kernel against its reference, returning the largest difference) in a
     fresh interpreter with TRITON_INTERPRET=1 (Triton reads it at import), so the kernel runs on CPU tensors.
     Several compare functions (a list) share one interpreter, whose start-up (torch + Triton) is most of the
-    time; then the result is {name: largest difference}."""
+    time; then the result is {name: largest difference}. Skips the calling test where it failed for the
+    interpreter's known defect (interpreter_unusable), and only then."""
     names = [compare] if isinstance(compare, str) else list(compare)
     code = ("import sys; sys.path.insert(0, 'tests'); from deepseek_mini.kernels import runtime; "
             "assert runtime.INTERPRET and runtime.triton is not None; "
@@ -122,6 +142,9 @@ def max_diff_under_interpreter(module: str, compare: str | list[str]) -> float |
             f"[print('MAXDIFF', name, getattr(m, name)()) for name in {names!r}]")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
+    why = interpreter_unusable()
+    if proc.returncode != 0 and why is not None and "only 0-dimensional arrays can be converted" in proc.stderr:
+        pytest.skip(why)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     diffs = {line.split()[1]: float(line.split()[2]) for line in proc.stdout.splitlines() if line.startswith("MAXDIFF")}
     assert list(diffs) == names, proc.stdout[-2000:]
