@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,7 @@ class ModelConfig:
     mtp_loss_weight: float = 0.3  # lambda: the training loss adds lambda / D x the sum of the D depths' losses
 
     def __post_init__(self):
+        self._check_types()  # before anything below reads a field
         if self.n_routed_experts == 0:
             self.n_routed_experts = None
         if self.num_key_value_heads is None:
@@ -92,9 +94,24 @@ class ModelConfig:
         self.validate()
 
     # ------------------------------------------------------------------ validation
+    def _check_types(self) -> None:
+        """Every field holds a value of its declared type: a word where a number belongs (`rms_norm_eps=abc` from
+        the command line or a hand-edited config), a float where an integer belongs, a number where a flag belongs.
+        Checked before any rule compares the value, so the refusal is a ConfigError naming the field, not a
+        TypeError from a comparison. Floats must be finite: nan or inf in a model setting is never meant."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kinds = [k.strip() for k in str(f.type).split("|")]
+            if (value is None and "None" in kinds) or any(_is_kind(value, k) for k in kinds):
+                continue
+            allowed = [_KIND_NAMES[k] for k in kinds if k != "None"] + (["None"] if "None" in kinds else [])
+            raise ConfigError(f"ModelConfig.{f.name}={value!r}: must be {' or '.join(allowed)}")
+
     def validate(self) -> None:
         def fail(name, rule):
             raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: {rule}")
+
+        self._check_types()
 
         positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -242,6 +259,23 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+_KIND_NAMES = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string",
+               "dict[str, Any]": "a mapping"}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """`value` is of the annotated `kind` (bool is not an int here, and an int is a float)."""
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    return kind.startswith("dict") and isinstance(value, Mapping)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

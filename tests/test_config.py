@@ -6,6 +6,7 @@ the published DeepSeek-V2 / V2-Lite numbers (big shapes, never allocated).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -56,6 +57,27 @@ def test_bad_config_raises_naming_the_field(changes, field_name):
     with pytest.raises(ConfigError) as err:
         small(**changes)
     assert field_name in str(err.value)
+
+
+def _wrong_values(kind: str) -> list:
+    """Values that are not of an annotated kind (ModelConfig's annotations are strings: `from __future__`)."""
+    kinds = {k.strip() for k in kind.split("|")}
+    wrong = ["abc", 1.5, True, float("nan"), float("inf"), 3, [1]]
+    ok = {"int": lambda v: type(v) is int, "float": lambda v: type(v) in (int, float) and math.isfinite(v),
+          "bool": lambda v: type(v) is bool, "str": lambda v: type(v) is str, "dict[str, Any]": lambda v: False,
+          "None": lambda v: v is None}
+    return [v for v in wrong if not any(ok[k](v) for k in kinds)]
+
+
+@pytest.mark.parametrize("field", [f for f in dataclasses.fields(ModelConfig)], ids=lambda f: f.name)
+def test_a_value_of_the_wrong_kind_is_refused_naming_the_field(field):
+    """Every field, every kind of wrong value (a word for a number, a float for an integer, a number for a flag,
+    nan/inf for a float): a ConfigError naming the field, never a TypeError from a comparison further on."""
+    values = _wrong_values(str(field.type))
+    assert values
+    for value in values:
+        with pytest.raises(ConfigError, match=rf"ModelConfig\.{field.name}="):
+            ModelConfig(**{**SMALL_MODEL, field.name: value})
 
 
 def test_config_error_is_a_value_error():
