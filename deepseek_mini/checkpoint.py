@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from deepseek_mini.config import ModelConfig
+from deepseek_mini.config import ConfigError, ModelConfig
 from deepseek_mini.model import DeepSeekV2
 
 DATA_RECORD = "data.json"  # beside the checkpoints: what the model was trained on
@@ -49,12 +49,33 @@ class LoadedModel:
     checkpoint: dict | None = None  # the raw Lightning checkpoint (without state_dict), if any
 
 
-def find_tokenizer(path: Path):
-    """tokenizer.json beside the checkpoint file (or inside a directory), if there is one."""
+def find_tokenizer(path: Path, recorded_sha: str | None = None):
+    """tokenizer.json beside the checkpoint file (or inside a directory), if there is one. A file that does not
+    parse is refused, and so is one whose sha256 is not `recorded_sha` (what the checkpoint's data module
+    recorded): another run's tokenizer beside these weights would turn every token id into another word."""
+    import hashlib
+
     from tokenizers import Tokenizer
 
     path = tokenizer_file(path)
-    return Tokenizer.from_file(str(path)) if path is not None else None
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # OSError, UnicodeDecodeError, the tokenizers library's own parse Exception
+        raise CheckpointError(f"cannot read tokenizer {path}: {type(e).__name__}: {_first_line(e)}") from None
+    if recorded_sha and hashlib.sha256(data).hexdigest() != recorded_sha:
+        raise CheckpointError(f"tokenizer {path} is not the one the checkpoint was trained with (its sha256 differs "
+                              f"from the recorded {recorded_sha[:12]}...); put the run's own tokenizer.json beside it")
+    return tokenizer
+
+
+def recorded_tokenizer_sha(ckpt: dict) -> str | None:
+    """The sha256 of the tokenizer file the checkpoint's data module trained with, if it recorded one."""
+    state = next((v for k, v in ckpt.items() if str(k).endswith("TextDataModule") and isinstance(v, dict)), {})
+    sha = state.get("tokenizer_sha")
+    return sha if isinstance(sha, str) and sha else None
 
 
 def tokenizer_file(path: Path) -> Path | None:
@@ -173,11 +194,11 @@ def check_checkpoint_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
-    """The checked checkpoint as a dict (weights_only: our checkpoints hold tensors and plain containers)."""
-    path = check_checkpoint_file(path)
+def load_checkpoint_dict(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """torch.load of a checked checkpoint file (weights_only: our checkpoints hold tensors and plain containers),
+    its refusals one line; mmap=True leaves the tensors' data on disk until it is read."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         if isinstance(e, pickle.UnpicklingError):
             cause = ("it holds objects other than tensors and plain containers (not a deepseek-mini checkpoint; "
@@ -185,20 +206,68 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
         else:
             cause = f"{type(e).__name__}: {_first_line(e)}"
         raise CheckpointError(f"cannot read checkpoint {path}: {cause}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"cannot read checkpoint {path}: not a Lightning checkpoint (no state_dict)")
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a Lightning checkpoint (a {type(ckpt).__name__}, "
+                              "not a dict)")
     return ckpt
 
 
-def model_from_state(config: dict | ModelConfig, state_dict: dict[str, torch.Tensor], prefix: str = "model.") -> DeepSeekV2:
-    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
-    model = DeepSeekV2(cfg)
-    state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
+    """The checked checkpoint as a dict, with a state_dict of tensors."""
+    path = check_checkpoint_file(path)
+    ckpt = load_checkpoint_dict(path)
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a Lightning checkpoint (no state_dict of tensors)")
+    return ckpt
+
+
+def checkpoint_model_config(ckpt: dict, path: Path) -> ModelConfig | None:
+    """The model config a checkpoint was trained with: its hyper_parameters' model_config, else model_config.json
+    beside it, else None. A recorded config that is not a valid ModelConfig is refused, naming where it was."""
+    hparams = ckpt.get("hyper_parameters")
+    config, where = (hparams.get("model_config"), f"{path} hyper_parameters.model_config") \
+        if isinstance(hparams, dict) else (None, "")
+    if config is None:
+        side = Path(path).parent / "model_config.json"
+        if not side.is_file():
+            return None
+        try:
+            config, where = json.loads(side.read_text()), str(side)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read {side}: {type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"cannot read {where}: a {type(config).__name__}, not a mapping of ModelConfig fields")
+    try:
+        return ModelConfig.from_dict(config)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"cannot read {where}: {_first_line(e)}") from None
+
+
+def verify_weights(config: ModelConfig, state_dict: dict, path: Path, prefix: str = "model.",
+                   finite: bool = True) -> dict[str, torch.Tensor]:
+    """The model's weights in a checkpoint's state_dict (`prefix` and torch.compile's `_orig_mod.` stripped),
+    checked against the model `config` describes: the same names, each of the model's shape, floating point,
+    and (finite=True) no nan or inf. load_state_dict would refuse a wrong shape only with a traceback, and cast an
+    integer tensor or take a nan silently. The expected shapes come from the model built on the meta device:
+    nothing is allocated."""
+    with torch.device("meta"):
+        expected = DeepSeekV2(config).state_dict()
+    state = {k[len(prefix):].replace("_orig_mod.", ""): v for k, v in state_dict.items() if k.startswith(prefix)}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    why = f"checkpoint {path} does not match its model config"
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match its model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model
+        raise CheckpointError(f"{why}: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{why}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                                  f"{tuple(expected[name].shape)}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{why}: {name} is {tensor.dtype}, not a floating-point weight")
+        if finite and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"checkpoint {path}: {name} holds nan or inf values")
+    return state
 
 
 def load_hf(path: Path, dtype: torch.dtype | None = None) -> DeepSeekV2:
@@ -213,19 +282,20 @@ def load_hf(path: Path, dtype: torch.dtype | None = None) -> DeepSeekV2:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """A deepseek-mini Lightning .ckpt, or a Hugging Face DeepseekV2 directory (config.json + safetensors)."""
+    """A deepseek-mini Lightning .ckpt, or a Hugging Face DeepseekV2 directory (config.json + safetensors): the file,
+    its recorded model config, the weights against that config (verify_weights) and the tokenizer beside it
+    (find_tokenizer, against the sha256 the run recorded) are all checked before the model is returned."""
     path = Path(path).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         model = load_hf(path)
         return LoadedModel(model.to(map_location), model.config, find_tokenizer(path), path)
     ckpt = read_lightning_checkpoint(path)
-    hparams = ckpt.get("hyper_parameters") or {}
-    config = hparams.get("model_config")
+    config = checkpoint_model_config(ckpt, path)
     if config is None:
-        side = path.parent / "model_config.json"
-        if not side.is_file():
-            raise CheckpointError(f"{path} has no model_config in its hyper_parameters and no {side.name} beside it")
-        config = json.loads(side.read_text())
-    model = model_from_state(config, ckpt.pop("state_dict")).to(map_location)
-    model.eval()
-    return LoadedModel(model, model.config, find_tokenizer(path), path, ckpt)
+        raise CheckpointError(f"{path} has no model_config in its hyper_parameters and no model_config.json beside it")
+    state = verify_weights(config, ckpt.pop("state_dict"), path)
+    tokenizer = find_tokenizer(path, recorded_tokenizer_sha(ckpt))
+    model = DeepSeekV2(config)
+    model.load_state_dict(state)
+    model.to(map_location).eval()
+    return LoadedModel(model, config, tokenizer, path, ckpt)

@@ -54,7 +54,13 @@ def checkpoint_val_loss(path: Path, ckpt: dict | None) -> tuple[float | None, st
 
 def checkpoint_rows(paths: list[str], context: int) -> list[dict]:
     """Config and val loss of each checkpoint, without building the model (reads config + callbacks only)."""
-    from deepseek_mini.checkpoint import CheckpointError, load_hf, read_lightning_checkpoint
+    from deepseek_mini.checkpoint import (
+        CheckpointError,
+        checkpoint_model_config,
+        load_hf,
+        read_lightning_checkpoint,
+        verify_weights,
+    )
 
     rows = []
     for p in paths:
@@ -63,13 +69,10 @@ def checkpoint_rows(paths: list[str], context: int) -> list[dict]:
             cfg, ckpt = load_hf(path).config, None  # the verified loader: damaged weights are refused
         else:
             ckpt = read_lightning_checkpoint(path)
-            ckpt.pop("state_dict", None)
-            mc = (ckpt.get("hyper_parameters") or {}).get("model_config")
-            if mc is None and (path.parent / "model_config.json").is_file():
-                mc = json.loads((path.parent / "model_config.json").read_text())
-            if mc is None:
+            cfg = checkpoint_model_config(ckpt, path)
+            if cfg is None:
                 raise CheckpointError(f"{path} has no model_config")
-            cfg = ModelConfig.from_dict(dict(mc))
+            verify_weights(cfg, ckpt.pop("state_dict"), path)  # the numbers below are of the model the weights are
         loss, source = checkpoint_val_loss(path, ckpt)
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         row = kv_cache_table({f"{run_dir.name}/{cfg.attention}": cfg}, context)[0]
@@ -102,6 +105,52 @@ def measure(shapes: list[str], device: str, batch: int, max_len: int) -> str:
     return "\n".join(lines)
 
 
+def gqa_groups(specs: list[str], shapes: list[str]) -> dict[str, int]:
+    """--gqa-groups SHAPE=N ... -> {shape: N}; each SHAPE one of --shapes (another would be silently unused),
+    N a positive integer that divides the shape's attention heads."""
+    groups = {}
+    for spec in specs:
+        shape, sep, n = spec.partition("=")
+        if not sep or not shape or not n.strip().isdigit() or int(n) < 1:
+            raise ValueError(f"--gqa-groups {spec}: expected SHAPE=N with N a positive integer, e.g. tiny=2")
+        if shape not in shapes:
+            raise ValueError(f"--gqa-groups {spec}: {shape} is not one of --shapes ({', '.join(shapes)})")
+        heads = ModelConfig.preset(shape).num_attention_heads
+        if heads % int(n):
+            raise ValueError(f"--gqa-groups {spec}: N must divide {shape}'s {heads} attention heads")
+        groups[shape] = int(n)
+    return groups
+
+
+def check_args(args) -> None:
+    """Every flag before any work: sizes positive, preset names known, --measure's device usable, the output paths
+    directories (a size <= 0 was taken: --context -5 printed negative bytes; --measure-len -3 a traceback)."""
+    from deepseek_mini.generation_args import parse_device
+
+    for flag in ("context", "measure_batch", "measure_len"):
+        value = getattr(args, flag)
+        if value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}={value}: must be a positive integer")
+    for flag, names in (("--shapes", args.shapes), ("--measure-shapes", args.measure_shapes if args.measure else [])):
+        for name in names:
+            try:
+                ModelConfig.preset(name)
+            except ConfigError as e:  # it names the presets there are
+                raise ValueError(f"{flag}: {e}") from None
+    if args.measure:
+        try:
+            parse_device(args.device)  # the device rule of eval.py and generate.py
+        except ConfigError as e:
+            raise ValueError(f"--{e}") from None  # "--device=foo: use auto, cpu or cuda ..."
+    if not args.no_files:
+        for flag, path in (("--out-dir", Path(args.out_dir)), ("--png", Path(args.png).parent if args.png else None)):
+            probe = path
+            while probe is not None and not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            if probe is not None and not probe.is_dir():
+                raise ValueError(f"{flag}: {probe} is a file, not a directory")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="preset shapes (default: %(default)s)")
@@ -120,7 +169,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        groups = {k: int(v) for k, v in (g.split("=", 1) for g in args.gqa_groups)}
+        check_args(args)
+        groups = gqa_groups(args.gqa_groups, args.shapes)
         configs = shape_variants(args.shapes, groups)
         rows = kv_cache_table(configs, args.context)
         ck_rows = checkpoint_rows(args.ckpt, args.context) if args.ckpt else []
@@ -144,10 +194,9 @@ def main(argv=None) -> int:
         parts += ["", "## Checkpoints: val loss beside cache size", "", format_table(ck_rows), ""]
         parts += [f"- {r['label']}: val loss from {r['val_loss_source']}" for r in ck_rows]
     if args.measure:
-        import torch
+        from deepseek_mini.generation_args import parse_device
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        parts += ["", measure(args.measure_shapes, device, args.measure_batch, args.measure_len)]
+        parts += ["", measure(args.measure_shapes, str(parse_device(args.device)), args.measure_batch, args.measure_len)]
     text = "\n".join(parts)
 
     if not args.no_files:

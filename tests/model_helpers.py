@@ -42,3 +42,13 @@ def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: 
     c, s = cos[positions][:, None].to(x.dtype), sin[positions][:, None].to(x.dtype)  # [B, 1, R / 2]
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+
+
+def write_training_checkpoint(path, step: int = 1, **extra) -> None:
+    """The smallest file train.py's resume accepts (resume.verify_training_checkpoint): Lightning's version, the
+    step, an optimizer state and a state_dict of tensors (here none: no model config is recorded, so no weights are
+    compared). For the tests of which checkpoint a resume picks, not of what it restores."""
+    import torch
+
+    torch.save({"pytorch-lightning_version": "2.6.6", "global_step": step, "epoch": 0, "state_dict": {},
+                "optimizer_states": [{"state": {}, "param_groups": []}], **extra}, path)

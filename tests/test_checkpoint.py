@@ -47,6 +47,24 @@ def ckpts(tmp_path) -> dict[str, Path]:
     out["truncated"].write_bytes(data[: len(data) * 2 // 3])
     out["results_json"].write_text(json.dumps({"val_loss": 4.4}))
     out["empty"].write_bytes(b"")
+    # sound files whose contents are not what they claim: each a copy of the good one with one thing changed
+    ckpt = torch.load(good, weights_only=True)
+    emb = "model.model.embed_tokens.weight"
+    changes = {
+        "other_config": lambda c: c["hyper_parameters"]["model_config"].update(hidden_size=64),
+        "wrong_shape": lambda c: c["state_dict"].update({emb: c["state_dict"][emb][:-1]}),
+        "int_weight": lambda c: c["state_dict"].update({emb: c["state_dict"][emb].long()}),
+        "nan_weight": lambda c: c["state_dict"][emb].view(-1)[7:9].fill_(float("nan")),
+        "config_not_mapping": lambda c: c["hyper_parameters"].update(model_config="tiny"),
+        "config_bad_value": lambda c: c["hyper_parameters"]["model_config"].update(rms_norm_eps="abc"),
+        "no_state_dict": lambda c: c.pop("state_dict"),
+    }
+    for kind, change in changes.items():
+        copy = {k: (json.loads(json.dumps(v)) if k == "hyper_parameters" else v) for k, v in ckpt.items()}
+        copy["state_dict"] = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+        change(copy)
+        out[kind] = tmp_path / f"{kind}.ckpt"
+        torch.save(copy, out[kind])
     return out
 
 
@@ -57,6 +75,13 @@ CAUSES = {  # the damage -> what the one-line message must say
     "empty": "empty file",
     "directory": "is a directory",
     "missing": "not found",
+    "other_config": "does not match its model config: model.embed_tokens.weight has shape",
+    "wrong_shape": "does not match its model config: model.embed_tokens.weight has shape",
+    "int_weight": "torch.int64, not a floating-point weight",
+    "nan_weight": "model.embed_tokens.weight holds nan or inf values",
+    "config_not_mapping": "a str, not a mapping of ModelConfig fields",
+    "config_bad_value": "ModelConfig.rms_norm_eps='abc'",
+    "no_state_dict": "no state_dict of tensors",
 }
 
 
@@ -68,6 +93,55 @@ def test_the_loader_refuses_each_damage_in_one_line(kind, ckpts):
     assert "\n" not in msg and str(ckpts[kind]) in msg and CAUSES[kind] in msg, msg
     if kind == "directory":
         assert str(ckpts["good"]) in msg, "names the file to give instead"
+
+
+@pytest.mark.parametrize("tool", ["eval", "generate", "export", "kv_cache_report"])
+@pytest.mark.parametrize("kind", ["other_config", "nan_weight"])
+def test_every_reader_refuses_weights_its_config_does_not_describe(tool, kind, ckpts, tmp_path, capsys, monkeypatch):
+    """A sound file whose weights are not the model its config describes: one line, rc 2, in every tool (the
+    loaders used to end in load_state_dict's traceback, or to read the wrong numbers with rc 0)."""
+    bad = ckpts[kind]
+    if tool in ("eval", "generate"):
+        script = "eval.py" if tool == "eval" else "scripts/generate.py"
+        code, out = run_inprocess(script, [f"ckpt_path={bad}", f"paths.cache_dir={tmp_path / 'cache'}",
+                                           f"hydra.run.dir={tmp_path / 'out'}"], capsys, monkeypatch)
+    else:
+        module = export_hf if tool == "export" else kv_cache_report
+        args = [str(bad), str(tmp_path / "hf"), "--no-verify"] if tool == "export" else \
+            ["--ckpt", str(bad), "--out-dir", str(tmp_path / "kv")]
+        code, out = module.main(args), capsys.readouterr().err
+    assert code == 2 and "Traceback" not in out, out[-3000:]
+    lines = error_lines(out)
+    assert len(lines) == 1 and str(bad) in lines[0] and CAUSES[kind] in lines[0], out[-3000:]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_files_beside_a_checkpoint_are_checked(ckpts, tmp_path):
+    """tokenizer.json must parse and be the one the run trained with (the sha256 its data module recorded);
+    model_config.json, read when the checkpoint holds no config, must parse."""
+    from tokenizers import Tokenizer, models
+
+    good = ckpts["good"]
+    ckpt = torch.load(good, weights_only=True)
+    mine = Tokenizer(models.BPE())
+    mine.save(str(good.parent / "tokenizer.json"))
+    sha = __import__("hashlib").sha256((good.parent / "tokenizer.json").read_bytes()).hexdigest()
+    torch.save({**ckpt, "TextDataModule": {"tokenizer_sha": sha}}, good)
+    assert load_checkpoint(good).tokenizer is not None  # the recorded one: accepted
+    other = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    other.save(str(good.parent / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match="is not the one the checkpoint was trained with"):
+        load_checkpoint(good)
+    (good.parent / "tokenizer.json").write_text("garbage{")
+    with pytest.raises(CheckpointError, match=r"cannot read tokenizer .*tokenizer.json"):
+        load_checkpoint(good)
+    (good.parent / "tokenizer.json").unlink()
+    torch.save({"state_dict": ckpt["state_dict"]}, good)  # no config inside: model_config.json beside it is read
+    (good.parent / "model_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"cannot read .*model_config.json: JSONDecodeError"):
+        load_checkpoint(good)
+    (good.parent / "model_config.json").write_text(json.dumps(ModelConfig(**SMALL_MODEL).to_dict()))
+    assert load_checkpoint(good).config == ModelConfig(**SMALL_MODEL)
 
 
 def test_the_good_checkpoint_loads(ckpts):
@@ -128,6 +202,25 @@ def test_from_pretrained_refuses_a_truncated_safetensors_file(tmp_path):
     assert str(weights) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match=r"cannot read weights .*model.safetensors: truncated"):
         load_checkpoint(tmp_path / "hf")  # eval.py / generate.py's way in
+
+
+@pytest.mark.parametrize(("text", "says"), [("{oops", "JSONDecodeError"), ('{"num_attention_heads": 4}', "KeyError"),
+                                            (None, "could not convert string to float")])
+def test_a_damaged_config_json_is_refused_naming_it(text, says, tmp_path):
+    """A config.json that does not parse, lacks a field or holds a word where a number belongs: one HFImportError
+    naming the file (eval.py / generate.py / export_hf.py print it as their one line), not a raw traceback."""
+    cfg = ModelConfig(**{**SMALL_MODEL, "bias_update_speed": 0.0})
+    from deepseek_mini.interop.hf import HFImportError, load_hf_directory
+    from deepseek_mini.interop.hf import export_hf as write_hf
+
+    write_hf(DeepSeekV2(cfg), tmp_path / "hf")
+    config_json = tmp_path / "hf" / "config.json"
+    if text is None:
+        text = json.dumps({**json.loads(config_json.read_text()), "rms_norm_eps": "abc"})
+    config_json.write_text(text)
+    with pytest.raises(HFImportError, match=says) as e:
+        load_hf_directory(tmp_path / "hf")
+    assert str(config_json) in str(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------- retention

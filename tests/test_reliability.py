@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
+from model_helpers import write_training_checkpoint
 
 from deepseek_mini import cli as cli_mod
 from deepseek_mini.checkpoint import CheckpointError, check_checkpoint_file
@@ -128,7 +129,7 @@ def test_ckpt_path_last_without_run_dir_picks_latest_run(tmp_path):
     for i, name in enumerate(["2025-01-01_00-00-00-000001", "2025-01-02_00-00-00-000001"]):
         ck = runs / name / "checkpoints" / "last.ckpt"
         ck.parent.mkdir(parents=True)
-        torch.save({"global_step": i}, ck)
+        write_training_checkpoint(ck, step=i)
         os.utime(ck, (time.time() - 100 + i * 10,) * 2)
     (runs / "2025-01-03_00-00-00-000001").mkdir()  # newest dir, but no checkpoint
     argv = rel._preflight_resume(["resume=true", f"paths.log_dir={tmp_path / 'logs'}"], CONFIGS, "train")

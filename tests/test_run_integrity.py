@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import write_training_checkpoint
 from test_reliability import CONFIGS, TINY, cli, error_lines, run_inprocess
 
 from deepseek_mini.config import ConfigError
@@ -77,6 +78,56 @@ def test_resume_with_another_model_or_data_is_refused_and_touches_nothing(change
     lines = error_lines(out)
     assert len(lines) == 1 and "cannot resume with a different model or data" in lines[0] and named in lines[0], out
     assert snapshot(run4) == before, "a refused resume writes nothing into the run dir"
+
+
+def _change_last(run: Path, change) -> None:
+    """Rewrite run's checkpoints/last.ckpt with `change` applied to its contents (a sound zip: only the checks of
+    what it holds can refuse it). last.ckpt may be a hard link of the best: a new file replaces the name."""
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    change(ckpt)
+    last.unlink()
+    torch.save(ckpt, last)
+
+
+EMB = "model.model.embed_tokens.weight"
+BAD_RESUMES = {  # what is wrong with the run's last.ckpt or the command -> what the one line must say
+    "weights of another shape": (lambda c: c["state_dict"].update({EMB: c["state_dict"][EMB][:, :-1]}), [],
+                                 "model.embed_tokens.weight has shape"),
+    "a config its weights are not": (lambda c: c["hyper_parameters"]["model_config"].update(hidden_size=48), [],
+                                     "does not match its model config"),
+    "integer weights": (lambda c: c["state_dict"].update({EMB: c["state_dict"][EMB].long()}), [],
+                        "not a floating-point weight"),
+    "nan weights": (lambda c: c["state_dict"][EMB].view(-1)[:3].fill_(float("nan")), [], "holds nan or inf"),
+    "the weights only": (lambda c: c.pop("optimizer_states"), [], "holds the weights only"),
+    "not Lightning's": (lambda c: c.pop("pytorch-lightning_version"), [], "not a Lightning training checkpoint"),
+    "a config that is a word": (lambda c: c["hyper_parameters"].update(model_config="tiny"), [], "not a mapping"),
+    "a config with a bad value": (lambda c: c["hyper_parameters"]["model_config"].update(rope_theta="abc"), [],
+                                  "ModelConfig.rope_theta='abc'"),
+    "max_steps below the step": (None, ["trainer.max_steps=2"], "trainer.max_steps=2: below the step"),
+    "a damaged config.yaml": ("config.yaml", [], "config.yaml (the run's recorded config)"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD_RESUMES))
+def test_a_resume_the_checkpoint_cannot_carry_is_refused_and_touches_nothing(case, run4, cache_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    """What Lightning would restore is checked before anything runs: before, each of these ended in a traceback
+    after data preparation, with the finished run's results.json, metrics and .hydra already rewritten."""
+    change, args, says = BAD_RESUMES[case]
+    run = _copy(run4, tmp_path / "run")
+    if change == "config.yaml":
+        (run / "checkpoints" / "config.yaml").write_text("{{{: [\n")
+    elif change is not None:
+        _change_last(run, change)
+    before = snapshot(run)
+    code, out = run_inprocess("train.py", [*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}",
+                                           "ckpt_path=last", *args], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in out, out[-3000:]
+    lines = error_lines(out)
+    assert len(lines) == 1 and says in lines[0], out[-3000:]
+    assert snapshot(run) == before, "a refused resume writes nothing into the run dir"
 
 
 def test_resume_overrides_adopt_what_the_user_did_not_ask_to_change(tmp_path):
@@ -291,7 +342,7 @@ def test_stale_temporary_checkpoints_are_removed(tmp_path):
 def test_any_true_spelling_of_resume_continues_the_latest_run(spelling, tmp_path):
     ck = tmp_path / "logs" / "train" / "runs" / "r1" / "checkpoints" / "last.ckpt"
     ck.parent.mkdir(parents=True)
-    torch.save({"global_step": 1}, ck)
+    write_training_checkpoint(ck, step=1)
     argv = rel._preflight_resume([spelling, f"paths.log_dir={tmp_path / 'logs'}"], CONFIGS, "train")
     assert f"hydra.run.dir={ck.parent.parent}" in argv
     release_run_lock(ck.parent.parent)

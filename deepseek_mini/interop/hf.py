@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from deepseek_mini.config import ModelConfig
+from deepseek_mini.config import ConfigError, ModelConfig
 from deepseek_mini.interop.hf_config import HFExportError, HFImportError, config_from_hf, config_to_hf
 from deepseek_mini.model import DeepSeekV2
 
@@ -206,7 +206,14 @@ def load_hf_directory(path: str | os.PathLike, dtype: torch.dtype | None = None)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise HFImportError(f"{path}: no config.json")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    try:
+        cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    except HFImportError:
+        raise
+    except ConfigError as e:  # a value ModelConfig refuses: name the file it came from
+        raise HFImportError(f"{cfg_file}: {e}") from None
+    except Exception as e:  # not JSON, a field missing (KeyError), a word where a number belongs (ValueError), ...
+        raise HFImportError(f"cannot read {cfg_file}: {type(e).__name__}: {_first_line(e)}") from None
     sd = state_dict_from_hf(read_hf_state_dict(path), cfg)
     model = DeepSeekV2(cfg)
     expected = model.state_dict()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from deepseek_mini.checkpoint import CheckpointError
+from deepseek_mini.checkpoint import load_checkpoint_dict
 from deepseek_mini.training.errors import CheckpointWriteError, one_line
 
 log = logging.getLogger(__name__)
@@ -99,12 +99,7 @@ def remove_stale_temp_files(ckpt_dir: Path) -> list[Path]:
 def read_checkpoint_meta(path: Path) -> dict:
     """The checkpoint's dict, memory-mapped (tensors are not read): global_step, hyper_parameters, callback
     and datamodule states. A sharded FSDP checkpoint directory keeps them in its meta.pt."""
-    path = Path(path) / "meta.pt" if Path(path).is_dir() else path
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {one_line(e, 200)}") from None
-    return ckpt if isinstance(ckpt, dict) else {}
+    return load_checkpoint_dict(Path(path) / "meta.pt" if Path(path).is_dir() else path, mmap=True)
 
 
 def checkpoint_global_step(path: Path) -> int | None:

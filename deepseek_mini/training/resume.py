@@ -1,7 +1,10 @@
 """Resume: which checkpoint, whether the run can really continue from it, and the state it carries.
 
 * `resolve_ckpt_path` / `latest_run_with_checkpoint`: `ckpt_path=last` / `resume=true` means
-  `<run dir>/checkpoints/last.ckpt`; without `hydra.run.dir=` the latest run that has one.
+  `<run dir>/checkpoints/last.ckpt`; without `hydra.run.dir=` the latest run that has one. The file is checked
+  (zip + CRC) and so is what it holds (`verify_training_checkpoint`: a Lightning training checkpoint, a valid
+  recorded model config, weights of that config's shapes, floating point and finite).
+* `check_max_steps`: a `trainer.max_steps` below the checkpoint's step is refused (nothing could be trained).
 * `resume_overrides`: compares what the command will run with what the checkpoint's run ran (the
   checkpoint's `model_config` hyper-parameters, `checkpoints/config.yaml`). A model or data field the user
   did not ask to change is taken from the run (returned as `++key=value` overrides); one the user did ask
@@ -36,8 +39,10 @@ from deepseek_mini.checkpoint import (
     CheckpointError,
     check_checkpoint_file,
     check_sharded_checkpoint,
+    checkpoint_model_config,
     consolidate_command,
     is_sharded_checkpoint,
+    verify_weights,
 )
 from deepseek_mini.config import ConfigError
 from deepseek_mini.training.checkpoint_io import read_checkpoint_meta
@@ -64,13 +69,39 @@ def resolve_ckpt_path(ckpt_path: Any, output_dir: Path, resume: bool = False) ->
         ckpt_path = "last"
     if str(ckpt_path) == "last":
         path = Path(output_dir) / "checkpoints" / "last.ckpt"
-        if not path.is_file() and not is_sharded_checkpoint(path):
+        if not path.exists():
             raise CheckpointError(f"ckpt_path=last: no checkpoint {path}; resume with hydra.run.dir=<run dir> "
                                   "ckpt_path=last, or give ckpt_path=<file>")
     else:
         path = Path(str(ckpt_path)).expanduser().resolve()
     # trainer=fsdp writes last.ckpt as a directory of shards (+ meta.pt): train resumes from it as it is
-    return check_sharded_checkpoint(path) if is_sharded_checkpoint(path) else check_checkpoint_file(path)
+    path = check_sharded_checkpoint(path) if is_sharded_checkpoint(path) else check_checkpoint_file(path)
+    verify_training_checkpoint(path)
+    return path
+
+
+def verify_training_checkpoint(path: Path) -> None:
+    """What Lightning will restore, checked before anything is written (Lightning itself would fail with a
+    traceback after data preparation, with the run dir already rewritten): a training checkpoint of Lightning's
+    (its version, step and optimizer state: a best-step file written with best_weights_only cannot continue a
+    run), its recorded model config valid, and its weights of that config's shapes, floating point and finite.
+    A sharded directory's weights are in its shards (check_sharded_checkpoint checked their sizes)."""
+    meta = read_checkpoint_meta(path)
+    why = f"cannot resume from {path}"
+    for key in ("pytorch-lightning_version", "global_step"):
+        if key not in meta:
+            raise CheckpointError(f"{why}: not a Lightning training checkpoint (no {key})")
+    config = checkpoint_model_config(meta, path)
+    if is_sharded_checkpoint(path):
+        return
+    if not meta.get("optimizer_states"):
+        raise CheckpointError(f"{why}: it holds the weights only (a best-step file written with best_weights_only); "
+                              "resume from the run's last.ckpt, or evaluate this file with eval.py")
+    state = meta.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{why}: not a Lightning checkpoint (no state_dict of tensors)")
+    if config is not None:
+        verify_weights(config, state, path)
 
 
 def latest_run_with_checkpoint(runs_dir: Path) -> Path | None:
@@ -120,9 +151,16 @@ def resume_overrides(cfg, ckpt_file: Path, overrides: list[str]) -> list[str]:
     from deepseek_mini.training.run_config import model_config_from
 
     meta = read_checkpoint_meta(ckpt_file)
-    recorded_model = (meta.get("hyper_parameters") or {}).get("model_config")
+    recorded_model = (meta.get("hyper_parameters") or {}).get("model_config")  # a valid one: resolve_ckpt_path
     config_yaml = ckpt_file.parent / "config.yaml"
-    recorded = yaml.safe_load(config_yaml.read_text()) if config_yaml.is_file() else {}
+    try:
+        recorded = yaml.safe_load(config_yaml.read_text()) if config_yaml.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"cannot read {config_yaml} (the run's recorded config): {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"cannot read {config_yaml} (the run's recorded config): not a mapping")
+    check_max_steps((cfg.get("trainer") or {}).get("max_steps"), meta, ckpt_file)
     pairs: list[tuple[str, str, Any, Any]] = []  # (group, key, recorded, now)
     if recorded_model:
         now = _norm(model_config_from(cfg).to_dict())
@@ -149,6 +187,16 @@ def resume_overrides(cfg, ckpt_file: Path, overrides: list[str]) -> list[str]:
     if adopt:
         log.info("resume: using the run's recorded settings %s", " ".join(adopt))
     return adopt
+
+
+def check_max_steps(max_steps: Any, meta: dict, ckpt_file: Path) -> None:
+    """A resume whose trainer.max_steps is below the checkpoint's step could train nothing, yet Lightning would
+    rewrite last.ckpt and the run's records: refused (max_steps equal to the step is a finished run re-reported)."""
+    step = meta.get("global_step")
+    if isinstance(step, int) and isinstance(max_steps, int) and not isinstance(max_steps, bool) \
+            and 0 <= max_steps < step:
+        raise ConfigError(f"trainer.max_steps={max_steps}: below the step of {ckpt_file} ({step}), so there is "
+                          f"nothing to train; give trainer.max_steps > {step} to continue the run")
 
 
 def requested_world_size(trainer_cfg: dict) -> int | None:

@@ -38,6 +38,7 @@ from deepseek_mini.training.resume import (
     ResumeSchedule,
     RNGStateCallback,
     RunHistory,
+    check_max_steps,
     check_tokenizer,
     resolve_ckpt_path,
 )
@@ -85,6 +86,7 @@ def checkpoint_to_resume(run: RunConfig) -> Resume:
     if path is None:
         return Resume()
     meta = read_checkpoint_meta(path)
+    check_max_steps(run.trainer.max_steps, meta, path)  # cli_entry checked it too; API callers and sweep jobs
     step = meta.get("global_step")
     log.info("resuming from %s (global step %s)", path, step)
     return Resume(path, int(step) if step is not None else None, meta)
@@ -367,7 +369,7 @@ def train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     quiet_console()  # library noise (litlogger tip, LeafSpec, matplotlib DEBUG, ...): see training/console.py
     run = RunConfig.from_cfg(cfg, output_dir)  # every setting, before data preparation or any write
-    set_cpu_threads(cfg.get("cpu_threads", "auto"), cfg.trainer)  # before any torch work; training/threads.py
+    set_cpu_threads(run.cpu_threads, cfg.trainer)  # before any torch work; checked in RunConfig; training/threads.py
     log.info(run.summary((cfg.get("data") or {}).get("source")))
     if run.compile and run.trainer.on_gpu:
         start_compile_workers()  # Inductor's compile workers start while the data and model are prepared
