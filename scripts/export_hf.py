@@ -36,6 +36,21 @@ def verify(model, out_dir: Path, seq_len: int = 16) -> float:
         return (model(x).logits - hf(x).logits).abs().max().item()
 
 
+def out_dir_problem(out_dir: Path) -> str | None:
+    """Why `out_dir` cannot become the export directory (None: it can): it, or the nearest part of its path that
+    exists, must be a directory this process can write into."""
+    import os
+
+    probe = out_dir.expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"directory {probe} is not writable"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt_path", help="a deepseek-mini Lightning .ckpt (or an HF directory to re-export)")
@@ -48,6 +63,10 @@ def main(argv=None) -> int:
     from deepseek_mini.config import ConfigError
     from deepseek_mini.interop.hf import HFExportError, HFImportError, export_hf
 
+    problem = out_dir_problem(Path(args.out_dir))
+    if problem:  # before the checkpoint is read: export_hf's mkdir would raise a FileExistsError traceback after it
+        print(f"error: out_dir={args.out_dir}: {problem}", file=sys.stderr)
+        return 2
     try:
         loaded = load_checkpoint(args.ckpt_path)
         tokenizer = None if args.no_tokenizer else loaded.tokenizer

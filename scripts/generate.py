@@ -30,7 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from deepseek_mini.analysis.kv_cache import human_bytes  # noqa: E402
 from deepseek_mini.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from deepseek_mini.config import ConfigError  # noqa: E402
-from deepseek_mini.generation_args import check_length, check_sampling, check_speculative, read_prompt  # noqa: E402
+from deepseek_mini.generation_args import (  # noqa: E402
+    check_flag,
+    check_length,
+    check_sampling,
+    check_seed,
+    check_speculative,
+    parse_device,
+    read_prompt,
+)
 from deepseek_mini.model.speculative import SpeculativeStats  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -40,15 +48,6 @@ EOS = "<|endoftext|>"
 
 class UsageError(ValueError):
     """A bad argument; printed as one line."""
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device={name} but CUDA is not available")
-    return device
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -88,7 +87,11 @@ class StreamPrinter:
 def run(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise UsageError("ckpt_path is required: python scripts/generate.py ckpt_path=<run>/checkpoints/last.ckpt")
-    check_sampling(cfg)  # the same rules as eval.py (deepseek_mini/generation_args.py)
+    # every setting before anything is loaded, by the same rules as eval.py (deepseek_mini/generation_args.py)
+    check_sampling(cfg)
+    seed = check_seed(cfg)
+    speculative, stop_at_eos = check_flag(cfg, "speculative", False), check_flag(cfg, "stop_at_eos", True)
+    print_prompt = check_flag(cfg, "print_prompt", True)
     path = Path(str(cfg.ckpt_path))
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -96,11 +99,10 @@ def run(cfg: DictConfig) -> None:
         raise UsageError(f"mla_decode={cfg.mla_decode!r}: choose absorb or naive")
     max_new, temperature = int(cfg.max_new_tokens), float(cfg.temperature)
     prompt = read_prompt(cfg)  # prompt=..., or prompt_file=<path> / prompt_file=- (stdin)
-    device = pick_device(str(cfg.device))
+    device = parse_device(cfg.device)
     dtype = pick_dtype(str(cfg.dtype), device)
 
     loaded = load_checkpoint(path)
-    speculative = bool(cfg.get("speculative", False))
     check_speculative(speculative, loaded.config.num_nextn_predict_layers)  # the MTP modules are the drafter
     if loaded.tokenizer is None:
         folder = path if path.is_dir() else path.parent
@@ -116,11 +118,11 @@ def run(cfg: DictConfig) -> None:
         ids = [eos_id]
     check_length(len(ids), max_new, mcfg.max_position_embeddings)
 
-    torch.manual_seed(int(cfg.seed))
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     top_k = int(cfg.top_k) if cfg.top_k else None
     top_p = float(cfg.top_p) if cfg.top_p is not None else None
-    if cfg.print_prompt:
+    if print_prompt:
         sys.stdout.write(prompt)
         sys.stdout.flush()
     printer = StreamPrinter(tok)
@@ -131,12 +133,12 @@ def run(cfg: DictConfig) -> None:
     spec = SpeculativeStats()
     with torch.inference_mode():
         for token in model.generate_stream(input_ids, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                                           eos_token_id=eos_id if cfg.stop_at_eos else None, generator=generator,
+                                           eos_token_id=eos_id if stop_at_eos else None, generator=generator,
                                            speculative=speculative, stats=spec):
             token_id = int(token[0])  # a host sync, once per token: the text is streamed as it comes
             if t_first is None:
                 t_first = time.perf_counter()
-            if cfg.stop_at_eos and token_id == eos_id:
+            if stop_at_eos and token_id == eos_id:
                 break
             printer.push(token_id)
     sync()

@@ -67,6 +67,13 @@ class ProgressBar(RichProgressBar):
     # callback metric -> label in the bar
     LABELS = {"train/loss": "loss", "val/loss": "val", "train/lr": "lr"}
 
+    @staticmethod
+    def check_config_options(options: dict, key: str, model=None) -> None:
+        """Value rules, run by the settings check before data preparation (run_config.check_node_options)."""
+        from deepseek_mini.training.run_config import as_int
+
+        as_int(f"{key}.every_n_steps", options.get("every_n_steps"))
+
     def __init__(self, every_n_steps: int = 10, show: tuple[str, ...] | list[str] = ("train/loss", "train/lr"),
                  **kwargs):
         super().__init__(**kwargs)
@@ -125,6 +132,15 @@ class ThroughputMonitor(L.Callback):
     part from the start of trainer.fit() (setup, torch.compile, the first batch), `compile_time` torch's
     own count of compile seconds in it.
     """
+
+    @staticmethod
+    def check_config_options(options: dict, key: str, model=None) -> None:
+        """Value rules, run by the settings check before data preparation (run_config.check_node_options)."""
+        from deepseek_mini.training.run_config import as_float, as_int
+
+        as_int(f"{key}.window", options.get("window"))
+        if options.get("peak_flops") is not None:  # MFU divides by it
+            as_float(f"{key}.peak_flops", options["peak_flops"], 0.0, rule="must be a positive number (FLOPs/s) or null")
 
     def __init__(self, window: int = 10, peak_flops: float | None = None):
         self.window = max(1, int(window))
@@ -319,8 +335,30 @@ class SampleGenerations(L.Callback):
     up to ~9 s of a cold one (the first eager decode: CUDA's and the decode kernels' first launches).
     """
 
-    def __init__(self, prompts=None, max_new_tokens: int = 48, temperature: float = 0.8, top_k: int | None = 50,
-                 seed: int = 0, n_prompts: int = 3, prompt_tokens: int = 8, at_start: bool = False):
+    @staticmethod
+    def check_config_options(options: dict, key: str, model=None) -> None:
+        """Value rules, run by the settings check before data preparation (run_config.check_node_options): the
+        sampling rules of eval.py and generate.py (generation_args.check_sampling), which the model's generate()
+        would otherwise apply at the first validation, after training had run."""
+        from deepseek_mini.generation_args import check_sampling
+        from deepseek_mini.training.run_config import _fail, as_int
+
+        check_sampling(options, prefix=f"{key}.")
+        as_int(f"{key}.n_prompts", options.get("n_prompts"), low=0)
+        as_int(f"{key}.prompt_tokens", options.get("prompt_tokens"))
+        prompts = options.get("prompts")
+        if prompts is not None and (not isinstance(prompts, (list, tuple))
+                                    or not all(isinstance(p, str) for p in prompts)):
+            # list("abc") would sample from the prompts "a", "b" and "c"
+            _fail(f"{key}.prompts", prompts, "a list of prompts (e.g. ['def ','class ']) or null")
+        max_new = options.get("max_new_tokens")
+        if model is not None and max_new >= model.max_position_embeddings:  # at least one prompt token must fit
+            _fail(f"{key}.max_new_tokens", max_new,
+                  f"must be < model.max_position_embeddings={model.max_position_embeddings}")
+
+    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 48, temperature: float = 0.8,
+                 top_k: int | None = 50, seed: int = 0, n_prompts: int = 3, prompt_tokens: int = 8,
+                 at_start: bool = False):
         self.prompts = list(prompts) if prompts is not None else None
         self.max_new_tokens, self.temperature, self.top_k, self.seed = max_new_tokens, temperature, top_k, seed
         self.n_prompts, self.prompt_tokens = int(n_prompts), int(prompt_tokens)

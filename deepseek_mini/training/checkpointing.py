@@ -35,6 +35,27 @@ class RunCheckpoint(ModelCheckpoint):
     last.ckpt, which always has the full state. (Lightning's `save_weights_only` would strip last.ckpt too.)
     """
 
+    @staticmethod
+    def check_config_options(options: dict, key: str, model=None) -> None:
+        """Value rules, run by the settings check before data preparation (run_config.check_node_options): those
+        ModelCheckpoint.__init__ enforces (Lightning 2.6), which it applied only when Hydra built the callback,
+        after the tokenizer and token caches."""
+        from deepseek_mini.training.run_config import _fail, as_int
+
+        as_int(f"{key}.save_top_k", options.get("save_top_k"), low=-1)
+        for name in ("every_n_train_steps", "every_n_epochs"):
+            if options.get(name) is not None:
+                as_int(f"{key}.{name}", options[name], low=0)
+        if options.get("mode") not in ("min", "max"):
+            _fail(f"{key}.mode", options.get("mode"), "use min or max")
+        triggers = [name for name in ("every_n_train_steps", "every_n_epochs") if (options.get(name) or 0) >= 1]
+        triggers += ["train_time_interval"] * (options.get("train_time_interval") is not None)
+        if len(triggers) > 1:
+            _fail(f"{key}.{triggers[1]}", options.get(triggers[1]), f"cannot be combined with {key}.{triggers[0]}")
+        if options.get("monitor") is None and options.get("save_top_k") not in (-1, 0, 1):
+            _fail(f"{key}.save_top_k", options.get("save_top_k"),
+                  "needs a monitor (e.g. val/loss) to rank checkpoints; without one use -1, 0 or 1")
+
     def __init__(self, *args, best_weights_only: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.best_weights_only = bool(best_weights_only)

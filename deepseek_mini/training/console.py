@@ -79,6 +79,14 @@ class ModelSummary(RichModelSummary):
     only applies to its default summary, not to one passed in as a callback.
     """
 
+    @staticmethod
+    def check_config_options(options: dict, key: str, model=None) -> None:
+        """Value rules, run by the settings check before data preparation (run_config.check_node_options):
+        Lightning's own max_depth rule, which it applied only when the summary was drawn, at the start of fit()."""
+        from deepseek_mini.training.run_config import as_int
+
+        as_int(f"{key}.max_depth", options.get("max_depth"), low=-1)
+
     def __init__(self, enabled: bool = True, max_depth: int = 1, **summarize_kwargs: Any):
         super().__init__(max_depth=max_depth if enabled else 0, **summarize_kwargs)  # depth 0 = prints nothing
 

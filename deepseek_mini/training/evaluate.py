@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from deepseek_mini.checkpoint import CheckpointError, read_data_record
 from deepseek_mini.config import ConfigError, ModelConfig
 from deepseek_mini.data import DataError
+from deepseek_mini.generation_args import parse_device  # shared with scripts/generate.py
 from deepseek_mini.training.val_loss import TokenMeanLoss
 
 
@@ -32,30 +34,10 @@ class EvalSettings:
     device: torch.device
     limit_batches: int | str | None  # a count, "auto" (see batch_limit) or None (all)
     output_dir: Path
+    seed: int = 1234
 
 
 # ---------------------------------------------------------------------- 1. settings
-def parse_device(value: Any) -> torch.device:
-    """device=auto | cpu | cuda | cuda:N | gpu (= cuda); CUDA only where it is available."""
-    name = str(value).strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "gpu":
-        name = "cuda"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device={value}: use auto, cpu or cuda (also gpu, cuda:N)")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={value}: CUDA is not available on this machine (use device=cpu or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def check_limit_batches(value: Any) -> int | str | None:
     """limit_batches=auto (training's validation batches), a positive integer, or null (every batch)."""
     if value is None or value == "auto":
@@ -90,14 +72,31 @@ def check_writable(directory: Path, key: str) -> Path:
     return directory
 
 
-def check_eval_settings(cfg) -> EvalSettings:
-    """Everything eval.py can check before it loads a checkpoint or any data (each a one-line error)."""
-    if cfg.get("ckpt_path") in (None, "", "???"):
+def check_eval_options(cfg) -> tuple[int, int | str | None, torch.device]:
+    """Every eval.py setting that can be checked without writing or reading anything (each a one-line error):
+    cli_entry runs this before Hydra creates the eval's run dir, evaluate() again (API callers). The data settings
+    go by training's rules (DataSettings: sizes, fraction, cache dir), so `data.batch_size=0` or a word where a
+    number belongs stops here, not in a DataLoader or a float() traceback after the model is loaded.
+    Returns (seed, limit_batches, device)."""
+    from deepseek_mini.generation_args import check_sampling, check_seed
+    from deepseek_mini.training.run_config import data_settings
+
+    if (OmegaConf.is_config(cfg) and OmegaConf.is_missing(cfg, "ckpt_path")) or cfg.get("ckpt_path") in (None, "", "???"):
         raise CheckpointError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
+    seed = check_seed(cfg)  # first: data.seed follows it (${seed})
     limit = check_limit_batches(cfg.get("limit_batches"))
     device = parse_device(cfg.get("device", "auto"))
+    data_settings(cfg)
+    check_sampling(cfg)  # temperature, top_k, top_p, max_new_tokens: generation_args.py, as scripts/generate.py
+    return seed, limit, device
+
+
+def check_eval_settings(cfg) -> EvalSettings:
+    """Everything eval.py can check before it loads a checkpoint or any data: check_eval_options, and the output
+    directory written to."""
+    seed, limit, device = check_eval_options(cfg)
     output_dir = check_writable(Path(cfg.paths.output_dir), "paths.output_dir")
-    return EvalSettings(Path(str(cfg.ckpt_path)).expanduser().resolve(), device, limit, output_dir)
+    return EvalSettings(Path(str(cfg.ckpt_path)).expanduser().resolve(), device, limit, output_dir, seed)
 
 
 # ---------------------------------------------------------------------- 3. which data
@@ -132,6 +131,10 @@ def eval_data(cfg_data: dict, ckpt_path: Path, overrides: list[str]) -> tuple[di
     take = WINDOW_KEYS if group else tuple(recorded)
     data = {**cfg_data, **{k: recorded[k] for k in take if k in recorded}}
     data.update({k: cfg_data.get(k) for k in keys})
+    if "batch_size" in keys and "val_batch_size" not in keys:
+        # eval's batches are validation batches, and those are val_batch_size long when it is set: the recorded
+        # one would silently win over the data.batch_size=N the command line asked for
+        data["val_batch_size"] = None
     why = "data=... from the command line, windows as in training" if group else "the data this checkpoint was trained on"
     if keys:
         why += f", with {', '.join(f'data.{k}' for k in keys)} from the command line"
@@ -240,5 +243,5 @@ def kv_cache_stats(model, mcfg: ModelConfig, device: torch.device) -> tuple[dict
     return kv, rows
 
 
-__all__ = ["EvalSettings", "ValLoss", "batch_limit", "check_eval_settings", "check_seq_len", "data_overrides", "eval_data",
+__all__ = ["EvalSettings", "ValLoss", "batch_limit", "check_eval_options", "check_eval_settings", "check_seq_len", "data_overrides", "eval_data",
            "expert_load_rows", "kv_cache_stats", "parse_device", "val_loss", "val_windows"]

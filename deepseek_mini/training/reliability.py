@@ -11,6 +11,9 @@ writes `.hydra/` or `train.log` into any run dir) a training command is composed
   the run, a field it did ask to change refuses the resume (`resume.resume_overrides`);
 * the run dir is locked (`lock.acquire_run_lock`): a second training there is refused, naming the holder.
 
+An eval.py command's settings (seed, device, data sizes, sampling; evaluate.check_eval_options) are checked the
+same way, before Hydra creates the eval's run dir.
+
 Hydra's multi-line composition errors (unknown key, bad override, missing group option) become one
 `error: ...` line with exit status 2. `HYDRA_FULL_ERROR=1` keeps Hydra's own output.
 
@@ -110,6 +113,22 @@ def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> lis
     return argv
 
 
+def _preflight_eval(argv: list[str], config_dir: str, config_name: str) -> None:
+    """eval.py's settings, checked before Hydra creates the eval's run dir (and its .hydra/, eval.log): a refused
+    command leaves no directory behind. Nothing is read or written here (prompt_file=- would read stdin)."""
+    from hydra import compose, initialize_config_dir
+
+    from deepseek_mini.training.evaluate import check_eval_options
+
+    if any(a.split("=", 1)[0] in INFO_FLAGS for a in argv) or any(a in ("-m", "--multirun") for a in argv):
+        return  # help output; a multirun's jobs are checked each in evaluate()
+    overrides = [a for a in argv if not a.startswith("-")]
+    plain = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra", "++hydra"))]
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=plain)
+    check_eval_options(cfg)
+
+
 def cli_entry(main, config_dir: str | os.PathLike, config_name: str):
     """Run a `@hydra.main` function with one-line errors for composition problems and `last` resolution."""
 
@@ -122,6 +141,8 @@ def cli_entry(main, config_dir: str | os.PathLike, config_name: str):
         try:
             if config_name == "train":
                 sys.argv[1:] = _preflight_resume(sys.argv[1:], str(config_dir), config_name)
+            elif config_name == "eval":
+                _preflight_eval(sys.argv[1:], str(config_dir), config_name)
         except (CheckpointError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -96,14 +96,13 @@ def evaluate(cfg: DictConfig) -> dict:
 
     from deepseek_mini.checkpoint import load_checkpoint, tokenizer_file
     from deepseek_mini.data import load_tokenizer
-    from deepseek_mini.generation_args import check_length, check_sampling, read_prompt
+    from deepseek_mini.generation_args import check_length, read_prompt
     from deepseek_mini.training import evaluate as steps
 
-    settings = steps.check_eval_settings(cfg)  # before anything is loaded
-    check_sampling(cfg)  # temperature, top_k, top_p, max_new_tokens: generation_args.py, as scripts/generate.py
+    settings = steps.check_eval_settings(cfg)  # before anything is loaded (sampling settings included)
     prompt = read_prompt(cfg)  # prompt=..., or prompt_file=<path> / - (stdin)
     device = settings.device
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(settings.seed)
     loaded = load_checkpoint(settings.ckpt_path, map_location=device)  # verified: a damaged file is refused
     model, mcfg = loaded.model.eval(), loaded.config
     tok_path = tokenizer_file(settings.ckpt_path)

@@ -5,9 +5,11 @@
 `error: <key>=<value>: <rule>`, exit status 2): the optimizer (OptimConfig), the schedule
 (SchedulerConfig), the Lightning Trainer settings (TrainerSettings: accelerator and devices this machine
 has, step-based intervals, precision), the data settings (DataSettings: sizes, a writable cache dir),
-and the run itself (seed, compile, resume, a writable run dir, a model that fits in memory). Keys are named
-as the user types them (`optim.lr`, `trainer.devices`). The Trainer keeps any extra `trainer.*` keys as
-given; the data module is still built by Hydra from `cfg.data`.
+and the run itself (seed, compile, resume, cpu_threads, tags, a writable run dir, a model that fits in memory).
+The options of every node Hydra will instantiate (callbacks, loggers, trainer.strategy ...) are checked against
+their target: the name, the value against the __init__ annotation, then the value rules a class of this package
+declares (`check_config_options`). Keys are named as the user types them (`optim.lr`, `trainer.devices`). The
+Trainer keeps any extra `trainer.*` keys as given; the data module is still built by Hydra from `cfg.data`.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def writable_dir(key: str, path: Any) -> Path:
 
 
 def _container(node) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def model_config_from(cfg: DictConfig) -> ModelConfig:
@@ -201,8 +203,13 @@ def check_multi_device(accelerator: Any, devices: Any, strategy: Any) -> None:
 
 
 def _parameters(fn) -> tuple[dict[str, inspect.Parameter], bool]:
-    """The named parameters of a function or class (its __init__), and whether it also takes **kwargs."""
-    params = inspect.signature(fn).parameters
+    """The named parameters of a function or class (its __init__), and whether it also takes **kwargs. Their
+    annotations are evaluated where they resolve (`from __future__ import annotations` leaves them strings), so
+    that _check_option can check a value against them; where they do not, they stay strings and go unchecked."""
+    try:
+        params = inspect.signature(fn, eval_str=True).parameters
+    except Exception:  # an annotation naming what its module imports only for type checkers, ...
+        params = inspect.signature(fn).parameters
     named = {k: p for k, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k != "self"}
     return named, any(p.kind == p.VAR_KEYWORD for p in params.values())
 
@@ -260,19 +267,77 @@ def target_parameters(target: str) -> tuple[dict[str, inspect.Parameter], bool, 
     return accepted, not open_ended, followed
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The annotations whose values are checked before data preparation: what Hydra can hand over from a command line
+# (a word, a number, true/false, null). Anything else (Path, timedelta, a class, a container) is left to the target.
+_SIMPLE_TYPES = {
+    int: (_is_int, "an integer"),
+    float: (lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    str: (lambda v: isinstance(v, str), "text"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    type(None): (lambda v: v is None, "null"),
+}
+
+
+def _annotation_rules(annotation: Any) -> list[tuple[Any, str]] | None:
+    """An annotation as (accepts(value), what that is) alternatives, or None where any part of it is a type not
+    checked here (the value is then the target's to judge: refusing what it would take is worse than missing)."""
+    import types
+    import typing
+
+    if annotation in _SIMPLE_TYPES:
+        return [_SIMPLE_TYPES[annotation]]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:  # each allowed value an alternative of its own (type too: 1 is not True)
+        return [(lambda v, c=c: v == c and type(v) is type(c), str(c)) for c in typing.get_args(annotation)]
+    if origin in (typing.Union, types.UnionType):
+        rules = [_annotation_rules(a) for a in typing.get_args(annotation)]
+        return None if any(r is None for r in rules) else [r for alts in rules for r in alts]
+    return None
+
+
 def _check_option(key: str, value: Any, param: inspect.Parameter) -> None:
-    interpolation = isinstance(value, str) and value.startswith("${")  # checked where it points to
-    if isinstance(param.default, bool) and not isinstance(value, bool) and not interpolation:
-        _fail(key, value, "must be true or false")
+    """One option's value against the parameter that receives it: its annotation where that is one of the plain
+    types (int, float, str, bool, Literal, Optional/Union of those), else a bool default's true/false. A word where
+    a number belongs used to reach the target's __init__ after data preparation (Hydra's two-line "Error in call
+    to target"), or the target's first use of it, after training had run."""
+    if isinstance(value, str) and value.startswith("${"):  # an interpolation: checked where it points to
+        return
+    if isinstance(value, dict) and "_target_" in value:  # a node of its own: check_node_options checks it
+        return
+    rules = _annotation_rules(param.annotation)
+    if rules is None:
+        if isinstance(param.default, bool) and not isinstance(value, bool):
+            _fail(key, value, "must be true or false")
+        return
+    if not any(accepts(value) for accepts, _ in rules):
+        names = list(dict.fromkeys(name for _, name in rules))
+        if len(names) > 1:
+            names = ["true/false" if n == "true or false" else n for n in names]
+        what = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        number = _is_int(value) or isinstance(value, float)
+        hint = " (a number in quotes is text: '\"123\"')" if number and "text" in names else ""
+        _fail(key, value, f"must be {what}{hint}")
 
 
-def check_node_options(group: str, node: Any) -> None:
-    """A config node Hydra will instantiate (`_target_` + options): every option is one its target accepts."""
+def _option_defaults(accepted: dict[str, inspect.Parameter]) -> dict[str, Any]:
+    return {k: p.default for k, p in accepted.items() if p.default is not inspect.Parameter.empty}
+
+
+def check_node_options(group: str, node: Any, model: ModelConfig | None = None) -> None:
+    """A config node Hydra will instantiate (`_target_` + options): every option is one its target accepts, of the
+    type it is annotated with; then the target's own value rules, where this package's class declares them as a
+    `check_config_options(options, key, model)` static method (options: every option's value, the class defaults
+    filled in; key: the node's config path; model: the run's ModelConfig, when known)."""
     if not (isinstance(node, dict) and "_target_" in node):
         return
     target = node["_target_"]
     try:
         accepted, complete, followed = target_parameters(target)
+        obj = _locate(target)
     except (ImportError, AttributeError) as e:
         _fail(f"{group}._target_", target, f"cannot be imported ({str(e).splitlines()[0]})")
     for key, value in node.items():
@@ -282,6 +347,11 @@ def check_node_options(group: str, node: Any) -> None:
             _check_option(f"{group}.{key}", value, accepted[key])
         elif complete:
             _fail(f"{group}.{key}", value, f"not an option of {' or '.join([target.rsplit('.', 1)[-1], *followed])}")
+    rules = getattr(obj, "check_config_options", None)
+    if callable(rules) and getattr(obj, "__module__", "").startswith("deepseek_mini."):
+        given = {k: v for k, v in node.items()
+                 if not k.startswith("_") and not (isinstance(v, str) and v.startswith("${"))}
+        rules({**_option_defaults(accepted), **given}, group, model)
 
 
 def check_trainer_options(extra: dict) -> None:
@@ -300,14 +370,22 @@ def check_trainer_options(extra: dict) -> None:
             check_node_options(f"trainer.{key}" + (f"[{i}]" if isinstance(value, list) else ""), node)
 
 
-def check_instantiated_options(cfg: DictConfig) -> None:
+def check_instantiated_options(cfg: DictConfig, model: ModelConfig | None = None) -> None:
     """The callbacks and loggers the run will instantiate, checked before data preparation (Hydra would raise
-    on a misspelt option only when it builds them, after the tokenizer and token caches)."""
+    on a misspelt option only when it builds them, after the tokenizer and token caches). Interpolations are
+    resolved where they can be (the preflight sets paths.output_dir), so `${trainer.x}` is checked as its value."""
     for group in ("callbacks", "logger"):
         nodes = cfg.get(group)
         if isinstance(nodes, DictConfig):
-            for name, node in OmegaConf.to_container(nodes, resolve=False).items():
-                check_node_options(f"{group}.{name}", node)
+            for name in nodes:
+                node = nodes[name]  # None where the command dropped it (callbacks.samples=null)
+                if not isinstance(node, DictConfig):
+                    continue
+                try:
+                    value = OmegaConf.to_container(node, resolve=True)
+                except Exception:  # an interpolation with no value yet: its options are checked where they point
+                    value = OmegaConf.to_container(node, resolve=False)
+                check_node_options(f"{group}.{name}", value, model)
 
 
 @dataclass(frozen=True)
@@ -509,6 +587,22 @@ def _fields(cls, d: dict, group: str, extra: bool = False, strict: bool = False)
     return known
 
 
+def check_tags(tags: Any) -> None:
+    """`tags` (train.yaml; the wandb run's tags): null, a word, or a list of words of 1 to 64 characters, wandb's own
+    rule. wandb checked them only when the logger was built, after data preparation, and a number in the list
+    (tags=[dev,1]) ended the run there with a pydantic traceback."""
+    if tags is None:
+        return
+    for tag in tags if isinstance(tags, (list, tuple)) else [tags]:
+        if not isinstance(tag, str) or not 1 <= len(tag) <= 64:
+            _fail("tags", tags, "a word or a list of words, each 1 to 64 characters (quote a number: '\"1\"')")
+
+
+def data_settings(cfg: DictConfig) -> DataSettings:
+    """cfg.data's sizes and cache dir, checked (training, and eval.py's command line)."""
+    return DataSettings(**_fields(DataSettings, _group(cfg, "data"), "data"))
+
+
 def check_compile(value) -> str | None:
     """`compile` -> its canonical spelling ("regional", "full:reduce-overhead", ...; training/compile.py), or None."""
     from deepseek_mini.training.compile import parse_compile
@@ -579,9 +673,13 @@ class RunConfig:
     ckpt_path: str | None = None
     resume: bool = False
     val_before_fit: bool = True
+    cpu_threads: int | str = "auto"  # training/threads.py: auto or a positive integer
 
     def __post_init__(self):
+        from deepseek_mini.training.threads import resolve_cpu_threads
+
         as_int("seed", self.seed, low=0)
+        resolve_cpu_threads(self.cpu_threads)  # its rule, here so that a bad value stops before any write
         writable_dir("hydra.run.dir", self.output_dir)
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
@@ -612,15 +710,17 @@ class RunConfig:
         optim = OptimConfig(**_fields(OptimConfig, _group(cfg, "optim"), "optim", strict=True))
         scheduler = SchedulerConfig(**_fields(SchedulerConfig, _group(cfg, "scheduler"), "scheduler", strict=True))
         trainer = TrainerSettings(**_fields(TrainerSettings, _group(cfg, "trainer"), "trainer", extra=True))
-        data = DataSettings(**_fields(DataSettings, _group(cfg, "data"), "data"))
+        data = data_settings(cfg)
         compile_spec = check_compile(cfg.get("compile", False))
-        check_instantiated_options(cfg)
+        check_tags(_container(cfg.get("tags")))
+        check_instantiated_options(cfg, model)
         ckpt = cfg.get("ckpt_path")
         ckpt = None if ckpt in (None, "", "null") else str(ckpt)
         return cls(model=model, optim=optim, scheduler=scheduler, trainer=trainer, data=data,
                    output_dir=Path(str(output_dir)), seed=cfg.get("seed", 1234), compile=compile_spec, ckpt_path=ckpt,
                    resume=as_bool("resume", cfg.get("resume", False)),
-                   val_before_fit=as_bool("val_before_fit", cfg.get("val_before_fit", True)))
+                   val_before_fit=as_bool("val_before_fit", cfg.get("val_before_fit", True)),
+                   cpu_threads=cfg.get("cpu_threads", "auto"))
 
     def summary(self, data_source: str | None = None) -> str:
         """One line a person reads at the start of a run: what is about to train, on what, for how long."""

@@ -1,0 +1,271 @@
+"""Bad settings, by class: each is refused in one line (`error: <key>=<value>: <rule>`, exit status 2), before any
+data preparation, model loading or write, never as a traceback, and never taken silently.
+
+1. train.yaml's top-level keys (cpu_threads, tags) are checked by the pre-Hydra check, so a refused command, a resume
+   included, leaves the run dir as it was;
+2. the options of the nodes Hydra instantiates (callbacks, loggers, trainer nodes): their values against the target's
+   annotations, then the value rules this package's classes declare (check_config_options);
+3. eval.py / scripts/generate.py: seed, device, flags and data settings (eval.py's before Hydra creates its run dir);
+4. scripts/export_hf.py's output dir, scripts/kv_cache_report.py's flags.
+
+All in-process and before any model work, so the file takes seconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS, TINY_OVERRIDES, load_script, run_script_inprocess
+
+from deepseek_mini.config import ConfigError
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def assert_one_line_refusal(code: int, out: str, err: str, expected: str) -> None:
+    text = out + err
+    assert code == 2, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    lines = error_lines(text)
+    assert len(lines) == 1 and expected in lines[0], text[-3000:]
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and dir under root with its size and mtime (ns): what "left as it was" compares."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def train(args: list[str], tmp_path: Path, capsys, monkeypatch) -> tuple[int, str, str]:
+    return run_script_inprocess("train.py", [*TINY_OVERRIDES, "logger=csv", f"paths.cache_dir={tmp_path / 'cache'}",
+                                             *args], capsys, monkeypatch)
+
+
+# ---------------------------------------------------------------------- 1. train.yaml's top-level keys
+TOP_LEVEL = [
+    (["cpu_threads=abc"], "cpu_threads=abc: must be auto or a positive integer"),
+    (["cpu_threads=0"], "cpu_threads=0: must be auto or a positive integer"),
+    (["cpu_threads=1.5"], "cpu_threads=1.5"),
+    (["tags=[dev,1]"], "tags=['dev', 1]: a word or a list of words"),  # wandb's pydantic traceback, after data prep
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), TOP_LEVEL, ids=[" ".join(o) for o, _ in TOP_LEVEL])
+def test_top_level_keys_are_checked_before_hydra_writes(overrides, expected, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    code, out, err = train([*overrides, f"hydra.run.dir={run_dir}"], tmp_path, capsys, monkeypatch)
+    assert_one_line_refusal(code, out, err, expected)
+    assert not run_dir.exists(), "no .hydra/, train.log or .run.lock for a refused command"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_refused_resume_leaves_the_run_dir_as_it_was(tmp_path, capsys, monkeypatch):
+    """cpu_threads was checked inside train(), after Hydra had rewritten the run's .hydra/*.yaml and train.log and
+    taken .run.lock. The settings check comes before the checkpoint is read, so a stand-in file does here."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    for name, text in ((".hydra/config.yaml", "seed: 1234\n"), (".hydra/overrides.yaml", "[]\n"),
+                       ("train.log", "the first run's log\n"), ("checkpoints/last.ckpt", "stand-in")):
+        (run_dir / name).write_text(text)
+    before = tree_state(run_dir)
+    code, out, err = train([f"hydra.run.dir={run_dir}", "ckpt_path=last", "cpu_threads=abc"], tmp_path, capsys,
+                           monkeypatch)
+    assert_one_line_refusal(code, out, err, "cpu_threads=abc")
+    assert tree_state(run_dir) == before
+
+
+# ---------------------------------------------------------------------- 2. options of instantiated nodes
+NODE_OPTIONS = [
+    # a word where a number belongs: was Hydra's two-line "Error in call to target" after data preparation
+    (["callbacks.model_checkpoint.save_top_k=abc"], "callbacks.model_checkpoint.save_top_k='abc': must be an integer"),
+    (["callbacks.samples.n_prompts=abc"], "callbacks.samples.n_prompts='abc': must be an integer"),
+    (["callbacks.throughput.peak_flops=fast"], "callbacks.throughput.peak_flops='fast': must be a number or null"),
+    (["+logger.csv.flush_logs_every_n_steps=often"], "logger.csv.flush_logs_every_n_steps='often': must be an integer"),
+    (["trainer.max_epochs=abc"], "trainer.max_epochs='abc': must be an integer or null"),
+    (["callbacks.lr_monitor.logging_interval=steps"], "logging_interval='steps': must be step, epoch or null"),
+    (["callbacks.model_checkpoint.filename=123"], "filename=123: must be text or null"),
+    # out of range, by the classes' own rules: was a traceback after training had run (samples) or after data prep
+    (["callbacks.samples.temperature=-1"], "callbacks.samples.temperature=-1: must be >= 0"),
+    (["callbacks.samples.top_k=-3"], "callbacks.samples.top_k=-3: must be an integer >= 1"),
+    (["callbacks.samples.n_prompts=-1"], "callbacks.samples.n_prompts=-1: must be an integer >= 0"),
+    (["callbacks.samples.max_new_tokens=64"], "callbacks.samples.max_new_tokens=64: must be < model.max_position_"),
+    (["callbacks.samples.prompts=abc"], "callbacks.samples.prompts='abc': a list of prompts"),  # list("abc")
+    (["callbacks.model_checkpoint.save_top_k=-2"], "callbacks.model_checkpoint.save_top_k=-2: must be an integer >= -1"),
+    (["callbacks.model_checkpoint.mode=lowest"], "callbacks.model_checkpoint.mode='lowest': use min or max"),
+    (["callbacks.model_checkpoint.every_n_train_steps=-1"], "every_n_train_steps=-1: must be an integer >= 0"),
+    (["callbacks.throughput.peak_flops=0"], "callbacks.throughput.peak_flops=0: must be a positive number"),
+    (["+callbacks.model_summary.max_depth=-5"], "callbacks.model_summary.max_depth=-5: must be an integer >= -1"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), NODE_OPTIONS, ids=[" ".join(o) for o, _ in NODE_OPTIONS])
+def test_node_option_values_are_checked_before_data_prep(overrides, expected, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    code, out, err = train([*overrides, f"hydra.run.dir={run_dir}"], tmp_path, capsys, monkeypatch)
+    assert_one_line_refusal(code, out, err, expected)
+    assert not run_dir.exists() and not (tmp_path / "cache").exists()
+
+
+def test_option_values_follow_the_annotation():
+    """int, float, str, bool, Literal and their Optional/Union; any other type in an annotation leaves the value to
+    the target (refusing what it would take is worse); no annotation: a bool default still wants true/false."""
+    from deepseek_mini.training.run_config import _check_option
+
+    def f(a: int, b: float | None, c: str, d: bool, e: int | bool, g: str | Path, h=False, i=3, j: int = 0):
+        pass
+
+    params = inspect.signature(f, eval_str=True).parameters
+    good = {"a": [3, -1], "b": [1, 2.5, None], "c": ["x"], "d": [True], "e": [2, False], "g": [5, "p", [1]],
+            "h": [True], "i": ["anything"], "j": ["${trainer.max_steps}"]}  # interpolations: checked where they point
+    for name, values in good.items():
+        for v in values:
+            _check_option(name, v, params[name])
+    bad = {"a": ["3", 2.0, True, None], "b": ["x", True], "c": [1, None, ["x"]], "d": ["yes", 1], "e": ["x"],
+           "h": ["maybe"]}
+    for name, values in bad.items():
+        for v in values:
+            with pytest.raises(ConfigError, match=rf"^{name}=.*: must be"):
+                _check_option(name, v, params[name])
+
+
+@pytest.mark.parametrize("option", [f"{g}={p.stem}" for g in ("callbacks", "logger", "trainer", "debug", "experiment")
+                                    for p in sorted((CONFIGS / g).glob("*.yaml"))])
+def test_every_shipped_config_passes_the_option_checks(option, tmp_path):
+    """The value rules refuse nothing the repository ships (every callbacks/logger/trainer node of every option)."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from deepseek_mini.training.run_config import (
+        TrainerSettings,
+        check_instantiated_options,
+        check_trainer_options,
+        model_config_from,
+    )
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[option], return_hydra_config=True)
+    cfg.paths.output_dir = str(tmp_path)
+    check_instantiated_options(cfg, model_config_from(cfg))
+    typed = {f.name for f in dataclasses.fields(TrainerSettings)} | {"_target_"}  # TrainerSettings' own checks
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_trainer_options({k: v for k, v in trainer.items() if k not in typed})
+
+
+# ---------------------------------------------------------------------- 3. eval.py and scripts/generate.py
+GENERATE = [
+    (["seed=abc"], "seed=abc: must be an integer >= 0"),  # was a ValueError traceback
+    (["device=foo"], "device=foo: use auto, cpu or cuda"),  # was a RuntimeError traceback
+    (["stop_at_eos=maybe"], "stop_at_eos=maybe: use true or false"),  # was taken as true
+    (["print_prompt=maybe"], "print_prompt=maybe: use true or false"),
+    (["max_new_tokens=abc"], "max_new_tokens=abc: must be a number"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), GENERATE, ids=[" ".join(o) for o, _ in GENERATE])
+def test_generate_settings_are_one_line_errors(overrides, expected, tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"never read: the settings are refused before the checkpoint is loaded")
+    code, out, err = run_script_inprocess("scripts/generate.py", [f"ckpt_path={ckpt}", *overrides], capsys,
+                                          monkeypatch)
+    assert_one_line_refusal(code, out, err, expected)
+
+
+EVAL = [
+    (["seed=abc"], "seed=abc: must be an integer >= 0"),  # was a ValueError traceback
+    (["device=foo"], "device=foo: use auto, cpu or cuda"),
+    (["data.batch_size=0"], "data.batch_size=0: must be a positive integer"),  # was silently replaced
+    (["data.val_batch_size=-1"], "data.val_batch_size=-1: must be a positive integer"),  # DataLoader traceback
+    (["data.val_fraction=abc"], "data.val_fraction='abc': must be a number"),  # float() traceback
+    (["data.num_proc=abc"], "data.num_proc='abc': must be a positive integer"),
+    (["data.seq_len=abc"], "data.seq_len='abc': must be a positive integer"),
+    (["data.max_chars=0"], "data.max_chars=0: must be a positive integer"),
+    (["top_p=2"], "top_p=2: must be in (0, 1]"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), EVAL, ids=[" ".join(o) for o, _ in EVAL])
+def test_eval_settings_are_one_line_errors(overrides, expected, tmp_path, capsys, monkeypatch):
+    code, out, err = run_script_inprocess("eval.py", [f"ckpt_path={tmp_path / 'missing.ckpt'}",
+                                                      f"paths.cache_dir={tmp_path / 'cache'}",
+                                                      f"hydra.run.dir={tmp_path / 'eval'}", *overrides],
+                                          capsys, monkeypatch)
+    assert_one_line_refusal(code, out, err, expected)  # before the (missing) checkpoint is even looked for
+    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "eval").exists(), "checked before Hydra creates the eval's run dir"
+
+
+def test_eval_without_a_checkpoint_leaves_no_run_dir(tmp_path, capsys, monkeypatch):
+    code, out, err = run_script_inprocess("eval.py", [f"hydra.run.dir={tmp_path / 'eval'}"], capsys, monkeypatch)
+    assert_one_line_refusal(code, out, err, "give the checkpoint to evaluate")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_eval_batch_size_from_the_command_line_means_what_it_says(tmp_path):
+    """data.batch_size=N on eval's command line is the evaluation batch size: the checkpoint's recorded
+    val_batch_size used to win over it silently."""
+    import json
+
+    from deepseek_mini.training.evaluate import eval_data
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    recorded = {"source": "stdlib", "seq_len": 32, "batch_size": 4, "val_batch_size": 4, "max_chars": 1000}
+    (ckpt.parent / "data.json").write_text(json.dumps({"datamodule": recorded, "limit_val_batches": 2}))
+    cfg_data = {"source": "stdlib", "seq_len": 128, "batch_size": 2, "val_batch_size": None, "max_chars": 5}
+    data, _, _ = eval_data(cfg_data, ckpt, ["data.batch_size=2"])
+    assert (data["batch_size"], data["val_batch_size"]) == (2, None)  # the loader takes val_batch_size or batch_size
+    data, _, _ = eval_data(cfg_data, ckpt, [])
+    assert (data["batch_size"], data["val_batch_size"], data["seq_len"]) == (4, 4, 32)  # as recorded
+    data, _, _ = eval_data({**cfg_data, "val_batch_size": 3}, ckpt, ["data.batch_size=2", "data.val_batch_size=3"])
+    assert (data["batch_size"], data["val_batch_size"]) == (2, 3)
+
+
+# ---------------------------------------------------------------------- 4. export_hf.py and kv_cache_report.py
+def test_export_to_a_file_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    export = load_script("scripts/export_hf.py", monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    missing = tmp_path / "missing.ckpt"  # never read: the output dir is refused first
+    for out_dir in (a_file, a_file / "sub"):
+        assert export.main([str(missing), str(out_dir), "--no-verify"]) == 2
+        err = capsys.readouterr().err
+        assert error_lines(err) == [f"error: out_dir={out_dir}: {a_file} is a file, not a directory"], err
+
+
+KV_REPORT = [
+    (["--context", "-5"], "--context=-5: must be a positive integer"),  # was exit 0, negative bytes
+    (["--context", "0"], "--context=0: must be a positive integer"),
+    (["--measure", "--measure-len", "-3"], "--measure-len=-3: must be a positive integer"),  # was a traceback
+    (["--measure", "--measure-batch", "0"], "--measure-batch=0: must be a positive integer"),  # was a nan table
+    (["--gqa-groups", "tiny"], "--gqa-groups tiny: expected SHAPE=N"),  # was "not enough values to unpack"
+    (["--gqa-groups", "tiny=abc"], "--gqa-groups tiny=abc: expected SHAPE=N"),
+    (["--gqa-groups", "tiny=0"], "--gqa-groups tiny=0: expected SHAPE=N with N a positive integer"),
+    (["--gqa-groups", "tiny=3"], "--gqa-groups tiny=3: N must divide tiny's 4 attention heads"),
+    (["--gqa-groups", "foo=2"], "--gqa-groups foo=2: foo is not one of --shapes"),  # was silently unused
+    (["--measure", "--measure-shapes", "foo"], "--measure-shapes: unknown preset 'foo'"),  # was a traceback
+    (["--measure", "--device", "foo"], "--device=foo: use auto, cpu or cuda"),  # was a traceback
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), KV_REPORT, ids=[" ".join(a) for a, _ in KV_REPORT])
+def test_kv_cache_report_flags_are_one_line_errors(args, expected, capsys, monkeypatch):
+    report = load_script("scripts/kv_cache_report.py", monkeypatch)
+    assert report.main(["--no-files", "--shapes", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert len(lines) == 1 and expected in lines[0], err
+
+
+def test_kv_cache_report_output_dir_that_is_a_file(tmp_path, capsys, monkeypatch):
+    report = load_script("scripts/kv_cache_report.py", monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert report.main(["--shapes", "tiny", "--out-dir", str(a_file)]) == 2
+    assert error_lines(capsys.readouterr().err) == [f"error: --out-dir: {a_file} is a file, not a directory"]
