@@ -210,6 +210,10 @@ def test_finished_checkpoint_in_a_new_run_dir(run4, cache_dir, tmp_path, capsys,
     res = json.loads((out_dir / "results.json").read_text())
     assert res["steps_trained"] == 0 and res["tokens_per_sec"] is None and res["global_step"] == 4
     assert res["tokens_seen"] == 4 * 4 * 32
+    # the history is the run's, not only a final re-validation (the fit loop is skipped, and its train start)
+    first = json.loads((run4 / "results.json").read_text())
+    assert res["val_history"] == first["val_history"] and [s for s, _ in res["val_history"]] == [0, 2, 4]
+    assert res["val_loss_start"] == first["val_loss_start"] and res["val_loss"] == first["val_loss"]
     assert res["best_checkpoint"] is None or res["best_checkpoint"].startswith(str(out_dir.resolve()))
     assert str(run4) not in json.dumps({k: res[k] for k in ("checkpoint", "best_checkpoint")})
 

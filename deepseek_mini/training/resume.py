@@ -325,8 +325,13 @@ class RunHistory(L.Callback):
         self._loaded = [(int(s), float(v)) for s, v in state.get("val_history", [])]
 
     def on_train_start(self, trainer, pl_module):
-        if self._loaded:  # the resumed run's earlier validations, before any new one
-            step = trainer.global_step
+        self.merge_into(pl_module, trainer.global_step)
+
+    def merge_into(self, pl_module, step: int) -> None:
+        """The resumed run's earlier validations (up to `step`), before any new one. At train start; and from
+        train.finish, because a resume of a finished run (max_steps reached) skips the fit loop and with it
+        on_train_start: its history would have been replaced by the one final validation."""
+        if self._loaded:
             earlier = [e for e in self._loaded if e[0] <= step]
             pl_module.val_history[:0] = [e for e in earlier if e not in pl_module.val_history]
             self._loaded = []

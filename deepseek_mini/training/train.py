@@ -257,6 +257,7 @@ def finish(run: RunConfig, p: Parts) -> tuple[str | None, str | None]:
     if run.trainer.extra.get("fast_dev_run"):
         return None, None
     trainer, module = p.trainer, p.module
+    p.history.merge_into(module, trainer.global_step)  # a finished run resumed: fit() ran no train start
     if (not module.val_history or module.val_history[-1][0] != trainer.global_step) and not _single_entry(trainer):
         _validate(p)  # make val_loss describe the final weights
     if p.ckpt_cb is None or getattr(p.ckpt_cb, "_last_global_step_saved", -1) != trainer.global_step:
