@@ -155,3 +155,19 @@ def test_the_readme_table_names_every_group_option_and_top_level_key():
     train = OmegaConf.load(CONFIGS / "train.yaml")
     unnamed = [k for k in train if k != "defaults" and f"`{k}`" not in keys]
     assert not unnamed, f"top-level keys of train.yaml not named under 'Top-level keys': {unnamed}"
+
+
+@pytest.mark.parametrize("name", ["train", "eval"])
+def test_a_local_config_is_applied_as_top_level_keys(name, tmp_path):
+    """configs/local/default.yaml (git-ignored, machine-specific) holds top-level keys as train.yaml does: a plain
+    `seed: 99` there sets the seed (it used to land under a `local:` node and change nothing)."""
+    import shutil
+
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs, ignore=shutil.ignore_patterns("local"))
+    (configs / "local").mkdir()
+    (configs / "local" / "default.yaml").write_text("seed: 99\npaths:\n  data_dir: /somewhere/else\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=[f"paths.output_dir={tmp_path}"])
+    assert cfg.seed == 99 and cfg.paths.data_dir == "/somewhere/else" and "local" not in cfg

@@ -384,6 +384,9 @@ BAD_SETTINGS = [
 ]
 if not torch.cuda.is_available():
     BAD_SETTINGS.append((["trainer.accelerator=gpu"], "trainer.accelerator='gpu': this machine has no CUDA GPU"))
+    # Lightning's CPUAccelerator takes a count only: a traceback after data preparation, before
+    BAD_SETTINGS.append((["trainer.devices=-1"], "trainer.devices=-1: on the CPU, a number of processes or auto"))
+    BAD_SETTINGS.append((["trainer=cpu", "trainer.devices=[0,1]"], "trainer.devices=[0, 1]: on the CPU"))
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_SETTINGS, ids=[" ".join(o) for o, _ in BAD_SETTINGS])

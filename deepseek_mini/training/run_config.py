@@ -442,18 +442,21 @@ class TrainerSettings:
         if accel == "tpu":
             _fail("trainer.accelerator", self.accelerator, "TPUs are not supported; use auto, cpu or gpu")
         devices = self.devices
+        on_gpu = accel in ("gpu", "cuda") or accel == "auto" and gpus > 0
+        if not on_gpu and accel in ("auto", "cpu") and (devices in (-1, "-1") or isinstance(devices, (list, tuple))):
+            # Lightning's CPUAccelerator takes a count only, and said so in a traceback after data preparation
+            _fail("trainer.devices", list(devices) if isinstance(devices, (list, tuple)) else devices,
+                  "on the CPU, a number of processes or auto (-1 and lists of device ids are for GPUs)")
         if devices in ("auto", -1, "-1"):
             return
         if isinstance(devices, (list, tuple)):
             n = len(devices)
-            on_gpu = accel in ("gpu", "cuda") or accel == "auto" and gpus > 0
             if on_gpu and any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < gpus for i in devices):
                 _fail("trainer.devices", list(devices), f"GPU ids run from 0 to {gpus - 1} on this machine")
         elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
             n = devices
         else:
             _fail("trainer.devices", devices, "a positive number of devices, -1 (all) or a list of device ids")
-        on_gpu = accel in ("gpu", "cuda") or accel == "auto" and gpus > 0
         have = gpus if on_gpu else (os.cpu_count() or 1)
         what = "CUDA GPU(s)" if on_gpu else "CPU core(s)"
         if n > have:
