@@ -203,3 +203,14 @@ def test_eval_on_val_files_needs_no_training_files(run_dir, cache_dir, tmp_path,
     assert f"evaluating on text val:{val}" in capsys.readouterr().out
     assert math.isfinite(res["loss"])
 
+
+
+def test_missing_val_files_are_named_as_val_files(tmp_path):
+    """eval reads data.val_files as the stand-in training files of its corpus: a missing one is named by the key the
+    user typed, not as train_files."""
+    from deepseek_mini.data import DataError
+    from deepseek_mini.training.evaluate import val_windows
+
+    with pytest.raises(DataError, match=r"file not found: .*nope.txt \(val_files\)"):
+        val_windows({"source": "text", "val_files": str(tmp_path / "nope.txt"), "cache_dir": str(tmp_path)},
+                    tmp_path / "tokenizer.json", 16, announce=lambda _: None)

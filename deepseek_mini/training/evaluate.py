@@ -165,6 +165,8 @@ def val_windows(data: dict, tokenizer_path: Path, seq_len: int, announce=print):
     source = data.get("source", "stdlib")
     val_files = data.get("val_files")
     val_only = source == "text" and bool(val_files)
+    if val_only:  # checked here, under their own name (load_corpus reads them as the stand-in training files)
+        expand_files(val_files, "val_files")
     cache_dir = os.path.abspath(os.path.expanduser(str(data.get("cache_dir") or ".cache/deepseek_mini")))
     corpus = load_corpus(
         source,
