@@ -226,8 +226,10 @@ def checkpoint_model_config(ckpt: dict, path: Path) -> ModelConfig | None:
     """The model config a checkpoint was trained with: its hyper_parameters' model_config, else model_config.json
     beside it, else None. A recorded config that is not a valid ModelConfig is refused, naming where it was."""
     hparams = ckpt.get("hyper_parameters")
+    if hparams is not None and not isinstance(hparams, dict):
+        raise CheckpointError(f"cannot read {path} hyper_parameters: a {type(hparams).__name__}, not a mapping")
     config, where = (hparams.get("model_config"), f"{path} hyper_parameters.model_config") \
-        if isinstance(hparams, dict) else (None, "")
+        if hparams is not None else (None, "")
     if config is None:
         side = Path(path).parent / "model_config.json"
         if not side.is_file():

@@ -151,8 +151,16 @@ class ModelConfig:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind != "yarn":
                 fail("rope_scaling", "must be None or a dict with type 'yarn'")
+            # YaRN's numbers (float() of a word raised a ValueError, nan trained to a nan loss)
+            for key in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                value = self.rope_scaling.get(key)
+                if value is not None and not _is_kind(value, "float"):
+                    fail("rope_scaling", f"its {key}={value!r} must be a finite number")
             if float(self.rope_scaling.get("factor", 0)) < 1:
                 fail("rope_scaling", "needs factor >= 1")
+            original = self.rope_scaling.get("original_max_position_embeddings")
+            if original is not None and (not _is_kind(original, "int") or original <= 0):
+                fail("rope_scaling", f"its original_max_position_embeddings={original!r} must be a positive integer")
         if not self.is_moe:
             return
         moe_ints = ["n_routed_experts", "moe_intermediate_size", "num_experts_per_tok", "n_group", "topk_group"]

@@ -68,6 +68,8 @@ def check_seed(cfg) -> int:
     value = cfg.get("seed")
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"seed={value}: must be an integer >= 0")
+    if value > 2**64 - 1:  # torch.manual_seed's range: a larger one raised a RuntimeError traceback
+        raise ConfigError(f"seed={value}: must be an integer >= 0 and < 2**64")
     return value
 
 

@@ -49,6 +49,8 @@ TOP_LEVEL = [
     (["cpu_threads=abc"], "cpu_threads=abc: must be auto or a positive integer"),
     (["cpu_threads=0"], "cpu_threads=0: must be auto or a positive integer"),
     (["cpu_threads=1.5"], "cpu_threads=1.5"),
+    (["cpu_threads=100000"], "cpu_threads=100000: must be at most this machine's"),  # was a segfault
+    (["seed=4294967296"], "seed=4294967296: must be an integer >= 0 and <= 4294967295"),  # seed_everything's range
     (["tags=[dev,1]"], "tags=['dev', 1]: a word or a list of words"),  # wandb's pydantic traceback, after data prep
 ]
 
@@ -160,6 +162,7 @@ def test_every_shipped_config_passes_the_option_checks(option, tmp_path):
 # ---------------------------------------------------------------------- 3. eval.py and scripts/generate.py
 GENERATE = [
     (["seed=abc"], "seed=abc: must be an integer >= 0"),  # was a ValueError traceback
+    (["seed=18446744073709551616"], "must be an integer >= 0 and < 2**64"),  # torch.manual_seed's range
     (["device=foo"], "device=foo: use auto, cpu or cuda"),  # was a RuntimeError traceback
     (["stop_at_eos=maybe"], "stop_at_eos=maybe: use true or false"),  # was taken as true
     (["print_prompt=maybe"], "print_prompt=maybe: use true or false"),
@@ -178,6 +181,7 @@ def test_generate_settings_are_one_line_errors(overrides, expected, tmp_path, ca
 
 EVAL = [
     (["seed=abc"], "seed=abc: must be an integer >= 0"),  # was a ValueError traceback
+    (["seed=18446744073709551616"], "must be an integer >= 0 and < 2**64"),  # torch.manual_seed's range
     (["device=foo"], "device=foo: use auto, cpu or cuda"),
     (["data.batch_size=0"], "data.batch_size=0: must be a positive integer"),  # was silently replaced
     (["data.val_batch_size=-1"], "data.val_batch_size=-1: must be a positive integer"),  # DataLoader traceback

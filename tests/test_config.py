@@ -45,6 +45,11 @@ BAD = [
     (dict(scoring_func="tanh"), "scoring_func"),
     (dict(scoring_func="sigmoid", norm_topk_prob=False), "norm_topk_prob"),
     (dict(rope_scaling={"type": "linear", "factor": 2}), "rope_scaling"),
+    (dict(rope_scaling={"type": "yarn", "factor": "abc"}), "rope_scaling"),  # float("abc"): a ValueError
+    (dict(rope_scaling={"type": "yarn", "factor": float("nan")}), "rope_scaling"),  # trained to a nan loss
+    (dict(rope_scaling={"type": "yarn", "factor": 4, "mscale_all_dim": "abc"}), "rope_scaling"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4, "beta_fast": float("inf")}), "rope_scaling"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 0}), "rope_scaling"),
     (dict(capacity_factor=0.0), "capacity_factor"),
     (dict(aux_loss_alpha=-0.1), "aux_loss_alpha"),
     (dict(first_k_dense_replace=3), "first_k_dense_replace"),

@@ -157,7 +157,8 @@ def test_quiet_console_drops_library_noise():
         assert not _LIGHTNING_NOISE.filter(logging.makeLogRecord({"msg": gpu_line}))
 
 
-@pytest.mark.parametrize("value, accelerator, expected", [("auto", "cpu", 1), ("2", "cpu", 2), (3, "auto", 3)])
+@pytest.mark.parametrize("value, accelerator, expected", [("auto", "cpu", 1), ("1", "cpu", 1),
+                                                           (os.cpu_count(), "auto", os.cpu_count())])
 def test_cpu_threads(value, accelerator, expected, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert resolve_cpu_threads(value, {"accelerator": accelerator}) == expected
@@ -301,3 +302,10 @@ def test_resume_folds_a_killed_resumes_directory_before_wandb_starts(tmp_path):
     assert logger._wandb_init["id"] == "abc" and logger._wandb_init["resume"] == "allow"
     (first,) = (tmp_path / "wandb").glob("offline-run-*")
     assert sorted(p.name for p in first.iterdir()) == ["run-abc-20260101_000500.wandb", "run-abc.wandb"]
+
+
+def test_cpu_threads_beyond_the_cores_are_refused():
+    """More threads than cores only contend; cpu_threads=100000 failed to create them and the process crashed."""
+    n = (os.cpu_count() or 1) + 1
+    with pytest.raises(ConfigError, match=rf"^cpu_threads={n}: must be at most this machine's {n - 1} cores"):
+        resolve_cpu_threads(n)

@@ -163,3 +163,18 @@ def test_bench_decode_cpu_smoke(tmp_path, capsys, monkeypatch):
     assert len(diffs) == 3 and worst_of(*diffs) < 1e-4  # the graph-mode step computes what the model's decode does
     assert data["capacity"][0]["vs_mha"] == pytest.approx(4096 / 768)
     assert proc.out.rstrip().endswith("MLA fits 5.33x MHA's batch x context.")
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-8])
+def test_a_tiny_temperature_samples_the_top_token(temperature):
+    """Any temperature > 0 is a distribution: one of 1e-300 made every fp32 logit inf or nan and multinomial raised.
+    As the temperature goes to 0 the distribution is the argmax (ties shared)."""
+    from deepseek_mini.model.sampling import sample, sampling_probs
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    logits[2, 7] = logits[2, 11] = logits[2].max() + 1  # a tie at the top
+    probs = sampling_probs(logits, temperature, top_k=5, top_p=0.9)
+    assert probs.dtype == torch.float32 and torch.isfinite(probs).all()
+    assert torch.equal(probs[:2].argmax(-1), logits[:2].argmax(-1)) and torch.allclose(probs[:2].amax(-1), torch.ones(2))
+    assert probs[2, 7] == probs[2, 11] == 0.5
+    assert torch.equal(sample(logits[:2], temperature), logits[:2].argmax(-1))

@@ -104,6 +104,10 @@ BAD_RESUMES = {  # what is wrong with the run's last.ckpt or the command -> what
     "a config that is a word": (lambda c: c["hyper_parameters"].update(model_config="tiny"), [], "not a mapping"),
     "a config with a bad value": (lambda c: c["hyper_parameters"]["model_config"].update(rope_theta="abc"), [],
                                   "ModelConfig.rope_theta='abc'"),
+    "a key that is not the model's": (lambda c: c["state_dict"].update({"foo.bar": torch.zeros(2)}), [],
+                                      "keys that are not the model's: ['foo.bar']"),
+    "hyper-parameters that are a word": (lambda c: c.update(hyper_parameters="tiny"), [],
+                                         "hyper_parameters: a str, not a mapping"),
     "max_steps below the step": (None, ["trainer.max_steps=2"], "trainer.max_steps=2: below the step"),
     "a damaged config.yaml": ("config.yaml", [], "config.yaml (the run's recorded config)"),
 }

@@ -15,7 +15,10 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
     to the smallest set reaching top_p, renormalised. logits [..., V] -> fp32 probabilities [..., V];
     temperature > 0 (temperature 0 is greedy: no distribution)."""
     shape = logits.shape
-    logits = logits.float().reshape(-1, shape[-1]) / temperature
+    # shifted so the largest logit is 0, then divided in fp64: any temperature > 0 gives a distribution (one of
+    # 1e-300 made every fp32 logit inf or nan, and multinomial refused the result); the softmax is unchanged
+    logits = logits.double().reshape(-1, shape[-1])
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -25,7 +28,7 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
         remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
-    return logits.softmax(dim=-1).reshape(shape)
+    return logits.softmax(dim=-1).float().reshape(shape)
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -100,6 +100,10 @@ def verify_training_checkpoint(path: Path) -> None:
     state = meta.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{why}: not a Lightning checkpoint (no state_dict of tensors)")
+    foreign = sorted(k for k in state if not k.startswith("model."))
+    if foreign:  # LitDeepSeek holds the model only: Lightning's strict load would fail on these after data prep
+        raise CheckpointError(f"{why}: its state_dict holds keys that are not the model's: {foreign[:5]}"
+                              f"{' ...' if len(foreign) > 5 else ''}")
     if config is not None:
         verify_weights(config, state, path)
 

@@ -56,6 +56,17 @@ def as_int(key: str, value: Any, low: int = 1) -> int:
     return int(value)
 
 
+SEED_MAX = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything and the data order use
+
+
+def as_seed(value: Any) -> int:
+    """seed: an integer in [0, 2**32 - 1] (a larger one ended in seed_everything's ValueError traceback)."""
+    as_int("seed", value, low=0)
+    if value > SEED_MAX:
+        _fail("seed", value, f"must be an integer >= 0 and <= {SEED_MAX} (numpy's seed range)")
+    return int(value)
+
+
 def as_float(key: str, value: Any, low: float, high: float = math.inf, *, low_ok: bool = False,
              high_ok: bool = True, rule: str | None = None) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
@@ -681,7 +692,7 @@ class RunConfig:
     def __post_init__(self):
         from deepseek_mini.training.threads import resolve_cpu_threads
 
-        as_int("seed", self.seed, low=0)
+        as_seed(self.seed)
         resolve_cpu_threads(self.cpu_threads)  # its rule, here so that a bad value stops before any write
         writable_dir("hydra.run.dir", self.output_dir)
         if self.data.seq_len > self.model.max_position_embeddings:
@@ -708,7 +719,7 @@ class RunConfig:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, output_dir: str | os.PathLike) -> RunConfig:
-        as_int("seed", cfg.get("seed", 1234), low=0)  # first: data.seed follows it (${seed})
+        as_seed(cfg.get("seed", 1234))  # first: data.seed follows it (${seed})
         model = model_config_from(cfg)
         optim = OptimConfig(**_fields(OptimConfig, _group(cfg, "optim"), "optim", strict=True))
         scheduler = SchedulerConfig(**_fields(SchedulerConfig, _group(cfg, "scheduler"), "scheduler", strict=True))

@@ -38,6 +38,9 @@ def resolve_cpu_threads(value, trainer_cfg=None) -> int | None:
             raise ValueError
     except (TypeError, ValueError):
         raise ConfigError(f"cpu_threads={value}: must be auto or a positive integer") from None
+    cores = os.cpu_count() or 1
+    if n > cores:  # more threads than cores only contend; 100000 failed to create them and crashed the process
+        raise ConfigError(f"cpu_threads={value}: must be at most this machine's {cores} cores (or auto)")
     return n
 
 
