@@ -85,7 +85,7 @@ NODE_OPTIONS = [
     # a word where a number belongs: was Hydra's two-line "Error in call to target" after data preparation
     (["callbacks.model_checkpoint.save_top_k=abc"], "callbacks.model_checkpoint.save_top_k='abc': must be an integer"),
     (["callbacks.samples.n_prompts=abc"], "callbacks.samples.n_prompts='abc': must be an integer"),
-    (["callbacks.throughput.peak_flops=fast"], "callbacks.throughput.peak_flops='fast': must be a number or null"),
+    (["callbacks.throughput.peak_flops=fast"], "callbacks.throughput.peak_flops='fast': must be a finite number or null"),
     (["+logger.csv.flush_logs_every_n_steps=often"], "logger.csv.flush_logs_every_n_steps='often': must be an integer"),
     (["trainer.max_epochs=abc"], "trainer.max_epochs='abc': must be an integer or null"),
     (["callbacks.lr_monitor.logging_interval=steps"], "logging_interval='steps': must be step, epoch or null"),
@@ -273,3 +273,29 @@ def test_kv_cache_report_output_dir_that_is_a_file(tmp_path, capsys, monkeypatch
     a_file.write_text("x")
     assert report.main(["--shapes", "tiny", "--out-dir", str(a_file)]) == 2
     assert error_lines(capsys.readouterr().err) == [f"error: --out-dir: {a_file} is a file, not a directory"]
+
+
+# ---------------------------------------------------------------------- 5. a second probe's cases
+SECOND_PROBE = [
+    (["+data.bogus=1"], "data.bogus=1: not an option of TextDataModule or CorpusSpec"),  # TypeError traceback, late
+    (["data.pin_memory=maybe"], "data.pin_memory='maybe': must be true or false"),  # taken silently
+    (["logger=wandb", "+logger.wandb.bogus=1"], "logger.wandb.bogus=1: not an option of WandbLogger or init"),  # wandb.init, late
+    (["logger=wandb", "+logger.wandb.mode=bogus"], "logger.wandb.mode='bogus': must be online, offline, disabled, shared or null"),
+    (["logger=wandb", "logger.wandb.tags=[dev,1]"], "logger.wandb.tags=['dev', 1]: a word or a list of words"),
+    (["+trainer.profiler=bogus"], "trainer.profiler='bogus': use simple, advanced, pytorch or xla"),
+    (["+trainer.strategy=bogus"], "trainer.strategy='bogus': not one of Lightning's strategies"),
+    (["+trainer.max_time=abc"], "trainer.max_time='abc': use DD:HH:MM:SS"),
+    (["+trainer.limit_train_batches=nan"], "trainer.limit_train_batches=nan: must be an integer, a finite number"),
+    (["trainer=ddp", "trainer.accelerator=cpu", "trainer.strategy.process_group_backend=bogus"],
+     "trainer.strategy.process_group_backend='bogus': use nccl, gloo"),
+    (["trainer=ddp", "trainer.accelerator=cpu", "+trainer.strategy.timeout=abc"], "trainer.strategy.timeout='abc'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), SECOND_PROBE, ids=[" ".join(o) for o, _ in SECOND_PROBE])
+def test_options_lightning_and_wandb_would_refuse_late_are_refused_up_front(overrides, expected, tmp_path, capsys,
+                                                                             monkeypatch):
+    run_dir = tmp_path / "run"
+    code, out, err = train([*overrides, f"hydra.run.dir={run_dir}"], tmp_path, capsys, monkeypatch)
+    assert_one_line_refusal(code, out, err, expected)
+    assert not run_dir.exists() and not (tmp_path / "cache").exists()

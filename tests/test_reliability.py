@@ -288,8 +288,13 @@ def test_instantiated_nodes_are_checked_against_their_targets():
     accepted, complete, followed = target_parameters("deepseek_mini.training.expert_parallel.expert_parallel_strategy")
     assert {"expert_parallel", "process_group_backend", "bucket_cap_mb"} <= set(accepted) and complete
     assert followed == ["DistributedDataParallel"]
-    assert not target_parameters("lightning.pytorch.loggers.WandbLogger")[1]  # its **kwargs go to wandb.init
+    accepted, complete, followed = target_parameters("lightning.pytorch.loggers.WandbLogger")
+    assert complete and followed == ["init"] and {"project", "mode", "group"} <= set(accepted)  # to wandb.init
     check_node_options("logger.wandb", {"_target_": "lightning.pytorch.loggers.WandbLogger", "entity": "me"})
+    with pytest.raises(ConfigError, match=r"^logger.wandb.bogus=1: not an option of WandbLogger or init$"):
+        check_node_options("logger.wandb", {"_target_": "lightning.pytorch.loggers.WandbLogger", "bogus": 1})
+    accepted, complete, followed = target_parameters("deepseek_mini.data.TextDataModule")
+    assert complete and followed == ["CorpusSpec"] and {"source", "train_files", "pin_memory"} <= set(accepted)
 
 
 # ---------------------------------------------------------------------- 4. bad data

@@ -115,6 +115,14 @@ def wandb_online_problem(timeout: float = 3.0) -> str | None:
 
 
 class WandbLogger(_LightningWandbLogger):
+    @staticmethod
+    def check_config_options(options: dict, key: str, model=None) -> None:
+        """Value rules, run by the settings check before data preparation (run_config.check_node_options): the
+        tags by wandb's own rule (wandb.init refused them with a pydantic traceback after data preparation)."""
+        from deepseek_mini.training.run_config import check_tags
+
+        check_tags(options.get("tags"), f"{key}.tags")
+
     def __init__(self, *args: Any, verbose: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._wandb_init.pop("anonymous", None)

@@ -242,32 +242,57 @@ def _locate(path: str) -> Any:
     raise ImportError(f"no module of {path!r} can be imported")
 
 
+def _kwargs_go_to(base: type) -> Any | None:
+    """Where a class's **kwargs go, where that is known: Lightning's DDPStrategy to torch's DistributedDataParallel,
+    FSDPStrategy to FullyShardedDataParallel, WandbLogger to wandb.init (imported only when a wandb logger is
+    configured), our TextDataModule to the CorpusSpec its corpus keywords build."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from deepseek_mini.data.corpus import CorpusSpec
+    from deepseek_mini.data.datamodule import TextDataModule
+
+    if base is DDPStrategy:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel
+    if base is FSDPStrategy:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel
+    if base is TextDataModule:
+        return CorpusSpec
+    if base.__module__ == "lightning.pytorch.loggers.wandb" and base.__name__ == "WandbLogger":
+        import wandb
+
+        return wandb.init
+    return None
+
+
 def target_parameters(target: str) -> tuple[dict[str, inspect.Parameter], bool, list[str]]:
     """What a config node's `_target_` accepts, following where its **kwargs go where that is known: this
-    package's classes hand them to their base class, Lightning's DDPStrategy to torch's DistributedDataParallel,
-    FSDPStrategy to FullyShardedDataParallel; a factory function is followed through its return annotation.
-    Returns the named parameters found, whether they are all it accepts (False when **kwargs lead somewhere
-    else, e.g. WandbLogger's to wandb.init, or the target cannot be inspected), and the wrappers followed."""
+    package's classes hand them to their base class, and _kwargs_go_to names where some others send them; a
+    factory function is followed through its return annotation. Returns the named parameters found, whether
+    they are all it accepts (False when **kwargs lead somewhere unknown, or the target cannot be inspected), and
+    the wrappers followed."""
     import typing
 
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.nn.parallel import DistributedDataParallel
-
-    wraps = {DDPStrategy: DistributedDataParallel, FSDPStrategy: FullyShardedDataParallel}
     obj, followed = _locate(target), []
     try:
         accepted, open_ended = _parameters(obj)
         cls = obj if isinstance(obj, type) else typing.get_type_hints(obj).get("return")
-        while open_ended and isinstance(cls, type):
+        while open_ended and cls is not None:
+            if not isinstance(cls, type):  # a function the **kwargs go to (wandb.init)
+                named, open_ended = _parameters(cls)
+                accepted.update(named)
+                break
             nxt = None
             for base in cls.__mro__:
                 if base is object or "__init__" not in vars(base):
                     continue
                 named, open_ended = _parameters(base)
                 accepted.update(named)
-                if base in wraps:  # its **kwargs go to the torch wrapper, not to its own base classes
-                    nxt = wraps[base]
+                nxt = _kwargs_go_to(base) if open_ended else None
+                if nxt is not None:  # its **kwargs go there, not to its own base classes
                     followed.append(nxt.__name__)
                     break
                 if not open_ended or not base.__module__.startswith("deepseek_mini."):
@@ -286,7 +311,7 @@ def _is_int(v: Any) -> bool:
 # (a word, a number, true/false, null). Anything else (Path, timedelta, a class, a container) is left to the target.
 _SIMPLE_TYPES = {
     int: (_is_int, "an integer"),
-    float: (lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    float: (lambda v: _is_int(v) or (isinstance(v, float) and math.isfinite(v)), "a finite number"),
     str: (lambda v: isinstance(v, str), "text"),
     bool: (lambda v: isinstance(v, bool), "true or false"),
     type(None): (lambda v: v is None, "null"),
@@ -356,6 +381,7 @@ def check_node_options(group: str, node: Any, model: ModelConfig | None = None) 
             continue
         if key in accepted:
             _check_option(f"{group}.{key}", value, accepted[key])
+            _check_lightning_word(f"{group}.{key}", key, value, accepted[key])
         elif complete:
             _fail(f"{group}.{key}", value, f"not an option of {' or '.join([target.rsplit('.', 1)[-1], *followed])}")
     rules = getattr(obj, "check_config_options", None)
@@ -376,9 +402,40 @@ def check_trainer_options(extra: dict) -> None:
         if key not in trainer_args:
             _fail(f"trainer.{key}", value, "not an argument of lightning's Trainer")
         _check_option(f"trainer.{key}", value, trainer_args[key])
+        _check_trainer_word(key, value)
         # a node with a _target_ (the strategy, a profiler, plugins) is built by strategies.build_trainer_nodes
         for i, node in enumerate(value if isinstance(value, list) else [value]):
             check_node_options(f"trainer.{key}" + (f"[{i}]" if isinstance(value, list) else ""), node)
+
+
+def _check_lightning_word(full_key: str, key: str, value: Any, param: inspect.Parameter) -> None:
+    """Options of Lightning's and torch's classes whose annotation admits any text or a class, but whose values are
+    a fixed set or a duration: a wrong one surfaced when the strategy set up its process group, after data
+    preparation, on every rank."""
+    if key == "process_group_backend" and value not in (None, "nccl", "gloo", "mpi", "ucc", "cuda:nccl,cpu:gloo"):
+        _fail(full_key, value, "use nccl, gloo, mpi or ucc, or null (nccl on GPUs, gloo on the CPU)")
+    if key == "timeout" and value is not None and "timedelta" in str(param.annotation):
+        _fail(full_key, value, "a timedelta, which a config cannot write: leave it to the strategy's default")
+
+
+def _check_trainer_word(key: str, value: Any) -> None:
+    """Trainer arguments that also take a class (so their annotation is not checked above) given as the plain word
+    or mapping Lightning parses itself, in Trainer() after data preparation, with a traceback: checked here by
+    Lightning's own rules."""
+    if key == "profiler" and isinstance(value, str) and value not in ("simple", "advanced", "pytorch", "xla"):
+        _fail("trainer.profiler", value, "use simple, advanced, pytorch or xla (Lightning's profilers), or null")
+    if key == "strategy" and isinstance(value, str):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if value != "auto" and value not in StrategyRegistry.available_strategies():
+            _fail("trainer.strategy", value, "not one of Lightning's strategies (use trainer=ddp, fsdp or ep, or auto)")
+    if key == "max_time" and isinstance(value, (str, dict)):
+        from lightning.pytorch.callbacks import Timer
+
+        try:
+            Timer(duration=value)
+        except Exception:
+            _fail("trainer.max_time", value, "use DD:HH:MM:SS or a mapping such as {hours: 1}")
 
 
 def check_instantiated_options(cfg: DictConfig, model: ModelConfig | None = None) -> None:
@@ -601,7 +658,7 @@ def _fields(cls, d: dict, group: str, extra: bool = False, strict: bool = False)
     return known
 
 
-def check_tags(tags: Any) -> None:
+def check_tags(tags: Any, key: str = "tags") -> None:
     """`tags` (train.yaml; the wandb run's tags): null, a word, or a list of words of 1 to 64 characters, wandb's own
     rule. wandb checked them only when the logger was built, after data preparation, and a number in the list
     (tags=[dev,1]) ended the run there with a pydantic traceback."""
@@ -609,12 +666,22 @@ def check_tags(tags: Any) -> None:
         return
     for tag in tags if isinstance(tags, (list, tuple)) else [tags]:
         if not isinstance(tag, str) or not 1 <= len(tag) <= 64:
-            _fail("tags", tags, "a word or a list of words, each 1 to 64 characters (quote a number: '\"1\"')")
+            _fail(key, tags, "a word or a list of words, each 1 to 64 characters (quote a number: '\"1\"')")
 
 
 def data_settings(cfg: DictConfig) -> DataSettings:
-    """cfg.data's sizes and cache dir, checked (training, and eval.py's command line)."""
-    return DataSettings(**_fields(DataSettings, _group(cfg, "data"), "data"))
+    """cfg.data's sizes and cache dir, checked (training, and eval.py's command line); and every data option
+    against TextDataModule's and CorpusSpec's parameters (an unknown `+data.x=1` was a TypeError traceback after the
+    run dir existed, `data.pin_memory=maybe` was taken)."""
+    settings = DataSettings(**_fields(DataSettings, _group(cfg, "data"), "data"))  # its rules name the sizes
+    node = cfg.get("data")
+    if isinstance(node, DictConfig):
+        try:
+            value = OmegaConf.to_container(node, resolve=True)
+        except Exception:  # an interpolation with no value here: the options are still checked by name
+            value = OmegaConf.to_container(node, resolve=False)
+        check_node_options("data", value)
+    return settings
 
 
 def check_compile(value) -> str | None:
