@@ -71,6 +71,15 @@ def find_tokenizer(path: Path, recorded_sha: str | None = None):
     return tokenizer
 
 
+def _fitting(tokenizer, config: ModelConfig, path: Path):
+    """The tokenizer beside a checkpoint, refused when it has ids the model has no embedding for (generate.py
+    ended in an IndexError traceback inside the embedding)."""
+    if tokenizer is not None and tokenizer.get_vocab_size() > config.vocab_size:
+        raise CheckpointError(f"tokenizer {tokenizer_file(path)} has {tokenizer.get_vocab_size()} tokens but the model "
+                              f"beside it only {config.vocab_size}: not the tokenizer it was trained with")
+    return tokenizer
+
+
 def recorded_tokenizer_sha(ckpt: dict) -> str | None:
     """The sha256 of the tokenizer file the checkpoint's data module trained with, if it recorded one."""
     state = next((v for k, v in ckpt.items() if str(k).endswith("TextDataModule") and isinstance(v, dict)), {})
@@ -90,9 +99,12 @@ def read_data_record(path: Path) -> dict | None:
     if not record.is_file():
         return None
     try:
-        return json.loads(record.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {record}: {type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"cannot read {record}: a {type(data).__name__}, not the mapping a run records")
+    return data
 
 
 # ---------------------------------------------------------------------- verification
@@ -290,13 +302,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         model = load_hf(path)
-        return LoadedModel(model.to(map_location), model.config, find_tokenizer(path), path)
+        tokenizer = _fitting(find_tokenizer(path), model.config, path)
+        return LoadedModel(model.to(map_location), model.config, tokenizer, path)
     ckpt = read_lightning_checkpoint(path)
     config = checkpoint_model_config(ckpt, path)
     if config is None:
         raise CheckpointError(f"{path} has no model_config in its hyper_parameters and no model_config.json beside it")
     state = verify_weights(config, ckpt.pop("state_dict"), path)
-    tokenizer = find_tokenizer(path, recorded_tokenizer_sha(ckpt))
+    tokenizer = _fitting(find_tokenizer(path, recorded_tokenizer_sha(ckpt)), config, path)
     model = DeepSeekV2(config)
     model.load_state_dict(state)
     model.to(map_location).eval()

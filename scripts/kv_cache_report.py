@@ -41,7 +41,9 @@ def checkpoint_val_loss(path: Path, ckpt: dict | None) -> tuple[float | None, st
         if candidate.is_file():
             try:
                 data = json.loads(candidate.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if not isinstance(data, dict):  # not a results.json of ours
                 continue
             for key in ("val_loss", "val/loss"):
                 if isinstance(data.get(key), (int, float)):
@@ -142,6 +144,9 @@ def check_args(args) -> None:
             parse_device(args.device)  # the device rule of eval.py and generate.py
         except ConfigError as e:
             raise ValueError(f"--{e}") from None  # "--device=foo: use auto, cpu or cuda ..."
+    if args.png and Path(args.png).suffix.lower() not in (".png", ".svg", ".pdf"):
+        # matplotlib would add .png to the name and the report would then look for the file it named
+        raise ValueError(f"--png {args.png}: give the chart's file name with .png (or .svg, .pdf)")
     if not args.no_files:
         for flag, path in (("--out-dir", Path(args.out_dir)), ("--png", Path(args.png).parent if args.png else None)):
             probe = path

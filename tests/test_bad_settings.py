@@ -289,6 +289,10 @@ SECOND_PROBE = [
     (["trainer=ddp", "trainer.accelerator=cpu", "trainer.strategy.process_group_backend=bogus"],
      "trainer.strategy.process_group_backend='bogus': use nccl, gloo"),
     (["trainer=ddp", "trainer.accelerator=cpu", "+trainer.strategy.timeout=abc"], "trainer.strategy.timeout='abc'"),
+    (["+callbacks.bar=5"], "callbacks.bar=5: not a callback: a node with a _target_"),  # TypeError traceback
+    (["+callbacks.foo={a:1}"], "callbacks.foo={'a': 1}: not a callback"),  # skipped without a word
+    (["+logger.foo={a:1}"], "logger.foo={'a': 1}: not a logger"),
+    (["callbacks.model_checkpoint.monitor=bogus"], "monitor='bogus': a metric the run logs"),  # at the 1st validation
 ]
 
 

@@ -290,3 +290,29 @@ def test_weights_only_best(tmp_path):
     assert "optimizer_states" not in best and last["optimizer_states"]
     assert (tmp_path / "ck" / "best-step4.ckpt").stat().st_size < 0.6 * (tmp_path / "ck" / "last.ckpt").stat().st_size
     assert load_checkpoint(tmp_path / "ck" / "best-step4.ckpt").config == ModelConfig(**SMALL_MODEL)  # eval reads it
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(ckpts):
+    """ids the model has no embedding for: generate.py ended in an IndexError inside the embedding (a Hugging Face
+    directory records no tokenizer sha, so only the size can tell)."""
+    from tokenizers import Tokenizer, models
+
+    good = ckpts["good"]
+    vocab = {f"t{i}": i for i in range(ModelConfig(**SMALL_MODEL).vocab_size + 5)} | {"<unk>": 999}
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(good.parent / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=r"tokenizer .*tokenizer.json has \d+ tokens but the model beside it only"):
+        load_checkpoint(good)
+
+
+def test_kv_cache_report_reads_past_a_results_json_that_is_not_ours(ckpts, tmp_path, capsys):
+    """A results.json beside the run that is a list (or not UTF-8) is not a val loss: skipped, not a traceback; and
+    a chart name without an image extension is refused before anything is written."""
+    run = ckpts["good"].parent.parent
+    (run / "results.json").write_text("[1, 2]")
+    assert kv_cache_report.main(["--ckpt", str(ckpts["good"]), "--out-dir", str(tmp_path / "kv")]) == 0
+    (run / "results.json").write_bytes(b"\xff\xfe{")
+    assert kv_cache_report.main(["--ckpt", str(ckpts["good"]), "--out-dir", str(tmp_path / "kv2")]) == 0
+    capsys.readouterr()
+    assert kv_cache_report.main(["--out-dir", str(tmp_path / "kv3"), "--png", str(tmp_path / "chart")]) == 2
+    err = capsys.readouterr().err
+    assert len(error_lines(err)) == 1 and "--png" in err and not (tmp_path / "kv3").exists()

@@ -18,6 +18,7 @@ from model_helpers import SMALL_MODEL
 from test_reliability import TINY, error_lines, run_inprocess
 
 from deepseek_mini import cli as cli_mod
+from deepseek_mini.checkpoint import CheckpointError
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.data import DataError, train_tokenizer
 from deepseek_mini.model import DeepSeekV2
@@ -98,6 +99,24 @@ def test_data_overrides_and_the_recorded_data(tmp_path):
     assert "command line" in why and limit is None
     data, why, limit = steps.eval_data(cfg_data, tmp_path / "elsewhere" / "last.ckpt", [])
     assert data == cfg_data and "records no training data" in why
+
+
+@pytest.mark.parametrize(("record", "says"), [
+    ([1, 2], "a list, not the mapping a run records"),
+    ({"datamodule": "x"}, "its datamodule is a str, not a mapping"),
+    ({"datamodule": {"seq_len": 32, "batch_size": 4, "max_chars": "abc"}}, "data.max_chars='abc'"),
+    ({"datamodule": {"seq_len": 32, "batch_size": 4}, "limit_val_batches": "abc"}, "limit_val_batches='abc'"),
+])
+def test_a_damaged_data_record_is_one_line(record, says, tmp_path):
+    """checkpoints/data.json that parses but is not what a run records: refused naming it (each was a traceback in
+    eval.py: an AttributeError, or a DataLoader / int() failing on the recorded value)."""
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    (ck / "data.json").write_text(json.dumps(record))
+    cfg_data = {"source": "stdlib", "seq_len": 128, "batch_size": 16, "cache_dir": str(tmp_path / "c")}
+    with pytest.raises(CheckpointError, match=r"cannot read .*data.json: ") as e:
+        steps.eval_data(cfg_data, ck / "last.ckpt", [])
+    assert says in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_validation_set_without_a_window_is_one_line(tmp_path):

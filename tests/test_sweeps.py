@@ -239,3 +239,24 @@ def test_optimized_metric_for_the_sweeper():
     assert optimized_metric(cfg, {"val_loss": float("nan")}) == float("inf")  # NaN would crash Optuna
     assert optimized_metric(cfg, {"status": "failed"}) == float("inf")
     assert optimized_metric(OmegaConf.create({}), {"val_loss": 3.5}) is None
+
+
+@pytest.mark.parametrize("damage", ["list", "string", "not utf-8", "overrides"])
+def test_a_job_with_unreadable_files_is_reported_failed(damage, tmp_path):
+    """results.json that is not a mapping or not UTF-8: that job is listed as failed with the reason, and the others
+    are reported; an overrides.yaml that does not parse gives way to the overrides results.json records (each was a
+    traceback that ended the report)."""
+    base = ModelConfig.preset("tiny").to_dict()
+    sweep = tmp_path / "sweep"
+    _fake_job(sweep / "0", ["model.kv_lora_rank=16"], {**base, "kv_lora_rank": 16}, 3.5)
+    _fake_job(sweep / "1", ["model.kv_lora_rank=32"], {**base, "kv_lora_rank": 32}, 3.4)
+    bad = sweep / "1"
+    if damage == "overrides":
+        (bad / ".hydra" / "overrides.yaml").write_text("{{{: [\n")
+    else:
+        (bad / "results.json").write_bytes({"list": b"[1, 2]", "string": b'"done"', "not utf-8": b"\xff\xfe{"}[damage])
+    report = write_report([sweep]).read_text()
+    if damage == "overrides":  # the job's results.json records them too: still an ok job
+        assert "Jobs: 2 (2 ok, 0 failed)" in report, report
+    else:
+        assert "Jobs: 2 (1 ok, 1 failed)" in report and "unreadable results.json" in report, report

@@ -169,11 +169,20 @@ def load_job(job_dir: Path, name: str | None = None) -> Job:
     if res_file.is_file():
         try:
             results = json.loads(res_file.read_text())
-        except json.JSONDecodeError as e:
-            job.status, job.error = "failed", f"unreadable results.json: {e}"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            job.status, job.error = "failed", f"unreadable results.json: {type(e).__name__}: {e}"
+        if results is not None and not isinstance(results, dict):  # a job's report is a mapping: not one of ours
+            job.status, job.error = "failed", f"unreadable results.json: a {type(results).__name__}, not a mapping"
+            results = None
+    overrides = None
     if ov_file.is_file():
-        job.overrides = [str(o) for o in (yaml.safe_load(ov_file.read_text()) or [])]
-    elif results and results.get("overrides"):
+        try:
+            overrides = yaml.safe_load(ov_file.read_text()) or []
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            overrides = None  # damaged: results.json records the overrides too
+    if isinstance(overrides, list):
+        job.overrides = [str(o) for o in overrides]
+    elif results and isinstance(results.get("overrides"), list):
         job.overrides = [str(o) for o in results["overrides"]]
     job.swept = _split_overrides(job.overrides)
     job.results = results

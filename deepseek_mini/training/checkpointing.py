@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from weakref import proxy
@@ -15,6 +16,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
+
+
+# the metrics LitDeepSeek logs (training/module.py), as a checkpoint's monitor may name them
+_LOGGED = re.compile(r"^(train|val)/(loss|perplexity|aux_loss|expert_balance|device_balance|comm_balance"
+                     r"|moe/layer\d+/(max_load|min_load|entropy|dropped_fraction))$"
+                     r"|^train/(lr|grad_norm|mtp_loss|mtp_loss_\d+)$")
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -52,6 +59,10 @@ class RunCheckpoint(ModelCheckpoint):
         triggers += ["train_time_interval"] * (options.get("train_time_interval") is not None)
         if len(triggers) > 1:
             _fail(f"{key}.{triggers[1]}", options.get(triggers[1]), f"cannot be combined with {key}.{triggers[0]}")
+        monitor = options.get("monitor")
+        if monitor is not None and not (isinstance(monitor, str) and _LOGGED.match(monitor)):
+            # Lightning looks the name up at the first validation, after training steps, and raises there
+            _fail(f"{key}.monitor", monitor, "a metric the run logs, e.g. val/loss, val/perplexity, train/loss")
         if options.get("monitor") is None and options.get("save_top_k") not in (-1, 0, 1):
             _fail(f"{key}.save_top_k", options.get("save_top_k"),
                   "needs a monitor (e.g. val/loss) to rank checkpoints; without one use -1, 0 or 1")

@@ -128,6 +128,18 @@ def eval_data(cfg_data: dict, ckpt_path: Path, overrides: list[str]) -> tuple[di
         why = "data=... on the command line" if group else "eval.yaml's data: the checkpoint records no training data"
         return cfg_data, why, None
     recorded = record.get("datamodule") or {}
+    where = ckpt_path.parent / "data.json"
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"cannot read {where}: its datamodule is a {type(recorded).__name__}, not a mapping")
+    try:  # the recorded sizes by training's rules: a hand-edited record would fail in a DataLoader or int()
+        from deepseek_mini.training.run_config import check_data_values
+
+        check_data_values(recorded)
+    except ConfigError as e:
+        raise CheckpointError(f"cannot read {where}: {e}") from None
+    limit = record.get("limit_val_batches")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0):
+        raise CheckpointError(f"cannot read {where}: limit_val_batches={limit!r} is not a count or a fraction")
     take = WINDOW_KEYS if group else tuple(recorded)
     data = {**cfg_data, **{k: recorded[k] for k in take if k in recorded}}
     data.update({k: cfg_data.get(k) for k in keys})

@@ -447,8 +447,14 @@ def check_instantiated_options(cfg: DictConfig, model: ModelConfig | None = None
         if isinstance(nodes, DictConfig):
             for name in nodes:
                 node = nodes[name]  # None where the command dropped it (callbacks.samples=null)
-                if not isinstance(node, DictConfig):
+                if node is None:
                     continue
+                if not isinstance(node, DictConfig) or "_target_" not in node:
+                    # a word or number was a TypeError traceback in build_callbacks; a mapping without a
+                    # _target_ was skipped without a word
+                    what = "callback" if group == "callbacks" else "logger"
+                    shown = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+                    _fail(f"{group}.{name}", shown, f"not a {what}: a node with a _target_ (or null to drop one)")
                 try:
                     value = OmegaConf.to_container(node, resolve=True)
                 except Exception:  # an interpolation with no value yet: its options are checked where they point
@@ -564,6 +570,20 @@ class TrainerSettings:
                                      "accelerator": self.accelerator}) or 1
 
 
+def check_data_values(d: dict) -> None:
+    """The data sizes' rules, for those of them `d` holds (DataSettings holds them all; a checkpoint's data.json,
+    which eval.py reads back, what the run recorded)."""
+    for key, low in (("seq_len", 1), ("batch_size", 1), ("num_workers", 0), ("num_proc", 1), ("vocab_size", 2),
+                     ("seed", 0)):
+        if key in d:
+            as_int(f"data.{key}", d[key], low=low)
+    for key in ("val_batch_size", "max_chars"):  # null: the batch size / no cap
+        if d.get(key) is not None:
+            as_int(f"data.{key}", d[key])
+    if "val_fraction" in d:
+        as_float("data.val_fraction", d["val_fraction"], 0.0, 1.0, high_ok=False)
+
+
 @dataclass(frozen=True)
 class DataSettings:
     """configs/data/*.yaml: the sizes the run depends on (the data module itself is built from cfg.data)."""
@@ -580,17 +600,7 @@ class DataSettings:
     seed: int = 1234
 
     def __post_init__(self):
-        as_int("data.seq_len", self.seq_len)
-        as_int("data.batch_size", self.batch_size)
-        if self.val_batch_size is not None:
-            as_int("data.val_batch_size", self.val_batch_size)
-        as_float("data.val_fraction", self.val_fraction, 0.0, 1.0, high_ok=False)
-        if self.max_chars is not None:
-            as_int("data.max_chars", self.max_chars)
-        as_int("data.num_workers", self.num_workers, low=0)
-        as_int("data.num_proc", self.num_proc)
-        as_int("data.vocab_size", self.vocab_size, low=2)
-        as_int("data.seed", self.seed, low=0)
+        check_data_values(asdict(self))
         writable_dir("data.cache_dir", self.cache_dir)
 
     @property
