@@ -293,6 +293,12 @@ SECOND_PROBE = [
     (["+callbacks.foo={a:1}"], "callbacks.foo={'a': 1}: not a callback"),  # skipped without a word
     (["+logger.foo={a:1}"], "logger.foo={'a': 1}: not a logger"),
     (["callbacks.model_checkpoint.monitor=bogus"], "monitor='bogus': a metric the run logs"),  # at the 1st validation
+    # what the data step would have refused, after the run dir existed
+    (["data.source=bogus"], "data.source='bogus': use stdlib, text or hub"),
+    (["data=text"], "data.train_files=None: source=text needs"),
+    (["data=text", "data.train_files=/nonexistent/corpus.txt"], "data.train_files='/nonexistent/corpus.txt': file not"),
+    (["data.tokenizer_path=/nonexistent/tokenizer.json"], "data.tokenizer_path='/nonexistent/tokenizer.json': no such"),
+    (["data=hub"], "data.hub_name=None: source=hub needs"),
 ]
 
 

@@ -67,10 +67,12 @@ def _copy(run: Path, dst: Path) -> Path:
     (["model.hidden_size=32"], "model.hidden_size=32"),
     (["model.num_hidden_layers=3", "model.kv_lora_rank=8"], "model.kv_lora_rank=8"),
     (["data.max_chars=100000"], "data.max_chars=100000"),
-    (["data=text", "data.train_files=README.md"], "data.source='text'"),
+    (["data=text", "data.train_files={txt}"], "data.source='text'"),
 ])
 def test_resume_with_another_model_or_data_is_refused_and_touches_nothing(changed, named, run4, cache_dir, capsys,
-                                                                           monkeypatch):
+                                                                           monkeypatch, tmp_path):
+    (tmp_path / "corpus.txt").write_text("other text\n" * 100)  # there: the data check up front lists the files
+    changed = [o.format(txt=tmp_path / "corpus.txt") for o in changed]
     before = snapshot(run4)
     code, out = run_inprocess("train.py", [*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run4}",
                                            "ckpt_path=last", *changed], capsys, monkeypatch)

@@ -694,6 +694,31 @@ def data_settings(cfg: DictConfig) -> DataSettings:
     return settings
 
 
+def check_data_sources(data: dict) -> None:
+    """What training will read, where that needs no reading: a known source; for source=text, train_files given and
+    every file, directory or glob of train_files / val_files there (listed, not read); a given tokenizer_path a
+    file; for source=hub, a hub_name. These were DataErrors from data preparation, after the run dir existed."""
+    from deepseek_mini.data import DataError, expand_files
+
+    source = data.get("source", "stdlib")
+    if source not in ("stdlib", "text", "hub"):
+        _fail("data.source", source, "use stdlib, text or hub")
+    if source == "text":
+        if not data.get("train_files"):
+            _fail("data.train_files", data.get("train_files"), "source=text needs a file, directory, glob or list")
+        for key in ("train_files", "val_files"):
+            if data.get(key):
+                try:
+                    expand_files(data[key], key)
+                except DataError as e:
+                    _fail(f"data.{key}", data[key], str(e))
+    if source == "hub" and not data.get("hub_name"):
+        _fail("data.hub_name", data.get("hub_name"), "source=hub needs a dataset name (or a local dataset dir)")
+    tokenizer = data.get("tokenizer_path")
+    if tokenizer and not Path(os.path.expanduser(str(tokenizer))).is_file():
+        _fail("data.tokenizer_path", tokenizer, "no such file (a tokenizer.json to use, or null to train one)")
+
+
 def check_compile(value) -> str | None:
     """`compile` -> its canonical spelling ("regional", "full:reduce-overhead", ...; training/compile.py), or None."""
     from deepseek_mini.training.compile import parse_compile
@@ -802,6 +827,7 @@ class RunConfig:
         scheduler = SchedulerConfig(**_fields(SchedulerConfig, _group(cfg, "scheduler"), "scheduler", strict=True))
         trainer = TrainerSettings(**_fields(TrainerSettings, _group(cfg, "trainer"), "trainer", extra=True))
         data = data_settings(cfg)
+        check_data_sources(_container(cfg.get("data")) or {})
         compile_spec = check_compile(cfg.get("compile", False))
         check_tags(_container(cfg.get("tags")))
         check_instantiated_options(cfg, model)
