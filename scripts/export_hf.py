@@ -41,7 +41,11 @@ def out_dir_problem(out_dir: Path) -> str | None:
     exists, must be a directory this process can write into."""
     import os
 
-    probe = out_dir.expanduser().absolute()
+    out_dir = out_dir.expanduser().absolute()
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        # an older export's files (other shards, a tokenizer) would stay beside this one's and be read with it
+        return f"directory {out_dir} is not empty; give a new or empty directory"
+    probe = out_dir
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
@@ -63,7 +67,8 @@ def main(argv=None) -> int:
     from deepseek_mini.config import ConfigError
     from deepseek_mini.interop.hf import HFExportError, HFImportError, export_hf
 
-    problem = out_dir_problem(Path(args.out_dir))
+    problem = ("an empty path would be the current directory; give the export its own directory"
+               if not args.out_dir.strip() else out_dir_problem(Path(args.out_dir)))
     if problem:  # before the checkpoint is read: export_hf's mkdir would raise a FileExistsError traceback after it
         print(f"error: out_dir={args.out_dir}: {problem}", file=sys.stderr)
         return 2

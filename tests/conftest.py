@@ -65,8 +65,13 @@ def run_config_of(tmp_path: Path, *overrides: str):
 
     from deepseek_mini.training.run_config import RunConfig
 
+    data_dir = tmp_path / "data"  # the Gutenberg files' names, empty: the settings check lists them, never reads
+    data_dir.mkdir(exist_ok=True)
+    for name in ("gutenberg_classics_train.txt.gz", "gutenberg_classics_valid.txt"):
+        (data_dir / name).touch()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, *overrides], return_hydra_config=True)
+        cfg = compose(config_name="train", overrides=[*TINY_OVERRIDES, f"paths.data_dir={data_dir}", *overrides],
+                      return_hydra_config=True)
     cfg.paths.output_dir = str(tmp_path / "run")
     return RunConfig.from_cfg(cfg, tmp_path / "run")
 

@@ -243,6 +243,49 @@ def test_export_to_a_file_is_refused_before_loading(tmp_path, capsys, monkeypatc
         assert error_lines(err) == [f"error: out_dir={out_dir}: {a_file} is a file, not a directory"], err
 
 
+def test_export_into_an_older_export_or_an_empty_path_is_refused(tmp_path, capsys, monkeypatch):
+    """An older export's shards or tokenizer would stay beside the new weights and be read with them; an empty path
+    is the current directory."""
+    export = load_script("scripts/export_hf.py", monkeypatch)
+    older = tmp_path / "hf"
+    older.mkdir()
+    (older / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    missing = tmp_path / "missing.ckpt"  # never read: the output dir is refused first
+    for out_dir, says in ((older, "is not empty; give a new or empty directory"), ("", "an empty path")):
+        assert export.main([str(missing), str(out_dir), "--no-verify"]) == 2
+        err = capsys.readouterr().err
+        assert len(error_lines(err)) == 1 and says in err, err
+
+
+RUN_DIRS = [  # train.py / eval.py and a run dir they must not write into
+    ("train.py", ["hydra.run.dir="], "hydra.run.dir='': an empty path would be the current directory"),
+    ("train.py", ["hydra.run.dir={run}"], "holds a run (its checkpoints or results.json); continue it"),
+    ("train.py", ["resume=true", "ckpt_path={run}/checkpoints/last.ckpt"], "resume=true means ckpt_path=last"),
+    ("eval.py", ["ckpt_path=x.ckpt", "hydra.run.dir={run}"], "is a training run's dir"),
+    ("eval.py", ["ckpt_path=x.ckpt", "hydra.run.dir="], "hydra.run.dir='': an empty path"),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "expected"), RUN_DIRS, ids=[f"{s} {' '.join(a)}" for s, a, _ in RUN_DIRS])
+def test_a_command_that_would_write_over_a_run_is_refused(script, args, expected, tmp_path, capsys, monkeypatch):
+    """A finished run's dir (a fresh run there would replace its checkpoints, results and metrics; an eval's .hydra/
+    would replace its records), the current directory (an empty path), an ambiguous resume: one line, nothing
+    written."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"stand-in")
+    (run / "results.json").write_text('{"status": "completed"}')
+    before = tree_state(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    argv = [a.format(run=run) for a in args]
+    if script == "train.py":
+        code, out, err = train(argv, tmp_path, capsys, monkeypatch)
+    else:
+        code, out, err = run_script_inprocess(script, argv, capsys, monkeypatch)
+    assert_one_line_refusal(code, out, err, expected)
+    assert tree_state(tmp_path) == before
+
+
 KV_REPORT = [
     (["--context", "-5"], "--context=-5: must be a positive integer"),  # was exit 0, negative bytes
     (["--context", "0"], "--context=0: must be a positive integer"),

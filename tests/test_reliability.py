@@ -110,14 +110,19 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, cache_dir, caps
 
 
 @pytest.mark.slow
-def test_rerun_in_the_same_run_dir_overwrites_last_ckpt(tmp_path, cache_dir, capsys, monkeypatch):
-    """A second, non-resumed run in the same dir: last.ckpt and results.json describe the new run (Lightning would
-    otherwise write last-v1.ckpt and leave ckpt_path=last pointing at the old weights)."""
+def test_a_new_run_into_a_run_dir_that_holds_a_run_is_refused(tmp_path, cache_dir, capsys, monkeypatch):
+    """A second, non-resumed run in the same dir would replace the first run's checkpoints, results and metrics
+    (nothing lost): refused in one line with the dir unchanged; continuing it (ckpt_path=last) is the way in."""
     run = tmp_path / "run"
-    for steps in (4, 6):
-        code, out = run_inprocess("train.py", [*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}",
-                                               "logger=none", f"trainer.max_steps={steps}"], capsys, monkeypatch)
-        assert code == 0, out[-3000:]
+    args = [*TINY, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}", "logger=none"]
+    code, out = run_inprocess("train.py", [*args, "trainer.max_steps=4"], capsys, monkeypatch)
+    assert code == 0, out[-3000:]
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    code, out = run_inprocess("train.py", [*args, "trainer.max_steps=6"], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in out and "holds a run" in "".join(error_lines(out)), out[-3000:]
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    code, out = run_inprocess("train.py", [*args, "trainer.max_steps=6", "ckpt_path=last"], capsys, monkeypatch)
+    assert code == 0, out[-3000:]
     assert not list((run / "checkpoints").glob("last-v*.ckpt"))
     res = json.loads((run / "results.json").read_text())
     assert res["global_step"] == 6

@@ -202,7 +202,12 @@ def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_hf_directory(path: str | os.PathLike, dtype: torch.dtype | None = None) -> DeepSeekV2:
     """A DeepSeekV2 (eval mode) from a Hugging Face DeepseekV2 directory: config.json + safetensors.
     Weights keep the model's fp32 parameters unless `dtype` is given."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise HFImportError(f"path={path!r}: give a Hugging Face model directory (config.json + safetensors)")
     path = Path(path)
+    if not path.is_dir():
+        raise HFImportError(f"{path}: {'not found' if not path.exists() else 'a file, not a directory'} (give a Hugging "
+                            "Face model directory: config.json + safetensors; a .ckpt of ours: checkpoint.load_checkpoint)")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise HFImportError(f"{path}: no config.json")

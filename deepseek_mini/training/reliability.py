@@ -25,6 +25,7 @@ Where the rest lives (import it from there): checkpoint files (checkpoint_io.py)
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -56,6 +57,19 @@ def _value(overrides: list[str], key: str) -> str | None:
     # Hydra strips a quoted value's quotes; Lightning starts DDP ranks 1..N-1 with hydra.run.dir="<dir>"
     v = found[-1]
     return v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'" else v
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    """A run that trained: checkpoints/last.ckpt, or a results.json that is not a failure's (a run that failed
+    before its first checkpoint may be started again in its dir)."""
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        return True
+    if not (run_dir / "results.json").is_file():
+        return False
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status") != "failed"
+    except Exception:  # unreadable: not ours to replace
+        return True
 
 
 def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> list[str]:
@@ -102,6 +116,15 @@ def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> lis
         print(f"resuming the latest run: {found}", file=sys.stderr)
         run_dir = str(found)
         argv = [*argv, f"hydra.run.dir={run_dir}"]
+    if run_dir is not None and not str(run_dir).strip():
+        raise ConfigError("hydra.run.dir='': an empty path would be the current directory; give a run dir")
+    if resume and ckpt not in (None, "last"):
+        raise ConfigError(f"resume=true with ckpt_path={ckpt}: resume=true means ckpt_path=last (the run continues in "
+                          "its own dir); give one of them (ckpt_path=<file> alone starts a new run from that file)")
+    if run_dir is not None and ckpt is None and not resume and _holds_a_run(Path(run_dir)):
+        # a fresh run there would replace its checkpoints, results and metrics, and mix the two runs' logs
+        raise ConfigError(f"hydra.run.dir={run_dir} holds a run (its checkpoints or results.json); continue it "
+                          "with ckpt_path=last, or give a new run dir")
     check_dir = Path(run_dir) if run_dir is not None else Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "runs"
     cfg.paths.output_dir = str(check_dir)  # ${hydra:runtime.output_dir} has no value before Hydra runs
     RunConfig.from_cfg(cfg, check_dir)  # every setting, before any write
@@ -127,6 +150,13 @@ def _preflight_eval(argv: list[str], config_dir: str, config_name: str) -> None:
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=plain)
     check_eval_options(cfg)
+    run_dir = _value(overrides, "hydra.run.dir")
+    if run_dir is not None and not str(run_dir).strip():
+        raise ConfigError("hydra.run.dir='': an empty path would be the current directory; give an eval dir")
+    if run_dir is not None and any((Path(run_dir) / n).exists() for n in ("checkpoints", "results.json")):
+        # eval's .hydra/ and eval.log would replace the training run's own records
+        raise ConfigError(f"hydra.run.dir={run_dir} is a training run's dir; give the eval its own dir (the "
+                          "default: logs/eval/runs/<time>)")
 
 
 def cli_entry(main, config_dir: str | os.PathLike, config_name: str):

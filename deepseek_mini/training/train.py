@@ -381,12 +381,24 @@ def train(cfg: DictConfig) -> dict:
     try:
         remove_stale_temp_files(_checkpoint_dir(cfg, output_dir))
         L.seed_everything(run.seed, workers=True)
-        dm, model_cfg = prepare_data(cfg, run, resume)
-        mark("data")
-        parts = build_parts(cfg, run, resume, dm, model_cfg)
-        mark("model")
-        validate_before_fit(run, resume, parts)
-        mark("validation")
+        parts = None
+        try:  # before the first step a Ctrl-C has nothing to save: say so and exit as an interrupt does (130)
+            dm, model_cfg = prepare_data(cfg, run, resume)
+            mark("data")
+            parts = build_parts(cfg, run, resume, dm, model_cfg)
+            mark("model")
+            validate_before_fit(run, resume, parts)
+            mark("validation")
+        except (KeyboardInterrupt, SystemExit) as e:
+            from lightning.pytorch.trainer.states import TrainerStatus
+
+            # Lightning turns a Ctrl-C inside trainer.validate() into sys.exit(1) with the trainer marked interrupted
+            lightning_ctrl_c = parts is not None and parts.trainer.state.status == TrainerStatus.INTERRUPTED
+            if isinstance(e, SystemExit) and not lightning_ctrl_c:
+                raise
+            print("interrupted (SIGINT) before training started: nothing was trained or saved; start again with "
+                  "the same command", file=sys.stderr)
+            raise SystemExit(EXIT_CODES["SIGINT"]) from None
         fit_time = fit(cfg, run, resume, parts, t_start)
         checkpoint, best = finish(run, parts)
         res = results(cfg, run, resume, parts, t_start, fit_time, checkpoint=checkpoint, best=best)
