@@ -35,7 +35,7 @@ from deepseek_mini.config import ConfigError
 from deepseek_mini.training.errors import (
     hydra_error_line,
 )
-from deepseek_mini.training.lock import acquire_run_lock
+from deepseek_mini.training.lock import acquire_run_lock, is_launcher_rank
 from deepseek_mini.training.resume import (
     latest_run_with_checkpoint,
     resolve_ckpt_path,
@@ -121,7 +121,7 @@ def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> lis
     if resume and ckpt not in (None, "last"):
         raise ConfigError(f"resume=true with ckpt_path={ckpt}: resume=true means ckpt_path=last (the run continues in "
                           "its own dir); give one of them (ckpt_path=<file> alone starts a new run from that file)")
-    if run_dir is not None and ckpt is None and not resume and _holds_a_run(Path(run_dir)):
+    if run_dir is not None and ckpt is None and not resume and is_launcher_rank() and _holds_a_run(Path(run_dir)):
         # a fresh run there would replace its checkpoints, results and metrics, and mix the two runs' logs
         raise ConfigError(f"hydra.run.dir={run_dir} holds a run (its checkpoints or results.json); continue it "
                           "with ckpt_path=last, or give a new run dir")
