@@ -309,3 +309,19 @@ def test_cpu_threads_beyond_the_cores_are_refused():
     n = (os.cpu_count() or 1) + 1
     with pytest.raises(ConfigError, match=rf"^cpu_threads={n}: must be at most this machine's {n - 1} cores"):
         resolve_cpu_threads(n)
+
+
+@pytest.mark.parametrize("path", ["/tmp/runs/2026-12-02_10-00-00-000001", "/tmp/runs/ü", "/tmp/a b", "/tmp/a,b",
+                                  "/tmp/it's", "/tmp/back\\slash", "/tmp/x=y", "/tmp/a\\'b", "/tmp/end\\"])
+def test_printed_paths_parse_back_through_hydra(path):
+    """The resume / evaluate commands a run prints: Hydra reads each path back unchanged (a non-ASCII run dir printed
+    bare was a parse error when run as printed), and the shell word is one word."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from deepseek_mini.training.summary import _arg, hydra_value
+
+    assert OverridesParser.create().parse_override(f"hydra.run.dir={hydra_value(path)}").value() == path
+    (word,) = shlex.split(_arg("hydra.run.dir", path))
+    assert OverridesParser.create().parse_override(word).value() == path

@@ -41,6 +41,7 @@ from deepseek_mini.training.resume import (
     resolve_ckpt_path,
     resume_overrides,
 )
+from deepseek_mini.training.summary import hydra_value
 
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--shell-completion",
               "-sc", "--version")
@@ -115,7 +116,7 @@ def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> lis
                                   "(give hydra.run.dir=<run dir> or ckpt_path=<file>)")
         print(f"resuming the latest run: {found}", file=sys.stderr)
         run_dir = str(found)
-        argv = [*argv, f"hydra.run.dir={run_dir}"]
+        argv = [*argv, f"hydra.run.dir={hydra_value(run_dir)}"]  # Hydra parses it: quoted where it must be
     if run_dir is not None and not str(run_dir).strip():
         raise ConfigError("hydra.run.dir='': an empty path would be the current directory; give a run dir")
     if resume and ckpt not in (None, "last"):

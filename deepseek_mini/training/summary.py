@@ -7,6 +7,7 @@ train() prints it as the last thing on screen (wandb's own end-of-run summary go
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from pathlib import Path
 
@@ -22,9 +23,24 @@ def _seconds(value) -> str:
     return f"{int(minutes)} min {seconds:.1f} s" if minutes else f"{seconds:.1f} s"
 
 
-def _arg(path: str) -> str:
-    """A path as one shell word: quoted only when it must be."""
-    return shlex.quote(str(path))
+_HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_/.:+@~%-]+")  # what Hydra's override grammar reads unquoted in a path
+
+
+def hydra_value(value) -> str:
+    """A value as Hydra's override grammar reads it back unchanged: plain ASCII path characters as they are,
+    anything else (letters outside ASCII, spaces, commas, quotes) in Hydra's own quotes. A run dir named
+    `runs/ü` printed bare made the printed resume command a Hydra parse error."""
+    v = str(value)
+    if _HYDRA_PLAIN.fullmatch(v):
+        return v
+    # inside Hydra's quotes a backslash escapes only a quote or the end: double those, escape the quotes
+    v = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", v)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, v) + "'"
+
+
+def _arg(key: str, value) -> str:
+    """key=value as one shell word that Hydra parses back to `value`: quoted only when it must be."""
+    return shlex.quote(f"{key}={hydra_value(value)}")
 
 
 def resume_command(results: dict) -> str | None:
@@ -32,12 +48,12 @@ def resume_command(results: dict) -> str | None:
     if not results.get("checkpoint") or not results.get("run_dir"):
         return None
     more = max(1, 2 * int(results.get("global_step") or 0))
-    return f"python train.py hydra.run.dir={_arg(results['run_dir'])} ckpt_path=last trainer.max_steps={more}"
+    return f"python train.py {_arg('hydra.run.dir', results['run_dir'])} ckpt_path=last trainer.max_steps={more}"
 
 
 def eval_command(results: dict) -> str | None:
     ckpt = results.get("best_checkpoint") or results.get("checkpoint")
-    return f"python eval.py ckpt_path={_arg(ckpt)}" if ckpt else None
+    return f"python eval.py {_arg('ckpt_path', ckpt)}" if ckpt else None
 
 
 STAGE_NAMES = {"launch": "start-up"}  # Python, the imports and Hydra before train() (training/startup.py)

@@ -44,6 +44,7 @@ from deepseek_mini.training.resume import (
 )
 from deepseek_mini.training.run_config import RunConfig
 from deepseek_mini.training.startup import mark, stage_seconds, start_job
+from deepseek_mini.training.summary import hydra_value
 from deepseek_mini.training.threads import set_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -224,8 +225,8 @@ def validate_before_fit(run: RunConfig, resume: Resume, p: Parts) -> None:
 def resume_command(output_dir: Path) -> str:
     keep = [o for o in hydra_info().get("overrides", [])
             if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "resume", "hydra.run.dir")]
-    return " ".join(["python train.py", *map(shlex.quote, keep), shlex.quote(f"hydra.run.dir={output_dir}"),
-                     "ckpt_path=last"])
+    return " ".join(["python train.py", *map(shlex.quote, keep),
+                     shlex.quote(f"hydra.run.dir={hydra_value(output_dir)}"), "ckpt_path=last"])
 
 
 def fit(cfg: DictConfig, run: RunConfig, resume: Resume, p: Parts, t_start: float) -> float:
