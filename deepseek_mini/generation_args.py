@@ -119,8 +119,10 @@ def read_prompt(cfg) -> str:
     if str(source) == "-":
         return sys.stdin.read()
     path = Path(str(source)).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"prompt_file={source}: no such file (use prompt_file=- to read the prompt from stdin)")
+    if not path.is_file():  # a directory, or a device such as /dev/zero that would be read forever
+        raise ConfigError(f"prompt_file={source}: not a regular file (use prompt_file=- to read from stdin)")
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

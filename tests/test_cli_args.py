@@ -53,6 +53,9 @@ def test_prompt_file_and_stdin(tmp_path, monkeypatch):
     assert read_prompt(OmegaConf.create({"prompt": "plain", "prompt_file": None})) == "plain"
     with pytest.raises(ConfigError, match=r"^prompt_file=.*nope.txt: no such file"):
         read_prompt(OmegaConf.create({"prompt": "", "prompt_file": str(tmp_path / "nope.txt")}))
+    for not_a_file in (tmp_path, "/dev/zero"):  # a directory; a device read forever (it said "no such file")
+        with pytest.raises(ConfigError, match=r"^prompt_file=.*: not a regular file"):
+            read_prompt(OmegaConf.create({"prompt": "", "prompt_file": str(not_a_file)}))
 
 
 def test_export_hf_files_share_one_mode(tmp_path):
