@@ -99,6 +99,8 @@ def test_data_overrides_and_the_recorded_data(tmp_path):
     assert "command line" in why and limit is None
     data, why, limit = steps.eval_data(cfg_data, tmp_path / "elsewhere" / "last.ckpt", [])
     assert data == cfg_data and "records no training data" in why
+    data, why, limit = steps.eval_data(cfg_data, tmp_path / "elsewhere" / "last.ckpt", ["data.seq_len=64"])
+    assert "records no training data, with data.seq_len from the command line" in why
 
 
 @pytest.mark.parametrize(("record", "says"), [

@@ -126,6 +126,8 @@ def eval_data(cfg_data: dict, ckpt_path: Path, overrides: list[str]) -> tuple[di
     group, keys = data_overrides(overrides)
     if record is None:
         why = "data=... on the command line" if group else "eval.yaml's data: the checkpoint records no training data"
+        if keys:  # what eval.json's data_from says must name what the command line set
+            why += f", with {', '.join(f'data.{k}' for k in keys)} from the command line"
         return cfg_data, why, None
     recorded = record.get("datamodule") or {}
     where = ckpt_path.parent / "data.json"
