@@ -18,12 +18,9 @@ from pathlib import Path
 
 import pytest
 from conftest import CONFIGS, TINY_OVERRIDES, load_script, run_script_inprocess
+from test_reliability import error_lines
 
 from deepseek_mini.config import ConfigError
-
-
-def error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("error:")]
 
 
 def assert_one_line_refusal(code: int, out: str, err: str, expected: str) -> None:
@@ -53,15 +50,6 @@ TOP_LEVEL = [
     (["seed=4294967296"], "seed=4294967296: must be an integer >= 0 and <= 4294967295"),  # seed_everything's range
     (["tags=[dev,1]"], "tags=['dev', 1]: a word or a list of words"),  # wandb's pydantic traceback, after data prep
 ]
-
-
-@pytest.mark.parametrize(("overrides", "expected"), TOP_LEVEL, ids=[" ".join(o) for o, _ in TOP_LEVEL])
-def test_top_level_keys_are_checked_before_hydra_writes(overrides, expected, tmp_path, capsys, monkeypatch):
-    run_dir = tmp_path / "run"
-    code, out, err = train([*overrides, f"hydra.run.dir={run_dir}"], tmp_path, capsys, monkeypatch)
-    assert_one_line_refusal(code, out, err, expected)
-    assert not run_dir.exists(), "no .hydra/, train.log or .run.lock for a refused command"
-    assert not (tmp_path / "cache").exists()
 
 
 def test_a_refused_resume_leaves_the_run_dir_as_it_was(tmp_path, capsys, monkeypatch):
@@ -102,14 +90,6 @@ NODE_OPTIONS = [
     (["callbacks.throughput.peak_flops=0"], "callbacks.throughput.peak_flops=0: must be a positive number"),
     (["+callbacks.model_summary.max_depth=-5"], "callbacks.model_summary.max_depth=-5: must be an integer >= -1"),
 ]
-
-
-@pytest.mark.parametrize(("overrides", "expected"), NODE_OPTIONS, ids=[" ".join(o) for o, _ in NODE_OPTIONS])
-def test_node_option_values_are_checked_before_data_prep(overrides, expected, tmp_path, capsys, monkeypatch):
-    run_dir = tmp_path / "run"
-    code, out, err = train([*overrides, f"hydra.run.dir={run_dir}"], tmp_path, capsys, monkeypatch)
-    assert_one_line_refusal(code, out, err, expected)
-    assert not run_dir.exists() and not (tmp_path / "cache").exists()
 
 
 def test_option_values_follow_the_annotation():
@@ -345,9 +325,12 @@ SECOND_PROBE = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "expected"), SECOND_PROBE, ids=[" ".join(o) for o, _ in SECOND_PROBE])
-def test_options_lightning_and_wandb_would_refuse_late_are_refused_up_front(overrides, expected, tmp_path, capsys,
-                                                                             monkeypatch):
+TRAIN_REFUSALS = TOP_LEVEL + NODE_OPTIONS + SECOND_PROBE
+
+
+@pytest.mark.parametrize(("overrides", "expected"), TRAIN_REFUSALS, ids=[" ".join(o) for o, _ in TRAIN_REFUSALS])
+def test_train_refuses_before_hydra_writes_or_data_prep(overrides, expected, tmp_path, capsys, monkeypatch):
+    """Every case of the three tables above: one line, rc 2; no .hydra/, train.log or .run.lock, no data cache."""
     run_dir = tmp_path / "run"
     code, out, err = train([*overrides, f"hydra.run.dir={run_dir}"], tmp_path, capsys, monkeypatch)
     assert_one_line_refusal(code, out, err, expected)

@@ -397,3 +397,23 @@ def test_oom_detection_and_message():
     assert is_oom(RuntimeError("CUDA error: out of memory"))
     assert not is_oom(RuntimeError("shape mismatch"))
     assert fault_message(torch.OutOfMemoryError("CUDA out of memory.\nTried")).startswith("CUDA out of memory (")
+
+
+def test_a_resumed_checkpoint_is_read_through_once_per_process(tmp_path, monkeypatch):
+    """cli_entry's check before Hydra and train() resolve the same file: its CRC and contents are checked once;
+    a file changed since (another inode, size or time) is checked again."""
+    from deepseek_mini.training import resume
+
+    ck = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ck.parent.mkdir(parents=True)
+    write_training_checkpoint(ck, step=3)
+    calls = []
+    check = resume.check_checkpoint_file
+    monkeypatch.setattr(resume, "check_checkpoint_file", lambda p: calls.append(p) or check(p))
+    assert resume.resolve_ckpt_path("last", tmp_path / "run") == ck
+    assert resume.resolve_ckpt_path("last", tmp_path / "run") == ck and len(calls) == 1
+    os.utime(ck, ns=(1, 1))
+    assert resume.resolve_ckpt_path(str(ck), tmp_path) == ck and len(calls) == 2
+    ck.write_bytes(b"not a checkpoint")  # replaced: refused, not taken from what was checked before
+    with pytest.raises(CheckpointError):
+        resume.resolve_ckpt_path("last", tmp_path / "run")

@@ -68,16 +68,34 @@ def resolve_ckpt_path(ckpt_path: Any, output_dir: Path, resume: bool = False) ->
             return None
         ckpt_path = "last"
     if str(ckpt_path) == "last":
-        path = Path(output_dir) / "checkpoints" / "last.ckpt"
+        path = Path(output_dir).expanduser() / "checkpoints" / "last.ckpt"
         if not path.exists():
             raise CheckpointError(f"ckpt_path=last: no checkpoint {path}; resume with hydra.run.dir=<run dir> "
                                   "ckpt_path=last, or give ckpt_path=<file>")
     else:
         path = Path(str(ckpt_path)).expanduser().resolve()
     # trainer=fsdp writes last.ckpt as a directory of shards (+ meta.pt): train resumes from it as it is
-    path = check_sharded_checkpoint(path) if is_sharded_checkpoint(path) else check_checkpoint_file(path)
-    verify_training_checkpoint(path)
+    if is_sharded_checkpoint(path):
+        check_sharded_checkpoint(path)
+        verify_training_checkpoint(path)
+    elif (identity := _identity(path)) is None or identity not in _VERIFIED:
+        check_checkpoint_file(path)  # a missing file or a directory is refused here, before any identity is kept
+        verify_training_checkpoint(path)
+        _VERIFIED.add(identity)
     return path
+
+
+# Files checked in this process, by (path, inode, size, mtime, ctime): cli_entry's check before Hydra and train()
+# resolve the same checkpoint, and the CRC of every member and the finite-weights scan read all of it each time.
+_VERIFIED: set[tuple] = set()
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) if path.is_file() else None
 
 
 def verify_training_checkpoint(path: Path) -> None:

@@ -108,10 +108,7 @@ def evaluate(cfg: DictConfig) -> dict:
     tok_path = tokenizer_file(settings.ckpt_path)
     if tok_path is None:
         raise CheckpointError(f"no tokenizer.json beside {settings.ckpt_path}: cannot tokenize text for this model")
-    tok = load_tokenizer(str(tok_path))
-    if tok.get_vocab_size() > mcfg.vocab_size:
-        raise CheckpointError(f"tokenizer {tok_path} has {tok.get_vocab_size()} tokens but the model only "
-                              f"{mcfg.vocab_size}")
+    tok = load_tokenizer(str(tok_path))  # its size against the model's: load_checkpoint checked it
     check_length(len(tok.encode(prompt).ids) or 1, int(cfg.max_new_tokens), mcfg.max_position_embeddings)
     data, data_from, train_limit = steps.eval_data(OmegaConf.to_container(cfg.data, resolve=True), settings.ckpt_path,
                                                    _hydra_info().get("overrides", []))

@@ -93,6 +93,16 @@ def _container(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def _resolved_where_possible(node: DictConfig) -> dict:
+    """A node Hydra will instantiate, as a dict with its interpolations resolved (the preflight sets
+    paths.output_dir), so `${trainer.x}` is checked as its value; unresolved where one has no value yet (its
+    options are then checked by name, and an interpolation where it points)."""
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(node, resolve=False)
+
+
 def model_config_from(cfg: DictConfig) -> ModelConfig:
     """cfg.model -> validated ModelConfig, keys named as the user writes them (model.x)."""
     if "model" not in cfg or cfg.model is None:
@@ -455,11 +465,7 @@ def check_instantiated_options(cfg: DictConfig, model: ModelConfig | None = None
                     what = "callback" if group == "callbacks" else "logger"
                     shown = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
                     _fail(f"{group}.{name}", shown, f"not a {what}: a node with a _target_ (or null to drop one)")
-                try:
-                    value = OmegaConf.to_container(node, resolve=True)
-                except Exception:  # an interpolation with no value yet: its options are checked where they point
-                    value = OmegaConf.to_container(node, resolve=False)
-                check_node_options(f"{group}.{name}", value, model)
+                check_node_options(f"{group}.{name}", _resolved_where_possible(node), model)
 
 
 @dataclass(frozen=True)
@@ -686,11 +692,7 @@ def data_settings(cfg: DictConfig) -> DataSettings:
     settings = DataSettings(**_fields(DataSettings, _group(cfg, "data"), "data"))  # its rules name the sizes
     node = cfg.get("data")
     if isinstance(node, DictConfig):
-        try:
-            value = OmegaConf.to_container(node, resolve=True)
-        except Exception:  # an interpolation with no value here: the options are still checked by name
-            value = OmegaConf.to_container(node, resolve=False)
-        check_node_options("data", value)
+        check_node_options("data", _resolved_where_possible(node))
     return settings
 
 
