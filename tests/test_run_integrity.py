@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from model_helpers import write_training_checkpoint
 from test_reliability import CONFIGS, TINY, cli, error_lines, run_inprocess
 
@@ -172,6 +174,10 @@ def test_resume_without_model_overrides_new_batch_lr_and_steps(run4, cache_dir, 
     assert res["steps_trained"] == 2
     assert res["tokens_seen"] == (4 * 4 + 2 * 2) * 32, "cumulative, at each part's batch size"
     assert res["val_loss_start"] == first["val_loss_start"] and res["val_history"][:3] == first["val_history"]
+    # validation keeps the run's windows (the command repeats limit_val_batches=2, so its batches stay 4 long,
+    # not data.batch_size=2's): the val losses compare
+    assert res["val_tokens"] == first["val_tokens"] == 2 * 4 * 32
+    assert "++data.val_batch_size=4" in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
     assert res["config"]["hidden_size"] == 64 and res["optim"]["lr"] == 0.001
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     dm_state = next(v for k, v in ckpt.items() if k.endswith("TextDataModule"))
@@ -182,8 +188,6 @@ def test_resume_without_model_overrides_new_batch_lr_and_steps(run4, cache_dir, 
     new = lrs(run)
     assert new[4] == pytest.approx(0.001 * m4) and new[5] <= new[4]
     assert lr_before > 0
-    import yaml
-
     recorded = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
     assert recorded["optim"]["lr"] == 0.001, "the recorded config says what ran"
 
@@ -324,12 +328,14 @@ def test_read_only_checkpoint_dir_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_disk_full_while_training_fails_in_one_line_with_results(tmp_path, cache_dir, capsys, monkeypatch):
-    run = tmp_path / "run"
+    run, sigint = tmp_path / "run", signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(torch, "save", _enospc)
     code, out = run_inprocess("train.py", [*TINY, "trainer.max_steps=4", "trainer.val_check_interval=2",
                                            f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}", "logger=none"],
                               capsys, monkeypatch)
     assert code == 1 and "Traceback" not in out, out[-3000:]
+    # the failure at fit's end skipped Lightning's on_exception: Ctrl-C must not stay bound to that finished trainer
+    assert signal.getsignal(signal.SIGINT) is sigint
     lines = error_lines(out)
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot write checkpoint {run / 'checkpoints'}/")
     assert lines[0].endswith(": No space left on device")

@@ -5,6 +5,8 @@
   Lightning's own SIGTERM path (`trainer.received_sigterm` -> `SIGTERMException` -> `on_exception`), where
   last.ckpt is saved; train() then writes results.json (`"status": "interrupted"`) and prints the resume
   command. A second Ctrl-C stops at once.
+* `StopBeforeFit`: SIGTERM before fit() starts stops the run with one line (exit status 143), as Ctrl-C does.
+* `RestoreSignalHandlers`: train() leaves the SIGINT / SIGTERM handlers as it found them, however it ends.
 * `FaultInjector` (tests only, `DSMINI_FAULT` env var): `kill_at_step:N`, `nan_at_step:N`, `oom_at_step:N`,
   `sigint_at_step:N`, `sigterm_at_step:N`, optionally `,job:K` to hit only job K of a multirun.
 """
@@ -135,6 +137,51 @@ class InterruptCheckpoint(L.Callback):
         trainer.save_checkpoint(self.ckpt_path)  # at a step boundary: exactly what ckpt_path=last resumes
         self.saved = self.ckpt_path
         log.info("%s: saved %s at step %d", self.signal_name, self.ckpt_path, trainer.global_step)
+
+
+class StopBeforeFit:
+    """SIGTERM before training starts (data preparation, building, the validation before fit) stops the run as
+    Ctrl-C does there: train() prints one line and exits with 143, where the default action would kill the
+    process without a word. From fit() on, Lightning's SIGTERM handling and InterruptCheckpoint take over (a
+    checkpoint at the next step boundary). A handler someone else installed (a cluster launcher's) is kept."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = None
+
+    def __enter__(self) -> StopBeforeFit:
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            def on_sigterm(signum, frame):
+                self.signal_name = "SIGTERM"
+                raise KeyboardInterrupt  # Lightning's validate() turns it into its interrupted exit, as Ctrl-C
+
+            self._previous = signal.signal(signal.SIGTERM, on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+        return False
+
+
+class RestoreSignalHandlers:
+    """The SIGINT and SIGTERM handlers as they were before train(), put back when it returns or raises. A failure
+    Lightning does not route through on_exception (a checkpoint that cannot be written at fit's end) left
+    InterruptCheckpoint's handler installed, bound to a finished trainer: in the next job of a sweep, or the next
+    train() of a script, Ctrl-C only set a flag on that old trainer and was otherwise ignored."""
+
+    def __enter__(self) -> RestoreSignalHandlers:
+        main = threading.current_thread() is threading.main_thread()
+        self._saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._saved.items():
+            if handler is not None and signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+        return False
 
 
 class FaultInjector(L.Callback):

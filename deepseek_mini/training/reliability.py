@@ -7,6 +7,9 @@ writes `.hydra/` or `train.log` into any run dir) a training command is composed
 * `ckpt_path=last` / `resume=<true|yes|1...>` without `hydra.run.dir=` continues the latest run under
   `logs/<task>/runs/` that has `checkpoints/last.ckpt` (that run dir becomes the output dir); inside `-m`
   it needs `hydra.sweep.dir=<the sweep>` (each job resumes its own job dir);
+* a multirun into a given `hydra.sweep.dir` is checked job by job (training/sweep.py expands the basic
+  sweeper's jobs): no fresh job into a job dir that holds a run, and on resume each job against its own
+  recorded run (a job dir without a checkpoint and without a run starts its job);
 * a resume must continue the same model and data: fields the command did not ask to change are taken from
   the run, a field it did ask to change refuses the resume (`resume.resume_overrides`);
 * the run dir is locked (`lock.acquire_run_lock`): a second training there is refused, naming the holder.
@@ -25,7 +28,6 @@ Where the rest lives (import it from there): checkpoint files (checkpoint_io.py)
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from pathlib import Path
@@ -37,6 +39,7 @@ from deepseek_mini.training.errors import (
 )
 from deepseek_mini.training.lock import acquire_run_lock, is_launcher_rank
 from deepseek_mini.training.resume import (
+    holds_a_run,
     latest_run_with_checkpoint,
     resolve_ckpt_path,
     resume_overrides,
@@ -60,31 +63,18 @@ def _value(overrides: list[str], key: str) -> str | None:
     return v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'" else v
 
 
-def _holds_a_run(run_dir: Path) -> bool:
-    """A run that trained: checkpoints/last.ckpt, or a results.json that is not a failure's (a run that failed
-    before its first checkpoint may be started again in its dir)."""
-    if (run_dir / "checkpoints" / "last.ckpt").exists():
-        return True
-    if not (run_dir / "results.json").is_file():
-        return False
-    try:
-        return json.loads((run_dir / "results.json").read_text()).get("status") != "failed"
-    except Exception:  # unreadable: not ours to replace
-        return True
-
-
 def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> list[str]:
     """Check a training command before Hydra writes anything; returns argv with the run dir (for `last`) and the
     run's recorded model/data settings (for a resume) added."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from deepseek_mini.training.run_config import RunConfig, as_bool
+    from deepseek_mini.training.run_config import as_bool
 
     if any(a.split("=", 1)[0] in INFO_FLAGS for a in argv):
         return argv
     overrides = [a for a in argv if not a.startswith("-")]
-    plain = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra", "++hydra"))]
+    plain = [a for a in overrides if not a.startswith(HYDRA_PREFIXES)]
     multirun, cfg = any(a in ("-m", "--multirun") for a in argv), None
     if not multirun:
         try:
@@ -103,12 +93,11 @@ def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> lis
             raise ConfigError(f"{'ckpt_path=last' if ckpt_value == 'last' else 'resume=' + resume_value} with -m: "
                               "each job resumes its own <sweep dir>/<job>/checkpoints/last.ckpt; give "
                               "hydra.sweep.dir=<the sweep's dir>")
-        return argv  # swept values (a=1,2) are composed per job; train() checks each
+        return _preflight_sweep(argv, overrides, plain, config_dir, config_name, wants_last)
     resume = as_bool("resume", cfg.get("resume", False))
     ckpt = cfg.get("ckpt_path")
-    ckpt = None if ckpt in (None, "", "null") else str(ckpt)
     run_dir = _value(overrides, "hydra.run.dir")
-    if run_dir is None and (ckpt == "last" or resume and ckpt is None):
+    if run_dir is None and (ckpt == "last" or resume and ckpt in (None, "", "null")):
         runs = Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "runs"
         found = latest_run_with_checkpoint(runs)
         if found is None:
@@ -119,22 +108,79 @@ def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> lis
         argv = [*argv, f"hydra.run.dir={hydra_value(run_dir)}"]  # Hydra parses it: quoted where it must be
     if run_dir is not None and not str(run_dir).strip():
         raise ConfigError("hydra.run.dir='': an empty path would be the current directory; give a run dir")
-    if resume and ckpt not in (None, "last"):
-        raise ConfigError(f"resume=true with ckpt_path={ckpt}: resume=true means ckpt_path=last (the run continues in "
-                          "its own dir); give one of them (ckpt_path=<file> alone starts a new run from that file)")
-    if run_dir is not None and ckpt is None and not resume and is_launcher_rank() and _holds_a_run(Path(run_dir)):
-        # a fresh run there would replace its checkpoints, results and metrics, and mix the two runs' logs
-        raise ConfigError(f"hydra.run.dir={run_dir} holds a run (its checkpoints or results.json); continue it "
-                          "with ckpt_path=last, or give a new run dir")
-    check_dir = Path(run_dir) if run_dir is not None else Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "runs"
-    cfg.paths.output_dir = str(check_dir)  # ${hydra:runtime.output_dir} has no value before Hydra runs
-    RunConfig.from_cfg(cfg, check_dir)  # every setting, before any write
-    if ckpt is not None or resume:
-        ckpt_file = resolve_ckpt_path(ckpt, check_dir, resume=resume)
-        argv = [*argv, *resume_overrides(cfg, ckpt_file, plain)]
+    run = Path(run_dir) if run_dir is not None else None
+    check_dir = run if run is not None else Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "runs"
+    argv = [*argv, *(_check_run(cfg, run, check_dir, plain) or [])]
     if run_dir is not None:  # a known run dir: lock it before Hydra writes .hydra/ and train.log there
         acquire_run_lock(run_dir)
     return argv
+
+
+HYDRA_PREFIXES = ("hydra.", "hydra/", "+hydra", "~hydra", "++hydra")
+
+
+def _check_run(cfg, run_dir: Path | None, check_dir: Path, plain: list[str],
+               sweep_job: bool = False) -> list[str] | None:
+    """One run's (or one sweep job's) settings, run dir and checkpoint, checked before anything is written. For a
+    resume, the overrides that adopt the run's recorded model and data (resume_overrides); None when the run
+    starts from scratch."""
+    from deepseek_mini.training.run_config import RunConfig, as_bool
+
+    resume = as_bool("resume", cfg.get("resume", False))
+    ckpt = cfg.get("ckpt_path")
+    ckpt = None if ckpt in (None, "", "null") else str(ckpt)
+    if resume and ckpt not in (None, "last"):
+        raise ConfigError(f"resume=true with ckpt_path={ckpt}: resume=true means ckpt_path=last (the run continues in "
+                          "its own dir); give one of them (ckpt_path=<file> alone starts a new run from that file)")
+    if run_dir is not None and ckpt is None and not resume and is_launcher_rank() and holds_a_run(run_dir):
+        # a fresh run there would replace its checkpoints, results and metrics, and mix the two runs' logs
+        again = "the sweep with ckpt_path=last, or give a new hydra.sweep.dir" if sweep_job else \
+            "it with ckpt_path=last, or give a new run dir"
+        raise ConfigError(f"hydra.run.dir={run_dir} holds a run (its checkpoints or results.json); continue {again}")
+    cfg.paths.output_dir = str(check_dir)  # ${hydra:runtime.output_dir} has no value before Hydra runs
+    RunConfig.from_cfg(cfg, check_dir)  # every setting, before any write
+    if ckpt is None and not resume:
+        return None
+    ckpt_file = resolve_ckpt_path(ckpt, check_dir, resume=resume, sweep_job=sweep_job)
+    return None if ckpt_file is None else resume_overrides(cfg, ckpt_file, plain)
+
+
+def _preflight_sweep(argv: list[str], overrides: list[str], plain: list[str], config_dir: str, config_name: str,
+                     wants_last: bool) -> list[str]:
+    """A multirun into a given `hydra.sweep.dir`, checked job by job before the first job runs (training/sweep.py
+    knows each job's overrides and dir): a fresh sweep may not run a job in a dir that holds a run, and a resumed
+    one (ckpt_path=last) must continue each job's own model and data. A job that holds no run and has a bad
+    setting is left to fail alone when its turn comes, as in any sweep (a grid may have invalid corners)."""
+    from deepseek_mini.training.sweep import sweep_jobs
+
+    sweep_dir = _value(overrides, "hydra.sweep.dir")
+    if sweep_dir is None:
+        return argv  # a new timestamped dir: nothing in it to protect, and jobs check their own settings
+    if not str(sweep_dir).strip():
+        raise ConfigError("hydra.sweep.dir='': an empty path would be the current directory; give a sweep dir")
+    jobs = sweep_jobs(config_dir, config_name, plain, [o for o in overrides if o.startswith(HYDRA_PREFIXES)])
+    if jobs is None:
+        if wants_last:
+            raise ConfigError("ckpt_path=last with -m and a sweeper other than Hydra's basic one: its jobs are not "
+                              "known before they run; resume each job with hydra.run.dir=<job dir> ckpt_path=last")
+        return argv
+    adopted: dict[int, list[str]] = {}
+    for job in jobs:
+        try:
+            adopt = _check_run(job.cfg, job.dir, job.dir, job.overrides, sweep_job=True)
+        except (ConfigError, CheckpointError) as e:
+            if not holds_a_run(job.dir):
+                continue
+            raise type(e)(f"hydra.sweep.dir={sweep_dir}: job {job.num} ({' '.join(job.swept)}): {e}") from None
+        if adopt is not None:
+            adopted[job.num] = adopt
+    kinds = {tuple(a) for a in adopted.values()}
+    if len(kinds) > 1:  # one command line serves every job: the recorded settings must be the same for all
+        seen = "; ".join(f"job {n}: {' '.join(a) or 'as now'}" for n, a in adopted.items())
+        raise ConfigError(f"hydra.sweep.dir={sweep_dir}: the jobs recorded different values of settings this command "
+                          f"does not set ({seen}); set them on the command line, or resume each job with "
+                          "hydra.run.dir=<job dir> ckpt_path=last")
+    return [*argv, *(kinds.pop() if kinds else ())]
 
 
 def _preflight_eval(argv: list[str], config_dir: str, config_name: str) -> None:
@@ -147,7 +193,7 @@ def _preflight_eval(argv: list[str], config_dir: str, config_name: str) -> None:
     if any(a.split("=", 1)[0] in INFO_FLAGS for a in argv) or any(a in ("-m", "--multirun") for a in argv):
         return  # help output; a multirun's jobs are checked each in evaluate()
     overrides = [a for a in argv if not a.startswith("-")]
-    plain = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra", "++hydra"))]
+    plain = [a for a in overrides if not a.startswith(HYDRA_PREFIXES)]
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=plain)
     check_eval_options(cfg)

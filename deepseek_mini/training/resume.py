@@ -27,7 +27,9 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +58,15 @@ DATA_IDENTITY = ("source", "train_files", "val_files", "hub_name", "hub_config",
 
 
 # ---------------------------------------------------------------------- which checkpoint
-def resolve_ckpt_path(ckpt_path: Any, output_dir: Path, resume: bool = False) -> Path | None:
+def resolve_ckpt_path(ckpt_path: Any, output_dir: Path, resume: bool = False,
+                      sweep_job: bool = False) -> Path | None:
     """cfg.ckpt_path (`null`, `last` or a file) -> a checked checkpoint file in this run, or None.
 
     `last` (or resume=true) means `<output dir>/checkpoints/last.ckpt`, a file, or under trainer=fsdp a sharded
     checkpoint directory (checked shard by shard). Without `hydra.run.dir=`,
-    `cli_entry` has already pointed the output dir at the latest run that has one.
+    `cli_entry` has already pointed the output dir at the latest run that has one. In a resumed sweep
+    (`sweep_job`) a job dir without last.ckpt that holds no run (the job never started, or failed before its
+    first checkpoint) starts its job from step 0: resuming a sweep finishes what is left of it.
     """
     if ckpt_path in (None, "", "null"):
         if not resume:
@@ -70,6 +75,8 @@ def resolve_ckpt_path(ckpt_path: Any, output_dir: Path, resume: bool = False) ->
     if str(ckpt_path) == "last":
         path = Path(output_dir).expanduser() / "checkpoints" / "last.ckpt"
         if not path.exists():
+            if sweep_job and not holds_a_run(Path(output_dir)):
+                return None
             raise CheckpointError(f"ckpt_path=last: no checkpoint {path}; resume with hydra.run.dir=<run dir> "
                                   "ckpt_path=last, or give ckpt_path=<file>")
     else:
@@ -124,6 +131,19 @@ def verify_training_checkpoint(path: Path) -> None:
                               f"{' ...' if len(foreign) > 5 else ''}")
     if config is not None:
         verify_weights(config, state, path)
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """A run that trained: checkpoints/last.ckpt, or a results.json that is not a failure's (a run that failed
+    before its first checkpoint may be started again in its dir)."""
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        return True
+    if not (run_dir / "results.json").is_file():
+        return False
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status") != "failed"
+    except Exception:  # unreadable: not ours to replace
+        return True
 
 
 def latest_run_with_checkpoint(runs_dir: Path) -> Path | None:
@@ -206,9 +226,95 @@ def resume_overrides(cfg, ckpt_file: Path, overrides: list[str]) -> list[str]:
     adopt = [f"++{g}.{k}={_override_value(r)}" for g, k, r, _ in pairs]
     if recorded_model and any(g == "data" and k == "vocab_size" for g, k, _, _ in pairs):
         adopt.append(f"++model.vocab_size={int(recorded_model['vocab_size'])}")
+    adopt += validation_overrides(cfg, recorded, recorded_world_size(meta, recorded), overrides, ckpt_file)
     if adopt:
         log.info("resume: using the run's recorded settings %s", " ".join(adopt))
     return adopt
+
+
+def _validated(limit: Any, batch: int, world: int) -> tuple:
+    """Which validation windows val/loss is measured on, from trainer.limit_val_batches, the validation batch size
+    and the ranks (each rank takes its batches from its own rank-strided share, in order): a count of batches is
+    the first limit x batch x world windows; all of them (1.0 or null) whatever the batch size; a fraction
+    depends on all three."""
+    if limit is None or (isinstance(limit, float) and limit == 1.0):
+        return ("all",)
+    if isinstance(limit, int):
+        return ("first", limit * batch * world)
+    return ("fraction", limit, batch, world)
+
+
+def _describe(v: tuple) -> str:
+    return {"all": lambda: "every validation window", "first": lambda: f"the first {v[1]} validation windows",
+            "fraction": lambda: f"a fraction {v[1]} of the validation batches ({v[2]} windows each, "
+                                f"{v[3]} rank(s))"}[v[0]]()
+
+
+def validation_overrides(cfg, recorded: dict, recorded_world: int | None, overrides: list[str],
+                         ckpt_file: Path) -> list[str]:
+    """Overrides that keep a resumed run validating on the windows its earlier validations measured, so that
+    val/loss, best-step and results.json's val_history compare like with like across the resume.
+
+    A new data.batch_size (validation batches are that long unless data.val_batch_size is set), another
+    trainer.limit_val_batches from a changed config, or another number of ranks would each change how many
+    windows a validation covers. The run's windows are kept by adopting values of trainer.limit_val_batches and
+    data.val_batch_size, keeping the ones the command sets itself (the run's own printed resume command repeats
+    its overrides); a command whose own values cannot cover those windows is refused (a new run can start from
+    the checkpoint with ckpt_path=<file>). When no values reproduce the windows (a count of batches not divisible
+    over the new ranks, a fraction on another world size), the resume goes on and says so."""
+    from omegaconf import OmegaConf
+
+    rec_trainer, rec_data = (recorded.get("trainer") or {}), (recorded.get("data") or {})
+    if "limit_val_batches" not in rec_trainer or not rec_data.get("batch_size"):
+        return []  # a record from before these settings were kept
+    now_data = OmegaConf.to_container(cfg.data, resolve=True)
+    rec_limit, now_limit = rec_trainer["limit_val_batches"], cfg.trainer.get("limit_val_batches")
+    rec_batch = int(rec_data.get("val_batch_size") or rec_data["batch_size"])
+    now_batch = int(now_data.get("val_batch_size") or now_data["batch_size"])
+    node = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+            for k in ("devices", "num_nodes", "accelerator") if (v := cfg.trainer.get(k)) is not None}
+    rec_world = recorded_world or 1
+    now_world = requested_world_size(node) or rec_world
+    before, after = _validated(rec_limit, rec_batch, rec_world), _validated(now_limit, now_batch, now_world)
+    if before == after:
+        return []
+    given = {k: v for k, v in (("trainer.limit_val_batches", now_limit), ("data.val_batch_size", now_batch))
+             if any(o.split("=", 1)[0].lstrip("+~") == k for o in overrides)}
+    limit, batch = _reproduce(before, now_world, rec_world, now_limit, now_batch, rec_limit, rec_batch, given)
+    if limit is not None and all(v == (limit if k.startswith("trainer") else batch) for k, v in given.items()):
+        adopt = [f"++trainer.limit_val_batches={_override_value(limit)}"] if limit != now_limit else []
+        return adopt + ([f"++data.val_batch_size={batch}"] if batch != now_batch else [])
+    if given:  # the command's own values: no run windows with them
+        named = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ConfigError(f"{named}: the run's validations measured val/loss on {_describe(before)}, this resume "
+                          f"would measure it on {_describe(after)}, and the two would not compare; drop "
+                          f"{' and '.join(given)} to continue the run, or start a new run from the checkpoint "
+                          f"(ckpt_path={ckpt_file} without hydra.run.dir)")
+    print(f"warning: resume on {now_world} rank(s): the run's validations measured val/loss on {_describe(before)}, "
+          "and no trainer.limit_val_batches / data.val_batch_size reproduces that here; from this resume val/loss "
+          f"is measured on {_describe(after)}", file=sys.stderr)
+    return []
+
+
+def _reproduce(before: tuple, world: int, rec_world: int, now_limit: Any, now_batch: int, rec_limit: Any,
+               rec_batch: int, given: dict) -> tuple[Any, int | None]:
+    """(trainer.limit_val_batches, validation batch size) that validate on the windows `before` names with
+    `world` ranks, keeping what the command gave where it can; (None, None) when none do."""
+    if before[0] == "all":
+        return rec_limit, now_batch
+    if before[0] == "fraction":
+        return (rec_limit, rec_batch) if world == rec_world else (None, None)
+    per_rank, left = divmod(before[1], world)
+    if left:
+        return None, None
+    if "data.val_batch_size" in given:
+        batch = now_batch
+    elif "trainer.limit_val_batches" in given:  # the command's count: the batch that makes it cover them
+        ok = isinstance(now_limit, int) and not isinstance(now_limit, bool) and now_limit > 0
+        batch = per_rank // now_limit if ok and per_rank % now_limit == 0 else 0
+    else:  # the new batch size where it divides (a smaller batch may be why it changed), else the run's
+        batch = now_batch if per_rank % now_batch == 0 else math.gcd(per_rank, rec_batch)
+    return (per_rank // batch, batch) if batch and per_rank % batch == 0 else (None, None)
 
 
 def check_max_steps(max_steps: Any, meta: dict, ckpt_file: Path) -> None:
@@ -325,12 +431,15 @@ class RNGStateCallback(L.Callback):
 
 
 class RunHistory(L.Callback):
-    """val_loss_start and the validation history (step, loss) of the whole run, across resumes."""
+    """val_loss_start and the validation history (step, loss) of the whole run, across resumes; and the target
+    tokens the last validation counted, so that a resumed run whose validation covers other windows says so at
+    its first validation (cli_entry's validation_overrides keeps them the same where it can)."""
 
     def __init__(self):
         self.val_loss_start: float | None = None
         self._module = None
         self._loaded: list[tuple[int, float]] = []
+        self._val_tokens: int | None = None
 
     def setup(self, trainer, pl_module, stage):
         self._module = pl_module
@@ -339,12 +448,22 @@ class RunHistory(L.Callback):
         history = list(getattr(self._module, "val_history", []) or [])
         trainer = getattr(self._module, "_trainer", None)
         return {"val_loss_start": self.val_loss_start, "val_history": [[int(s), float(v)] for s, v in history],
+                "val_tokens": int(getattr(self._module, "val_tokens", 0) or 0) or None,
                 # the ranks that trained up to here: a sharded checkpoint resumes only on as many (check_world_size)
                 "world_size": int(trainer.world_size) if trainer is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.val_loss_start = state.get("val_loss_start", self.val_loss_start)
         self._loaded = [(int(s), float(v)) for s, v in state.get("val_history", [])]
+        self._val_tokens = state.get("val_tokens")
+
+    def on_validation_end(self, trainer, pl_module):
+        before, self._val_tokens = self._val_tokens, None  # the first validation since the resume
+        now = getattr(pl_module, "val_tokens", None)
+        if before and now and now != before and not trainer.sanity_checking:
+            log.warning("validation at step %d measured val/loss on %d target tokens, the run's validations before "
+                        "the resume on %d: the two parts of val_history do not compare", trainer.global_step, now,
+                        before)
 
     def on_train_start(self, trainer, pl_module):
         self.merge_into(pl_module, trainer.global_step)

@@ -31,7 +31,13 @@ from deepseek_mini.training.checkpoint_io import (
 from deepseek_mini.training.compile import compile_kernels_ahead, start_compile_workers
 from deepseek_mini.training.console import quiet_console
 from deepseek_mini.training.errors import fault_message, task_wrapper
-from deepseek_mini.training.guards import InterruptCheckpoint, NonFiniteLossGuard, fault_injector_from_env
+from deepseek_mini.training.guards import (
+    InterruptCheckpoint,
+    NonFiniteLossGuard,
+    RestoreSignalHandlers,
+    StopBeforeFit,
+    fault_injector_from_env,
+)
 from deepseek_mini.training.lock import acquire_run_lock, release_run_lock
 from deepseek_mini.training.results import hydra_info, write_json
 from deepseek_mini.training.resume import (
@@ -83,8 +89,11 @@ class Parts:
 
 # ---------------------------------------------------------------------- steps
 def checkpoint_to_resume(run: RunConfig) -> Resume:
-    path = resolve_ckpt_path(run.ckpt_path, run.output_dir, resume=run.resume)
+    sweep_job = "sweep_dir" in hydra_info()
+    path = resolve_ckpt_path(run.ckpt_path, run.output_dir, resume=run.resume, sweep_job=sweep_job)
     if path is None:
+        if sweep_job and (run.resume or run.ckpt_path == "last"):
+            log.info("no checkpoint in %s: this job of the resumed sweep starts from step 0", run.output_dir)
         return Resume()
     meta = read_checkpoint_meta(path)
     check_max_steps(run.trainer.max_steps, meta, path)  # cli_entry checked it too; API callers and sweep jobs
@@ -379,32 +388,36 @@ def train(cfg: DictConfig) -> dict:
         compile_kernels_ahead(run.model, run.trainer.trainer_kwargs()["precision"], run.trainer.single_gpu)
     resume = checkpoint_to_resume(run)  # verified (zip/CRC) before data preparation
     acquire_run_lock(output_dir)
-    try:
-        remove_stale_temp_files(_checkpoint_dir(cfg, output_dir))
-        L.seed_everything(run.seed, workers=True)
-        parts = None
-        try:  # before the first step a Ctrl-C has nothing to save: say so and exit as an interrupt does (130)
-            dm, model_cfg = prepare_data(cfg, run, resume)
-            mark("data")
-            parts = build_parts(cfg, run, resume, dm, model_cfg)
-            mark("model")
-            validate_before_fit(run, resume, parts)
-            mark("validation")
-        except (KeyboardInterrupt, SystemExit) as e:
-            from lightning.pytorch.trainer.states import TrainerStatus
+    with RestoreSignalHandlers():  # however the run ends, Ctrl-C works as before it (guards.py)
+        try:
+            remove_stale_temp_files(_checkpoint_dir(cfg, output_dir))
+            L.seed_everything(run.seed, workers=True)
+            parts = None
+            # before the first step a Ctrl-C or SIGTERM has nothing to save: say so and exit as an interrupt does
+            with StopBeforeFit() as stop:
+                try:
+                    dm, model_cfg = prepare_data(cfg, run, resume)
+                    mark("data")
+                    parts = build_parts(cfg, run, resume, dm, model_cfg)
+                    mark("model")
+                    validate_before_fit(run, resume, parts)
+                    mark("validation")
+                except (KeyboardInterrupt, SystemExit) as e:
+                    from lightning.pytorch.trainer.states import TrainerStatus
 
-            # Lightning turns a Ctrl-C inside trainer.validate() into sys.exit(1) with the trainer marked interrupted
-            lightning_ctrl_c = parts is not None and parts.trainer.state.status == TrainerStatus.INTERRUPTED
-            if isinstance(e, SystemExit) and not lightning_ctrl_c:
-                raise
-            print("interrupted (SIGINT) before training started: nothing was trained or saved; start again with "
-                  "the same command", file=sys.stderr)
-            raise SystemExit(EXIT_CODES["SIGINT"]) from None
-        fit_time = fit(cfg, run, resume, parts, t_start)
-        checkpoint, best = finish(run, parts)
-        res = results(cfg, run, resume, parts, t_start, fit_time, checkpoint=checkpoint, best=best)
-        report(parts, res)
-        release_process_group()  # 6. every rank, once communication is over (training/strategies.py)
-        return res
-    finally:
-        release_run_lock(output_dir)
+                    # Lightning turns an interrupt inside trainer.validate() into sys.exit(1), the trainer marked so
+                    lightning_stop = parts is not None and parts.trainer.state.status == TrainerStatus.INTERRUPTED
+                    if isinstance(e, SystemExit) and not lightning_stop:
+                        raise
+                    name = stop.signal_name or "SIGINT"
+                    print(f"interrupted ({name}) before training started: nothing was trained or saved; start again "
+                          "with the same command", file=sys.stderr)
+                    raise SystemExit(EXIT_CODES[name]) from None
+            fit_time = fit(cfg, run, resume, parts, t_start)
+            checkpoint, best = finish(run, parts)
+            res = results(cfg, run, resume, parts, t_start, fit_time, checkpoint=checkpoint, best=best)
+            report(parts, res)
+            release_process_group()  # 6. every rank, once communication is over (training/strategies.py)
+            return res
+        finally:
+            release_run_lock(output_dir)
