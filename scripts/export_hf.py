@@ -37,22 +37,15 @@ def verify(model, out_dir: Path, seq_len: int = 16) -> float:
 
 
 def out_dir_problem(out_dir: Path) -> str | None:
-    """Why `out_dir` cannot become the export directory (None: it can): it, or the nearest part of its path that
-    exists, must be a directory this process can write into."""
-    import os
+    """Why `out_dir` cannot become the export directory (None: it can): a new or empty directory, where one can be
+    made and written (run_config.dir_problem)."""
+    from deepseek_mini.training.run_config import dir_problem
 
     out_dir = out_dir.expanduser().absolute()
     if out_dir.is_dir() and any(out_dir.iterdir()):
         # an older export's files (other shards, a tokenizer) would stay beside this one's and be read with it
         return f"directory {out_dir} is not empty; give a new or empty directory"
-    probe = out_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is a file, not a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"directory {probe} is not writable"
-    return None
+    return dir_problem(out_dir)
 
 
 def main(argv=None) -> int:

@@ -6,8 +6,9 @@
 
 GQA groups (defaults): 8 for v2 (the paper's Table 1), 4 for lite (16 heads), 2 for tiny and small (the
 `*_gqa` ablation presets: 4 -> 2 and 12 -> 2 heads). Change them with --gqa-groups shape=n.
-For each --ckpt: its attention type, KV bytes/token and val loss (results.json in the run directory
-<run>/checkpoints/../results.json, else the ModelCheckpoint best score stored in the checkpoint, else n/a).
+For each --ckpt: its attention type, KV bytes/token and the val loss of its weights (the run's validation at the
+checkpoint's step: from the checkpoint's own history, else <run>/results.json's val_history; n/a when that step
+was never validated).
 """
 
 from __future__ import annotations
@@ -34,24 +35,35 @@ from deepseek_mini.config import ConfigError, ModelConfig  # noqa: E402
 
 
 def checkpoint_val_loss(path: Path, ckpt: dict | None) -> tuple[float | None, str]:
-    """val_loss from <run_dir>/results.json (checkpoint in <run_dir>/checkpoints/), else the checkpoint's
-    ModelCheckpoint best_model_score, else None."""
+    """The validation loss of these weights: the run's validation at the checkpoint's step, from the checkpoint's
+    own history (RunHistory), else from its run's results.json val_history (a best-step file of the weights only
+    holds no history). A Hugging Face directory has no step: its run's final val_loss, when it lies in one. None
+    when no validation was made at that step (the weights of an interrupted step were never validated)."""
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    for candidate in (run_dir / "results.json", path.parent / "results.json"):
-        if candidate.is_file():
-            try:
-                data = json.loads(candidate.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                continue
-            if not isinstance(data, dict):  # not a results.json of ours
-                continue
-            for key in ("val_loss", "val/loss"):
-                if isinstance(data.get(key), (int, float)):
-                    return float(data[key]), str(candidate)
-    for key, state in ((ckpt or {}).get("callbacks") or {}).items():
-        if "ModelCheckpoint" in str(key) and isinstance(state, dict) and state.get("best_model_score") is not None:
-            return float(state["best_model_score"]), f"{path.name}: ModelCheckpoint best_model_score"
+    results = [c for c in (run_dir / "results.json", path.parent / "results.json") if c.is_file()]
+    step = (ckpt or {}).get("global_step")
+    if isinstance(step, int):
+        state = next((v for k, v in ((ckpt or {}).get("callbacks") or {}).items() if str(k).startswith("RunHistory")),
+                     None)
+        for history, source in [((state or {}).get("val_history"), f"{path.name}: its validation at step {step}"),
+                                *((_read(c).get("val_history"), f"{c}: val_history at step {step}") for c in results)]:
+            found = [v for s, v in history or [] if s == step]
+            if found:
+                return float(found[-1]), source
+        return None, f"n/a: no validation at step {step}"
+    for candidate in results:
+        if isinstance(loss := _read(candidate).get("val_loss"), (int, float)):
+            return float(loss), str(candidate)
     return None, "n/a"
+
+
+def _read(results: Path) -> dict:
+    """A results.json of ours, or {} (unreadable, or not a mapping)."""
+    try:
+        data = json.loads(results.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def checkpoint_rows(paths: list[str], context: int) -> list[dict]:
@@ -148,12 +160,11 @@ def check_args(args) -> None:
         # matplotlib would add .png to the name and the report would then look for the file it named
         raise ValueError(f"--png {args.png}: give the chart's file name with .png (or .svg, .pdf)")
     if not args.no_files:
+        from deepseek_mini.training.run_config import dir_problem
+
         for flag, path in (("--out-dir", Path(args.out_dir)), ("--png", Path(args.png).parent if args.png else None)):
-            probe = path
-            while probe is not None and not probe.exists() and probe != probe.parent:
-                probe = probe.parent
-            if probe is not None and not probe.is_dir():
-                raise ValueError(f"{flag}: {probe} is a file, not a directory")
+            if path is not None and (problem := dir_problem(path)) is not None:
+                raise ValueError(f"{flag}: {problem}")
 
 
 def main(argv=None) -> int:

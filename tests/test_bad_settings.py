@@ -211,6 +211,26 @@ def test_eval_batch_size_from_the_command_line_means_what_it_says(tmp_path):
     assert (data["batch_size"], data["val_batch_size"]) == (2, 3)
 
 
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["data.val_files=other.txt"], "data.val_files='other.txt': the stdlib source does not read it (only data=text"),
+    (["data=text", "data.val_files=other.txt", "data.hub_name=x"], "data.hub_name='x': the text source does not"),
+])
+def test_eval_refuses_a_data_setting_its_source_would_ignore(overrides, expected, tmp_path, capsys, monkeypatch):
+    """The run recorded the stdlib source: `data.val_files=x` alone evaluated on the stdlib split, printed 'with
+    data.val_files from the command line' and recorded x in eval.json. Refused before the eval dir exists."""
+    import json
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")  # never read: the data settings are refused first
+    recorded = {"source": "stdlib", "seq_len": 32, "batch_size": 4, "val_batch_size": 4, "max_chars": 1000}
+    (ckpt.parent / "data.json").write_text(json.dumps({"datamodule": recorded, "limit_val_batches": 2}))
+    code, out, err = run_script_inprocess("eval.py", [f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}",
+                                                      *overrides], capsys, monkeypatch)
+    assert_one_line_refusal(code, out, err, expected)
+    assert not (tmp_path / "eval").exists()
+
+
 # ---------------------------------------------------------------------- 4. export_hf.py and kv_cache_report.py
 def test_export_to_a_file_is_refused_before_loading(tmp_path, capsys, monkeypatch):
     export = load_script("scripts/export_hf.py", monkeypatch)
@@ -322,6 +342,15 @@ SECOND_PROBE = [
     (["data=text", "data.train_files=/nonexistent/corpus.txt"], "data.train_files='/nonexistent/corpus.txt': file not"),
     (["data.tokenizer_path=/nonexistent/tokenizer.json"], "data.tokenizer_path='/nonexistent/tokenizer.json': no such"),
     (["data=hub"], "data.hub_name=None: source=hub needs"),
+    # a setting the source would ignore: validated on the stdlib split while naming the file (third probe)
+    (["data.val_files=/nonexistent/val.txt"], "data.val_files='/nonexistent/val.txt': the stdlib source does not "
+                                              "read it (only data=text does)"),
+    (["data.train_files=a.txt"], "data.train_files='a.txt': the stdlib source does not read it"),
+    (["data=hub", "data.hub_name=x", "data.val_files=v.txt"], "data.val_files='v.txt': the hub source does not"),
+    (["data=text", "data.train_files=a.txt", "data.hub_val_split=test"], "data.hub_val_split='test': the text "
+                                                                         "source does not read it (only data=hub"),
+    (["data.text_field=body"], "data.text_field='body': the stdlib source does not read it (only data=text or "
+                               "data=hub does)"),
 ]
 
 

@@ -161,6 +161,20 @@ def test_ddp_results_batch_arithmetic_and_synced_metrics(ddp_run):
     assert (ddp_run / "train_ddp_process_1.log").is_file(), "rank 1 was started in the same run dir"
 
 
+def test_eval_prints_the_val_loss_of_a_ddp_run(ddp_run, cache_dir, tmp_path):
+    """Two ranks validate on the first 2 x limit_val_batches x batch windows together (and, with every window, on
+    all of them: the last round is padded with label-less windows, not dropped): eval.py on the run's last.ckpt,
+    one process, evaluates the same windows and prints the run's val_loss."""
+    res = json.loads((ddp_run / "results.json").read_text())
+    assert json.loads((ddp_run / "checkpoints" / "data.json").read_text())["world_size"] == 2
+    out = tmp_path / "eval"
+    run_cli("eval.py", f"ckpt_path={ddp_run / 'checkpoints' / 'last.ckpt'}", f"paths.cache_dir={cache_dir}",
+            f"hydra.run.dir={out}", "max_new_tokens=2")
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["val_tokens"] == res["val_tokens"] == 2 * 2 * BATCH * SEQ_LEN
+    assert ev["loss"] == pytest.approx(res["val_loss"], abs=1e-5)
+
+
 def test_ddp_resumes_from_its_checkpoint(ddp_run, cache_dir, tmp_path):
     run_dir = tmp_path / "resumed"
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("trainer.max_steps=")]

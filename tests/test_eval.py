@@ -70,11 +70,44 @@ def test_eval_loss_step_is_the_mean_over_target_tokens():
     assert head.batches == 2 and head.tokens == tokens - 3
 
 
-@pytest.mark.parametrize(("setting", "train_limit", "n", "want"), [
-    (5, 8, 23, 5), (None, 8, 23, None), ("auto", 8, 23, 8), ("auto", 1.0, 23, None), ("auto", 0.5, 23, 11),
-    ("auto", None, 23, None)])
-def test_batch_limit(setting, train_limit, n, want):
-    assert steps.batch_limit(setting, train_limit, n) == want
+@pytest.mark.parametrize(("n", "limit", "batch", "world", "want"), [
+    (90, 8, 4, 1, 32), (90, None, 4, 1, 90), (90, 1.0, 4, 1, 90), (90, 0.5, 4, 1, 44),  # 23 batches -> 11
+    (20, 8, 4, 1, 20),  # fewer windows than the limit: all of them
+    (90, 8, 4, 2, 64),  # each of 2 ranks its first 8 batches of 4: the first 64 windows together
+    (65, 2, 4, 2, 16), (65, None, 4, 2, 65), (65, 1.0, 4, 3, 65),  # all: the padded shards cover every window once
+    (65, 0.5, 4, 2, 2 * 4 * 4),  # per rank ceil(65/2) = 33 windows, 9 batches, half -> 4 batches
+])
+def test_validated_windows(n, limit, batch, world, want):
+    assert steps.validated_windows(n, limit, batch, world) == want
+
+
+def test_validated_windows_are_the_windows_the_ranks_validate_on():
+    """Against the data module's own rank shards (padding windows have no target): what eval.py counts is what
+    the ranks of a DDP validation read, each its first `limit` batches."""
+    from types import SimpleNamespace
+
+    from deepseek_mini.data import TextDataModule
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 65
+
+        def __getitem__(self, i):
+            return torch.tensor([i]), torch.tensor([i])
+
+    for world, limit, batch in ((2, 2, 4), (2, None, 4), (3, 5, 2), (4, 0.5, 3), (1, 3, 8)):
+        seen = []
+        for rank in range(world):
+            dm = TextDataModule.__new__(TextDataModule)
+            dm.val_dataset, dm.val_batch_size, dm.setup = Windows(), batch, lambda stage=None: None
+            dm.num_workers, dm.pin_memory, dm.persistent_workers = 0, False, False
+            dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+            batches = list(dm.val_dataloader())
+            n = len(batches) if limit is None else (
+                max(1, int(len(batches) * limit)) if isinstance(limit, float) else limit)
+            seen += [int(t) for _, y in batches[:n] for t in y.flatten() if t >= 0]
+        assert sorted(seen) == list(range(len(seen))), "each window once, the leading ones"
+        assert len(seen) == steps.validated_windows(65, limit, batch, world), (world, limit, batch)
 
 
 # ---------------------------------------------------------------------- which data
@@ -88,7 +121,8 @@ def test_data_overrides_and_the_recorded_data(tmp_path):
     cfg_data = {"source": "stdlib", "train_files": None, "val_files": None, "seq_len": 128, "batch_size": 16,
                 "val_batch_size": None, "val_fraction": 0.05, "cache_dir": "/c"}
     data, why, limit = steps.eval_data(cfg_data, ck / "last.ckpt", [])
-    assert {k: data[k] for k in recorded} == recorded and data["cache_dir"] == "/c" and limit == 8
+    assert {k: data[k] for k in recorded} == recorded and data["cache_dir"] == "/c"
+    assert limit == steps.RunValidation(8, 1, None), "a record from before world_size: one process"
     assert "trained on" in why
     data, why, limit = steps.eval_data({**cfg_data, "val_batch_size": 2}, ck / "last.ckpt", ["data.val_batch_size=2"])
     assert data["val_batch_size"] == 2 and data["source"] == "text" and limit is None and "data.val_batch_size" in why
@@ -208,6 +242,26 @@ def test_eval_prints_the_runs_val_loss(run_dir, cache_dir, tmp_path, capsys):
     assert "trained on" in res["data_from"] and res["data"] in out
     assert [line for line in out.splitlines() if line.startswith("evaluating on ")] == \
         [f"evaluating on {res['data']} ({res['data_from']})"]
+
+
+@pytest.mark.slow
+def test_eval_says_when_the_runs_validation_text_has_changed(run_dir, cache_dir, tmp_path, capsys):
+    """data.json records how many validation windows the run had: when its files have changed since (here the
+    record says one window more), eval still evaluates them but says its loss is not the run's val_loss."""
+    import shutil
+
+    ck = shutil.copytree(run_dir / "checkpoints", tmp_path / "run" / "checkpoints")
+    record = json.loads((ck / "data.json").read_text())
+    record["val_windows"] += 1
+    (ck / "data.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert _main("eval.py", [f"ckpt_path={ck / 'last.ckpt'}", f"paths.cache_dir={cache_dir}", "max_new_tokens=2",
+                             f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
+    err = capsys.readouterr().err
+    changed = (f"the validation text has changed since training: {record['val_windows'] - 1} windows, the run had "
+               f"{record['val_windows']}")
+    assert f"warning: {changed}; the loss is not comparable with the run's val_loss" in err
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["data_from"].endswith(changed)
 
 
 @pytest.mark.slow

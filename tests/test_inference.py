@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -130,6 +131,26 @@ def test_kv_cache_report_cli_and_png(tiny_ckpt, tmp_path):
     png = tmp_path / "rep" / "kv_cache.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "rep" / "kv_cache_report.md").is_file()
+
+
+def test_kv_cache_report_takes_the_loss_of_each_checkpoints_own_weights(tmp_path, monkeypatch):
+    """A best-step file is listed with the validation at its step, not the run's final val_loss; last.ckpt with its
+    own history's; a step never validated is n/a, not another step's number."""
+    from conftest import load_script
+
+    report = load_script("scripts/kv_cache_report.py", monkeypatch)
+    ck = tmp_path / "run" / "checkpoints"
+    ck.mkdir(parents=True)
+    history = [[0, 9.0], [2, 8.26], [4, 7.9], [6, 7.86]]
+    (ck.parent / "results.json").write_text(json.dumps({"val_loss": 7.86, "val_history": history}))
+    best = report.checkpoint_val_loss(ck / "best-step2.ckpt", {"global_step": 2})  # weights only: no history
+    assert best == (8.26, f"{ck.parent / 'results.json'}: val_history at step 2")
+    own = {"global_step": 4, "callbacks": {"RunHistory": {"val_history": [[0, 9.5], [4, 7.5]]}}}
+    assert report.checkpoint_val_loss(ck / "last.ckpt", own) == (7.5, "last.ckpt: its validation at step 4")
+    assert report.checkpoint_val_loss(ck / "last.ckpt", {"global_step": 5}) == (None, "n/a: no validation at step 5")
+    hf = tmp_path / "run" / "hf"
+    hf.mkdir()
+    assert report.checkpoint_val_loss(hf, None) == (7.86, str(ck.parent / "results.json"))  # no step: the final
 
 
 def test_plot_kv_cache(tmp_path):

@@ -416,7 +416,7 @@ def test_unwritable_run_dir_is_one_line(tmp_path, capsys, monkeypatch):
     code, out = run_inprocess("train.py", ["hydra.run.dir=/dev/null/run", f"paths.cache_dir={tmp_path}/c"],
                               capsys, monkeypatch)
     assert code == 2 and error_lines(out) == [
-        "error: hydra.run.dir='/dev/null/run': cannot create a directory here: /dev/null is a file"], out
+        "error: hydra.run.dir='/dev/null/run': cannot create a directory here: /dev/null is a file, not a directory"], out
 
 
 def test_model_too_large_for_memory_is_refused(monkeypatch):

@@ -3,7 +3,7 @@
 Batches are (x, y) LongTensors [B, T] with y = x shifted by one token.
 """
 
-from .corpus import Corpus, CorpusSpec, load_corpus
+from .corpus import Corpus, CorpusSpec, load_corpus, unread_fields
 from .datamodule import ResumableSampler, TextDataModule, TokenWindows
 from .packing import TokenCache, build_token_cache, token_dtype
 from .sources import EOS_TOKEN, DataError, expand_files, read_text_file, split_large_text
@@ -13,6 +13,7 @@ __all__ = [
     "EOS_TOKEN",
     "Corpus",
     "CorpusSpec",
+    "unread_fields",
     "DataError",
     "ResumableSampler",
     "TextDataModule",

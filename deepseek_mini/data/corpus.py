@@ -158,6 +158,21 @@ class CorpusSpec:
     cache_dir: str = ".cache/deepseek_mini"
 
 
+# The fields each source reads (source, val_fraction, max_chars and cache_dir: all of them).
+SOURCE_FIELDS = {"stdlib": (), "text": ("train_files", "val_files", "text_field"),
+                 "hub": ("hub_name", "hub_config", "hub_split", "hub_val_split", "text_field")}
+
+
+def unread_fields(data: dict) -> list[str]:
+    """The corpus fields of a data config set (other than their defaults) for a source that does not read them:
+    `data.val_files=x` on the stdlib source would be ignored, and the run (or eval.py) would report a loss on
+    other text than the one named."""
+    read = SOURCE_FIELDS.get(data.get("source", "stdlib"), ())
+    defaults = CorpusSpec()
+    fields = dict.fromkeys(k for f in SOURCE_FIELDS.values() for k in f)
+    return [k for k in fields if k not in read and k in data and data[k] not in (None, getattr(defaults, k))]
+
+
 def load_corpus(spec: CorpusSpec | str = "stdlib", **spec_fields) -> Corpus:
     """Load train/val documents for a CorpusSpec, or for its fields given as arguments
     (`load_corpus("text", train_files=...)`). Local files (source=text) seen before with the same identity come

@@ -13,7 +13,9 @@ from dataclasses import asdict, replace
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from deepseek_mini.model.loss import IGNORE_INDEX
 
 from .corpus import Corpus, CorpusSpec, load_corpus
 from .packing import TokenCache, build_token_cache
@@ -51,6 +53,24 @@ class TokenWindows(Dataset):
         s = i * self.seq_len
         chunk = torch.from_numpy(self._mm[s : s + self.seq_len + 1].astype(np.int64))
         return chunk[:-1], chunk[1:]
+
+
+class RankShard(Dataset):
+    """This rank's validation windows: `indices` into `windows`; one past the end stands for a padding window
+    (the first window's inputs, every label IGNORE_INDEX), which adds no target token to the loss."""
+
+    def __init__(self, windows: Dataset, indices):
+        self.windows, self.indices = windows, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        i = self.indices[j]
+        if i < len(self.windows):
+            return self.windows[i]
+        x, y = self.windows[0]
+        return x, torch.full_like(y, IGNORE_INDEX)
 
 
 class ResumableSampler(Sampler[int]):
@@ -262,10 +282,11 @@ class TextDataModule(L.LightningDataModule):
         ds = self.val_dataset
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
-            # in order, rank-strided, equal count per rank (uneven shards could stall collectives)
+            # in order, rank-strided, an equal count per rank (uneven shards could stall collectives): the last round
+            # is filled up with windows whose labels are all ignored, so every window counts exactly once and the
+            # ranks together validate on the same windows as one process (and eval.py) does
             w = trainer.world_size
-            per_rank = max(1, len(ds) // w)
-            ds = Subset(ds, [min(trainer.global_rank + i * w, len(ds) - 1) for i in range(per_rank)])
+            ds = RankShard(ds, range(trainer.global_rank, -(-len(ds) // w) * w, w))
         return DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, drop_last=False, **self._loader_kwargs())
 
     # ------------------------------------------------------------------ reporting / checkpoints

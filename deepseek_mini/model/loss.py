@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+IGNORE_INDEX = -100  # a label that is no target (padding, an unknown MTP input): skipped by every loss here
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -57,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(x_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor,
-                         ignore_index: int = -100) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean cross-entropy of the logits x W^T against labels (ignore_index skipped), without returning them."""
     return _LinearCrossEntropy.apply(x_TD, w_VD, labels_T, ignore_index)
 
@@ -67,5 +69,5 @@ class LinearCrossEntropy(nn.Module):
     to the state dict; it exists so that the head's loss is a module regional compilation can compile."""
 
     def forward(self, x_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor,
-                ignore_index: int = -100) -> torch.Tensor:
+                ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         return linear_cross_entropy(x_TD, w_VD, labels_T, ignore_index)

@@ -29,6 +29,7 @@ from torch import nn
 
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model.layers import RMSNorm
+from deepseek_mini.model.loss import IGNORE_INDEX
 
 
 class SharedHead(nn.Module):
@@ -89,7 +90,7 @@ def mtp_losses(modules: nn.ModuleList, embed: nn.Embedding, head_weight_VD: torc
     for k, (h_BND, aux) in enumerate(mtp_hidden_states(modules, embed, h0_BTD, labels_BT), start=1):
         n = h_BND.shape[1]
         inputs_BN = labels_BT[:, k - 1:k - 1 + n]
-        targets_BN = labels_BT[:, k:k + n].masked_fill(inputs_BN == -100, -100)  # an unknown input: no loss
+        targets_BN = labels_BT[:, k:k + n].masked_fill(inputs_BN == IGNORE_INDEX, IGNORE_INDEX)  # an unknown input: no loss
         for name, v in aux.items():
             aux_losses[name] = aux_losses[name] + v if name in aux_losses else v
         x_ND = modules[k - 1].shared_head.norm(h_BND).reshape(B * n, -1)

@@ -24,7 +24,7 @@ from torch import nn
 from deepseek_mini.config import ModelConfig
 from deepseek_mini.model.attention import MLA, build_attention
 from deepseek_mini.model.layers import RMSNorm, SwiGLU
-from deepseek_mini.model.loss import LinearCrossEntropy
+from deepseek_mini.model.loss import IGNORE_INDEX, LinearCrossEntropy
 from deepseek_mini.model.moe import GroupedExperts, MoE, Router
 from deepseek_mini.model.mtp import MTPModule, mtp_losses
 from deepseek_mini.model.sampling import sample
@@ -158,7 +158,7 @@ class DeepSeekV2(nn.Module):
             logits = self.lm_head(x)
             if labels is not None:
                 logits_f = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= fp32
-                loss = F.cross_entropy(logits_f.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+                loss = F.cross_entropy(logits_f.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
             if not return_logits:
                 logits = None
         mtp_loss, per_depth = None, []

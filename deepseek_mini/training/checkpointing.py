@@ -125,8 +125,8 @@ class CheckpointDirDescriber(L.Callback):
     def on_fit_start(self, trainer, pl_module):
         dm = trainer.datamodule
         record = data_record(dm)
-        if record is not None:  # eval.py's limit_batches=auto evaluates as many batches as this validation
-            record["limit_val_batches"] = trainer.limit_val_batches
+        if record is not None:  # eval.py's limit_batches=auto evaluates on the windows this validation covers
+            record["limit_val_batches"], record["world_size"] = trainer.limit_val_batches, trainer.world_size
         describe_checkpoint_dir(self.dirpath, pl_module.config.to_dict(), getattr(dm, "tokenizer_path", None),
                                 self.resolved_config, record)
 

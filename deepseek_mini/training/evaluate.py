@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import OmegaConf
@@ -25,6 +25,7 @@ from deepseek_mini.checkpoint import CheckpointError, read_data_record
 from deepseek_mini.config import ConfigError, ModelConfig
 from deepseek_mini.data import DataError
 from deepseek_mini.generation_args import parse_device  # shared with scripts/generate.py
+from deepseek_mini.training.run_config import check_data_values, check_read_fields
 from deepseek_mini.training.val_loss import TokenMeanLoss
 
 
@@ -48,16 +49,27 @@ def check_limit_batches(value: Any) -> int | str | None:
     return value
 
 
-def batch_limit(setting: int | str | None, train_limit: int | float | None, n_batches: int) -> int | None:
-    """The number of batches to evaluate. auto: as many as the training run validated on (its
-    trainer.limit_val_batches: a count, or a fraction as Lightning reads it) when evaluating its data, else all."""
-    if setting != "auto":
-        return setting
-    if train_limit is None or isinstance(train_limit, bool):
-        return None
-    if isinstance(train_limit, float):
-        return max(1, int(n_batches * train_limit)) if train_limit < 1.0 else None
-    return int(train_limit)
+class RunValidation(NamedTuple):
+    """How the training run validated on its data (checkpoints/data.json)."""
+
+    limit_val_batches: int | float | None
+    world_size: int
+    windows: int | None  # the validation windows its data had then (None: not recorded)
+
+
+def validated_windows(n_windows: int, limit: int | float | None, batch: int, world: int = 1) -> int:
+    """How many leading validation windows a training run validated on, with trainer.limit_val_batches `limit`
+    (a count, or a fraction as Lightning reads it), validation batches of `batch` windows and `world` ranks. Each
+    rank validates the first batches of its rank-strided share of ceil(n / world) windows (TextDataModule.
+    val_dataloader), so together they cover the first world x (its windows) of them."""
+    per_rank = -(-n_windows // world)
+    if limit is None or isinstance(limit, bool) or (isinstance(limit, float) and limit >= 1.0):
+        k = per_rank
+    elif isinstance(limit, float):
+        k = max(1, int(-(-per_rank // batch) * limit)) * batch
+    else:
+        k = int(limit) * batch
+    return min(n_windows, world * min(per_rank, k))
 
 
 def check_writable(directory: Path, key: str) -> Path:
@@ -115,9 +127,10 @@ def data_overrides(overrides: list[str]) -> tuple[bool, list[str]]:
     return group, list(dict.fromkeys(keys))
 
 
-def eval_data(cfg_data: dict, ckpt_path: Path, overrides: list[str]) -> tuple[dict, str, Any]:
-    """The data arguments to evaluate on, where they come from (printed, and recorded in eval.json), and the
-    training run's trainer.limit_val_batches when these are exactly the windows it validated on (else None).
+def eval_data(cfg_data: dict, ckpt_path: Path, overrides: list[str]) -> tuple[dict, str, RunValidation | None]:
+    """The data arguments to evaluate on, where they come from (printed, and recorded in eval.json), and how the
+    training run validated when these are exactly its validation data (else None): limit_batches=auto evaluates
+    on the windows validated_windows counts.
 
     By default the text the checkpoint was trained on (its checkpoints/data.json). `data=<name>` on the command
     line picks other text, still cut into windows as in training (the recorded seq_len and batch sizes).
@@ -128,20 +141,22 @@ def eval_data(cfg_data: dict, ckpt_path: Path, overrides: list[str]) -> tuple[di
         why = "data=... on the command line" if group else "eval.yaml's data: the checkpoint records no training data"
         if keys:  # what eval.json's data_from says must name what the command line set
             why += f", with {', '.join(f'data.{k}' for k in keys)} from the command line"
+        check_read_fields(cfg_data)
         return cfg_data, why, None
     recorded = record.get("datamodule") or {}
     where = ckpt_path.parent / "data.json"
     if not isinstance(recorded, dict):
         raise CheckpointError(f"cannot read {where}: its datamodule is a {type(recorded).__name__}, not a mapping")
     try:  # the recorded sizes by training's rules: a hand-edited record would fail in a DataLoader or int()
-        from deepseek_mini.training.run_config import check_data_values
 
         check_data_values(recorded)
     except ConfigError as e:
         raise CheckpointError(f"cannot read {where}: {e}") from None
-    limit = record.get("limit_val_batches")
+    limit, world = record.get("limit_val_batches"), record.get("world_size", 1)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0):
         raise CheckpointError(f"cannot read {where}: limit_val_batches={limit!r} is not a count or a fraction")
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise CheckpointError(f"cannot read {where}: world_size={world!r} is not a number of ranks")
     take = WINDOW_KEYS if group else tuple(recorded)
     data = {**cfg_data, **{k: recorded[k] for k in take if k in recorded}}
     data.update({k: cfg_data.get(k) for k in keys})
@@ -152,8 +167,11 @@ def eval_data(cfg_data: dict, ckpt_path: Path, overrides: list[str]) -> tuple[di
     why = "data=... from the command line, windows as in training" if group else "the data this checkpoint was trained on"
     if keys:
         why += f", with {', '.join(f'data.{k}' for k in keys)} from the command line"
+    check_read_fields(data)  # data.val_files=x on the recorded stdlib source would be ignored, yet named
     same = not group and all(data.get(k) == recorded.get(k) for k in recorded)
-    return data, why, record.get("limit_val_batches") if same else None
+    windows = record.get("val_windows")
+    windows = windows if isinstance(windows, int) and not isinstance(windows, bool) else None
+    return data, why, RunValidation(limit, world, windows) if same else None
 
 
 # ---------------------------------------------------------------------- 4. the validation windows
@@ -259,5 +277,5 @@ def kv_cache_stats(model, mcfg: ModelConfig, device: torch.device) -> tuple[dict
     return kv, rows
 
 
-__all__ = ["EvalSettings", "ValLoss", "batch_limit", "check_eval_options", "check_eval_settings", "check_seq_len", "data_overrides", "eval_data",
+__all__ = ["EvalSettings", "RunValidation", "ValLoss", "validated_windows", "check_eval_options", "check_eval_settings", "check_seq_len", "data_overrides", "eval_data",
            "expert_load_rows", "kv_cache_stats", "parse_device", "val_loss", "val_windows"]

@@ -185,10 +185,12 @@ def _preflight_sweep(argv: list[str], overrides: list[str], plain: list[str], co
 
 def _preflight_eval(argv: list[str], config_dir: str, config_name: str) -> None:
     """eval.py's settings, checked before Hydra creates the eval's run dir (and its .hydra/, eval.log): a refused
-    command leaves no directory behind. Nothing is read or written here (prompt_file=- would read stdin)."""
+    command leaves no directory behind. Nothing is written here, and only the checkpoint's data.json is read
+    (prompt_file=- would read stdin)."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    from deepseek_mini.training.evaluate import check_eval_options
+    from deepseek_mini.training.evaluate import check_eval_options, eval_data
 
     if any(a.split("=", 1)[0] in INFO_FLAGS for a in argv) or any(a in ("-m", "--multirun") for a in argv):
         return  # help output; a multirun's jobs are checked each in evaluate()
@@ -197,6 +199,10 @@ def _preflight_eval(argv: list[str], config_dir: str, config_name: str) -> None:
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=plain)
     check_eval_options(cfg)
+    if not OmegaConf.is_missing(cfg, "ckpt_path") and cfg.ckpt_path:
+        # the data to evaluate on (the checkpoint's data.json, data.* overrides): a setting its source ignores is refused
+        eval_data(OmegaConf.to_container(cfg.data, resolve=True), Path(str(cfg.ckpt_path)).expanduser().resolve(),
+                  plain)
     run_dir = _value(overrides, "hydra.run.dir")
     if run_dir is not None and not str(run_dir).strip():
         raise ConfigError("hydra.run.dir='': an empty path would be the current directory; give an eval dir")

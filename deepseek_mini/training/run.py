@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def model_stats(model_cfg: ModelConfig) -> dict:
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict:
     """eval.py: the steps of deepseek_mini/training/evaluate.py, then the prompt's continuation, eval.json."""
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
 
     from deepseek_mini.checkpoint import load_checkpoint, tokenizer_file
     from deepseek_mini.data import load_tokenizer
@@ -110,13 +111,24 @@ def evaluate(cfg: DictConfig) -> dict:
         raise CheckpointError(f"no tokenizer.json beside {settings.ckpt_path}: cannot tokenize text for this model")
     tok = load_tokenizer(str(tok_path))  # its size against the model's: load_checkpoint checked it
     check_length(len(tok.encode(prompt).ids) or 1, int(cfg.max_new_tokens), mcfg.max_position_embeddings)
-    data, data_from, train_limit = steps.eval_data(OmegaConf.to_container(cfg.data, resolve=True), settings.ckpt_path,
-                                                   _hydra_info().get("overrides", []))
+    data, data_from, validated = steps.eval_data(OmegaConf.to_container(cfg.data, resolve=True), settings.ckpt_path,
+                                                 _hydra_info().get("overrides", []))
     seq_len = steps.check_seq_len(data, mcfg)
     windows, data_desc = steps.val_windows(data, tok_path, seq_len,
                                            announce=lambda d: print(f"evaluating on {d} ({data_from})"))
-    loader = DataLoader(windows, batch_size=int(data.get("val_batch_size") or data["batch_size"]), shuffle=False)
-    limit = steps.batch_limit(settings.limit_batches, train_limit, len(loader))
+    batch = int(data.get("val_batch_size") or data["batch_size"])
+    if validated is not None and validated.windows not in (None, len(windows)):  # its files were edited since
+        changed = f"the validation text has changed since training: {len(windows)} windows, the run had " \
+                  f"{validated.windows}"
+        data_from += f"; {changed}"  # eval.json
+        print(f"warning: {changed}; the loss is not comparable with the run's val_loss", file=sys.stderr)
+    limit = settings.limit_batches
+    if limit == "auto":  # on the run's own data, the windows its validation covered (over all its ranks), else all
+        n = len(windows) if validated is None else steps.validated_windows(
+            len(windows), validated.limit_val_batches, batch, validated.world_size)
+        limit = -(-n // batch) if n < len(windows) else None
+        windows = Subset(windows, range(n))
+    loader = DataLoader(windows, batch_size=batch, shuffle=False)
     val = steps.val_loss(model, loader, device, limit)
     expert_load = steps.expert_load_rows(mcfg, val.tokens_per_expert)
     kv, kv_rows = steps.kv_cache_stats(model, mcfg, device)

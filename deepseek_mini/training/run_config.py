@@ -76,17 +76,25 @@ def as_float(key: str, value: Any, low: float, high: float = math.inf, *, low_ok
     return float(value)
 
 
-def writable_dir(key: str, path: Any) -> Path:
-    """`path` can be created and written: its nearest existing ancestor is a writable directory."""
-    p = Path(str(path)).expanduser().absolute()
-    probe = p
-    while not probe.exists():
+def dir_problem(path: Any) -> str | None:
+    """Why no directory can be made (or written) at `path`, checked without creating anything; None when one can:
+    its nearest existing part must be a directory this process can write into."""
+    probe = Path(str(path)).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        _fail(key, str(path), f"cannot create a directory here: {probe} is a file")
+        return f"{probe} is a file, not a directory"
     if not os.access(probe, os.W_OK | os.X_OK):
-        _fail(key, str(path), f"directory {probe} is not writable")
-    return p
+        return f"directory {probe} is not writable"
+    return None
+
+
+def writable_dir(key: str, path: Any) -> Path:
+    """`path` can be created and written (dir_problem), as a ConfigError naming `key`."""
+    problem = dir_problem(path)
+    if problem is not None:
+        _fail(key, str(path), problem if problem.startswith("directory") else f"cannot create a directory here: {problem}")
+    return Path(str(path)).expanduser().absolute()
 
 
 def _container(node) -> Any:
@@ -696,15 +704,30 @@ def data_settings(cfg: DictConfig) -> DataSettings:
     return settings
 
 
-def check_data_sources(data: dict) -> None:
-    """What training will read, where that needs no reading: a known source; for source=text, train_files given and
-    every file, directory or glob of train_files / val_files there (listed, not read); a given tokenizer_path a
-    file; for source=hub, a hub_name. These were DataErrors from data preparation, after the run dir existed."""
-    from deepseek_mini.data import DataError, expand_files
+def check_read_fields(data: dict) -> None:
+    """No corpus setting the source would ignore: `data.val_files=x` with the stdlib source validated (and eval.py
+    evaluated) on the stdlib split while naming x. Training and eval.py alike."""
+    from deepseek_mini.data import unread_fields
+    from deepseek_mini.data.corpus import SOURCE_FIELDS
 
     source = data.get("source", "stdlib")
-    if source not in ("stdlib", "text", "hub"):
+    if source not in SOURCE_FIELDS:
         _fail("data.source", source, "use stdlib, text or hub")
+    for key in unread_fields(data):
+        readers = " or ".join(f"data={s}" for s, keys in SOURCE_FIELDS.items() if key in keys)
+        _fail(f"data.{key}", data[key], f"the {source} source does not read it (only {readers} does); give "
+                                        f"{readers.split(' or ')[0]} with it, or drop it")
+
+
+def check_data_sources(data: dict) -> None:
+    """What training will read, where that needs no reading: a known source, and no setting it would ignore; for
+    source=text, train_files given and every file, directory or glob of train_files / val_files there (listed, not
+    read); a given tokenizer_path a file; for source=hub, a hub_name. These were DataErrors from data preparation,
+    after the run dir existed."""
+    from deepseek_mini.data import DataError, expand_files
+
+    check_read_fields(data)
+    source = data.get("source", "stdlib")
     if source == "text":
         if not data.get("train_files"):
             _fail("data.train_files", data.get("train_files"), "source=text needs a file, directory, glob or list")

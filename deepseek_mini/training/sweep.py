@@ -29,29 +29,40 @@ class SweepJob:
     swept: list[str]  # the values that tell this job from the others (`model.kv_lora_rank=16 ...`)
 
 
+def grid(task_overrides: list[str], params: dict | None = None) -> tuple[list[list[str]], set[str]]:
+    """(each job's task overrides in job order, the swept keys) of a basic-sweeper multirun over `params`
+    (hydra.sweeper.params) and the command line's `task_overrides`: what Hydra's BasicSweeper runs. A finished
+    sweep's multirun.yaml holds both, so a report can name the jobs that never ran."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(
+        [*(f"{k}={v}" for k, v in (params or {}).items()), *task_overrides])
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    jobs = itertools.chain.from_iterable(BasicSweeper.split_arguments(parsed, None))
+    return [list(job) for job in jobs], swept
+
+
 def sweep_jobs(config_dir: str, config_name: str, task_overrides: list[str],
                hydra_overrides: list[str]) -> list[SweepJob] | None:
     """The jobs `python <entry> -m <hydra_overrides> <task_overrides>` will run, in order, or None when the
     sweeper is not Hydra's basic one. Composing needs no write and runs no job."""
     from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf, open_dict
 
-    parser = OverridesParser.create()
-    fixed = [o.input_line for o in parser.parse_overrides(task_overrides) if not o.is_sweep_override()]
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(task_overrides)
+             if not o.is_sweep_override()]
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         base = compose(config_name=config_name, overrides=[*hydra_overrides, *fixed], return_hydra_config=True)
         sweeper = base.hydra.sweeper
         if sweeper.get("_target_") != BASIC_SWEEPER:
             return None
-        params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-        parsed = parser.parse_overrides([*params, *task_overrides])
-        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
-        batches = BasicSweeper.split_arguments(parsed, None)
+        params = sweeper.get("params")
+        job_overrides, swept = grid(task_overrides, OmegaConf.to_container(params) if params else None)
         str(base.hydra.sweep.dir)  # resolves ${now:} once, into the cache each job's config copies
         jobs = []
-        for num, overrides in enumerate(itertools.chain.from_iterable(batches)):
+        for num, overrides in enumerate(job_overrides):
             cfg = compose(config_name=config_name, overrides=[*hydra_overrides, *overrides],
                           return_hydra_config=True)
             OmegaConf.copy_cache(from_config=base, to_config=cfg)  # one ${now:} for all, as Hydra's launchers do

@@ -3,8 +3,9 @@
 Training validation (LitDeepSeek), eval.py, results.json and the sweep report all read this one number. Each
 batch's loss is already the mean over its labelled tokens (labels != -100), so the batch contributes
 loss x its token count; summing those and dividing by the total count weighs every token once, however the
-windows fall into batches (a short last batch counts for its few tokens, not as much as a full one). The sums
-are kept in float64 so the order of batches does not move the result.
+windows fall into batches (a short last batch counts for its few tokens, not as much as a full one; a batch of
+DDP's padding windows, labels all ignored, for none). The sums are kept in float64 so the order of batches does
+not move the result.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-IGNORE_INDEX = -100  # labels with this value are not targets (the model's cross-entropy skips them)
+from deepseek_mini.model.loss import IGNORE_INDEX
 
 
 class TokenMeanLoss:
@@ -25,7 +26,8 @@ class TokenMeanLoss:
 
     def update(self, mean_loss: torch.Tensor, labels: torch.Tensor) -> None:
         n = (labels != IGNORE_INDEX).sum()
-        s = mean_loss.detach().to(torch.float64) * n
+        # a batch of padding windows only (DDP validation's last round) has no targets: its mean is nan, not 0
+        s = torch.where(n > 0, mean_loss.detach().to(torch.float64) * n, 0.0)
         self.loss_sum = s if self.loss_sum is None else self.loss_sum + s
         self.tokens = n if self.tokens is None else self.tokens + n
 
