@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from deepseek_mini.training import presets  # noqa: F401  (model=<preset> for the tests that compose configs)
+from deepseek_mini.training.compile import cpu_compile_problem
 
 # The model tests' tensors are tiny: intra-op threads only add contention on a shared 2-core box (measured: the
 # 60-step training test takes 0.3 s on one thread, over 10 s on two under load).
@@ -113,6 +114,10 @@ def worst_of(*errors: float) -> float:
     argument (max(0.0, nan) == 0.0), so a kernel whose output went NaN would read as exact against its reference;
     every comparison that keeps a running largest difference goes through here."""
     return math.inf if any(math.isnan(e) for e in errors) else max(errors)
+
+
+# the compiled CPU step is refused below the torch that computes its gradients right (training/compile.py)
+needs_trusted_cpu_compile = pytest.mark.skipif(cpu_compile_problem() is not None, reason=str(cpu_compile_problem()))
 
 
 def interpreter_unusable() -> str | None:

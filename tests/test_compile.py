@@ -7,10 +7,12 @@ compilation would take minutes and adds nothing to what is checked here (which g
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
 import torch
+from conftest import needs_trusted_cpu_compile
 from model_helpers import SMALL_MODEL
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
@@ -41,6 +43,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@needs_trusted_cpu_compile
 def test_regional_forward_backward_equals_eager_with_one_graph_per_block_kind(fresh_dynamo):
     torch.manual_seed(0)
     model = DeepSeekV2(ModelConfig.from_dict(FOUR_LAYERS))
@@ -284,3 +287,28 @@ def test_bad_compile_value_is_one_line_error_before_data_prep(value, tmp_path, c
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: compile='{value}': use false, true, regional or full")
     assert not cache.exists()
+
+
+@pytest.mark.parametrize(("version", "refused"), [("2.11.0+cu130", True), ("2.12.1", True), ("2.13.0+cpu", False),
+                                                  ("2.14.1", False)])
+def test_a_compiled_cpu_step_is_refused_on_a_torch_that_gets_its_gradients_wrong(version, refused, tmp_path,
+                                                                                  monkeypatch):
+    """torch 2.11's compiled CPU step gave the routed experts wrong gradients (the loss exact): a run there would
+    train silently wrong, so compile on the CPU is refused below the first torch verified right, in one line; on a
+    GPU (the real grouped_mm) and uncompiled it goes on."""
+    from conftest import run_config_of
+
+    from deepseek_mini.config import ConfigError
+    from deepseek_mini.training import compile as compile_mod
+
+    real = compile_mod.cpu_compile_problem
+    monkeypatch.setattr(compile_mod, "cpu_compile_problem", lambda: real(version))
+    assert run_config_of(tmp_path, "trainer=cpu", "compile=null").compile is None
+    if refused:
+        with pytest.raises(ConfigError, match=rf"^compile='regional': torch {re.escape(version)} computes wrong "
+                                              r"gradients for the routed experts in a compiled CPU step \(verified "
+                                              r"right from torch 2.13\); use compile=null on the CPU"):
+            run_config_of(tmp_path, "trainer=cpu", "compile=regional")
+    else:
+        assert run_config_of(tmp_path, "trainer=cpu", "compile=regional").compile == "regional"
+    assert not (tmp_path / "run").exists()

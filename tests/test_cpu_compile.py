@@ -4,6 +4,7 @@ so the compiled CPU path runs the eager kernel as an opaque custom op; see model
 from __future__ import annotations
 
 import torch
+from conftest import needs_trusted_cpu_compile
 from model_helpers import SMALL_MODEL
 
 from deepseek_mini.config import ModelConfig
@@ -40,6 +41,7 @@ def test_cpu_grouped_mm_op_matches_eager_autograd():
                                             torch.tensor([3, 3, 10], dtype=torch.int32)))
 
 
+@needs_trusted_cpu_compile
 def test_compiled_forward_backward_on_cpu_equals_eager():
     """Dynamo + AOTAutograd (fake tensors: where the bf16-only meta kernel used to fail), eager kernels.
     Inductor (what compile=true uses) passes the same comparison but takes minutes of C++ compilation on

@@ -169,7 +169,7 @@ def test_eval_prints_the_val_loss_of_a_ddp_run(ddp_run, cache_dir, tmp_path):
     assert json.loads((ddp_run / "checkpoints" / "data.json").read_text())["world_size"] == 2
     out = tmp_path / "eval"
     run_cli("eval.py", f"ckpt_path={ddp_run / 'checkpoints' / 'last.ckpt'}", f"paths.cache_dir={cache_dir}",
-            f"hydra.run.dir={out}", "max_new_tokens=2")
+            f"hydra.run.dir={out}", "max_new_tokens=2", "device=cpu")  # fp32 as trained (a GPU would run bf16)
     ev = json.loads((out / "eval.json").read_text())
     assert ev["val_tokens"] == res["val_tokens"] == 2 * 2 * BATCH * SEQ_LEN
     assert ev["loss"] == pytest.approx(res["val_loss"], abs=1e-5)

@@ -233,7 +233,7 @@ def test_eval_prints_the_runs_val_loss(run_dir, cache_dir, tmp_path, capsys):
     assert windows % 7, "the test needs a short last batch"
     capsys.readouterr()
     assert _main("eval.py", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"paths.cache_dir={cache_dir}",
-                             "max_new_tokens=4", f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
+                             "max_new_tokens=4", f"hydra.run.dir={tmp_path / 'eval'}", "device=cpu"]) == 0  # as trained
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "eval" / "eval.json").read_text())
     train = json.loads((run_dir / "results.json").read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_trusted_cpu_compile
 from model_helpers import SMALL_MODEL
 
 from deepseek_mini.config import ConfigError, ModelConfig, count_parameters
@@ -166,6 +167,7 @@ def test_sequence_shorter_than_the_depths_is_refused():
         model(x, labels=x, return_logits=False)
 
 
+@needs_trusted_cpu_compile
 def test_compiled_forward_backward_with_mtp_equals_eager():
     """compile=true compiles the whole DeepSeekV2, MTP included (aot_eager, as tests/test_cpu_compile.py)."""
     eager = build(1, num_hidden_layers=1, first_k_dense_replace=0)  # one MoE layer in the trunk, one in MTP

@@ -60,7 +60,8 @@ def test_sweep_jobs_are_the_jobs_hydra_ran(sweep2, cache_dir):
 
 
 REFUSED = [
-    ([], "job 0 (model.kv_lora_rank=16): hydra.run.dir={sweep}/0 holds a run"),  # a fresh sweep over it
+    ([], "job 0 (model.kv_lora_rank=16): its dir {sweep}/0 holds a run (its checkpoints or results.json); continue "
+         "the sweep with ckpt_path=last, or give a new hydra.sweep.dir"),  # a fresh sweep over it
     (["ckpt_path=last", "model.kv_lora_rank=32,16"],
      "job 0 (model.kv_lora_rank=32): ckpt_path={sweep}/0/checkpoints/last.ckpt: cannot resume with a different "
      "model or data: model.kv_lora_rank=32 (the run: 16)"),  # the grid's order changed: job 0 is another point
@@ -160,6 +161,7 @@ VALIDATION = [
     ((1, 4, None, 2), ["data.batch_size=4", "trainer.devices=1"], ["++trainer.limit_val_batches=2"]),
     ((3, 4, None, 1), ["data.batch_size=4", "trainer.devices=5"], None),  # 12 windows over 5 ranks
     ((None, 4, None, 1), ["data.batch_size=2"], []),  # every window, whatever the batch
+    ((0, 4, None, 1), ["trainer.limit_val_batches=8"], []),  # the run never validated: nothing to compare with
     ((1.0, 4, None, 1), ["data.batch_size=2", "trainer.limit_val_batches=null"], []),
     ((0.5, 4, None, 1), ["data.batch_size=2"], ["++trainer.limit_val_batches=0.5", "++data.val_batch_size=4"]),
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, run_cli
+from conftest import TINY_OVERRIDES, needs_trusted_cpu_compile, run_cli
 from lightning.pytorch.profilers import SimpleProfiler
 
 from deepseek_mini.checkpoint import load_checkpoint
@@ -174,6 +174,7 @@ class StageRecorder(SimpleProfiler):
         super().setup(stage, local_rank, log_dir)
 
 
+@needs_trusted_cpu_compile
 def test_the_model_is_built_on_the_strategys_device_and_validated_uncompiled_before_fit(tmp_path, cache_dir, capsys,
                                                                                        monkeypatch):
     """Three things that used to go wrong around fit(), checked in one tiny run:

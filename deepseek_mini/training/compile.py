@@ -68,6 +68,20 @@ COMPILE_SCOPES = ("regional", "full")
 DEFAULT_SCOPE = "regional"  # what compile=true means
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 _OFF = ("false", "none", "off", "")
+# On the CPU a compiled training step runs the routed experts' grouped GEMM as an opaque custom op (model/moe.py).
+# Under torch 2.11's AOTAutograd its backward gave the experts' gate/up weights, and through them every weight
+# below, wrong gradients (the GPU image, 2026-12-02: gate_up_proj's gradient off by its own size, the loss
+# exact; backend aot_eager as well as inductor); under 2.13 they equal eager's to 1e-10. The GPU path (the real
+# grouped_mm) was right under 2.11. Versions between are not verified.
+CPU_COMPILE_MIN_TORCH = "2.13"
+
+
+def cpu_compile_problem(version: str = torch.__version__) -> str | None:
+    """Why a compiled training step on the CPU cannot be trusted with this torch (None: it can)."""
+    if torch.torch_version.TorchVersion(version) >= CPU_COMPILE_MIN_TORCH:
+        return None
+    return (f"torch {version} computes wrong gradients for the routed experts in a compiled CPU step (verified "
+            f"right from torch {CPU_COMPILE_MIN_TORCH}); use compile=null on the CPU, or torch>={CPU_COMPILE_MIN_TORCH}")
 
 
 @dataclass(frozen=True)

@@ -134,9 +134,9 @@ def _check_run(cfg, run_dir: Path | None, check_dir: Path, plain: list[str],
                           "its own dir); give one of them (ckpt_path=<file> alone starts a new run from that file)")
     if run_dir is not None and ckpt is None and not resume and is_launcher_rank() and holds_a_run(run_dir):
         # a fresh run there would replace its checkpoints, results and metrics, and mix the two runs' logs
-        again = "the sweep with ckpt_path=last, or give a new hydra.sweep.dir" if sweep_job else \
-            "it with ckpt_path=last, or give a new run dir"
-        raise ConfigError(f"hydra.run.dir={run_dir} holds a run (its checkpoints or results.json); continue {again}")
+        where, again = (f"its dir {run_dir}", "the sweep with ckpt_path=last, or give a new hydra.sweep.dir") \
+            if sweep_job else (f"hydra.run.dir={run_dir}", "it with ckpt_path=last, or give a new run dir")
+        raise ConfigError(f"{where} holds a run (its checkpoints or results.json); continue {again}")
     cfg.paths.output_dir = str(check_dir)  # ${hydra:runtime.output_dir} has no value before Hydra runs
     RunConfig.from_cfg(cfg, check_dir)  # every setting, before any write
     if ckpt is None and not resume:

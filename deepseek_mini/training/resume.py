@@ -276,8 +276,8 @@ def validation_overrides(cfg, recorded: dict, recorded_world: int | None, overri
     rec_world = recorded_world or 1
     now_world = requested_world_size(node) or rec_world
     before, after = _validated(rec_limit, rec_batch, rec_world), _validated(now_limit, now_batch, now_world)
-    if before == after:
-        return []
+    if before == after or before in (("first", 0), ("fraction", 0.0, rec_batch, rec_world)):
+        return []  # the same windows, or the run never validated: nothing to compare with
     given = {k: v for k, v in (("trainer.limit_val_batches", now_limit), ("data.val_batch_size", now_batch))
              if any(o.split("=", 1)[0].lstrip("+~") == k for o in overrides)}
     limit, batch = _reproduce(before, now_world, rec_world, now_limit, now_batch, rec_limit, rec_batch, given)

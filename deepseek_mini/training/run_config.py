@@ -825,6 +825,11 @@ class RunConfig:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                               f"{self.model.max_position_embeddings}: lower data.seq_len or raise the model's")
+        if self.compile and not self.trainer.on_gpu:
+            from deepseek_mini.training.compile import cpu_compile_problem
+
+            if (problem := cpu_compile_problem()) is not None:
+                _fail("compile", self.compile, problem)
         if self.trainer.on_gpu:  # CUDA graphs exist only there
             check_cuda_graphs_accumulation(self.compile, self.trainer.accumulate_grad_batches)
             check_cuda_graphs_placement(self.compile, self.trainer.extra.get("strategy"), self.trainer.world_size)
