@@ -166,3 +166,19 @@ def max_diff_under_interpreter(module: str, compare: str | list[str]) -> float |
 def cache_dir(tmp_path_factory) -> Path:
     """One tokenizer / token cache shared by the CLI tests of a session (they reuse it, as users do)."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The figures the plot functions save (test_plots, test_sweep_report), kept open for inspection."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    yield figs
+    for fig in figs:
+        if fig is not None:
+            close(fig)

@@ -17,17 +17,6 @@ from deepseek_mini.analysis.sweep_report import Job, _split_overrides, main  # n
 from deepseek_mini.training.callbacks import HEATMAP_RANGE, expert_heatmap_figure  # noqa: E402
 
 
-@pytest.fixture
-def captured(monkeypatch):
-    """The figures the plot functions save, kept open for inspection."""
-    figs, close = [], plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
-    yield figs
-    for fig in figs:
-        if fig is not None:
-            close(fig)
-
-
 def test_heatmap_colour_scale_is_fixed():
     """Two validations with different spreads map the same load ratio to the same colour."""
     mild = torch.tensor([[10.0, 12.0, 8.0, 10.0]])

@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 from deepseek_mini.analysis.sweep_plots import plot_curves, plot_vs  # noqa: E402
 from deepseek_mini.analysis.sweep_report import PLOT_FILES, Job, load_job, main, write_report  # noqa: E402
@@ -23,17 +22,6 @@ from deepseek_mini.analysis.sweep_report import PLOT_FILES, Job, load_job, main,
 ROOT = Path(__file__).resolve().parent.parent
 BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 TPS = 512  # tokens per optimizer step of the fake jobs (data.batch_size 4 x seq_len 128)
-
-
-@pytest.fixture
-def captured(monkeypatch):
-    """The figures the plot functions save, kept open for inspection."""
-    figs, close = [], plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
-    yield figs
-    for fig in figs:
-        if fig is not None:
-            close(fig)
 
 
 def _job_dir(path: Path, overrides: list[str], status: str | None = "completed", val_loss: float = 3.5,
