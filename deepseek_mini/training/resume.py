@@ -259,9 +259,9 @@ def validation_overrides(cfg, recorded: dict, recorded_world: int | None, overri
     trainer.limit_val_batches from a changed config, or another number of ranks would each change how many
     windows a validation covers. The run's windows are kept by adopting values of trainer.limit_val_batches and
     data.val_batch_size, keeping the ones the command sets itself (the run's own printed resume command repeats
-    its overrides); a command whose own values cannot cover those windows is refused (a new run can start from
-    the checkpoint with ckpt_path=<file>). When no values reproduce the windows (a count of batches not divisible
-    over the new ranks, a fraction on another world size), the resume goes on and says so."""
+    its overrides); a command whose own values cannot cover those windows is refused (eval.py measures a checkpoint
+    on any windows). When no values reproduce the windows (a count of batches not divisible over the new ranks, a
+    fraction on another world size), the resume goes on and says so."""
     from omegaconf import OmegaConf
 
     rec_trainer, rec_data = (recorded.get("trainer") or {}), (recorded.get("data") or {})
@@ -288,8 +288,8 @@ def validation_overrides(cfg, recorded: dict, recorded_world: int | None, overri
         named = ", ".join(f"{k}={v!r}" for k, v in given.items())
         raise ConfigError(f"{named}: the run's validations measured val/loss on {_describe(before)}, this resume "
                           f"would measure it on {_describe(after)}, and the two would not compare; drop "
-                          f"{' and '.join(given)} to continue the run, or start a new run from the checkpoint "
-                          f"(ckpt_path={ckpt_file} without hydra.run.dir)")
+                          f"{' and '.join(given)} to continue the run (eval.py ckpt_path={ckpt_file} "
+                          "limit_batches=<n> measures it on other windows)")
     print(f"warning: resume on {now_world} rank(s): the run's validations measured val/loss on {_describe(before)}, "
           "and no trainer.limit_val_batches / data.val_batch_size reproduces that here; from this resume val/loss "
           f"is measured on {_describe(after)}", file=sys.stderr)
