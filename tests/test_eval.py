@@ -122,10 +122,11 @@ def test_data_overrides_and_the_recorded_data(tmp_path):
                 "val_batch_size": None, "val_fraction": 0.05, "cache_dir": "/c"}
     data, why, limit = steps.eval_data(cfg_data, ck / "last.ckpt", [])
     assert {k: data[k] for k in recorded} == recorded and data["cache_dir"] == "/c"
-    assert limit == steps.RunValidation(8, 1, None), "a record from before world_size: one process"
+    assert limit == steps.RunValidation(8, 1, 7, None, None), "a record from before world_size: one process"
     assert "trained on" in why
     data, why, limit = steps.eval_data({**cfg_data, "val_batch_size": 2}, ck / "last.ckpt", ["data.val_batch_size=2"])
-    assert data["val_batch_size"] == 2 and data["source"] == "text" and limit is None and "data.val_batch_size" in why
+    assert data["val_batch_size"] == 2 and data["source"] == "text" and "data.val_batch_size" in why
+    assert limit == steps.RunValidation(8, 1, 7, None, None), "batched otherwise, the run's windows all the same"
     data, why, limit = steps.eval_data({**cfg_data, "source": "text", "val_files": "/b/v.txt"}, ck / "last.ckpt",
                                        ["data=text", "data.val_files=/b/v.txt"])
     assert data["val_files"] == "/b/v.txt" and data["train_files"] is None and data["seq_len"] == 32, \
@@ -258,8 +259,8 @@ def test_eval_says_when_the_runs_validation_text_has_changed(run_dir, cache_dir,
     assert _main("eval.py", [f"ckpt_path={ck / 'last.ckpt'}", f"paths.cache_dir={cache_dir}", "max_new_tokens=2",
                              f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
     err = capsys.readouterr().err
-    changed = (f"the validation text has changed since training: {record['val_windows'] - 1} windows, the run had "
-               f"{record['val_windows']}")
+    changed = (f"the validation text has changed since training: {record['val_windows'] - 1} windows of "
+               f"{record['val_tokens']} tokens, the run had {record['val_windows']} of {record['val_tokens']}")
     assert f"warning: {changed}; the loss is not comparable with the run's val_loss" in err
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["data_from"].endswith(changed)
 

@@ -434,8 +434,13 @@ def test_model_too_large_for_memory_is_refused(monkeypatch):
     assert math.isfinite(rc.OPTIMIZER_STATE_BYTES)
 
 
-def test_preflight_leaves_multiruns_to_their_jobs():
-    """A sweep (a=1,2) or an experiment that is a multirun (hydra.mode: MULTIRUN) is not composed as one run."""
-    for argv in (["experiment=rank_x_experts", "model.n_routed_experts=4,1"], ["experiment=rank_x_experts"],
-                 ["-m", "seed=1,2"]):
-        assert rel._preflight_resume(argv, CONFIGS, "train") == argv
+def test_preflight_checks_a_multirun_job_by_job(tmp_path):
+    """A sweep (a=1,2) or an experiment that is a multirun (hydra.mode: MULTIRUN) is not composed as one run: each
+    of its jobs is checked. A job with a bad setting is left to fail alone (an invalid corner of a grid), but a
+    setting that fails every job (here the experiment's data, absent) refuses the sweep before it starts."""
+    assert rel._preflight_resume(["-m", "seed=1,2"], CONFIGS, "train") == ["-m", "seed=1,2"]
+    for argv in (["experiment=rank_x_experts", "model.n_routed_experts=4,1"], ["experiment=rank_x_experts"]):
+        with pytest.raises(ConfigError, match=r"^every job of the sweep would fail; job 0 \(model.kv_lora_rank=16 "
+                                              r"model.n_routed_experts=4\): data.train_files='/nonexistent/gutenberg"):
+            rel._preflight_resume([*argv, "paths.data_dir=/nonexistent"], CONFIGS, "train")
+    assert not any(tmp_path.iterdir())

@@ -50,7 +50,7 @@ def _copy(src: Path, dst: Path) -> Path:
 @pytest.mark.slow
 def test_sweep_jobs_are_the_jobs_hydra_ran(sweep2, cache_dir):
     """training/sweep.py predicts each job's number, dir and overrides exactly as Hydra's basic sweeper ran them."""
-    jobs = sweep_jobs(CONFIGS, "train", [*SWEEP, f"paths.cache_dir={cache_dir}", "model.kv_lora_rank=16,32"],
+    jobs, _ = sweep_jobs(CONFIGS, "train", [*SWEEP, f"paths.cache_dir={cache_dir}", "model.kv_lora_rank=16,32"],
                       [f"hydra.sweep.dir={sweep2}"])
     assert [j.num for j in jobs] == [0, 1] and [j.dir for j in jobs] == [sweep2 / "0", sweep2 / "1"]
     for job in jobs:
@@ -63,8 +63,13 @@ REFUSED = [
     ([], "job 0 (model.kv_lora_rank=16): its dir {sweep}/0 holds a run (its checkpoints or results.json); continue "
          "the sweep with ckpt_path=last, or give a new hydra.sweep.dir"),  # a fresh sweep over it
     (["ckpt_path=last", "model.kv_lora_rank=32,16"],
-     "job 0 (model.kv_lora_rank=32): ckpt_path={sweep}/0/checkpoints/last.ckpt: cannot resume with a different "
-     "model or data: model.kv_lora_rank=32 (the run: 16)"),  # the grid's order changed: job 0 is another point
+     "job 0 (model.kv_lora_rank=32): its run had model.kv_lora_rank=16 and this command gives the job "
+     "model.kv_lora_rank=32 (the grid changed or its values were reordered)"),  # job 0 is another grid point
+    (["ckpt_path=last", "model.kv_lora_rank=16,32", "optim.lr=1e-3,3e-3"],  # a value a single resume may change
+     "job 0 (model.kv_lora_rank=16 optim.lr=0.001): its run had optim.lr=0.003"),  # (the run: SWEEP's 3e-3)
+    (["ckpt_path=last", "model.kv_lora_rank=64,128"], "its run had model.kv_lora_rank=16"),  # another grid
+    (["ckpt_path=last", "model.kv_lora_rank=16,32", "hydra.sweep.subdir=x${hydra.job.num}"],
+     "no job of this sweep holds a run to resume (a new sweep: drop ckpt_path=last)"),  # a mistyped dir
     (["ckpt_path=last", "model.kv_lora_rank=16,32", "data.seq_len=16"], "data.seq_len=16 (the run: 32)"),
     (["ckpt_path=last", "model.kv_lora_rank=16,32", "trainer.limit_val_batches=3"],
      "trainer.limit_val_batches=3: the run's validations measured val/loss on the first 8 validation windows"),
@@ -160,7 +165,7 @@ VALIDATION = [
     ((8, 4, None, 1), ["data.batch_size=4", "trainer.devices=2"], ["++trainer.limit_val_batches=4"]),
     ((1, 4, None, 2), ["data.batch_size=4", "trainer.devices=1"], ["++trainer.limit_val_batches=2"]),
     ((3, 4, None, 1), ["data.batch_size=4", "trainer.devices=5"], None),  # 12 windows over 5 ranks
-    ((None, 4, None, 1), ["data.batch_size=2"], []),  # every window, whatever the batch
+    ((None, 4, None, 1), ["data.batch_size=2"], ["++trainer.limit_val_batches=null"]),  # every window (not 8 x 2)
     ((0, 4, None, 1), ["trainer.limit_val_batches=8"], []),  # the run never validated: nothing to compare with
     ((1.0, 4, None, 1), ["data.batch_size=2", "trainer.limit_val_batches=null"], []),
     ((0.5, 4, None, 1), ["data.batch_size=2"], ["++trainer.limit_val_batches=0.5", "++data.val_batch_size=4"]),
@@ -255,3 +260,90 @@ def test_the_first_validation_after_a_resume_says_when_it_counted_other_tokens(c
         assert lines == ([
             "validation at step 6 measured val/loss on 512 target tokens, the run's validations before the resume on "
             "1024: the two parts of val_history do not compare"] if warned else [])
+
+
+# ---------------------------------------------------------------------- the fourth probe's cases
+@pytest.mark.slow
+def test_a_resumed_sweep_keeps_the_records_of_its_finished_jobs(sweep2, cache_dir, tmp_path):
+    """Jobs already at max_steps have nothing to train: their results.json (val_tokens, train_loss, best) stays as
+    it was, byte for byte, instead of a re-report that lost what fit() had measured."""
+    sweep = _copy(sweep2, tmp_path / "sw")
+    before = {j: (sweep / j / "results.json").read_bytes() for j in "01"}
+    proc = cli("train.py", "-m", *SWEEP, f"paths.cache_dir={cache_dir}", "model.kv_lora_rank=16,32",
+               f"hydra.sweep.dir={sweep}", "ckpt_path=last")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {j: (sweep / j / "results.json").read_bytes() for j in "01"} == before
+    assert "the run completed at step 4; nothing to train, its records are kept" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_into_a_job_dir_another_training_holds_is_refused_up_front(sweep2, cache_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    from test_run_integrity import _holder
+
+    sweep = _copy(sweep2, tmp_path / "sw")
+    holder = _holder(sweep / "1")
+    try:
+        before = snapshot(sweep)
+        code, out = run_inprocess("train.py", ["-m", *SWEEP, f"paths.cache_dir={cache_dir}", "ckpt_path=last",
+                                               "model.kv_lora_rank=16,32", f"hydra.sweep.dir={sweep}"], capsys,
+                                  monkeypatch)
+        assert code == 2 and "job 1 (model.kv_lora_rank=32): another training is running in" in out, out[-2000:]
+        assert snapshot(sweep) == before
+    finally:
+        holder.kill()
+
+
+def test_a_checkpoint_from_elsewhere_into_a_dir_holding_a_run_is_refused(tmp_path):
+    """ckpt_path=<another run's file> into a run dir (or sweep job dir) holding a run would replace its records; its
+    own checkpoints may continue it."""
+    from model_helpers import write_training_checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    write_training_checkpoint(run / "checkpoints" / "last.ckpt", step=4)
+    other = tmp_path / "other.ckpt"
+    write_training_checkpoint(other, step=2)
+    cfg = _compose(["trainer.max_steps=8", f"ckpt_path={other}"])
+    with pytest.raises(ConfigError, match=rf"^hydra.run.dir={run} holds a run .*continue it with ckpt_path=last"):
+        rel._check_run(cfg, run, run, [])
+    cfg = _compose(["trainer.max_steps=8", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    assert rel._check_run(cfg, run, run, []) is not None  # its own file: a resume
+
+
+def test_a_run_stopped_before_its_first_checkpoint_may_start_again(tmp_path):
+    from deepseek_mini.training.resume import holds_a_run
+
+    for status, holds in (("interrupted", False), ("failed", False), ("completed", True), ("weird", True)):
+        (tmp_path / "results.json").write_text(json.dumps({"status": status}))
+        assert holds_a_run(tmp_path) is holds, status
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert holds_a_run(tmp_path), "interrupted with a checkpoint: continue it"
+
+
+def test_devices_auto_on_the_cpu_is_one_process():
+    from deepseek_mini.training.resume import requested_world_size
+
+    assert requested_world_size({"devices": "auto", "accelerator": "cpu"}) == 1
+    assert requested_world_size({"devices": 2, "accelerator": "cpu", "num_nodes": 2}) == 4
+
+
+def test_an_interrupted_sweep_job_prints_the_sweeps_resume_command(monkeypatch):
+    """Its own single-run resume was refused when the sweep came from an experiment that is a multirun: the printed
+    command resumes the sweep, whose finished jobs are kept."""
+    from deepseek_mini.training import train as train_mod
+
+    monkeypatch.setattr(train_mod, "hydra_info", lambda: {"sweep_dir": "/s/sw", "job_num": 1, "overrides": ["x=2"]})
+    monkeypatch.setattr("sys.argv", ["train.py", "experiment=rank_x_experts", "hydra.sweep.dir=/s/sw", "seed=3"])
+    assert train_mod.resume_command(Path("/s/sw/1")) == \
+        "python train.py experiment=rank_x_experts seed=3 hydra.sweep.dir=/s/sw ckpt_path=last"
+
+
+def test_a_count_of_windows_past_all_there_are_is_all_of_them(tmp_path):
+    """The run's 8 batches of 16 asked for more windows than its 65: null (every window) validates the same ones."""
+    ckpt = _recorded_run(tmp_path, 8, batch=16)
+    (tmp_path / "checkpoints" / "data.json").write_text(json.dumps({"val_windows": 65}))
+    for now in (["data.batch_size=16", "trainer.limit_val_batches=null"], ["data.batch_size=4"]):
+        assert [o for o in resume_overrides(_compose(now), ckpt, now) if "val" in o] == \
+            ([] if "trainer.limit_val_batches=null" in now else ["++trainer.limit_val_batches=null"])

@@ -54,7 +54,9 @@ class RunValidation(NamedTuple):
 
     limit_val_batches: int | float | None
     world_size: int
+    batch: int  # its validation batches' size
     windows: int | None  # the validation windows its data had then (None: not recorded)
+    tokens: int | None  # the validation split's tokens then
 
 
 def validated_windows(n_windows: int, limit: int | float | None, batch: int, world: int = 1) -> int:
@@ -113,6 +115,7 @@ def check_eval_settings(cfg) -> EvalSettings:
 
 # ---------------------------------------------------------------------- 3. which data
 WINDOW_KEYS = ("seq_len", "batch_size", "val_batch_size")  # how the text is cut into batches of windows
+BATCH_KEYS = ("batch_size", "val_batch_size")  # how the windows are batched (not which they are)
 
 
 def data_overrides(overrides: list[str]) -> tuple[bool, list[str]]:
@@ -148,7 +151,6 @@ def eval_data(cfg_data: dict, ckpt_path: Path, overrides: list[str]) -> tuple[di
     if not isinstance(recorded, dict):
         raise CheckpointError(f"cannot read {where}: its datamodule is a {type(recorded).__name__}, not a mapping")
     try:  # the recorded sizes by training's rules: a hand-edited record would fail in a DataLoader or int()
-
         check_data_values(recorded)
     except ConfigError as e:
         raise CheckpointError(f"cannot read {where}: {e}") from None
@@ -168,10 +170,12 @@ def eval_data(cfg_data: dict, ckpt_path: Path, overrides: list[str]) -> tuple[di
     if keys:
         why += f", with {', '.join(f'data.{k}' for k in keys)} from the command line"
     check_read_fields(data)  # data.val_files=x on the recorded stdlib source would be ignored, yet named
-    same = not group and all(data.get(k) == recorded.get(k) for k in recorded)
-    windows = record.get("val_windows")
-    windows = windows if isinstance(windows, int) and not isinstance(windows, bool) else None
-    return data, why, RunValidation(limit, world, windows) if same else None
+    # the same windows whatever their batching: the run's validation is counted in its own batches
+    same = not group and all(data.get(k) == recorded.get(k) for k in recorded if k not in BATCH_KEYS)
+    counts = [v if isinstance(v, int) and not isinstance(v, bool) else None
+              for v in (record.get("val_windows"), record.get("val_tokens"))]
+    batch = int(recorded.get("val_batch_size") or recorded.get("batch_size") or 1)
+    return data, why, RunValidation(limit, world, batch, *counts) if same else None
 
 
 # ---------------------------------------------------------------------- 4. the validation windows

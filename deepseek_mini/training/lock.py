@@ -55,6 +55,25 @@ def acquire_run_lock(run_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def lock_holder(run_dir: str | os.PathLike) -> str | None:
+    """Who holds `run_dir`'s lock (its record), or None when nobody else does; nothing is created or kept."""
+    run_dir = Path(run_dir).resolve()
+    path = run_dir / LOCK_FILE
+    if run_dir in _held or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+    return None
+
+
 def release_run_lock(run_dir: str | os.PathLike) -> None:
     fd = _held.pop(Path(run_dir).resolve(), None)
     if fd is not None:

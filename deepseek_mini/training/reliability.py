@@ -28,6 +28,7 @@ Where the rest lives (import it from there): checkpoint files (checkpoint_io.py)
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ from deepseek_mini.config import ConfigError
 from deepseek_mini.training.errors import (
     hydra_error_line,
 )
-from deepseek_mini.training.lock import acquire_run_lock, is_launcher_rank
+from deepseek_mini.training.lock import acquire_run_lock, is_launcher_rank, lock_holder
 from deepseek_mini.training.resume import (
     holds_a_run,
     latest_run_with_checkpoint,
@@ -45,6 +46,7 @@ from deepseek_mini.training.resume import (
     resume_overrides,
 )
 from deepseek_mini.training.summary import hydra_value
+from deepseek_mini.training.sweep import SweepJob, configured_dir, sweep_jobs
 
 INFO_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--shell-completion",
               "-sc", "--version")
@@ -89,14 +91,13 @@ def _preflight_resume(argv: list[str], config_dir: str, config_name: str) -> lis
     if multirun:
         wants_last = ckpt_value == "last" or (resume_value is not None and "," not in resume_value
                                              and as_bool("resume", resume_value) and ckpt_value is None)
-        if wants_last and _value(overrides, "hydra.sweep.dir") is None:
-            raise ConfigError(f"{'ckpt_path=last' if ckpt_value == 'last' else 'resume=' + resume_value} with -m: "
-                              "each job resumes its own <sweep dir>/<job>/checkpoints/last.ckpt; give "
-                              "hydra.sweep.dir=<the sweep's dir>")
-        return _preflight_sweep(argv, overrides, plain, config_dir, config_name, wants_last)
+        how = (f"{'ckpt_path=last' if ckpt_value == 'last' else 'resume=' + str(resume_value)} with -m"
+               if wants_last else None)
+        return _preflight_sweep(argv, overrides, plain, config_dir, config_name, how)
     resume = as_bool("resume", cfg.get("resume", False))
     ckpt = cfg.get("ckpt_path")
     run_dir = _value(overrides, "hydra.run.dir")
+    run_dir = configured_dir(cfg.hydra.run) if run_dir is None else run_dir  # a config file's fixed dir too
     if run_dir is None and (ckpt == "last" or resume and ckpt in (None, "", "null")):
         runs = Path(str(cfg.paths.log_dir)) / str(cfg.task_name) / "runs"
         found = latest_run_with_checkpoint(runs)
@@ -132,8 +133,11 @@ def _check_run(cfg, run_dir: Path | None, check_dir: Path, plain: list[str],
     if resume and ckpt not in (None, "last"):
         raise ConfigError(f"resume=true with ckpt_path={ckpt}: resume=true means ckpt_path=last (the run continues in "
                           "its own dir); give one of them (ckpt_path=<file> alone starts a new run from that file)")
-    if run_dir is not None and ckpt is None and not resume and is_launcher_rank() and holds_a_run(run_dir):
-        # a fresh run there would replace its checkpoints, results and metrics, and mix the two runs' logs
+    own = ckpt == "last" or resume or (ckpt is not None and run_dir is not None
+                                       and Path(ckpt).expanduser().resolve().is_relative_to(run_dir.resolve()))
+    if run_dir is not None and not own and is_launcher_rank() and holds_a_run(run_dir):
+        # a fresh run there, or one from another run's checkpoint, would replace its checkpoints, results and
+        # metrics, and mix the two runs' logs
         where, again = (f"its dir {run_dir}", "the sweep with ckpt_path=last, or give a new hydra.sweep.dir") \
             if sweep_job else (f"hydra.run.dir={run_dir}", "it with ckpt_path=last, or give a new run dir")
         raise ConfigError(f"{where} holds a run (its checkpoints or results.json); continue {again}")
@@ -146,34 +150,49 @@ def _check_run(cfg, run_dir: Path | None, check_dir: Path, plain: list[str],
 
 
 def _preflight_sweep(argv: list[str], overrides: list[str], plain: list[str], config_dir: str, config_name: str,
-                     wants_last: bool) -> list[str]:
-    """A multirun into a given `hydra.sweep.dir`, checked job by job before the first job runs (training/sweep.py
-    knows each job's overrides and dir): a fresh sweep may not run a job in a dir that holds a run, and a resumed
-    one (ckpt_path=last) must continue each job's own model and data. A job that holds no run and has a bad
-    setting is left to fail alone when its turn comes, as in any sweep (a grid may have invalid corners)."""
-    from deepseek_mini.training.sweep import sweep_jobs
-
+                     resuming: str | None) -> list[str]:
+    """A multirun with Hydra's basic sweeper, checked job by job before the first job runs (training/sweep.py knows
+    each job's overrides and dir). A job with a bad setting is left to fail alone when its turn comes, as in any
+    sweep (a grid may have invalid corners), unless every job would. Into a known sweep dir (hydra.sweep.dir on the
+    command line or fixed by a config), no job may run in a dir that holds a run or that another training holds;
+    a resumed sweep (`resuming`: ckpt_path=last / resume=true) must continue each job's own run: its model, data
+    and swept values."""
+    jobs, configured = sweep_jobs(config_dir, config_name, plain, [o for o in overrides if o.startswith(HYDRA_PREFIXES)])
     sweep_dir = _value(overrides, "hydra.sweep.dir")
-    if sweep_dir is None:
-        return argv  # a new timestamped dir: nothing in it to protect, and jobs check their own settings
-    if not str(sweep_dir).strip():
+    sweep_dir = configured if sweep_dir is None else sweep_dir
+    if resuming and sweep_dir is None:
+        raise ConfigError(f"{resuming}: each job resumes its own <sweep dir>/<job>/checkpoints/last.ckpt; give "
+                          "hydra.sweep.dir=<the sweep's dir>")
+    if sweep_dir is not None and not str(sweep_dir).strip():
         raise ConfigError("hydra.sweep.dir='': an empty path would be the current directory; give a sweep dir")
-    jobs = sweep_jobs(config_dir, config_name, plain, [o for o in overrides if o.startswith(HYDRA_PREFIXES)])
     if jobs is None:
-        if wants_last:
-            raise ConfigError("ckpt_path=last with -m and a sweeper other than Hydra's basic one: its jobs are not "
-                              "known before they run; resume each job with hydra.run.dir=<job dir> ckpt_path=last")
+        if resuming:
+            raise ConfigError(f"{resuming} and a sweeper other than Hydra's basic one: its jobs are not known before "
+                              "they run; resume each job with hydra.run.dir=<job dir> ckpt_path=last")
         return argv
     adopted: dict[int, list[str]] = {}
+    failing: list[tuple[SweepJob, Exception]] = []
     for job in jobs:
+        known = sweep_dir is not None
         try:
-            adopt = _check_run(job.cfg, job.dir, job.dir, job.overrides, sweep_job=True)
+            if known and (holder := lock_holder(job.dir)) is not None:
+                raise ConfigError(f"another training is running in {job.dir} ({holder}); wait for it")
+            if known and resuming and holds_a_run(job.dir):
+                _check_swept_values(job)
+            adopt = _check_run(job.cfg, job.dir if known else None, job.dir, job.overrides, sweep_job=True)
         except (ConfigError, CheckpointError) as e:
-            if not holds_a_run(job.dir):
-                continue
-            raise type(e)(f"hydra.sweep.dir={sweep_dir}: job {job.num} ({' '.join(job.swept)}): {e}") from None
+            if known and (holds_a_run(job.dir) or lock_holder(job.dir) is not None):
+                raise type(e)(f"hydra.sweep.dir={sweep_dir}: job {job.num} ({' '.join(job.swept)}): {e}") from None
+            failing.append((job, e))
+            continue
         if adopt is not None:
             adopted[job.num] = adopt
+    if failing and len(failing) == len(jobs):  # not an invalid corner: the sweep as a whole
+        job, e = failing[0]
+        raise type(e)(f"every job of the sweep would fail; job {job.num} ({' '.join(job.swept)}): {e}") from None
+    if resuming and not any(holds_a_run(j.dir) for j in jobs):
+        raise ConfigError(f"hydra.sweep.dir={sweep_dir}: no job of this sweep holds a run to resume (a new sweep: "
+                          f"drop {resuming.split(' ')[0]})")
     kinds = {tuple(a) for a in adopted.values()}
     if len(kinds) > 1:  # one command line serves every job: the recorded settings must be the same for all
         seen = "; ".join(f"job {n}: {' '.join(a) or 'as now'}" for n, a in adopted.items())
@@ -181,6 +200,30 @@ def _preflight_sweep(argv: list[str], overrides: list[str], plain: list[str], co
                           f"does not set ({seen}); set them on the command line, or resume each job with "
                           "hydra.run.dir=<job dir> ckpt_path=last")
     return [*argv, *(kinds.pop() if kinds else ())]
+
+
+def _check_swept_values(job: SweepJob) -> None:
+    """A resumed job continues the run its dir holds: each value the sweep varies must be the one that run had
+    (its .hydra/config.yaml). A reordered or changed grid would give job 0 another job's optim.lr, which a single
+    resume may change but which here tells the jobs apart."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    path = job.dir / ".hydra" / "config.yaml"
+    try:
+        ran = OmegaConf.create(yaml.safe_load(path.read_text()) or {})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError):
+        return  # no record of the values: the model and data comparison still applies
+    for item in job.swept:
+        key, value = item.split("=", 1)
+        key = key.lstrip("+~")
+        before, now = OmegaConf.select(ran, key, default=None), OmegaConf.select(job.cfg, key, default=None)
+        before, now = (OmegaConf.to_container(v, resolve=False) if OmegaConf.is_config(v) else v
+                       for v in (before, now))
+        if json.dumps(before, default=str, sort_keys=True) != json.dumps(now, default=str, sort_keys=True):
+            raise ConfigError(f"its run had {key}={before!r} and this command gives the job {key}={now!r} (the grid "
+                              "changed or its values were reordered); give the sweep's values in their order, or "
+                              "start a new sweep in a new hydra.sweep.dir")
 
 
 def _preflight_eval(argv: list[str], config_dir: str, config_name: str) -> None:
@@ -217,6 +260,13 @@ def cli_entry(main, config_dir: str | os.PathLike, config_name: str):
 
     @functools.wraps(main)
     def wrapped():
+        try:
+            return checked()
+        except KeyboardInterrupt:  # Ctrl-C in the checks before Hydra, or where nothing below turned it into an exit
+            print("interrupted (SIGINT): nothing was saved", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    def checked():
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 

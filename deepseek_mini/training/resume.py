@@ -134,16 +134,27 @@ def verify_training_checkpoint(path: Path) -> None:
 
 
 def holds_a_run(run_dir: Path) -> bool:
-    """A run that trained: checkpoints/last.ckpt, or a results.json that is not a failure's (a run that failed
-    before its first checkpoint may be started again in its dir)."""
+    """A run that trained: checkpoints/last.ckpt, or a results.json that is not a failure's or an interrupt's (a
+    run that failed or was stopped before its first checkpoint may be started again in its dir)."""
     if (run_dir / "checkpoints" / "last.ckpt").exists():
         return True
     if not (run_dir / "results.json").is_file():
         return False
     try:
-        return json.loads((run_dir / "results.json").read_text()).get("status") != "failed"
+        return json.loads((run_dir / "results.json").read_text()).get("status") not in ("failed", "interrupted")
     except Exception:  # unreadable: not ours to replace
         return True
+
+
+def finished_results(run_dir: Path, step: int | None) -> dict | None:
+    """results.json of a run that completed at `step`, or None: a resume with trainer.max_steps equal to that step
+    has nothing to train, and (a resumed sweep re-running its finished jobs) must leave those records as they are."""
+    try:
+        res = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(res, dict) and res.get("status") == "completed" and res.get("global_step") == step
+    return res if ok and step is not None else None
 
 
 def latest_run_with_checkpoint(runs_dir: Path) -> Path | None:
@@ -276,12 +287,19 @@ def validation_overrides(cfg, recorded: dict, recorded_world: int | None, overri
     rec_world = recorded_world or 1
     now_world = requested_world_size(node) or rec_world
     before, after = _validated(rec_limit, rec_batch, rec_world), _validated(now_limit, now_batch, now_world)
+    try:  # a count of windows at or past all there are is all of them (the data record has how many)
+        n = json.loads((ckpt_file.parent / "data.json").read_text()).get("val_windows")
+    except (OSError, ValueError, AttributeError):
+        n = None
+    if isinstance(n, int) and not isinstance(n, bool):
+        before, after = (("all",) if v[0] == "first" and v[1] >= n else v for v in (before, after))
     if before == after or before in (("first", 0), ("fraction", 0.0, rec_batch, rec_world)):
         return []  # the same windows, or the run never validated: nothing to compare with
     given = {k: v for k, v in (("trainer.limit_val_batches", now_limit), ("data.val_batch_size", now_batch))
              if any(o.split("=", 1)[0].lstrip("+~") == k for o in overrides)}
-    limit, batch = _reproduce(before, now_world, rec_world, now_limit, now_batch, rec_limit, rec_batch, given)
-    if limit is not None and all(v == (limit if k.startswith("trainer") else batch) for k, v in given.items()):
+    found = _reproduce(before, now_world, rec_world, now_limit, now_batch, rec_limit, rec_batch, given)
+    if found is not None and all(v == found[0 if k.startswith("trainer") else 1] for k, v in given.items()):
+        limit, batch = found
         adopt = [f"++trainer.limit_val_batches={_override_value(limit)}"] if limit != now_limit else []
         return adopt + ([f"++data.val_batch_size={batch}"] if batch != now_batch else [])
     if given:  # the command's own values: no run windows with them
@@ -297,16 +315,16 @@ def validation_overrides(cfg, recorded: dict, recorded_world: int | None, overri
 
 
 def _reproduce(before: tuple, world: int, rec_world: int, now_limit: Any, now_batch: int, rec_limit: Any,
-               rec_batch: int, given: dict) -> tuple[Any, int | None]:
+               rec_batch: int, given: dict) -> tuple[Any, int] | None:
     """(trainer.limit_val_batches, validation batch size) that validate on the windows `before` names with
-    `world` ranks, keeping what the command gave where it can; (None, None) when none do."""
-    if before[0] == "all":
-        return rec_limit, now_batch
+    `world` ranks, keeping what the command gave where it can; None when none do."""
+    if before[0] == "all":  # null: every window, whatever the batch
+        return (rec_limit if rec_limit is None or isinstance(rec_limit, float) else None), now_batch
     if before[0] == "fraction":
-        return (rec_limit, rec_batch) if world == rec_world else (None, None)
+        return (rec_limit, rec_batch) if world == rec_world else None
     per_rank, left = divmod(before[1], world)
     if left:
-        return None, None
+        return None
     if "data.val_batch_size" in given:
         batch = now_batch
     elif "trainer.limit_val_batches" in given:  # the command's count: the batch that makes it cover them
@@ -314,7 +332,7 @@ def _reproduce(before: tuple, world: int, rec_world: int, now_limit: Any, now_ba
         batch = per_rank // now_limit if ok and per_rank % now_limit == 0 else 0
     else:  # the new batch size where it divides (a smaller batch may be why it changed), else the run's
         batch = now_batch if per_rank % now_batch == 0 else math.gcd(per_rank, rec_batch)
-    return (per_rank // batch, batch) if batch and per_rank % batch == 0 else (None, None)
+    return (per_rank // batch, batch) if batch and per_rank % batch == 0 else None
 
 
 def check_max_steps(max_steps: Any, meta: dict, ckpt_file: Path) -> None:
@@ -328,8 +346,8 @@ def check_max_steps(max_steps: Any, meta: dict, ckpt_file: Path) -> None:
 
 
 def requested_world_size(trainer_cfg: dict) -> int | None:
-    """Ranks the command will run (devices x num_nodes), or None where Lightning decides at start-up
-    (devices=auto / -1 on a CPU accelerator)."""
+    """Ranks the command will run (devices x num_nodes; devices=auto on the CPU is one process), or None where it is
+    not known before start-up."""
     devices, nodes = trainer_cfg.get("devices", 1), trainer_cfg.get("num_nodes", 1) or 1
     if isinstance(devices, (list, tuple)):
         n = len(devices)
@@ -338,6 +356,8 @@ def requested_world_size(trainer_cfg: dict) -> int | None:
     elif devices in ("auto", -1, "-1") and str(trainer_cfg.get("accelerator", "auto")).lower() != "cpu" \
             and torch.cuda.is_available():
         n = torch.cuda.device_count()
+    elif devices == "auto":  # Lightning's CPU accelerator: one process
+        n = 1
     else:
         return None
     return n * int(nodes) if isinstance(nodes, int) else None

@@ -117,15 +117,16 @@ def evaluate(cfg: DictConfig) -> dict:
     windows, data_desc = steps.val_windows(data, tok_path, seq_len,
                                            announce=lambda d: print(f"evaluating on {d} ({data_from})"))
     batch = int(data.get("val_batch_size") or data["batch_size"])
-    if validated is not None and validated.windows not in (None, len(windows)):  # its files were edited since
-        changed = f"the validation text has changed since training: {len(windows)} windows, the run had " \
-                  f"{validated.windows}"
+    pairs = [] if validated is None else [(validated.windows, len(windows)), (validated.tokens, windows.n_tokens)]
+    if any(then is not None and then != now for then, now in pairs):  # its files were edited since
+        changed = f"the validation text has changed since training: {len(windows)} windows of " \
+                  f"{windows.n_tokens} tokens, the run had {validated.windows} of {validated.tokens}"
         data_from += f"; {changed}"  # eval.json
         print(f"warning: {changed}; the loss is not comparable with the run's val_loss", file=sys.stderr)
     limit = settings.limit_batches
     if limit == "auto":  # on the run's own data, the windows its validation covered (over all its ranks), else all
         n = len(windows) if validated is None else steps.validated_windows(
-            len(windows), validated.limit_val_batches, batch, validated.world_size)
+            len(windows), validated.limit_val_batches, validated.batch, validated.world_size)
         limit = -(-n // batch) if n < len(windows) else None
         windows = Subset(windows, range(n))
     loader = DataLoader(windows, batch_size=batch, shuffle=False)

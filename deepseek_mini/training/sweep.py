@@ -43,10 +43,25 @@ def grid(task_overrides: list[str], params: dict | None = None) -> tuple[list[li
     return [list(job) for job in jobs], swept
 
 
+def configured_dir(node, key: str = "dir") -> str | None:
+    """The run or sweep dir (`hydra.run` / `hydra.sweep` node) a config fixes, resolved; None for a timestamped one
+    (`${now:...}`: a new dir each launch) or one that cannot be resolved before Hydra runs."""
+    from omegaconf import OmegaConf
+
+    raw = (OmegaConf.to_container(node, resolve=False) or {}).get(key)
+    if raw is None or "${now:" in str(raw):
+        return None
+    try:
+        return str(node[key])
+    except Exception:  # ${hydra:...} and the like have no value yet
+        return None
+
+
 def sweep_jobs(config_dir: str, config_name: str, task_overrides: list[str],
-               hydra_overrides: list[str]) -> list[SweepJob] | None:
+               hydra_overrides: list[str]) -> tuple[list[SweepJob] | None, str | None]:
     """The jobs `python <entry> -m <hydra_overrides> <task_overrides>` will run, in order, or None when the
-    sweeper is not Hydra's basic one. Composing needs no write and runs no job."""
+    sweeper is not Hydra's basic one; and the sweep dir a config fixes (configured_dir). Composing needs no write
+    and runs no job."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf, open_dict
@@ -55,9 +70,9 @@ def sweep_jobs(config_dir: str, config_name: str, task_overrides: list[str],
              if not o.is_sweep_override()]
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         base = compose(config_name=config_name, overrides=[*hydra_overrides, *fixed], return_hydra_config=True)
-        sweeper = base.hydra.sweeper
+        sweeper, sweep_dir = base.hydra.sweeper, configured_dir(base.hydra.sweep)
         if sweeper.get("_target_") != BASIC_SWEEPER:
-            return None
+            return None, sweep_dir
         params = sweeper.get("params")
         job_overrides, swept = grid(task_overrides, OmegaConf.to_container(params) if params else None)
         str(base.hydra.sweep.dir)  # resolves ${now:} once, into the cache each job's config copies
@@ -72,4 +87,4 @@ def sweep_jobs(config_dir: str, config_name: str, task_overrides: list[str],
                 cfg.paths.output_dir = str(job_dir)  # ${hydra:runtime.output_dir} has no value before Hydra runs
             jobs.append(SweepJob(num, list(overrides), cfg, job_dir,
                                  [o for o in overrides if o.split("=", 1)[0] in swept]))
-    return jobs
+    return jobs, sweep_dir

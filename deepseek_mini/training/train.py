@@ -46,6 +46,7 @@ from deepseek_mini.training.resume import (
     RunHistory,
     check_max_steps,
     check_tokenizer,
+    finished_results,
     resolve_ckpt_path,
 )
 from deepseek_mini.training.run_config import RunConfig
@@ -232,7 +233,15 @@ def validate_before_fit(run: RunConfig, resume: Resume, p: Parts) -> None:
 
 
 def resume_command(output_dir: Path) -> str:
-    keep = [o for o in hydra_info().get("overrides", [])
+    """The command that continues this run; for a sweep job, the sweep's own command line into its sweep dir (its
+    finished jobs are kept, the others continue or start)."""
+    info = hydra_info()
+    if "sweep_dir" in info:
+        drop, args, where = ("ckpt_path", "resume", "hydra.sweep.dir"), sys.argv[1:], info["sweep_dir"]
+        keep = [a for a in args if a.split("=", 1)[0].lstrip("+~") not in drop]
+        return " ".join(["python train.py", *map(shlex.quote, keep),
+                         shlex.quote(f"hydra.sweep.dir={hydra_value(Path(where).resolve())}"), "ckpt_path=last"])
+    keep = [o for o in info.get("overrides", [])
             if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "resume", "hydra.run.dir")]
     return " ".join(["python train.py", *map(shlex.quote, keep),
                      shlex.quote(f"hydra.run.dir={hydra_value(output_dir)}"), "ckpt_path=last"])
@@ -252,8 +261,9 @@ def fit(cfg: DictConfig, run: RunConfig, resume: Resume, p: Parts, t_start: floa
         _write_results(p, results(cfg, run, resume, p, t_start, time.perf_counter() - t_fit, status="interrupted",
                                   extra={"signal": name, "checkpoint": str(saved) if saved else None}))
         where = f"checkpoint saved: {saved}" if saved else "no checkpoint saved"
-        print(f"interrupted ({name}) at step {p.trainer.global_step}; {where}\nresume with: "
-              f"{resume_command(run.output_dir)}", file=sys.stderr)
+        then = f"resume with: {resume_command(run.output_dir)}" if (p.ckpt_dir / "last.ckpt").exists() else \
+            "nothing to resume: start again with the same command"
+        print(f"interrupted ({name}) at step {p.trainer.global_step}; {where}\n{then}", file=sys.stderr)
         raise SystemExit(EXIT_CODES.get(name, 1)) from None
     except Exception as e:
         _write_results(p, results(cfg, run, resume, p, t_start, time.perf_counter() - t_fit, status="failed",
@@ -387,6 +397,11 @@ def train(cfg: DictConfig) -> dict:
     if run.trainer.single_gpu is not None:  # our Triton kernels compile meanwhile too (other ranks: at fit start)
         compile_kernels_ahead(run.model, run.trainer.trainer_kwargs()["precision"], run.trainer.single_gpu)
     resume = checkpoint_to_resume(run)  # verified (zip/CRC) before data preparation
+    if run.trainer.max_steps == resume.step and (done := finished_results(output_dir, resume.step)) is not None:
+        # nothing to train, and re-reporting would lose what fit() measured (a resumed sweep re-runs finished jobs)
+        print(f"{output_dir}: the run completed at step {resume.step}; nothing to train, its records are kept "
+              f"(give trainer.max_steps > {resume.step} to train on)", file=sys.stderr)
+        return done
     acquire_run_lock(output_dir)
     with RestoreSignalHandlers():  # however the run ends, Ctrl-C works as before it (guards.py)
         try:
