@@ -217,7 +217,10 @@ def _check_swept_values(job: SweepJob) -> None:
     for item in job.swept:
         key, value = item.split("=", 1)
         key = key.lstrip("+~")
-        before, now = OmegaConf.select(ran, key, default=None), OmegaConf.select(job.cfg, key, default=None)
+        try:
+            before, now = OmegaConf.select(ran, key, default=None), OmegaConf.select(job.cfg, key, default=None)
+        except Exception:  # an interpolation with no value outside Hydra (${hydra:...}): not comparable here
+            continue
         before, now = (OmegaConf.to_container(v, resolve=False) if OmegaConf.is_config(v) else v
                        for v in (before, now))
         if json.dumps(before, default=str, sort_keys=True) != json.dumps(now, default=str, sort_keys=True):
