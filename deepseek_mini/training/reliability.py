@@ -172,16 +172,17 @@ def _preflight_sweep(argv: list[str], overrides: list[str], plain: list[str], co
         return argv
     adopted: dict[int, list[str]] = {}
     failing: list[tuple[SweepJob, Exception]] = []
+    known = sweep_dir is not None
     for job in jobs:
-        known = sweep_dir is not None
+        ran, holder = (holds_a_run(job.dir), lock_holder(job.dir)) if known else (False, None)
         try:
-            if known and (holder := lock_holder(job.dir)) is not None:
+            if holder is not None:
                 raise ConfigError(f"another training is running in {job.dir} ({holder}); wait for it")
-            if known and resuming and holds_a_run(job.dir):
+            if ran and resuming:
                 _check_swept_values(job)
             adopt = _check_run(job.cfg, job.dir if known else None, job.dir, job.overrides, sweep_job=True)
         except (ConfigError, CheckpointError) as e:
-            if known and (holds_a_run(job.dir) or lock_holder(job.dir) is not None):
+            if ran or holder is not None:  # a job dir that holds something: the sweep may not go on over it
                 raise type(e)(f"hydra.sweep.dir={sweep_dir}: job {job.num} ({' '.join(job.swept)}): {e}") from None
             failing.append((job, e))
             continue

@@ -44,6 +44,7 @@ from deepseek_mini.checkpoint import (
     checkpoint_model_config,
     consolidate_command,
     is_sharded_checkpoint,
+    read_data_record,
     verify_weights,
 )
 from deepseek_mini.config import ConfigError
@@ -288,8 +289,8 @@ def validation_overrides(cfg, recorded: dict, recorded_world: int | None, overri
     now_world = requested_world_size(node) or rec_world
     before, after = _validated(rec_limit, rec_batch, rec_world), _validated(now_limit, now_batch, now_world)
     try:  # a count of windows at or past all there are is all of them (the data record has how many)
-        n = json.loads((ckpt_file.parent / "data.json").read_text()).get("val_windows")
-    except (OSError, ValueError, AttributeError):
+        n = (read_data_record(ckpt_file) or {}).get("val_windows")
+    except CheckpointError:  # a damaged record: eval.py names it; here the windows are compared as counted
         n = None
     if isinstance(n, int) and not isinstance(n, bool):
         before, after = (("all",) if v[0] == "first" and v[1] >= n else v for v in (before, after))
