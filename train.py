@@ -1,5 +1,19 @@
 """Train deepseek-mini: `python train.py [overrides]`, `python train.py -m <sweep>`. See README.md."""
 
+import signal
+import sys
+
+
+def interrupted_while_starting(signum, frame):
+    """SIGTERM during the imports and checks below (seconds, before anything is written): one line and rc 143, as
+    later, instead of a silent kill. cli_entry hands SIGTERM back to the default before Hydra runs."""
+    print("interrupted (SIGTERM) before training started: nothing was trained or saved", file=sys.stderr)
+    raise SystemExit(143)
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # a caller's handler or SIG_IGN is kept
+    signal.signal(signal.SIGTERM, interrupted_while_starting)
+
 from pathlib import Path
 
 import hydra
@@ -19,4 +33,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    cli_entry(main, CONFIGS, "train")()
+    cli_entry(main, CONFIGS, "train", starting=interrupted_while_starting)()

@@ -364,3 +364,25 @@ def test_train_refuses_before_hydra_writes_or_data_prep(overrides, expected, tmp
     code, out, err = train([*overrides, f"hydra.run.dir={run_dir}"], tmp_path, capsys, monkeypatch)
     assert_one_line_refusal(code, out, err, expected)
     assert not run_dir.exists() and not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------------- 6. rules that need the data's size
+def test_a_validation_fraction_that_leaves_no_batch_is_one_line(tmp_path, capsys, monkeypatch):
+    """Lightning validates int(fraction x each rank's validation batches) and refused a fraction that left none in a
+    MisconfigurationException traceback at the first validation (more ranks: fewer batches each, so 0.3 under DDP
+    failed where one process passed). Checked once the data's windows are known, before the model is built."""
+    from deepseek_mini.training.run_config import check_val_fraction
+
+    code, out, err = train(["trainer.limit_val_batches=0.001", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, capsys,
+                           monkeypatch)
+    assert_one_line_refusal(code, out, err, "trainer.limit_val_batches=0.001: that fraction of the ")
+    assert "validation batch(es) there are is none; give at least" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    check_val_fraction(0.3, 40, 4, 1)  # 10 batches: 3 of them
+    check_val_fraction(0.3, 40, 4, 2)  # 5 each: 1 of them
+    for limit in (0.0, 1.0, 5, None, True):  # nothing to validate, all, counts: not this rule
+        check_val_fraction(limit, 8, 4, 4)
+    with pytest.raises(ConfigError, match=r"^trainer.limit_val_batches=0.3: that fraction of the 3 validation "
+                                          r"batch\(es\) each of the 2 processes has is none; give at least 0.333, or a "
+                                          r"number of batches$"):
+        check_val_fraction(0.3, 23, 4, 2)  # 12 windows each, 3 batches: int(0.9) = 0

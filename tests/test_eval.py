@@ -243,24 +243,34 @@ def test_eval_prints_the_runs_val_loss(run_dir, cache_dir, tmp_path, capsys):
     assert "trained on" in res["data_from"] and res["data"] in out
     assert [line for line in out.splitlines() if line.startswith("evaluating on ")] == \
         [f"evaluating on {res['data']} ({res['data_from']})"]
+    record = json.loads((run_dir / "checkpoints" / "data.json").read_text())
+    assert len(record["val_hash"]) == 64 and "changed" not in res["data_from"], "the same text: no warning"
 
 
 @pytest.mark.slow
-def test_eval_says_when_the_runs_validation_text_has_changed(run_dir, cache_dir, tmp_path, capsys):
-    """data.json records how many validation windows the run had: when its files have changed since (here the
-    record says one window more), eval still evaluates them but says its loss is not the run's val_loss."""
+@pytest.mark.parametrize("edit", ["windows", "text"])
+def test_eval_says_when_the_runs_validation_text_has_changed(run_dir, cache_dir, tmp_path, capsys, edit):
+    """data.json records how many validation windows the run had and its documents' hash: when its files have
+    changed since (here the record says one window more, or another hash with the same counts: an edit that keeps
+    the length), eval still evaluates them but says its loss is not the run's val_loss."""
     import shutil
 
     ck = shutil.copytree(run_dir / "checkpoints", tmp_path / "run" / "checkpoints")
     record = json.loads((ck / "data.json").read_text())
-    record["val_windows"] += 1
+    now = record["val_hash"]
+    if edit == "windows":
+        record["val_windows"] += 1
+    else:
+        record["val_hash"] = "0" * 64
     (ck / "data.json").write_text(json.dumps(record))
     capsys.readouterr()
     assert _main("eval.py", [f"ckpt_path={ck / 'last.ckpt'}", f"paths.cache_dir={cache_dir}", "max_new_tokens=2",
                              f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
     err = capsys.readouterr().err
-    changed = (f"the validation text has changed since training: {record['val_windows'] - 1} windows of "
-               f"{record['val_tokens']} tokens, the run had {record['val_windows']} of {record['val_tokens']}")
+    how = (f"{record['val_windows'] - 1} windows of {record['val_tokens']} tokens, the run had "
+           f"{record['val_windows']} of {record['val_tokens']}" if edit == "windows"
+           else f"its documents hash to {now[:12]}, the run's to {'0' * 12}")
+    changed = f"the validation text has changed since training: {how}"
     assert f"warning: {changed}; the loss is not comparable with the run's val_loss" in err
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["data_from"].endswith(changed)
 

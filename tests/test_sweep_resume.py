@@ -234,6 +234,36 @@ def test_a_signal_before_the_first_step_is_one_line(sig, code, stage, tmp_path, 
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the handler is gone once the run is"
 
 
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_sigterm_while_the_entry_point_starts_is_one_line(script, tmp_path, capsys, monkeypatch):
+    """SIGTERM during the imports (seconds of them; here one second after launch) or the checks before Hydra: one
+    line, rc 143, nothing written, where the default action killed the process without a word. Once the checks
+    are over SIGTERM is the default again, for train()'s own handling to take over."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    said = ("training started: nothing was trained or saved" if script == "train.py"
+            else "evaluating: nothing was evaluated or written")
+    proc = subprocess.Popen([sys.executable, script, f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == f"interrupted (SIGTERM) before {said}", err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+    def checks(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(rel, "_preflight_resume" if script == "train.py" else "_preflight_eval", checks)
+    got, out = run_inprocess(script, [f"hydra.run.dir={tmp_path / 'run'}", "ckpt_path=x.ckpt"], capsys, monkeypatch)
+    assert got == 143 and f"interrupted (SIGTERM) before {said}" in out and "Traceback" not in out, out[-2000:]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "handed back"
+
+
 def test_the_preflight_checks_a_multirun_only_where_it_has_a_sweep_dir(tmp_path):
     """A sweep into a new timestamped dir composes nothing up front: its jobs check their own settings (a grid may
     have invalid corners, which fail alone)."""
@@ -264,16 +294,32 @@ def test_the_first_validation_after_a_resume_says_when_it_counted_other_tokens(c
 
 # ---------------------------------------------------------------------- the fourth probe's cases
 @pytest.mark.slow
-def test_a_resumed_sweep_keeps_the_records_of_its_finished_jobs(sweep2, cache_dir, tmp_path):
+@pytest.mark.parametrize("deleted", [False, True], ids=["checkpoints", "checkpoints-deleted"])
+def test_a_resumed_sweep_keeps_the_records_of_its_finished_jobs(sweep2, cache_dir, tmp_path, deleted):
     """Jobs already at max_steps have nothing to train: their results.json (val_tokens, train_loss, best) stays as
-    it was, byte for byte, instead of a re-report that lost what fit() had measured."""
+    it was, byte for byte, instead of a re-report that lost what fit() had measured. Also when a job's checkpoints
+    were deleted since (disk freed after the sweep): no checkpoint is needed to train nothing."""
+    import shutil
+
     sweep = _copy(sweep2, tmp_path / "sw")
+    if deleted:
+        shutil.rmtree(sweep / "0" / "checkpoints")
     before = {j: (sweep / j / "results.json").read_bytes() for j in "01"}
     proc = cli("train.py", "-m", *SWEEP, f"paths.cache_dir={cache_dir}", "model.kv_lora_rank=16,32",
                f"hydra.sweep.dir={sweep}", "ckpt_path=last")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {j: (sweep / j / "results.json").read_bytes() for j in "01"} == before
     assert "the run completed at step 4; nothing to train, its records are kept" in proc.stderr
+    assert ("the run completed at step 4 (its checkpoints are gone); nothing to train" in proc.stderr) == deleted
+    if deleted:  # training further needs the checkpoint: refused up front, in the sweep's own terms
+        before = snapshot(sweep)
+        proc = cli("train.py", "-m", *SWEEP, f"paths.cache_dir={cache_dir}", "model.kv_lora_rank=16,32",
+                   f"hydra.sweep.dir={sweep}", "ckpt_path=last", "trainer.max_steps=6")
+        assert proc.returncode == 2 and error_lines(proc.stderr) == [
+            f"error: hydra.sweep.dir={sweep}: job 0 (model.kv_lora_rank=16): ckpt_path=last: no checkpoint "
+            f"{sweep / '0' / 'checkpoints' / 'last.ckpt'}, so its run cannot train on (its results.json is kept while "
+            "trainer.max_steps is the step it completed); train further in a new hydra.sweep.dir"], proc.stderr[-2000:]
+        assert snapshot(sweep) == before
 
 
 @pytest.mark.slow
@@ -347,3 +393,20 @@ def test_a_count_of_windows_past_all_there_are_is_all_of_them(tmp_path):
     for now in (["data.batch_size=16", "trainer.limit_val_batches=null"], ["data.batch_size=4"]):
         assert [o for o in resume_overrides(_compose(now), ckpt, now) if "val" in o] == \
             ([] if "trainer.limit_val_batches=null" in now else ["++trainer.limit_val_batches=null"])
+
+
+def test_a_completed_run_without_its_checkpoints_has_nothing_to_train(tmp_path):
+    """ckpt_path=last / resume=true at the step a run completed needs no checkpoint: its results.json says so. Any
+    other step, another status, a checkpoint present (train() compares its step), or a fresh run: not this case."""
+    from deepseek_mini.training.resume import finished_without_checkpoint
+
+    (tmp_path / "results.json").write_text(json.dumps({"status": "completed", "global_step": 4}))
+    for ckpt, resume, steps, found in (("last", False, 4, True), (None, True, 4, True), ("last", False, 6, False),
+                                       (None, False, 4, False), (str(tmp_path / "x.ckpt"), False, 4, False)):
+        assert (finished_without_checkpoint(tmp_path, ckpt, resume, steps) is not None) == found, (ckpt, resume, steps)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert finished_without_checkpoint(tmp_path, "last", False, 4) is None
+    (tmp_path / "checkpoints" / "last.ckpt").unlink()
+    (tmp_path / "results.json").write_text(json.dumps({"status": "interrupted", "global_step": 4}))
+    assert finished_without_checkpoint(tmp_path, "last", False, 4) is None

@@ -142,8 +142,10 @@ def data_record(dm) -> dict | None:
     if dm is None or not all(hasattr(dm, k) for k in DATA_KEYS) or not hasattr(dm, "describe"):
         return None
     described = dm.describe()
+    # val_hash: the validation documents' sha256, so eval.py sees an edit that keeps the window and token counts
     return {"description": described.get("source"), "datamodule": {k: getattr(dm, k) for k in DATA_KEYS},
-            "val_tokens": described.get("val_tokens"), "val_windows": described.get("val_windows")}
+            "val_tokens": described.get("val_tokens"), "val_windows": described.get("val_windows"),
+            "val_hash": getattr(getattr(dm, "corpus", None), "val_hash", None)}
 
 
 def describe_checkpoint_dir(dirpath: Path, model_config: dict, tokenizer_path: str | None,

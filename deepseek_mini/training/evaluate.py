@@ -57,6 +57,15 @@ class RunValidation(NamedTuple):
     batch: int  # its validation batches' size
     windows: int | None  # the validation windows its data had then (None: not recorded)
     tokens: int | None  # the validation split's tokens then
+    text_hash: str | None = None  # the sha256 of the validation documents' text then
+
+    def changes(self, windows: int, tokens: int, text_hash: str) -> str | None:
+        """What differs between the validation text now (its windows, tokens and hash) and the run's, or None."""
+        if (self.windows not in (None, windows)) or (self.tokens not in (None, tokens)):
+            return f"{windows} windows of {tokens} tokens, the run had {self.windows} of {self.tokens}"
+        if self.text_hash not in (None, text_hash):
+            return f"its documents hash to {text_hash[:12]}, the run's to {self.text_hash[:12]}"
+        return None
 
 
 def validated_windows(n_windows: int, limit: int | float | None, batch: int, world: int = 1) -> int:
@@ -174,8 +183,9 @@ def eval_data(cfg_data: dict, ckpt_path: Path, overrides: list[str]) -> tuple[di
     same = not group and all(data.get(k) == recorded.get(k) for k in recorded if k not in BATCH_KEYS)
     counts = [v if isinstance(v, int) and not isinstance(v, bool) else None
               for v in (record.get("val_windows"), record.get("val_tokens"))]
+    text_hash = record.get("val_hash") if isinstance(record.get("val_hash"), str) else None
     batch = int(recorded.get("val_batch_size") or recorded.get("batch_size") or 1)
-    return data, why, RunValidation(limit, world, batch, *counts) if same else None
+    return data, why, RunValidation(limit, world, batch, *counts, text_hash) if same else None
 
 
 # ---------------------------------------------------------------------- 4. the validation windows
@@ -194,8 +204,9 @@ def _files_label(files: list[str]) -> str:
 
 
 def val_windows(data: dict, tokenizer_path: Path, seq_len: int, announce=print):
-    """(TokenWindows over the validation text, its description). `announce` gets the one line naming the data,
-    before any tokenization. With source=text and val_files the training files are not read at all."""
+    """(TokenWindows over the validation text, its description, the sha256 of its documents' text). `announce`
+    gets the one line naming the data, before any tokenization. With source=text and val_files the training files
+    are not read at all."""
     from deepseek_mini.data import TokenWindows, build_token_cache, expand_files, load_corpus, load_tokenizer
 
     source = data.get("source", "stdlib")
@@ -222,7 +233,7 @@ def val_windows(data: dict, tokenizer_path: Path, seq_len: int, announce=print):
     if len(windows) == 0:
         raise DataError(f"validation data {description} has {cache.n_tokens('val')} tokens, fewer than "
                         f"data.seq_len + 1 = {seq_len + 1}: no window to evaluate")
-    return windows, description
+    return windows, description, corpus.val_hash
 
 
 # ---------------------------------------------------------------------- 5. loss

@@ -30,7 +30,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from deepseek_mini.checkpoint import CheckpointError
@@ -40,6 +42,7 @@ from deepseek_mini.training.errors import (
 )
 from deepseek_mini.training.lock import acquire_run_lock, is_launcher_rank, lock_holder
 from deepseek_mini.training.resume import (
+    finished_without_checkpoint,
     holds_a_run,
     latest_run_with_checkpoint,
     resolve_ckpt_path,
@@ -142,9 +145,11 @@ def _check_run(cfg, run_dir: Path | None, check_dir: Path, plain: list[str],
             if sweep_job else (f"hydra.run.dir={run_dir}", "it with ckpt_path=last, or give a new run dir")
         raise ConfigError(f"{where} holds a run (its checkpoints or results.json); continue {again}")
     cfg.paths.output_dir = str(check_dir)  # ${hydra:runtime.output_dir} has no value before Hydra runs
-    RunConfig.from_cfg(cfg, check_dir)  # every setting, before any write
+    run = RunConfig.from_cfg(cfg, check_dir)  # every setting, before any write
     if ckpt is None and not resume:
         return None
+    if run_dir is not None and finished_without_checkpoint(run_dir, ckpt, resume, run.trainer.max_steps):
+        return None  # completed at max_steps, its checkpoints deleted: train() keeps its records, nothing to adopt
     ckpt_file = resolve_ckpt_path(ckpt, check_dir, resume=resume, sweep_job=sweep_job)
     return None if ckpt_file is None else resume_overrides(cfg, ckpt_file, plain)
 
@@ -259,16 +264,39 @@ def _preflight_eval(argv: list[str], config_dir: str, config_name: str) -> None:
                           "default: logs/eval/runs/<time>)")
 
 
-def cli_entry(main, config_dir: str | os.PathLike, config_name: str):
-    """Run a `@hydra.main` function with one-line errors for composition problems and `last` resolution."""
+# what SIGTERM before Hydra runs says (train.py and eval.py say it during their imports too)
+STOPPED_STARTING = {"train": "training started: nothing was trained or saved",
+                    "eval": "evaluating: nothing was evaluated or written"}
+
+
+def cli_entry(main, config_dir: str | os.PathLike, config_name: str, starting=None):
+    """Run a `@hydra.main` function with one-line errors for composition problems and `last` resolution.
+
+    SIGTERM during these checks is one line and rc 143 (STOPPED_STARTING), where the default action killed the
+    process without a word; `starting` is the entry script's handler that said so during its imports. SIGTERM goes
+    back to the default before Hydra runs, for train()'s own handling to take over (StopBeforeFit, then Lightning's
+    checkpoint on SIGTERM), and however this returns or raises. A caller's own handler or SIG_IGN is kept."""
+
+    def on_sigterm(signum, frame):
+        print(f"interrupted (SIGTERM) before {STOPPED_STARTING.get(config_name, 'starting')}", file=sys.stderr)
+        raise SystemExit(143)
+
+    def hand_back():
+        if signal.getsignal(signal.SIGTERM) in (on_sigterm, starting):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     @functools.wraps(main)
     def wrapped():
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, starting):
+            signal.signal(signal.SIGTERM, on_sigterm)
         try:
             return checked()
         except KeyboardInterrupt:  # Ctrl-C in the checks before Hydra, or where nothing below turned it into an exit
             print("interrupted (SIGINT): nothing was saved", file=sys.stderr)
             raise SystemExit(130) from None
+        finally:
+            hand_back()
 
     def checked():
         from hydra.errors import HydraException
@@ -288,6 +316,7 @@ def cli_entry(main, config_dir: str | os.PathLike, config_name: str):
                 raise
             print(f"error: {hydra_error_line(e)}", file=sys.stderr)
             raise SystemExit(2) from None
+        hand_back()
         if full:
             return main()
         os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra raise instead of printing; we print one line

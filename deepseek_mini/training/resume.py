@@ -78,6 +78,10 @@ def resolve_ckpt_path(ckpt_path: Any, output_dir: Path, resume: bool = False,
         if not path.exists():
             if sweep_job and not holds_a_run(Path(output_dir)):
                 return None
+            if sweep_job:  # hydra.run.dir= would take the job out of its sweep
+                raise CheckpointError(f"ckpt_path=last: no checkpoint {path}, so its run cannot train on (its "
+                                      "results.json is kept while trainer.max_steps is the step it completed); "
+                                      "train further in a new hydra.sweep.dir")
             raise CheckpointError(f"ckpt_path=last: no checkpoint {path}; resume with hydra.run.dir=<run dir> "
                                   "ckpt_path=last, or give ckpt_path=<file>")
     else:
@@ -156,6 +160,16 @@ def finished_results(run_dir: Path, step: int | None) -> dict | None:
         return None
     ok = isinstance(res, dict) and res.get("status") == "completed" and res.get("global_step") == step
     return res if ok and step is not None else None
+
+
+def finished_without_checkpoint(run_dir: Path, ckpt_path: Any, resume: bool, max_steps: int | None) -> dict | None:
+    """results.json of a run that completed at `max_steps` and whose checkpoints were deleted since (disk freed
+    after a sweep), when the command resumes it (ckpt_path=last or resume=true), else None: there is nothing to
+    train, and no checkpoint is needed to say so. With last.ckpt present, train() compares its step instead."""
+    last = str(ckpt_path) == "last" or (resume and ckpt_path in (None, "", "null"))
+    if not last or (Path(run_dir) / "checkpoints" / "last.ckpt").exists():
+        return None
+    return finished_results(run_dir, max_steps)
 
 
 def latest_run_with_checkpoint(runs_dir: Path) -> Path | None:

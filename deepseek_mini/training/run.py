@@ -114,13 +114,12 @@ def evaluate(cfg: DictConfig) -> dict:
     data, data_from, validated = steps.eval_data(OmegaConf.to_container(cfg.data, resolve=True), settings.ckpt_path,
                                                  _hydra_info().get("overrides", []))
     seq_len = steps.check_seq_len(data, mcfg)
-    windows, data_desc = steps.val_windows(data, tok_path, seq_len,
-                                           announce=lambda d: print(f"evaluating on {d} ({data_from})"))
+    windows, data_desc, text_hash = steps.val_windows(data, tok_path, seq_len,
+                                                      announce=lambda d: print(f"evaluating on {d} ({data_from})"))
     batch = int(data.get("val_batch_size") or data["batch_size"])
-    pairs = [] if validated is None else [(validated.windows, len(windows)), (validated.tokens, windows.n_tokens)]
-    if any(then is not None and then != now for then, now in pairs):  # its files were edited since
-        changed = f"the validation text has changed since training: {len(windows)} windows of " \
-                  f"{windows.n_tokens} tokens, the run had {validated.windows} of {validated.tokens}"
+    how = None if validated is None else validated.changes(len(windows), windows.n_tokens, text_hash)
+    if how is not None:  # its files were edited since
+        changed = f"the validation text has changed since training: {how}"
         data_from += f"; {changed}"  # eval.json
         print(f"warning: {changed}; the loss is not comparable with the run's val_loss", file=sys.stderr)
     limit = settings.limit_batches

@@ -584,6 +584,20 @@ class TrainerSettings:
                                      "accelerator": self.accelerator}) or 1
 
 
+def check_val_fraction(limit: Any, n_windows: int, batch: int, world: int) -> None:
+    """trainer.limit_val_batches as a fraction, once the data's validation windows are known: Lightning validates
+    int(fraction x the batches each rank has) and refuses a fraction that leaves none (a traceback at the first
+    validation; more ranks, fewer batches each)."""
+    if isinstance(limit, bool) or not isinstance(limit, float) or not 0 < limit < 1:
+        return
+    per_rank = -(-n_windows // world)  # each rank's share of the windows (ceil), then in validation batches
+    batches = -(-per_rank // batch)
+    if batches and int(batches * limit) == 0:
+        each = f"each of the {world} processes has" if world > 1 else "there are"
+        _fail("trainer.limit_val_batches", limit, f"that fraction of the {batches} validation batch(es) {each} is "
+              f"none; give at least {round(1 / batches, 3)}, or a number of batches")
+
+
 def check_data_values(d: dict) -> None:
     """The data sizes' rules, for those of them `d` holds (DataSettings holds them all; a checkpoint's data.json,
     which eval.py reads back, what the run recorded)."""

@@ -47,9 +47,10 @@ from deepseek_mini.training.resume import (
     check_max_steps,
     check_tokenizer,
     finished_results,
+    finished_without_checkpoint,
     resolve_ckpt_path,
 )
-from deepseek_mini.training.run_config import RunConfig
+from deepseek_mini.training.run_config import RunConfig, check_val_fraction
 from deepseek_mini.training.startup import mark, stage_seconds, start_job
 from deepseek_mini.training.summary import hydra_value
 from deepseek_mini.training.threads import set_cpu_threads
@@ -125,6 +126,10 @@ def prepare_data(cfg: DictConfig, run: RunConfig, resume: Resume):
                           f"{model_cfg.max_position_embeddings}")
     if resume.path is not None:
         check_tokenizer(dm.tokenizer_path, resume.meta, resume.path)
+    if hasattr(dm, "setup") and hasattr(dm, "val_batch_size"):  # its validation windows (ours: TextDataModule)
+        dm.setup("fit")
+        if (val := getattr(dm, "val_dataset", None)) is not None:
+            check_val_fraction(run.trainer.limit_val_batches, len(val), dm.val_batch_size, run.trainer.world_size)
     return dm, model_cfg
 
 
@@ -392,16 +397,23 @@ def train(cfg: DictConfig) -> dict:
     run = RunConfig.from_cfg(cfg, output_dir)  # every setting, before data preparation or any write
     set_cpu_threads(run.cpu_threads, cfg.trainer)  # before any torch work; checked in RunConfig; training/threads.py
     log.info(run.summary((cfg.get("data") or {}).get("source")))
+    done = finished_without_checkpoint(output_dir, run.ckpt_path, run.resume, run.trainer.max_steps)
+    gone = done is not None
+    if not gone:
+        resume = checkpoint_to_resume(run)  # verified (zip/CRC) before data preparation
+        if run.trainer.max_steps == resume.step:
+            done = finished_results(output_dir, resume.step)
+    if done is not None:
+        # nothing to train, and re-reporting would lose what fit() measured (a resumed sweep re-runs finished jobs)
+        step = run.trainer.max_steps
+        print(f"{output_dir}: the run completed at step {step}{' (its checkpoints are gone)' if gone else ''}; "
+              f"nothing to train, its records are kept (give trainer.max_steps > {step} to train on"
+              f"{', from a checkpoint' if gone else ''})", file=sys.stderr)
+        return done
     if run.compile and run.trainer.on_gpu:
         start_compile_workers()  # Inductor's compile workers start while the data and model are prepared
     if run.trainer.single_gpu is not None:  # our Triton kernels compile meanwhile too (other ranks: at fit start)
         compile_kernels_ahead(run.model, run.trainer.trainer_kwargs()["precision"], run.trainer.single_gpu)
-    resume = checkpoint_to_resume(run)  # verified (zip/CRC) before data preparation
-    if run.trainer.max_steps == resume.step and (done := finished_results(output_dir, resume.step)) is not None:
-        # nothing to train, and re-reporting would lose what fit() measured (a resumed sweep re-runs finished jobs)
-        print(f"{output_dir}: the run completed at step {resume.step}; nothing to train, its records are kept "
-              f"(give trainer.max_steps > {resume.step} to train on)", file=sys.stderr)
-        return done
     acquire_run_lock(output_dir)
     with RestoreSignalHandlers():  # however the run ends, Ctrl-C works as before it (guards.py)
         try:
