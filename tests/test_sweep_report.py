@@ -143,6 +143,25 @@ def test_several_sweeps_with_the_same_overrides_are_told_apart(names, tmp_path, 
     assert len(bars) == 4 and len(set(bars)) == 4, bars
 
 
+@pytest.mark.parametrize("b_steps", [4, 8])
+def test_several_sweeps_compare_what_their_jobs_ran_not_what_their_commands_set(b_steps, tmp_path):
+    """Sweep a set trainer.max_steps, logger and ckpt_path (a resumed sweep) on its command line, sweep b none of
+    them: a key one command did not set is the value its jobs ran with (their recorded config), not a blank
+    (`null`) column; where and how a job ran (logger, ckpt_path) is no column at all."""
+    set_a = ["trainer.max_steps=4", "logger=csv", "ckpt_path=last"]
+    a = _sweep(tmp_path / "a", [([*set_a, f"model.kv_lora_rank={r}"], {}) for r in (16, 32)])
+    b = _sweep(tmp_path / "b", [([f"model.kv_lora_rank={r}"], {"max_steps": b_steps}) for r in (16, 32)])
+    jobs = [load_job(d) for d in (a / "0", a / "1", b / "0", b / "1")]
+    from deepseek_mini.analysis.sweep_report import varying_keys
+
+    keys = varying_keys(jobs)
+    assert keys == (["kv_lora_rank"] if b_steps == 4 else ["trainer.max_steps", "kv_lora_rank"])
+    assert [j.value("trainer.max_steps") for j in jobs] == [4, 4, b_steps, b_steps]
+    report = write_report([a, b], tmp_path / "out").read_text()
+    header = next(ln for ln in report.splitlines() if ln.startswith("| # |"))
+    assert "ckpt_path" not in header and "logger" not in header and "null" not in report.split("## Failed")[0]
+
+
 def test_jobs_that_read_the_same_are_all_drawn(tmp_path, captured):
     """Two jobs whose labels are the same (the values that tell them apart are not among the keys): both lines."""
     jobs = []

@@ -48,7 +48,7 @@ from deepseek_mini.analysis.sweep_plots import (
 
 # override keys that describe where/how a job ran rather than what it trained
 IGNORED_PREFIXES = ("paths.", "hydra.", "logger.", "callbacks.", "+hydra")
-IGNORED_KEYS = {"experiment", "hparams_search", "debug"}
+IGNORED_KEYS = {"experiment", "hparams_search", "debug", "logger", "ckpt_path", "resume"}
 # derived model fields shown when they vary across jobs (e.g. expert width under the iso-FLOP rule)
 DERIVED_FIELDS = ("attention", "kv_lora_rank", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                   "n_shared_experts", "num_key_value_heads", "head_dim", "intermediate_size")
@@ -79,6 +79,7 @@ class Job:
     sweep: str = ""  # the sweep dir's tag when a report covers several sweeps (labels tell them apart)
     run_status: str | None = None  # results.json's own status ("interrupted", ...)
     run_cfg: dict[str, Any] = field(default_factory=dict)  # .hydra/config.yaml
+    choices: dict[str, Any] = field(default_factory=dict)  # its config groups' options (.hydra/hydra.yaml)
     step: int | None = None  # optimizer steps reached (results.json's global_step)
     logged_step: int | None = None  # without results.json: the last step metrics.csv shows reached
 
@@ -120,10 +121,19 @@ class Job:
         return f"?{of}" if of else "?"
 
     def value(self, key: str) -> Any:
-        """A swept or model value of this job: the final (sized) model config wins over the override text."""
+        """A swept or model value of this job: the final (sized) model config wins over the override text. A key
+        its command did not set is the value the job ran with (its recorded config, or its config group's option),
+        so that jobs of sweeps that set different keys compare what they ran, not a value against a blank."""
         if key in self.config:
             return self.config[key]
-        return self.swept.get(key)
+        if key in self.swept:
+            return self.swept[key]
+        if key in self.choices:
+            return self.choices[key]
+        node: Any = self.run_cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return None if isinstance(node, dict) else node
 
 
 # ---------------------------------------------------------------------- reading
@@ -244,8 +254,8 @@ def _float(v: Any) -> float | None:
         return None
 
 
-def _run_config(job_dir: Path) -> dict:
-    cfg_file = job_dir / ".hydra" / "config.yaml"
+def _run_config(job_dir: Path, name: str = "config.yaml") -> dict:
+    cfg_file = job_dir / ".hydra" / name
     if cfg_file.is_file():
         try:
             data = yaml.safe_load(cfg_file.read_text())
@@ -253,6 +263,12 @@ def _run_config(job_dir: Path) -> dict:
             return {}
         return data if isinstance(data, dict) else {}
     return {}
+
+
+def _choices(job_dir: Path) -> dict:
+    """The job's config-group options as Hydra recorded them (hydra.runtime.choices: model, trainer, ...)."""
+    choices = ((_run_config(job_dir, "hydra.yaml").get("hydra") or {}).get("runtime") or {}).get("choices")
+    return choices if isinstance(choices, dict) else {}
 
 
 def _tokens_per_step(run_cfg: dict, results: dict | None) -> float | None:
@@ -313,6 +329,7 @@ def load_job(job_dir: Path, name: str | None = None) -> Job:
     job.swept = _split_overrides(job.overrides)
     job.results = results
     job.run_cfg = _run_config(job_dir)
+    job.choices = _choices(job_dir)
     if results is not None:
         job.step = int(results["global_step"]) if _num(results.get("global_step")) is not None else None
         raw = results.get("status")
